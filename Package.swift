@@ -1,0 +1,50 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "Circuit",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "CircuitRaft", targets: ["CircuitRaft"]),
+        .executable(name: "circuit", targets: ["CircuitCLI"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+    ],
+    targets: [
+        // libsqlite3 from the system (Debian: libsqlite3-dev).
+        .systemLibrary(
+            name: "CSQLite",
+            pkgConfig: "sqlite3",
+            providers: [.apt(["libsqlite3-dev"])]
+        ),
+        // The Raft protocol as a pure value type, its SQLite log store, and the thread shell that drives it.
+        // Knows nothing of circuits.
+        .target(
+            name: "CircuitRaft",
+            dependencies: [
+                "CSQLite",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The `circuit` command: for now the in-process demonstration cluster and the Raft benchmark.
+        .executableTarget(
+            name: "CircuitCLI",
+            dependencies: [
+                "CircuitRaft",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(
+            name: "RaftTests",
+            dependencies: [
+                "CircuitRaft",
+                "CircuitCLI",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

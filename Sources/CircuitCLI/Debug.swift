@@ -1,0 +1,50 @@
+import ArgumentParser
+import CircuitRaft
+import Foundation
+import Logging
+
+struct Debug: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Tools for tests.", shouldDisplay: false, subcommands: [AppendLoop.self])
+}
+
+/// Appends batches to a SQLite log store forever, printing `durable N` after each commit. The store crash test
+/// kills it with SIGKILL at random moments and checks that the store holds a prefix of what was written.
+struct AppendLoop: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "append-loop")
+
+    @Option(help: "The store's path.")
+    var db: String
+
+    @Option(help: "Seed of the batch sizes.")
+    var seed: UInt64 = 1
+
+    func run() throws {
+        let store = try SQLiteLogStore(path: db, logger: Logger(label: "append-loop"))
+        let recovered = try store.recover()
+        var next = (recovered.entries.last?.index ?? 0) + 1
+        var rng = SplitMix64(seed: seed)
+        while true {
+            let size = 1 + Int(rng.next() % 64)
+            let batch = (0..<size).map { i in AppendLoop.expected(next + UInt64(i)) }
+            let last = batch.last!
+            try store.persist(hardState: HardState(term: last.term, vote: 1, commit: last.index), entries: batch)
+            // Unbuffered: the line leaves the process as soon as the batch is durable.
+            FileHandle.standardOutput.write(Data("durable \(last.index)\n".utf8))
+            next += UInt64(size)
+        }
+    }
+
+    /// The entry the loop writes at `index`: its term grows every 100 entries; its data is the index (8 bytes,
+    /// little-endian), some bytes whose number varies, and an FNV-1a hash of all that (8 bytes), so a reader can tell
+    /// a torn or misplaced entry without knowing the generator.
+    static func expected(_ index: UInt64) -> Entry {
+        var rng = SplitMix64(seed: index)
+        var data = withUnsafeBytes(of: index.littleEndian) { Array($0) }
+        data += (0..<Int(rng.next() % 300)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
+        for b in data { hash = (hash ^ UInt64(b)) &* 0x100_0000_01B3 }
+        data += withUnsafeBytes(of: hash.littleEndian) { Array($0) }
+        return Entry(term: 1 + index / 100, index: index, kind: .normal, data: data)
+    }
+}

@@ -1,0 +1,572 @@
+/// The Raft protocol as a pure value type: no clocks, sockets, threads or disk.
+///
+/// The shell feeds it events (`tick`, `step`, `propose`, `readIndex`, `campaign`) and then takes one `Ready` batch,
+/// which it carries out in this order before calling `advance`:
+///
+/// 1. persist `entries` (replacing any suffix from the first one's index) and `hardState`, with fsync;
+/// 2. send `messages` (they may depend on what step 1 made durable: votes, acknowledgements);
+/// 3. apply `committedEntries` in order, and serve `readStates` once their index is applied;
+/// 4. call `advance(ready)`.
+///
+/// A leader counts its own log towards a quorum only once `advance` reports it durable (etcd #14370).
+public struct Raft: Sendable {
+    public let config: RaftConfig
+    public private(set) var term: UInt64 = 0
+    public private(set) var vote: NodeID = .none
+    public private(set) var leader: NodeID = .none
+    public private(set) var role: Role = .follower
+
+    private(set) var log: RaftLog
+    private var rng: SplitMix64
+    private var electionElapsed = 0
+    private var heartbeatElapsed = 0
+    private var randomizedElectionTimeout = 0
+    private var progress: [NodeID: Progress] = [:]
+    private var votes: [NodeID: Bool] = [:]
+    private var outbox: [Message] = []
+    private var readyReads: [ReadState] = []
+    private var droppedReads: [UInt64] = []
+    /// Read requests that wait for this leader's first commit in its term.
+    private var readsAwaitingCommit: [UInt64] = []
+    /// Read requests that wait for the next confirmation round to start (one round serves them all).
+    private var readsQueued: [UInt64] = []
+    private var readRounds: [ReadRound] = []
+    private var nextReadContext: UInt64 = 1
+    private var persistedHardState: HardState
+    private var awaitingAdvance = false
+
+    private struct ReadRound: Sendable {
+        var context: UInt64
+        var index: UInt64
+        var requests: [UInt64]
+        var acks: Set<NodeID>
+    }
+
+    /// A node starting from what its store recovered (empty for a new node).
+    public init(config: RaftConfig, hardState: HardState = HardState(), entries: [Entry] = []) throws(RaftConfigError) {
+        try config.validate()
+        self.config = config
+        self.rng = SplitMix64(seed: config.randomSeed != 0 ? config.randomSeed : config.id &* 0x2545_F491_4F6C_DD1D)
+        self.log = RaftLog(recovered: entries, commit: hardState.commit)
+        self.term = hardState.term
+        self.vote = hardState.vote
+        self.persistedHardState = hardState
+        if hardState.commit > log.lastIndex {
+            throw .invalid("hard state commit \(hardState.commit) is beyond the last log index \(log.lastIndex)")
+        }
+        becomeFollower(term: hardState.term, leader: .none)
+    }
+
+    // MARK: - Observers
+
+    public var commitIndex: UInt64 { log.committed }
+    public var lastIndex: UInt64 { log.lastIndex }
+    public var lastTerm: UInt64 { log.lastTerm }
+    public var appliedIndex: UInt64 { log.applied }
+    public var stableIndex: UInt64 { log.stable }
+    public var hardState: HardState { HardState(term: term, vote: vote, commit: log.committed) }
+    private var quorum: Int { config.voters.count / 2 + 1 }
+    private var peers: [NodeID] { config.voters.filter { $0 != config.id } }
+
+    /// The leader's view of each follower, for diagnostics.
+    public var debugProgress: String {
+        progress.keys.sorted().map { id in
+            let p = progress[id]!
+            return "\(id):\(p.state) m\(p.match) n\(p.next) inflight \(p.inflight.count) probeSent \(p.probeSent)"
+        }.joined(separator: ", ")
+    }
+
+    /// Whether `ready()` has anything to hand out.
+    public var hasReady: Bool {
+        hardState != persistedHardState || !log.unstable.isEmpty || !outbox.isEmpty || !readyReads.isEmpty
+            || !droppedReads.isEmpty || !readsQueued.isEmpty || log.applied < log.committed
+    }
+
+    // MARK: - Events
+
+    /// One unit of logical time.
+    public mutating func tick() {
+        switch role {
+        case .leader:
+            heartbeatElapsed += 1
+            electionElapsed += 1
+            if electionElapsed >= config.electionTicks {
+                electionElapsed = 0
+                if config.checkQuorum {
+                    let active = config.voters.filter { $0 == config.id || progress[$0]!.recentActive }.count
+                    if active < quorum {
+                        becomeFollower(term: term, leader: .none)
+                        return
+                    }
+                    for id in peers { progress[id]!.recentActive = false }
+                }
+            }
+            if heartbeatElapsed >= config.heartbeatTicks {
+                heartbeatElapsed = 0
+                broadcastHeartbeat(context: 0)
+            }
+        case .follower, .preCandidate, .candidate:
+            electionElapsed += 1
+            if electionElapsed >= randomizedElectionTimeout {
+                campaign()
+            }
+        }
+    }
+
+    /// Starts an election now (with a PreVote round first if configured). A leader ignores it.
+    public mutating func campaign() {
+        guard role != .leader else { return }
+        if config.preVote {
+            becomePreCandidate()
+        } else {
+            becomeCandidate()
+        }
+    }
+
+    /// Proposes entries, one per element of `data`. On the leader they are appended and the assigned indexes returned;
+    /// each is committed once an applied entry at that index has the returned term.
+    public mutating func propose(_ data: [[UInt8]]) -> Result<ProposalTicket, RaftRefusal> {
+        guard role == .leader else { return .failure(.notLeader(leader: knownLeader)) }
+        for d in data where d.count > config.maxEntryBytes {
+            return .failure(.entryTooLarge(size: d.count, limit: config.maxEntryBytes))
+        }
+        let first = log.lastIndex + 1
+        var index = first
+        var new: [Entry] = []
+        new.reserveCapacity(data.count)
+        for d in data {
+            new.append(Entry(term: term, index: index, kind: .normal, data: d))
+            index += 1
+        }
+        log.append(new)
+        broadcastAppend(sendIfEmpty: false)
+        return .success(ProposalTicket(term: term, firstIndex: first, lastIndex: index - 1))
+    }
+
+    /// Asks for a linearizable read (ReadIndex, thesis §6.4). `request` is the caller's identifier; a `ReadState`
+    /// naming it comes out of a later `Ready` once leadership is confirmed by a quorum, or it is listed in
+    /// `Ready.droppedReads` if this node loses leadership first. Concurrent requests share one confirmation round.
+    public mutating func readIndex(request: UInt64) -> RaftRefusal? {
+        guard role == .leader else { return .notLeader(leader: knownLeader) }
+        if log.term(at: log.committed) != term {
+            readsAwaitingCommit.append(request)
+        } else {
+            readsQueued.append(request)
+        }
+        return nil
+    }
+
+    /// A message from a peer.
+    public mutating func step(_ m: Message) {
+        guard m.to == config.id, m.from != config.id, m.from != .none else { return }
+        if m.term > term {
+            if m.kind == .vote || m.kind == .preVote {
+                // CheckQuorum's lease: a follower that heard from a live leader within the election timeout
+                // ignores candidates, so a node cut off for a while cannot depose a healthy leader.
+                let inLease = config.checkQuorum && leader != .none && electionElapsed < config.electionTicks
+                if inLease { return }
+            }
+            switch m.kind {
+            case .preVote:
+                break  // A PreVote carries a future term; granting it changes nothing here.
+            case .preVoteResponse where !m.reject:
+                break  // The future term we asked for; counted below.
+            case .append, .heartbeat:
+                becomeFollower(term: m.term, leader: m.from)
+            default:
+                becomeFollower(term: m.term, leader: .none)
+            }
+        } else if m.term < term {
+            if (config.checkQuorum || config.preVote) && (m.kind == .append || m.kind == .heartbeat) {
+                // A stale leader: tell it our term so it steps down (it may have been partitioned away).
+                send(Message(kind: .appendResponse, from: config.id, to: m.from, term: term))
+            } else if m.kind == .preVote {
+                send(Message(kind: .preVoteResponse, from: config.id, to: m.from, term: term, reject: true))
+            }
+            return
+        }
+
+        switch m.kind {
+        case .preVote, .vote:
+            handleVoteRequest(m)
+            return
+        default:
+            break
+        }
+
+        switch role {
+        case .follower:
+            switch m.kind {
+            case .append:
+                electionElapsed = 0
+                leader = m.from
+                handleAppend(m)
+            case .heartbeat:
+                electionElapsed = 0
+                leader = m.from
+                handleHeartbeat(m)
+            default:
+                break
+            }
+        case .preCandidate, .candidate:
+            switch m.kind {
+            case .append:
+                becomeFollower(term: m.term, leader: m.from)
+                handleAppend(m)
+            case .heartbeat:
+                becomeFollower(term: m.term, leader: m.from)
+                handleHeartbeat(m)
+            case .preVoteResponse where role == .preCandidate:
+                tally(from: m.from, granted: !m.reject)
+            case .voteResponse where role == .candidate:
+                tally(from: m.from, granted: !m.reject)
+            default:
+                break
+            }
+        case .leader:
+            switch m.kind {
+            case .appendResponse:
+                handleAppendResponse(m)
+            case .heartbeatResponse:
+                handleHeartbeatResponse(m)
+            default:
+                break
+            }
+        }
+    }
+
+    // MARK: - Ready and advance
+
+    /// Takes everything the shell must do now. Call `advance` with it before the next `ready()`.
+    public mutating func ready() -> Ready {
+        precondition(!awaitingAdvance, "ready() called twice without advance()")
+        startReadRound()
+        var rd = Ready()
+        let hs = hardState
+        if hs != persistedHardState { rd.hardState = hs }
+        rd.entries = Array(log.unstable)
+        rd.messages = outbox
+        outbox.removeAll(keepingCapacity: true)
+        rd.committedEntries = log.nextToApply(maxBytes: config.maxCommittedBytesPerReady)
+        rd.readStates = readyReads
+        readyReads.removeAll()
+        rd.droppedReads = droppedReads
+        droppedReads.removeAll()
+        awaitingAdvance = true
+        return rd
+    }
+
+    /// The shell has carried out `rd`.
+    public mutating func advance(_ rd: Ready) {
+        awaitingAdvance = false
+        if let hs = rd.hardState { persistedHardState = hs }
+        if let last = rd.entries.last {
+            log.stableTo(index: last.index, term: last.term)
+            if role == .leader, maybeCommit() {
+                broadcastAppend(sendIfEmpty: true)
+            }
+        }
+        if let last = rd.committedEntries.last {
+            log.appliedTo(last.index)
+        }
+    }
+
+    // MARK: - Roles
+
+    private var knownLeader: NodeID? { leader == .none ? nil : leader }
+
+    private mutating func resetTimers() {
+        electionElapsed = 0
+        heartbeatElapsed = 0
+        randomizedElectionTimeout = config.electionTicks + Int(rng.next() % UInt64(config.electionTicks))
+    }
+
+    private mutating func becomeFollower(term newTerm: UInt64, leader newLeader: NodeID) {
+        if role == .leader { dropReads() }
+        if newTerm != term {
+            term = newTerm
+            vote = .none
+        }
+        role = .follower
+        leader = newLeader
+        progress = [:]
+        votes = [:]
+        resetTimers()
+    }
+
+    private mutating func becomePreCandidate() {
+        role = .preCandidate
+        leader = .none
+        votes = [:]
+        resetTimers()
+        requestVotes(kind: .preVote, term: term + 1)
+    }
+
+    private mutating func becomeCandidate() {
+        term += 1
+        vote = config.id
+        role = .candidate
+        leader = .none
+        votes = [:]
+        resetTimers()
+        requestVotes(kind: .vote, term: term)
+    }
+
+    private mutating func requestVotes(kind: Message.Kind, term voteTerm: UInt64) {
+        votes[config.id] = true
+        if tallyDecided() { return }
+        for id in peers {
+            send(
+                Message(
+                    kind: kind, from: config.id, to: id, term: voteTerm, logTerm: log.lastTerm, index: log.lastIndex))
+        }
+    }
+
+    private mutating func tally(from: NodeID, granted: Bool) {
+        guard votes[from] == nil else { return }
+        votes[from] = granted
+        _ = tallyDecided()
+    }
+
+    /// Acts on the votes so far; returns whether the election is decided.
+    private mutating func tallyDecided() -> Bool {
+        let granted = votes.values.filter { $0 }.count
+        let rejected = votes.count - granted
+        if granted >= quorum {
+            if role == .preCandidate {
+                becomeCandidate()
+            } else {
+                becomeLeader()
+            }
+            return true
+        }
+        if rejected >= quorum {
+            becomeFollower(term: term, leader: .none)
+            return true
+        }
+        return false
+    }
+
+    private mutating func becomeLeader() {
+        role = .leader
+        leader = config.id
+        votes = [:]
+        resetTimers()
+        progress = [:]
+        for id in peers { progress[id] = Progress(next: log.lastIndex + 1) }
+        // The no-op lets this leader commit entries of earlier terms (the Figure 8 rule forbids counting them).
+        log.append([Entry(term: term, index: log.lastIndex + 1, kind: .noop)])
+        broadcastAppend(sendIfEmpty: true)
+    }
+
+    // MARK: - Followers
+
+    private mutating func handleVoteRequest(_ m: Message) {
+        let responseKind: Message.Kind = m.kind == .vote ? .voteResponse : .preVoteResponse
+        let canVote =
+            vote == m.from || (vote == .none && leader == .none) || (m.kind == .preVote && m.term > term)
+        if canVote && log.isUpToDate(lastIndex: m.index, lastTerm: m.logTerm) {
+            // A granted PreVote answers in the candidate's future term, so it counts there.
+            send(Message(kind: responseKind, from: config.id, to: m.from, term: m.term))
+            if m.kind == .vote {
+                electionElapsed = 0
+                vote = m.from
+            }
+        } else {
+            send(Message(kind: responseKind, from: config.id, to: m.from, term: term, reject: true))
+        }
+    }
+
+    private mutating func handleAppend(_ m: Message) {
+        if m.index < log.committed {
+            send(Message(kind: .appendResponse, from: config.id, to: m.from, term: term, index: log.committed))
+            return
+        }
+        if log.matches(index: m.index, term: m.logTerm) {
+            let lastNew = log.merge(after: m.index, new: m.entries)
+            log.commitTo(min(m.commit, lastNew))
+            send(Message(kind: .appendResponse, from: config.id, to: m.from, term: term, index: lastNew))
+        } else {
+            // Fast back-off: point the leader at the last entry whose term is no greater than the one it sent,
+            // so it skips whole terms of mismatching entries instead of one index per round trip.
+            let hint = log.lastIndex(atOrBefore: min(m.index, log.lastIndex), withTermAtMost: m.logTerm)
+            send(
+                Message(
+                    kind: .appendResponse, from: config.id, to: m.from, term: term, logTerm: log.term(at: hint) ?? 0,
+                    index: m.index, reject: true, rejectHint: hint))
+        }
+    }
+
+    private mutating func handleHeartbeat(_ m: Message) {
+        // The leader sends min(match, commit), so this never commits an entry that differs from the leader's.
+        log.commitTo(min(m.commit, log.lastIndex))
+        send(Message(kind: .heartbeatResponse, from: config.id, to: m.from, term: term, context: m.context))
+    }
+
+    // MARK: - Leader
+
+    private mutating func handleAppendResponse(_ m: Message) {
+        guard progress[m.from] != nil else { return }
+        progress[m.from]!.recentActive = true
+        if m.reject {
+            let hint =
+                m.logTerm > 0 ? log.lastIndex(atOrBefore: m.rejectHint, withTermAtMost: m.logTerm) : m.rejectHint
+            if progress[m.from]!.decrease(rejected: m.index, hint: hint) {
+                sendAppend(to: m.from, sendIfEmpty: true)
+            }
+            return
+        }
+        if progress[m.from]!.update(matched: m.index) {
+            if progress[m.from]!.state == .probe { progress[m.from]!.becomeReplicate() }
+            if maybeCommit() { broadcastAppend(sendIfEmpty: true) }
+        }
+        while sendAppend(to: m.from, sendIfEmpty: false) {}
+    }
+
+    private mutating func handleHeartbeatResponse(_ m: Message) {
+        guard var pr = progress[m.from] else { return }
+        pr.recentActive = true
+        pr.probeSent = false
+        if pr.match < log.lastIndex {
+            // A follower that made no progress across two heartbeat rounds in replicate state has lost an append
+            // (streamed appends are not retransmitted on their own): fall back to probing from its match.
+            if pr.state == .replicate && pr.match == pr.matchAtLastHeartbeat {
+                pr.becomeProbe()
+            }
+        }
+        pr.matchAtLastHeartbeat = pr.match
+        progress[m.from] = pr
+        if pr.match < log.lastIndex {
+            sendAppend(to: m.from, sendIfEmpty: false)
+        }
+        if m.context != 0 { acknowledgeRead(context: m.context, from: m.from) }
+    }
+
+    /// Sends the next append to `to`, if its window allows. Returns whether a message was sent.
+    @discardableResult
+    private mutating func sendAppend(to id: NodeID, sendIfEmpty: Bool) -> Bool {
+        guard var pr = progress[id], !pr.isPaused(maxInflight: config.maxInflightMessages) else { return false }
+        let prevIndex = pr.next - 1
+        guard let prevTerm = log.term(at: prevIndex) else { return false }
+        let entries =
+            pr.next <= log.lastIndex
+            ? log.slice(from: pr.next, to: log.lastIndex, maxBytes: config.maxBytesPerMessage) : []
+        if entries.isEmpty && !sendIfEmpty { return false }
+        send(
+            Message(
+                kind: .append, from: config.id, to: id, term: term, logTerm: prevTerm, index: prevIndex,
+                entries: entries, commit: log.committed))
+        switch pr.state {
+        case .replicate:
+            if let last = entries.last {
+                pr.next = last.index + 1
+                pr.inflight.append(last.index)
+            }
+        case .probe:
+            pr.probeSent = true
+        }
+        progress[id] = pr
+        return true
+    }
+
+    /// Sends to every follower as much as its window allows.
+    private mutating func broadcastAppend(sendIfEmpty: Bool) {
+        for id in peers where sendAppend(to: id, sendIfEmpty: sendIfEmpty) {
+            while sendAppend(to: id, sendIfEmpty: false) {}
+        }
+    }
+
+    private mutating func broadcastHeartbeat(context: UInt64) {
+        for id in peers {
+            let commit = min(progress[id]!.match, log.committed)
+            send(Message(kind: .heartbeat, from: config.id, to: id, term: term, commit: commit, context: context))
+        }
+    }
+
+    /// Advances the commit index to the highest index durable on a quorum, if that entry is of this term.
+    private mutating func maybeCommit() -> Bool {
+        var matches = config.voters.map { $0 == config.id ? log.stable : progress[$0]!.match }
+        matches.sort(by: >)
+        let candidate = matches[quorum - 1]
+        guard candidate > log.committed, log.term(at: candidate) == term else { return false }
+        let firstInTerm = log.term(at: log.committed) != term
+        log.commitTo(candidate)
+        if firstInTerm {
+            // This leader's first commit: reads that waited for it may now pick a read index.
+            readsQueued.append(contentsOf: readsAwaitingCommit)
+            readsAwaitingCommit.removeAll()
+        }
+        return true
+    }
+
+    // MARK: - ReadIndex
+
+    private mutating func startReadRound() {
+        guard role == .leader, !readsQueued.isEmpty else { return }
+        let round = ReadRound(
+            context: nextReadContext, index: log.committed, requests: readsQueued, acks: [config.id])
+        nextReadContext += 1
+        readsQueued.removeAll()
+        readRounds.append(round)
+        if round.acks.count >= quorum {
+            completeReadRounds(through: round.context)
+        } else {
+            broadcastHeartbeat(context: round.context)
+        }
+    }
+
+    private mutating func acknowledgeRead(context: UInt64, from: NodeID) {
+        guard let i = readRounds.firstIndex(where: { $0.context == context }) else { return }
+        readRounds[i].acks.insert(from)
+        if readRounds[i].acks.count >= quorum {
+            completeReadRounds(through: context)
+        }
+    }
+
+    /// A quorum confirmed leadership after round `context` started, so it and every earlier round are safe.
+    private mutating func completeReadRounds(through context: UInt64) {
+        while let first = readRounds.first, first.context <= context {
+            readyReads.append(ReadState(index: first.index, requests: first.requests))
+            readRounds.removeFirst()
+        }
+    }
+
+    private mutating func dropReads() {
+        droppedReads.append(contentsOf: readsAwaitingCommit)
+        droppedReads.append(contentsOf: readsQueued)
+        for round in readRounds { droppedReads.append(contentsOf: round.requests) }
+        readsAwaitingCommit.removeAll()
+        readsQueued.removeAll()
+        readRounds.removeAll()
+    }
+
+    private mutating func send(_ m: Message) {
+        outbox.append(m)
+    }
+}
+
+/// Where a leader put a batch of proposals.
+public struct ProposalTicket: Sendable, Hashable {
+    public var term: UInt64
+    public var firstIndex: UInt64
+    public var lastIndex: UInt64
+}
+
+/// One batch of work for the shell. See `Raft` for the order in which to carry it out.
+public struct Ready: Sendable {
+    /// The hard state to persist, if it changed.
+    public var hardState: HardState?
+    /// Entries to persist. Any stored entry at or after `entries.first!.index` is replaced.
+    public var entries: [Entry] = []
+    /// Messages to send once `entries` and `hardState` are durable.
+    public var messages: [Message] = []
+    /// Committed entries to apply, in order.
+    public var committedEntries: [Entry] = []
+    /// Reads confirmed by a quorum: serve each once the applied index reaches its `index`.
+    public var readStates: [ReadState] = []
+    /// Reads that will never be confirmed here (leadership was lost): answer them "not the leader".
+    public var droppedReads: [UInt64] = []
+
+    /// Whether persisting this batch needs an fsync.
+    public var mustSync: Bool { !entries.isEmpty || hardState != nil }
+}

@@ -1,0 +1,460 @@
+import Testing
+
+@testable import CircuitRaft
+
+/// A few `Raft` values wired together by hand: messages are delivered only when a test says so, and every Ready is
+/// treated as persisted at once.
+struct Harness {
+    var nodes: [NodeID: Raft] = [:]
+    /// Messages sent and not yet delivered, in order.
+    var mailbox: [Message] = []
+    var applied: [NodeID: [Entry]] = [:]
+    var readStates: [NodeID: [ReadState]] = [:]
+    var droppedReads: [NodeID: [UInt64]] = [:]
+
+    init(_ count: Int, configure: (inout RaftConfig) -> Void = { _ in }) throws {
+        let voters = (1...count).map { NodeID($0) }
+        for id in voters {
+            var c = RaftConfig(id: id, voters: voters)
+            configure(&c)
+            nodes[id] = try Raft(config: c)
+        }
+    }
+
+    subscript(_ id: NodeID) -> Raft {
+        get { nodes[id]! }
+        set { nodes[id] = newValue }
+    }
+
+    /// Takes each node's Ready (as if persisted), queueing its messages.
+    mutating func flush() {
+        for id in nodes.keys.sorted() {
+            while nodes[id]!.hasReady {
+                let rd = nodes[id]!.ready()
+                mailbox.append(contentsOf: rd.messages)
+                applied[id, default: []].append(contentsOf: rd.committedEntries)
+                readStates[id, default: []].append(contentsOf: rd.readStates)
+                droppedReads[id, default: []].append(contentsOf: rd.droppedReads)
+                nodes[id]!.advance(rd)
+            }
+        }
+    }
+
+    /// Takes the queued messages (after a flush).
+    mutating func take(where filter: (Message) -> Bool = { _ in true }) -> [Message] {
+        flush()
+        let taken = mailbox.filter(filter)
+        mailbox.removeAll(where: filter)
+        return taken
+    }
+
+    /// Delivers messages until none are left, dropping those `drop` selects. Returns how many were delivered.
+    @discardableResult
+    mutating func stabilize(drop: (Message) -> Bool = { _ in false }) -> Int {
+        var delivered = 0
+        flush()
+        while !mailbox.isEmpty {
+            let batch = mailbox
+            mailbox.removeAll()
+            for m in batch where !drop(m) {
+                nodes[m.to]?.step(m)
+                delivered += 1
+            }
+            flush()
+        }
+        return delivered
+    }
+
+    mutating func elect(_ id: NodeID) {
+        nodes[id]!.campaign()
+        stabilize()
+    }
+
+    mutating func tick(_ id: NodeID, times: Int) {
+        for _ in 0..<times { nodes[id]!.tick() }
+    }
+
+    mutating func propose(_ id: NodeID, _ text: String) -> Result<ProposalTicket, RaftRefusal> {
+        nodes[id]!.propose([Array(text.utf8)])
+    }
+}
+
+@Suite("Raft §5.2: leader election")
+struct ElectionRules {
+    @Test("a follower that hears nothing for its randomised timeout campaigns in the next term")
+    func followerTimesOut() throws {
+        var h = try Harness(3) { $0.preVote = false }
+        h.tick(1, times: 2 * h[1].config.electionTicks)
+        #expect(h[1].role == .candidate)
+        #expect(h[1].term == 1)
+        #expect(h[1].vote == 1)
+        let requests = h.take()
+        #expect(Set(requests.map(\.to)) == [2, 3])
+        #expect(requests.allSatisfy { $0.kind == .vote && $0.term == 1 })
+    }
+
+    @Test("timeouts are drawn from [election, 2 × election) ticks and differ between nodes")
+    func randomisedTimeouts() throws {
+        var firsts: Set<Int> = []
+        for id in NodeID(1)...8 {
+            var c = RaftConfig(id: id, voters: Array(1...8))
+            c.preVote = false
+            var r = try Raft(config: c)
+            var ticks = 0
+            while r.role == .follower {
+                r.tick()
+                ticks += 1
+            }
+            #expect(ticks >= c.electionTicks && ticks < 2 * c.electionTicks)
+            firsts.insert(ticks)
+        }
+        #expect(firsts.count > 1)
+    }
+
+    @Test("a candidate with a majority of votes leads and appends a no-op of its term")
+    func majorityElects() throws {
+        var h = try Harness(3) { $0.preVote = false }
+        h.elect(1)
+        #expect(h[1].role == .leader)
+        #expect(h[2].leader == 1 && h[3].leader == 1)
+        let noop = h.applied[1]!.last!
+        #expect(noop.kind == .noop && noop.term == h[1].term)
+        #expect(h[1].commitIndex == 1)
+    }
+
+    @Test("a node grants one vote per term, to the first candidate that asks")
+    func oneVotePerTerm() throws {
+        var h = try Harness(3) { $0.preVote = false; $0.checkQuorum = false }
+        h[3].step(Message(kind: .vote, from: 1, to: 3, term: 1))
+        h[3].step(Message(kind: .vote, from: 2, to: 3, term: 1))
+        let answers = h.take()
+        #expect(answers.map(\.to) == [1, 2])
+        #expect(answers.map(\.reject) == [false, true])
+        #expect(h[3].vote == 1)
+    }
+
+    @Test("a candidate that hears from a leader of its term becomes a follower")
+    func candidateYieldsToLeader() throws {
+        var h = try Harness(3) { $0.preVote = false }
+        h.tick(2, times: 20)
+        #expect(h[2].role == .candidate)
+        let term = h[2].term
+        h[2].step(Message(kind: .append, from: 1, to: 2, term: term))
+        #expect(h[2].role == .follower)
+        #expect(h[2].leader == 1)
+    }
+
+    @Test("a split vote is retried in a later term after another timeout")
+    func splitVoteRetries() throws {
+        var h = try Harness(4) { $0.preVote = false; $0.checkQuorum = false }
+        h[1].campaign()
+        h[2].campaign()
+        // Each gets one other vote (3 → 1, 4 → 2): no majority of 4.
+        h.stabilize(drop: { ($0.kind == .vote && ($0.from == 1 && $0.to != 3 || $0.from == 2 && $0.to != 4)) })
+        #expect(h[1].role == .candidate && h[2].role == .candidate)
+        h.tick(1, times: 2 * h[1].config.electionTicks)
+        #expect(h[1].term == 2 || h[1].role != .candidate)
+        h.stabilize()
+        #expect(h.nodes.values.filter { $0.role == .leader }.count == 1)
+    }
+
+    @Test("a message from an older term is answered with the current term, and a stale leader steps down")
+    func staleLeaderStepsDown() throws {
+        var h = try Harness(3)
+        h.elect(1)
+        // 2 and 3 move on to term 5 without 1.
+        h[2].step(Message(kind: .append, from: 3, to: 2, term: 5))
+        h.mailbox.removeAll()
+        h[2].step(Message(kind: .heartbeat, from: 1, to: 2, term: h[1].term))
+        let answer = h.take(where: { $0.to == 1 })
+        #expect(answer.count == 1 && answer[0].term == 5)
+        h[1].step(answer[0])
+        #expect(h[1].role == .follower && h[1].term == 5)
+    }
+}
+
+@Suite("Raft §5.3: log replication")
+struct ReplicationRules {
+    @Test("an entry commits once a majority has persisted it, and followers learn the commit")
+    func commitOnMajority() throws {
+        var h = try Harness(3)
+        h.elect(1)
+        guard case .success(let t) = h.propose(1, "x") else { Issue.record("refused"); return }
+        // Only node 2 receives the append: 2 of 3 is a majority.
+        h.stabilize(drop: { $0.to == 3 })
+        #expect(h[1].commitIndex == t.lastIndex)
+        #expect(h.applied[1]!.last!.data == Array("x".utf8))
+        // Node 3 lost its append: within a few heartbeats the leader notices and repairs it.
+        for _ in 0..<3 {
+            h.tick(1, times: 1)
+            h.stabilize()
+        }
+        #expect(h[2].commitIndex == t.lastIndex && h[3].commitIndex == t.lastIndex)
+    }
+
+    @Test("a leader counts its own log only once it is durable")
+    func leaderWaitsForOwnPersist() throws {
+        var h = try Harness(1)
+        h.elect(1)
+        _ = h.propose(1, "y")
+        let before = h[1].commitIndex
+        let rd = h.nodes[1]!.ready()
+        #expect(rd.entries.count == 1)
+        #expect(h[1].commitIndex == before)
+        h.nodes[1]!.advance(rd)
+        #expect(h[1].commitIndex == before + 1)
+    }
+
+    @Test("a follower refuses an append whose previous entry does not match, and the leader repairs it")
+    func consistencyCheck() throws {
+        var h = try Harness(3)
+        h.elect(1)
+        for i in 0..<5 { _ = h.propose(1, "a\(i)") }
+        h.stabilize(drop: { $0.to == 3 })
+        // Node 3 missed everything after the no-op: the next append does not match.
+        _ = h.propose(1, "b")
+        let toThree = h.take(where: { $0.to == 3 && $0.kind == .append })
+        #expect(!toThree.isEmpty)
+        h[3].step(toThree.last!)
+        let answer = h.take(where: { $0.from == 3 })
+        #expect(answer.first?.reject == true)
+        h.stabilize()
+        #expect(h[3].lastIndex == h[1].lastIndex)
+        #expect(h[3].log.entries == h[1].log.entries)
+    }
+
+    @Test("conflicting uncommitted entries are replaced, and the back-off skips a whole term per round trip")
+    func conflictTruncation() throws {
+        var h = try Harness(3) { $0.checkQuorum = false }
+        h.elect(1)
+        // Leader 1 appends 20 entries that only it has, then is cut off.
+        for i in 0..<20 { _ = h.propose(1, "lost\(i)") }
+        h.mailbox.removeAll()
+        h.flush()
+        h.mailbox.removeAll()
+        // Node 2 leads a later term with 3 and commits something else.
+        h[2].campaign()
+        h.stabilize(drop: { $0.to == 1 || $0.from == 1 })
+        #expect(h[2].role == .leader)
+        _ = h.propose(2, "kept")
+        h.stabilize(drop: { $0.to == 1 || $0.from == 1 })
+        // Reconnect 1: count the rejected appends it answers.
+        h.tick(2, times: 1)
+        var rejections = 0
+        h.stabilize(drop: { m in
+            if m.from == 1 && m.kind == .appendResponse && m.reject { rejections += 1 }
+            return false
+        })
+        #expect(h[1].log.entries == h[2].log.entries)
+        #expect(!h[1].log.entries.contains { $0.data == Array("lost0".utf8) })
+        #expect(rejections <= 2, "\(rejections) round trips to repair one divergent term")
+    }
+
+    @Test("in replicate state the leader pipelines appends up to the in-flight window")
+    func pipelining() throws {
+        var h = try Harness(2) { $0.maxInflightMessages = 3 }
+        h.elect(1)
+        for i in 0..<10 {
+            _ = h.propose(1, "p\(i)")
+            h.flush()
+        }
+        let appends = h.take(where: { $0.kind == .append && $0.to == 2 })
+        #expect(appends.count == 3, "window of 3, sent \(appends.count)")
+        for m in appends { h[2].step(m) }
+        h.stabilize()
+        #expect(h[2].lastIndex == h[1].lastIndex)
+    }
+
+    @Test("one append carries many proposals, bounded by the byte limit")
+    func batching() throws {
+        var h = try Harness(2) { $0.maxBytesPerMessage = 64 * 40 }
+        h.elect(1)
+        _ = h[1].propose((0..<100).map { _ in [UInt8](repeating: 7, count: 40) })
+        let appends = h.take(where: { $0.kind == .append })
+        #expect(appends.count >= 2)
+        #expect(appends[0].entries.count > 1)
+        #expect(appends.allSatisfy { $0.entries.reduce(0) { $0 + $1.byteSize } <= 64 * 40 })
+    }
+
+    @Test("proposals to a follower are refused naming the leader; oversized entries are refused")
+    func proposalRefusals() throws {
+        var h = try Harness(3) { $0.maxEntryBytes = 10 }
+        h.elect(1)
+        #expect(throws: RaftRefusal.notLeader(leader: 1)) { try h.propose(2, "z").get() }
+        #expect(throws: RaftRefusal.entryTooLarge(size: 11, limit: 10)) { try h.propose(1, "01234567890").get() }
+        #expect(RaftRefusal.notLeader(leader: 1).description == "not the leader; the leader is 1")
+    }
+}
+
+@Suite("Raft §5.4: safety")
+struct SafetyRules {
+    @Test(
+        "a voter refuses a candidate whose log is less up to date",
+        arguments: [
+            // (voter's last term, voter's last index, candidate's last term, candidate's last index, granted)
+            (2, 5, 1, 9, false), (2, 5, 2, 4, false), (2, 5, 2, 5, true), (2, 5, 3, 1, true),
+        ] as [(UInt64, UInt64, UInt64, UInt64, Bool)])
+    func electionRestriction(voterTerm: UInt64, voterIndex: UInt64, candTerm: UInt64, candIndex: UInt64, granted: Bool)
+        throws
+    {
+        let entries = (1...voterIndex).map { Entry(term: $0 == voterIndex ? voterTerm : 1, index: $0) }
+        var c = RaftConfig(id: 2, voters: [1, 2, 3])
+        c.preVote = false
+        var voter = try Raft(config: c, hardState: HardState(term: voterTerm), entries: entries)
+        voter.step(Message(kind: .vote, from: 1, to: 2, term: 10, logTerm: candTerm, index: candIndex))
+        let rd = voter.ready()
+        #expect(rd.messages.count == 1)
+        #expect(rd.messages[0].reject == !granted)
+        #expect((rd.hardState?.vote == 1) == granted)
+    }
+
+    @Test("Figure 8: a leader does not commit an earlier term's entry by counting replicas")
+    func figure8() throws {
+        // Node 1 leads term 2 and holds an entry of term 2 at index 1 that node 2 also holds; node 1 then
+        // leads term 4 after being re-elected. The entry is on a majority but must not commit until an entry
+        // of term 4 does.
+        var c1 = RaftConfig(id: 1, voters: [1, 2, 3])
+        c1.preVote = false
+        var leader = try Raft(config: c1, hardState: HardState(term: 3), entries: [Entry(term: 2, index: 1)])
+        leader.campaign()
+        var rd = leader.ready()
+        leader.advance(rd)
+        leader.step(Message(kind: .voteResponse, from: 2, to: 1, term: 4))
+        #expect(leader.role == .leader)
+        rd = leader.ready()
+        leader.advance(rd)  // no-op of term 4 at index 2 is durable here
+        // Node 2 acknowledges index 1 only.
+        leader.step(Message(kind: .appendResponse, from: 2, to: 1, term: 4, index: 1))
+        #expect(leader.commitIndex == 0)
+        // Node 2 acknowledges the no-op: index 2 (term 4) commits, and index 1 with it.
+        leader.step(Message(kind: .appendResponse, from: 2, to: 1, term: 4, index: 2))
+        #expect(leader.commitIndex == 2)
+    }
+}
+
+@Suite("Thesis §9.6: PreVote, and §6.2: CheckQuorum")
+struct PreVoteCheckQuorumRules {
+    @Test("a partitioned node with PreVote does not raise its term, and rejoins without disrupting the leader")
+    func preVoteKeepsTerm() throws {
+        var h = try Harness(3)
+        h.elect(1)
+        let term = h[1].term
+        // Node 3 is cut off and times out many times.
+        for _ in 0..<5 {
+            h.tick(3, times: 2 * h[3].config.electionTicks)
+            _ = h.take(where: { $0.from == 3 || $0.to == 3 })
+        }
+        #expect(h[3].term == term)
+        #expect(h[3].role == .preCandidate)
+        // It rejoins: the leader's heartbeat brings it back as a follower; nobody's term moved.
+        h.tick(1, times: 1)
+        h.stabilize()
+        #expect(h[1].role == .leader && h[1].term == term)
+        #expect(h[3].role == .follower && h[3].leader == 1)
+    }
+
+    @Test("granting a PreVote changes neither the voter's term nor its vote")
+    func preVoteIsSideEffectFree() throws {
+        var h = try Harness(3)
+        h[2].step(Message(kind: .preVote, from: 1, to: 2, term: 1))
+        let answer = h.take()
+        #expect(answer.count == 1 && answer[0].kind == .preVoteResponse && !answer[0].reject)
+        #expect(h[2].term == 0 && h[2].vote == .none)
+    }
+
+    @Test("without PreVote the same partitioned node does raise its term (the control for the test above)")
+    func withoutPreVoteTermGrows() throws {
+        var h = try Harness(3) { $0.preVote = false }
+        h.elect(1)
+        let term = h[1].term
+        h.tick(3, times: 2 * h[3].config.electionTicks)
+        #expect(h[3].term > term)
+    }
+
+    @Test("a leader that has not heard from a quorum within an election timeout steps down")
+    func checkQuorumStepsDown() throws {
+        var h = try Harness(3)
+        h.elect(1)
+        for _ in 0..<(2 * h[1].config.electionTicks) {
+            h.tick(1, times: 1)
+            _ = h.take()  // every message lost
+        }
+        #expect(h[1].role == .follower)
+    }
+
+    @Test("a leader that hears from a quorum stays leader")
+    func checkQuorumStays() throws {
+        var h = try Harness(3)
+        h.elect(1)
+        for _ in 0..<(3 * h[1].config.electionTicks) {
+            h.tick(1, times: 1)
+            h.stabilize(drop: { $0.to == 3 || $0.from == 3 })
+        }
+        #expect(h[1].role == .leader)
+    }
+
+    @Test("a follower within its leader's lease ignores a vote request from a higher term")
+    func leaseIgnoresVotes() throws {
+        var h = try Harness(3)
+        h.elect(1)
+        let term = h[2].term
+        h[2].step(Message(kind: .vote, from: 3, to: 2, term: term + 5, logTerm: 9, index: 99))
+        #expect(h[2].term == term)
+        #expect(h.take(where: { $0.from == 2 }).isEmpty)
+    }
+}
+
+@Suite("Thesis §6.4: ReadIndex")
+struct ReadIndexRules {
+    @Test("a read on a follower is refused naming the leader")
+    func followerRefuses() throws {
+        var h = try Harness(3)
+        h.elect(1)
+        #expect(h.nodes[2]!.readIndex(request: 1) == .notLeader(leader: 1))
+    }
+
+    @Test("reads wait for a quorum's heartbeat answers; concurrent reads share one round")
+    func oneRoundForMany() throws {
+        var h = try Harness(3)
+        h.elect(1)
+        for r in UInt64(1)...50 { #expect(h.nodes[1]!.readIndex(request: r) == nil) }
+        let heartbeats = h.take(where: { $0.kind == .heartbeat })
+        #expect(heartbeats.count == 2, "one round to two followers")
+        #expect(h.readStates[1, default: []].isEmpty)
+        // One follower answers: with the leader, a quorum.
+        h[2].step(heartbeats.first { $0.to == 2 }!)
+        h.stabilize()
+        let states = h.readStates[1]!
+        #expect(states.count == 1)
+        #expect(states[0].requests == Array(1...50))
+        #expect(states[0].index == h[1].commitIndex)
+    }
+
+    @Test("a new leader serves no read before it commits an entry of its own term")
+    func waitsForOwnTerm() throws {
+        var h = try Harness(3)
+        h[1].campaign()
+        // Deliver votes only: the leader's no-op is not yet acknowledged.
+        h.stabilize(drop: { $0.kind == .append || $0.kind == .appendResponse })
+        #expect(h[1].role == .leader)
+        #expect(h.nodes[1]!.readIndex(request: 7) == nil)
+        h.flush()
+        #expect(h.take(where: { $0.kind == .heartbeat && $0.context != 0 }).isEmpty)
+        h.tick(1, times: 1)
+        h.stabilize()
+        #expect(h.readStates[1]?.first?.requests == [7])
+        #expect(h.readStates[1]!.first!.index >= 1)
+    }
+
+    @Test("a leader that steps down drops the reads it could not confirm")
+    func droppedOnStepDown() throws {
+        var h = try Harness(3)
+        h.elect(1)
+        _ = h.nodes[1]!.readIndex(request: 9)
+        _ = h.take()
+        h[1].step(Message(kind: .append, from: 2, to: 1, term: h[1].term + 1))
+        h.flush()
+        #expect(h.droppedReads[1] == [9])
+        #expect(h.readStates[1, default: []].isEmpty)
+    }
+}

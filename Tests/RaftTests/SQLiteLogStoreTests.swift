@@ -1,0 +1,168 @@
+import Foundation
+import Logging
+import Testing
+
+@testable import CircuitRaft
+
+private func temporaryPath(_ name: String) throws -> String {
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("raft-store-\(UUID().uuidString.prefix(8))")
+    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    return dir.appendingPathComponent(name).path
+}
+
+private func entry(_ index: UInt64, term: UInt64, _ text: String = "") -> Entry {
+    Entry(term: term, index: index, kind: .normal, data: Array(text.utf8))
+}
+
+@Suite("SQLite log store")
+struct SQLiteLogStoreTests {
+    let logger = Logger(label: "test")
+
+    @Test("entries and hard state survive closing and reopening")
+    func roundTrip() throws {
+        let path = try temporaryPath("log.sqlite")
+        do {
+            let store = try SQLiteLogStore(path: path, logger: logger)
+            try store.persist(
+                hardState: HardState(term: 3, vote: 2, commit: 2),
+                entries: [entry(1, term: 1, "a"), entry(2, term: 3, "b"), Entry(term: 3, index: 3, kind: .noop)])
+            #expect(store.syncCount == 1)
+            store.close()
+        }
+        let store = try SQLiteLogStore(path: path, logger: logger)
+        let recovered = try store.recover()
+        #expect(recovered.hardState == HardState(term: 3, vote: 2, commit: 2))
+        #expect(recovered.entries.map(\.index) == [1, 2, 3])
+        #expect(recovered.entries[1].data == Array("b".utf8))
+        #expect(recovered.entries[2].kind == .noop)
+        #expect(try store.entries(from: 2, to: 3, maxBytes: .max).map(\.index) == [2, 3])
+    }
+
+    @Test("persisting from an index replaces the conflicting suffix")
+    func truncatesSuffix() throws {
+        let store = try SQLiteLogStore(path: try temporaryPath("log.sqlite"), logger: logger)
+        try store.persist(hardState: HardState(term: 1), entries: (1...5).map { entry($0, term: 1) })
+        try store.persist(hardState: HardState(term: 2), entries: [entry(3, term: 2, "new")])
+        let recovered = try store.recover()
+        #expect(recovered.entries.map(\.index) == [1, 2, 3])
+        #expect(recovered.entries.last!.term == 2)
+    }
+
+    @Test("range reads stop at the byte bound but return at least one entry")
+    func rangeBoundedByBytes() throws {
+        let store = try SQLiteLogStore(path: try temporaryPath("log.sqlite"), logger: logger)
+        let big = String(repeating: "x", count: 1000)
+        try store.persist(hardState: nil, entries: (1...10).map { entry($0, term: 1, big) })
+        #expect(try store.entries(from: 1, to: 10, maxBytes: 2_100).count == 2)
+        #expect(try store.entries(from: 1, to: 10, maxBytes: 1).count == 1)
+        #expect(try store.entries(from: 4, to: 10, maxBytes: .max).count == 7)
+    }
+
+    @Test("the store runs in WAL mode with synchronous=FULL and an exclusive lock")
+    func durabilitySettings() throws {
+        let path = try temporaryPath("log.sqlite")
+        let store = try SQLiteLogStore(path: path, logger: logger)
+        try store.persist(hardState: HardState(term: 1), entries: [entry(1, term: 1)])
+        // A second opener is locked out while the first holds the file.
+        #expect(throws: SQLiteError.self) {
+            let other = try SQLiteLogStore(path: path, logger: logger)
+            _ = try other.recover()
+        }
+        store.close()
+        let reopened = try SQLiteLogStore(path: path, logger: logger)
+        #expect(try reopened.recover().entries.count == 1)
+    }
+
+    @Test("recovery refuses a store whose commit index is beyond its log")
+    func recoveryChecksInvariants() throws {
+        let path = try temporaryPath("log.sqlite")
+        let store = try SQLiteLogStore(path: path, logger: logger)
+        try store.persist(hardState: HardState(term: 1, vote: 0, commit: 9), entries: [entry(1, term: 1)])
+        #expect(throws: RaftStoreCorruption.self) { try store.recover() }
+    }
+
+    @Test("a write after close fails loudly instead of being lost")
+    func writeAfterCloseFails() throws {
+        let store = try SQLiteLogStore(path: try temporaryPath("log.sqlite"), logger: logger)
+        store.close()
+        #expect(throws: SQLiteError.self) { try store.persist(hardState: HardState(term: 1), entries: []) }
+    }
+
+    @Test("SIGKILL at random moments leaves exactly a durable prefix, never a torn or reordered entry")
+    func killNineLeavesAPrefix() throws {
+        let binary = try #require(circuitBinary(), "the circuit executable was not built next to the tests")
+        let path = try temporaryPath("crash.sqlite")
+        var rng = SplitMix64(seed: UInt64(Date().timeIntervalSince1970))
+        var lastDurable: UInt64 = 0
+        let rounds = 25
+        for round in 0..<rounds {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: binary)
+            process.arguments = ["debug", "append-loop", "--db", path, "--seed", "\(round + 1)"]
+            let pipe = Pipe()
+            process.standardOutput = pipe
+            try process.run()
+            // Kill it after a random number of durable batches: the moment falls anywhere in a write.
+            let target = 1 + Int(rng.next() % 40)
+            var reported = 0
+            var buffer = Data()
+            let handle = pipe.fileHandleForReading
+            var killed = false
+            while true {
+                let chunk = handle.availableData
+                if chunk.isEmpty { break }
+                buffer.append(chunk)
+                while let newline = buffer.firstIndex(of: UInt8(ascii: "\n")) {
+                    let line = String(decoding: buffer[buffer.startIndex..<newline], as: UTF8.self)
+                    buffer.removeSubrange(buffer.startIndex...newline)
+                    if line.hasPrefix("durable "), let index = UInt64(line.dropFirst(8)) {
+                        #expect(index > lastDurable)
+                        lastDurable = index
+                        reported += 1
+                    }
+                }
+                if reported >= target && !killed {
+                    kill(process.processIdentifier, SIGKILL)
+                    killed = true
+                }
+            }
+            process.waitUntilExit()
+            #expect(process.terminationReason == .uncaughtSignal, "round \(round): the child was not killed")
+
+            let store = try SQLiteLogStore(path: path, logger: logger)
+            let recovered = try store.recover()
+            store.close()
+            let entries = recovered.entries
+            #expect(entries.first?.index == 1)
+            #expect(UInt64(entries.count) >= lastDurable, "round \(round): \(entries.count) entries, \(lastDurable) reported durable")
+            for (i, e) in entries.enumerated() {
+                #expect(e.index == UInt64(i + 1))
+                #expect(e.term == 1 + e.index / 100)
+                #expect(isIntact(e), "round \(round): entry \(e.index) is torn or misplaced")
+            }
+            #expect(recovered.hardState.commit <= UInt64(entries.count))
+            lastDurable = max(lastDurable, UInt64(entries.count))
+        }
+        #expect(lastDurable > UInt64(rounds))
+    }
+
+    /// An append-loop entry carries its index first and an FNV-1a hash of the rest last.
+    private func isIntact(_ e: Entry) -> Bool {
+        guard e.data.count >= 16 else { return false }
+        let index = e.data.prefix(8).withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+        let stored = e.data.suffix(8).withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
+        for b in e.data.dropLast(8) { hash = (hash ^ UInt64(b)) &* 0x100_0000_01B3 }
+        return UInt64(littleEndian: index) == e.index && UInt64(littleEndian: stored) == hash
+    }
+}
+
+/// The `circuit` executable built beside the test bundle.
+func circuitBinary() -> String? {
+    var candidates: [URL] = []
+    let argv0 = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
+    candidates.append(argv0.deletingLastPathComponent().appendingPathComponent("circuit"))
+    candidates.append(Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent("circuit"))
+    candidates.append(URL(fileURLWithPath: FileManager.default.currentDirectoryPath).appendingPathComponent(".build/debug/circuit"))
+    return candidates.map(\.path).first { FileManager.default.isExecutableFile(atPath: $0) }
+}
