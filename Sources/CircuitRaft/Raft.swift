@@ -3,7 +3,8 @@
 /// The shell feeds it events (`tick`, `step`, `propose`, `readIndex`, `campaign`) and then takes one `Ready` batch,
 /// which it carries out in this order before calling `advance`:
 ///
-/// 1. persist `entries` (replacing any suffix from the first one's index) and `hardState`, with fsync;
+/// 1. send `messagesBeforePersist`, then persist `entries` (replacing any suffix from the first one's index) and
+///    `hardState`, with fsync;
 /// 2. send `messages` (they may depend on what step 1 made durable: votes, acknowledgements);
 /// 3. apply `committedEntries` in order, and serve `readStates` once their index is applied;
 /// 4. call `advance(ready)`.
@@ -76,9 +77,16 @@ public struct Raft: Sendable {
         }.joined(separator: ", ")
     }
 
+    /// Term and vote must be durable before anything that depends on them is sent. The commit index need not be
+    /// (it is learned again from the leader after a restart), so a change of it alone costs no fsync: it is written
+    /// along with the next entries.
+    private var hardStateMustPersist: Bool {
+        term != persistedHardState.term || vote != persistedHardState.vote
+    }
+
     /// Whether `ready()` has anything to hand out.
     public var hasReady: Bool {
-        hardState != persistedHardState || !log.unstable.isEmpty || !outbox.isEmpty || !readyReads.isEmpty
+        hardStateMustPersist || !log.unstable.isEmpty || !outbox.isEmpty || !readyReads.isEmpty
             || !droppedReads.isEmpty || !readsQueued.isEmpty || log.applied < log.committed
     }
 
@@ -242,10 +250,23 @@ public struct Raft: Sendable {
         precondition(!awaitingAdvance, "ready() called twice without advance()")
         startReadRound()
         var rd = Ready()
-        let hs = hardState
-        if hs != persistedHardState { rd.hardState = hs }
         rd.entries = Array(log.unstable)
-        rd.messages = outbox
+        if hardStateMustPersist || (!rd.entries.isEmpty && hardState != persistedHardState) {
+            rd.hardState = hardState
+        }
+        // A leader's appends do not depend on its own disk: it may send them while it persists the same entries
+        // (thesis §10.2.1), because it counts itself toward a quorum only once they are durable.
+        if role == .leader {
+            for m in outbox {
+                if m.kind == .append && m.term == term {
+                    rd.messagesBeforePersist.append(m)
+                } else {
+                    rd.messages.append(m)
+                }
+            }
+        } else {
+            rd.messages = outbox
+        }
         outbox.removeAll(keepingCapacity: true)
         rd.committedEntries = log.nextToApply(maxBytes: config.maxCommittedBytesPerReady)
         rd.readStates = readyReads
@@ -558,6 +579,8 @@ public struct Ready: Sendable {
     public var hardState: HardState?
     /// Entries to persist. Any stored entry at or after `entries.first!.index` is replaced.
     public var entries: [Entry] = []
+    /// Messages that may be sent before `entries` and `hardState` are durable (a leader's appends).
+    public var messagesBeforePersist: [Message] = []
     /// Messages to send once `entries` and `hardState` are durable.
     public var messages: [Message] = []
     /// Committed entries to apply, in order.

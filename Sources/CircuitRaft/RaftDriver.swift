@@ -255,6 +255,7 @@ public final class RaftDriver: @unchecked Sendable {
     private func drainReady() throws {
         while raft.hasReady {
             let rd = raft.ready()
+            transport.send(rd.messagesBeforePersist)
             try store.persist(hardState: rd.hardState, entries: rd.entries)
             transport.send(rd.messages)
             for entry in rd.committedEntries {

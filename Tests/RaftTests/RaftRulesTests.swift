@@ -31,6 +31,7 @@ struct Harness {
         for id in nodes.keys.sorted() {
             while nodes[id]!.hasReady {
                 let rd = nodes[id]!.ready()
+                mailbox.append(contentsOf: rd.messagesBeforePersist)
                 mailbox.append(contentsOf: rd.messages)
                 applied[id, default: []].append(contentsOf: rd.committedEntries)
                 readStates[id, default: []].append(contentsOf: rd.readStates)
@@ -203,6 +204,46 @@ struct ReplicationRules {
         #expect(h[1].commitIndex == before)
         h.nodes[1]!.advance(rd)
         #expect(h[1].commitIndex == before + 1)
+    }
+
+    @Test("a leader's appends may leave before its own fsync; a follower's acknowledgement may not")
+    func appendsBeforePersist() throws {
+        var h = try Harness(3)
+        h.elect(1)
+        _ = h.propose(1, "q")
+        let rd = h.nodes[1]!.ready()
+        #expect(!rd.entries.isEmpty)
+        #expect(rd.messagesBeforePersist.count == 2)
+        #expect(rd.messagesBeforePersist.allSatisfy { $0.kind == .append })
+        h.nodes[1]!.advance(rd)
+        h[2].step(rd.messagesBeforePersist.first { $0.to == 2 }!)
+        let followerReady = h.nodes[2]!.ready()
+        #expect(followerReady.messagesBeforePersist.isEmpty)
+        #expect(followerReady.messages.contains { $0.kind == .appendResponse })
+        h.nodes[2]!.advance(followerReady)
+    }
+
+    @Test("a change of the commit index alone needs no fsync; term and vote changes do")
+    func commitAloneIsNotSynced() throws {
+        var h = try Harness(3)
+        h.elect(1)
+        _ = h.propose(1, "c")
+        // Node 2 gets the entry but not the empty append that spreads the new commit index.
+        h.stabilize(drop: { $0.to == 2 && $0.kind == .append && $0.entries.isEmpty })
+        // A heartbeat now raises its commit index, and only that.
+        h.tick(1, times: 1)
+        let heartbeat = h.take(where: { $0.kind == .heartbeat && $0.to == 2 }).first!
+        let before = h[2].commitIndex
+        h[2].step(heartbeat)
+        #expect(h[2].commitIndex > before)
+        let rd = h.nodes[2]!.ready()
+        #expect(rd.hardState == nil)
+        #expect(!rd.mustSync)
+        h.nodes[2]!.advance(rd)
+        h[2].step(Message(kind: .append, from: 3, to: 2, term: h[2].term + 1))
+        let termChange = h.nodes[2]!.ready()
+        #expect(termChange.hardState?.term == h[2].term)
+        #expect(termChange.mustSync)
     }
 
     @Test("a follower refuses an append whose previous entry does not match, and the leader repairs it")

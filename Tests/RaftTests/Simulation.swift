@@ -306,7 +306,8 @@ final class Simulation {
     private func processReady(_ i: Int) throws {
         while nodes[i].raft?.hasReady == true {
             let rd = nodes[i].raft!.ready()
-            // A crash before the batch is durable loses all of it, messages included.
+            for m in rd.messagesBeforePersist { send(m) }
+            // A crash before the batch is durable loses all of it but what was already sent.
             if faultsEnabled && rd.mustSync && Double(rng.next() % 1_000_000) / 1_000_000 < crashRate * 5 {
                 crash(i)
                 return
