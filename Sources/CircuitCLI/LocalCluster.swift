@@ -29,7 +29,6 @@ final class LocalCluster: @unchecked Sendable {
     let options: RaftDriver.Options
     private let lock = NSLock()
     private var drivers: [NodeID: RaftDriver] = [:]
-    private var stores: [NodeID: SQLiteLogStore] = [:]
     private var machines: [NodeID: ChecksumStateMachine] = [:]
 
     init(directory: String, size: Int, options: RaftDriver.Options = .init(), logger: Logger) throws {
@@ -52,7 +51,6 @@ final class LocalCluster: @unchecked Sendable {
             transport: transport.endpoint(for: id), options: options, logger: logger)
         lock.withLock {
             drivers[id] = driver
-            stores[id] = store
             machines[id] = machine
         }
         transport.register(driver)
@@ -63,9 +61,7 @@ final class LocalCluster: @unchecked Sendable {
     /// made durable remains.
     func kill(_ id: NodeID) {
         transport.unregister(id)
-        let (driver, store) = lock.withLock { (drivers.removeValue(forKey: id), stores.removeValue(forKey: id)) }
-        driver?.stop()
-        store?.close()
+        lock.withLock { drivers.removeValue(forKey: id) }?.stop()
     }
 
     func shutdown() {

@@ -27,6 +27,8 @@ public protocol RaftLogStore: AnyObject {
     func entries(from: UInt64, to: UInt64, maxBytes: Int) throws -> [Entry]
     /// Number of durable commits (fsyncs of the log) so far.
     var syncCount: Int { get }
+    /// Releases the store (its file and lock). Later writes fail.
+    func close()
 }
 
 /// The log store on SQLite: WAL journal, `synchronous=FULL`, an exclusive lock, one transaction per batch.
@@ -192,6 +194,8 @@ public final class MemoryLogStore: RaftLogStore {
     public func recover() throws -> RecoveredLog {
         RecoveredLog(hardState: hardState, entries: log)
     }
+
+    public func close() {}
 
     public func persist(hardState: HardState?, entries new: [Entry]) throws {
         if let first = new.first {

@@ -128,8 +128,8 @@ public final class RaftDriver: @unchecked Sendable {
         thread.start()
     }
 
-    /// Stops the loop after its current turn and waits for it. Everything unanswered fails with `.stopped`.
-    /// What was persisted stays; what was not is lost, as in a crash.
+    /// Stops the loop after its current turn, closes the store and waits for both. Everything unanswered fails with
+    /// `.stopped`. What was persisted stays; what was not is lost, as in a crash.
     public func stop() {
         condition.lock()
         inbox.stopping = true
@@ -315,6 +315,7 @@ public final class RaftDriver: @unchecked Sendable {
         for (_, c) in leftover.proposals { c.resume(throwing: error) }
         for c in leftover.reads { c.resume(throwing: error) }
         publish(running: false, failure: failure)
+        store.close()
         done.lock()
         finished = true
         done.broadcast()

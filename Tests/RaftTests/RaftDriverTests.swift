@@ -1,0 +1,165 @@
+import Foundation
+import Logging
+import Synchronization
+import Testing
+
+@testable import CircuitRaft
+
+/// Counts applied entries and answers each proposal with its index.
+private final class IndexEcho: RaftStateMachine {
+    private(set) var applied: [Entry] = []
+    func apply(_ entry: Entry) -> [UInt8] {
+        applied.append(entry)
+        return withUnsafeBytes(of: entry.index.littleEndian) { Array($0) }
+    }
+}
+
+/// Real threads, real SQLite files, an in-process transport.
+@Suite("RaftDriver on real threads and SQLite stores", .serialized)
+struct RaftDriverTests {
+    let logger = Logger(label: "driver-test")
+
+    private func makeCluster(_ dir: String, ids: [NodeID], transport: LocalTransport) throws -> [NodeID: RaftDriver] {
+        var drivers: [NodeID: RaftDriver] = [:]
+        for id in ids {
+            var options = RaftDriver.Options()
+            options.tickInterval = .milliseconds(10)
+            let store = try SQLiteLogStore(path: "\(dir)/\(id).sqlite", logger: logger)
+            let driver = try RaftDriver(
+                config: RaftConfig(id: id, voters: ids), store: store, stateMachine: IndexEcho(),
+                transport: transport.endpoint(for: id), options: options, logger: logger)
+            transport.register(driver)
+            drivers[id] = driver
+        }
+        for d in drivers.values { d.start() }
+        return drivers
+    }
+
+    private func waitFor(_ what: String, timeout: Duration = .seconds(10), _ condition: () -> Bool) async throws {
+        let deadline = ContinuousClock.now + timeout
+        while !condition() {
+            guard ContinuousClock.now < deadline else {
+                Issue.record("timed out waiting for \(what)")
+                throw CancellationError()
+            }
+            try await Task.sleep(for: .milliseconds(2))
+        }
+    }
+
+    private func temporaryFolder() throws -> String {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("raft-driver-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        return dir.path
+    }
+
+    @Test("proposals commit on a quorum, followers refuse with the leader's id, reads are linearizable barriers")
+    func proposeAndRead() async throws {
+        let dir = try temporaryFolder()
+        let transport = LocalTransport()
+        let drivers = try makeCluster(dir, ids: [1, 2, 3], transport: transport)
+        defer { for d in drivers.values { d.stop() } }
+        try await waitFor("a leader") { drivers.values.contains { $0.status.role == .leader } }
+        let leader = drivers.values.first { $0.status.role == .leader }!
+        let follower = drivers.values.first { $0.status.role != .leader }!
+
+        let answers = try await withThrowingTaskGroup(of: UInt64.self) { group in
+            for i in 0..<50 {
+                group.addTask {
+                    let bytes = try await leader.propose(Array("v\(i)".utf8))
+                    return bytes.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) }
+                }
+            }
+            var all: [UInt64] = []
+            for try await a in group { all.append(a) }
+            return all
+        }
+        #expect(Set(answers).count == 50, "every proposal got its own index")
+
+        await #expect(throws: RaftDriverError.refused(.notLeader(leader: leader.id))) {
+            _ = try await follower.propose(Array("no".utf8))
+        }
+        let readAt = try await leader.readBarrier()
+        #expect(readAt >= answers.max()!)
+        await #expect(throws: RaftDriverError.self) { _ = try await follower.readBarrier() }
+    }
+
+    @Test("a killed leader is replaced, the survivors keep committing, and the restarted node catches up from disk")
+    func failoverAndRecovery() async throws {
+        let dir = try temporaryFolder()
+        let transport = LocalTransport()
+        var drivers = try makeCluster(dir, ids: [1, 2, 3], transport: transport)
+        defer { for d in drivers.values { d.stop() } }
+        try await waitFor("a leader") { drivers.values.contains { $0.status.role == .leader } }
+        let first = drivers.values.first { $0.status.role == .leader }!
+        for i in 0..<20 { _ = try await first.propose(Array("a\(i)".utf8)) }
+        let committedBefore = first.status.commitIndex
+
+        transport.unregister(first.id)
+        first.stop()
+        drivers.removeValue(forKey: first.id)
+        try await waitFor("a new leader") { drivers.values.contains { $0.status.role == .leader } }
+        let second = drivers.values.first { $0.status.role == .leader }!
+        #expect(second.status.term > 1)
+        for i in 0..<20 { _ = try await second.propose(Array("b\(i)".utf8)) }
+        #expect(second.status.commitIndex > committedBefore)
+
+        // Restart the old leader from its store: it must recover its log and catch up.
+        var options = RaftDriver.Options()
+        options.tickInterval = .milliseconds(10)
+        let machine = IndexEcho()
+        let store = try SQLiteLogStore(path: "\(dir)/\(first.id).sqlite", logger: logger)
+        #expect(try store.recover().entries.count >= Int(committedBefore), "the old leader's log survived on disk")
+        let restarted = try RaftDriver(
+            config: RaftConfig(id: first.id, voters: [1, 2, 3]), store: store, stateMachine: machine,
+            transport: transport.endpoint(for: first.id), options: options, logger: logger)
+        transport.register(restarted)
+        restarted.start()
+        drivers[first.id] = restarted
+        let target = second.status.commitIndex
+        try await waitFor("the restarted node to catch up") { restarted.status.appliedIndex >= target }
+        #expect(machine.applied.filter { $0.kind == .normal }.count >= 40)
+    }
+
+    @Test("a store that fails stops the node loudly and fails what was waiting")
+    func storageFailureStops() async throws {
+        let store = FailingStore()
+        let driver = try RaftDriver(
+            config: RaftConfig(id: 1, voters: [1]), store: store, stateMachine: IndexEcho(),
+            transport: LocalTransport().endpoint(for: 1), options: .init(), logger: logger)
+        driver.start()
+        defer { driver.stop() }
+        driver.campaign()
+        try await waitFor("the node to stop") { !driver.status.running }
+        #expect(driver.status.failure?.contains("disk on fire") == true)
+        await #expect(throws: RaftDriverError.stopped) { _ = try await driver.propose([1]) }
+    }
+}
+
+/// A store whose every write fails.
+private final class FailingStore: RaftLogStore {
+    struct Failure: Error, CustomStringConvertible { var description: String { "disk on fire" } }
+    var syncCount: Int { 0 }
+    func recover() throws -> RecoveredLog { RecoveredLog(hardState: HardState(), entries: []) }
+    func persist(hardState: HardState?, entries: [Entry]) throws { throw Failure() }
+    func entries(from: UInt64, to: UInt64, maxBytes: Int) throws -> [Entry] { [] }
+    func close() {}
+}
+
+@Suite("the main job")
+struct DemoTests {
+    @Test("`circuit demo` runs a 3-node cluster through a leader kill and restart and reports identical replicas")
+    func demoRuns() throws {
+        let binary = try #require(circuitBinary(), "the circuit executable was not built next to the tests")
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = ["demo", "--entries", "100"]
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        try process.run()
+        let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0, "\(output)")
+        #expect(output.contains("took over"))
+        #expect(output.contains("ok: 200 entries acknowledged; all 3 replicas applied the same log"))
+    }
+}
