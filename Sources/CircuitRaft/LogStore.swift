@@ -11,6 +11,14 @@ import Darwin
 public struct RecoveredLog: Sendable {
     public var hardState: HardState
     public var entries: [Entry]
+    /// The snapshot the entries follow, if the log was ever compacted or a snapshot installed.
+    public var snapshot: SnapshotMetadata?
+
+    public init(hardState: HardState, entries: [Entry], snapshot: SnapshotMetadata? = nil) {
+        self.hardState = hardState
+        self.entries = entries
+        self.snapshot = snapshot
+    }
 }
 
 /// Durable storage of one node's Raft log and hard state. Owned by one thread at a time.
@@ -25,6 +33,10 @@ public protocol RaftLogStore: AnyObject {
     func persist(hardState: HardState?, entries: [Entry]) throws
     /// Entries in `[from, to]`, stopping once `maxBytes` is exceeded (always at least one if any is stored).
     func entries(from: UInt64, to: UInt64, maxBytes: Int) throws -> [Entry]
+    /// Records `snapshot` as the one the log starts after, atomically and durably, and drops the entries it covers:
+    /// those up to its index (compaction), or every entry (`replacingLog`: a snapshot installed from the leader).
+    /// The snapshot's bytes must already be durable elsewhere.
+    func saveSnapshot(_ snapshot: SnapshotMetadata, replacingLog: Bool) throws
     /// Number of durable commits (fsyncs of the log) so far.
     var syncCount: Int { get }
     /// Releases the store (its file and lock). Later writes fail.
@@ -43,6 +55,9 @@ public final class SQLiteLogStore: RaftLogStore {
     private let insert: SQLiteStatement
     private let putMeta: SQLiteStatement
     private let selectRange: SQLiteStatement
+    private let deleteAll: SQLiteStatement
+    private let deleteThrough: SQLiteStatement
+    private let putSnapshot: SQLiteStatement
     public private(set) var syncCount = 0
 
     private static let schemaVersion = 1
@@ -70,6 +85,9 @@ public final class SQLiteLogStore: RaftLogStore {
                 CREATE TABLE IF NOT EXISTS entries(
                     idx INTEGER PRIMARY KEY, term INTEGER NOT NULL, kind INTEGER NOT NULL, data BLOB NOT NULL);
                 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+                CREATE TABLE IF NOT EXISTS snapshot(
+                    id INTEGER PRIMARY KEY CHECK (id = 1), idx INTEGER NOT NULL, term INTEGER NOT NULL,
+                    membership BLOB NOT NULL);
                 PRAGMA user_version=\(Self.schemaVersion);
                 COMMIT;
                 """)
@@ -90,6 +108,11 @@ public final class SQLiteLogStore: RaftLogStore {
         insert = try db.prepare("INSERT INTO entries(idx, term, kind, data) VALUES (?, ?, ?, ?)")
         putMeta = try db.prepare("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
         selectRange = try db.prepare("SELECT idx, term, kind, data FROM entries WHERE idx >= ? AND idx <= ? ORDER BY idx")
+        deleteAll = try db.prepare("DELETE FROM entries")
+        deleteThrough = try db.prepare("DELETE FROM entries WHERE idx <= ?")
+        putSnapshot = try db.prepare(
+            "INSERT INTO snapshot(id, idx, term, membership) VALUES (1, ?, ?, ?) "
+                + "ON CONFLICT(id) DO UPDATE SET idx = excluded.idx, term = excluded.term, membership = excluded.membership")
     }
 
     public func close() {
@@ -108,7 +131,29 @@ public final class SQLiteLogStore: RaftLogStore {
             default: break
             }
         }
+        var snapshot: SnapshotMetadata? = nil
+        let snap = try db.prepare("SELECT idx, term, membership FROM snapshot WHERE id = 1")
+        if try snap.step() {
+            let membership: Membership
+            do {
+                membership = try Membership(decoding: snap.blob(2))
+            } catch {
+                snap.reset()
+                throw RaftStoreCorruption(path: path, detail: "snapshot membership: \(error)")
+            }
+            snapshot = SnapshotMetadata(index: UInt64(snap.int(0)), term: UInt64(snap.int(1)), membership: membership)
+            snap.reset()
+        }
         let all = try entries(from: 1, to: UInt64(Int64.max), maxBytes: Int.max)
+        if let snapshot, let first = all.first, first.index != snapshot.index + 1 {
+            throw RaftStoreCorruption(path: path, detail: "the log starts at \(first.index) after a snapshot at \(snapshot.index)")
+        }
+        if let snapshot, let first = all.first, first.term < snapshot.term {
+            throw RaftStoreCorruption(path: path, detail: "entry \(first.index) has term \(first.term) below the snapshot's \(snapshot.term)")
+        }
+        if let snapshot, snapshot.term > hs.term {
+            throw RaftStoreCorruption(path: path, detail: "the snapshot's term \(snapshot.term) is above the hard state's term \(hs.term)")
+        }
         var previous: Entry? = nil
         for e in all {
             if let p = previous {
@@ -121,7 +166,7 @@ public final class SQLiteLogStore: RaftLogStore {
             }
             previous = e
         }
-        let last = all.last?.index ?? 0
+        let last = all.last?.index ?? snapshot?.index ?? 0
         guard hs.commit <= last else {
             throw RaftStoreCorruption(path: path, detail: "commit index \(hs.commit) is beyond the last entry \(last)")
         }
@@ -129,13 +174,37 @@ public final class SQLiteLogStore: RaftLogStore {
             throw RaftStoreCorruption(path: path, detail: "last entry's term \(lastTerm) is above the hard state's term \(hs.term)")
         }
         logger.debug("recovered log", metadata: ["path": "\(path)", "entries": "\(all.count)", "term": "\(hs.term)", "commit": "\(hs.commit)"])
-        return RecoveredLog(hardState: hs, entries: all)
+        return RecoveredLog(hardState: hs, entries: all, snapshot: snapshot)
+    }
+
+    public func saveSnapshot(_ snapshot: SnapshotMetadata, replacingLog: Bool) throws {
+        try transaction {
+            if replacingLog {
+                try deleteAll.run()
+            } else {
+                try deleteThrough.run(.int(Int64(snapshot.index)))
+            }
+            try putSnapshot.run(.int(Int64(snapshot.index)), .int(Int64(snapshot.term)), .blob(snapshot.membership.encoded))
+        }
+    }
+
+    /// Runs `body` in one write transaction, counted as one sync; any error rolls back, is logged and rethrown.
+    private func transaction(_ body: () throws -> Void) throws {
+        try begin.run()
+        do {
+            try body()
+            try commit.run()
+            syncCount += 1
+        } catch {
+            try? rollback.run()
+            logger.critical("log store write failed; the node must stop", metadata: ["path": "\(path)", "error": "\(error)"])
+            throw error
+        }
     }
 
     public func persist(hardState: HardState?, entries new: [Entry]) throws {
         guard hardState != nil || !new.isEmpty else { return }
-        try begin.run()
-        do {
+        try transaction {
             if let first = new.first {
                 try deleteFrom.run(.int(Int64(first.index)))
                 for e in new {
@@ -147,12 +216,6 @@ public final class SQLiteLogStore: RaftLogStore {
                 try putMeta.run(.text("vote"), .int(Int64(bitPattern: hs.vote)))
                 try putMeta.run(.text("commit"), .int(Int64(bitPattern: hs.commit)))
             }
-            try commit.run()
-            syncCount += 1
-        } catch {
-            try? rollback.run()
-            logger.critical("log store write failed; the node must stop", metadata: ["path": "\(path)", "error": "\(error)"])
-            throw error
         }
     }
 
@@ -187,19 +250,30 @@ public struct RaftStoreCorruption: Error, Sendable, CustomStringConvertible {
 public final class MemoryLogStore: RaftLogStore {
     public private(set) var hardState = HardState()
     public private(set) var log: [Entry] = []
+    public private(set) var snapshot: SnapshotMetadata?
     public private(set) var syncCount = 0
 
     public init() {}
 
     public func recover() throws -> RecoveredLog {
-        RecoveredLog(hardState: hardState, entries: log)
+        RecoveredLog(hardState: hardState, entries: log, snapshot: snapshot)
+    }
+
+    public func saveSnapshot(_ snapshot: SnapshotMetadata, replacingLog: Bool) throws {
+        if replacingLog {
+            log.removeAll()
+        } else {
+            log.removeAll { $0.index <= snapshot.index }
+        }
+        self.snapshot = snapshot
+        syncCount += 1
     }
 
     public func close() {}
 
     public func persist(hardState: HardState?, entries new: [Entry]) throws {
         if let first = new.first {
-            let base = log.first?.index ?? first.index
+            let base = log.first?.index ?? (snapshot.map { $0.index + 1 } ?? first.index)
             let keep = Int(max(0, Int64(first.index) - Int64(base)))
             precondition(keep <= log.count, "persist leaves a gap at \(first.index)")
             log.removeSubrange(keep...)

@@ -7,6 +7,8 @@ struct Progress: Sendable, Hashable {
     enum State: Sendable, Hashable {
         case probe
         case replicate
+        /// An InstallSnapshot of this index is on its way; nothing else is sent until it is answered.
+        case snapshot(pending: UInt64)
     }
 
     var match: UInt64 = 0
@@ -29,6 +31,7 @@ struct Progress: Sendable, Hashable {
         switch state {
         case .probe: return probeSent
         case .replicate: return inflight.count >= maxInflight
+        case .snapshot: return true
         }
     }
 
@@ -58,6 +61,12 @@ struct Progress: Sendable, Hashable {
         next = match + 1
     }
 
+    mutating func becomeSnapshot(_ index: UInt64) {
+        state = .snapshot(pending: index)
+        probeSent = false
+        inflight.removeAll()
+    }
+
     mutating func becomeReplicate() {
         state = .replicate
         probeSent = false
@@ -75,6 +84,8 @@ struct Progress: Sendable, Hashable {
             becomeProbe()
             next = max(match + 1, min(rejected, hint + 1))
             return true
+        case .snapshot:
+            return false
         case .probe:
             // Only the answer to the probe in flight counts.
             if next - 1 != rejected { return false }

@@ -18,6 +18,16 @@ public struct Raft: Sendable {
     public private(set) var role: Role = .follower
 
     private(set) var log: RaftLog
+    /// The membership in effect: the latest in the log, or the snapshot's, or the bootstrap voters.
+    public private(set) var membership: Membership
+    /// Index of the config entry in effect (the snapshot's index if it came from there, 0 for bootstrap).
+    private var membershipIndex: UInt64 = 0
+    /// The snapshot the log starts after, if any.
+    public private(set) var snapshot: SnapshotMetadata?
+    /// A snapshot received from the leader, to be installed by the shell.
+    private var snapshotToInstall: SnapshotMetadata?
+    private var leadTransferee: NodeID = .none
+    private var transferElapsed = 0
     private var rng: SplitMix64
     private var electionElapsed = 0
     private var heartbeatElapsed = 0
@@ -44,17 +54,25 @@ public struct Raft: Sendable {
     }
 
     /// A node starting from what its store recovered (empty for a new node).
-    public init(config: RaftConfig, hardState: HardState = HardState(), entries: [Entry] = []) throws(RaftConfigError) {
+    public init(
+        config: RaftConfig, hardState: HardState = HardState(), entries: [Entry] = [], snapshot: SnapshotMetadata? = nil
+    ) throws(RaftConfigError) {
         try config.validate()
+        if let first = entries.first, first.index != (snapshot?.index ?? first.index - 1) + 1 {
+            throw .invalid("the log starts at \(first.index) but the snapshot ends at \(snapshot?.index ?? 0)")
+        }
         self.config = config
         self.rng = SplitMix64(seed: config.randomSeed != 0 ? config.randomSeed : config.id &* 0x2545_F491_4F6C_DD1D)
-        self.log = RaftLog(recovered: entries, commit: hardState.commit)
+        self.log = RaftLog(recovered: entries, commit: hardState.commit, snapshot: snapshot)
+        self.snapshot = snapshot
+        self.membership = Membership(voters: config.voters)
         self.term = hardState.term
         self.vote = hardState.vote
         self.persistedHardState = hardState
         if hardState.commit > log.lastIndex {
             throw .invalid("hard state commit \(hardState.commit) is beyond the last log index \(log.lastIndex)")
         }
+        recomputeMembership()
         becomeFollower(term: hardState.term, leader: .none)
     }
 
@@ -66,8 +84,10 @@ public struct Raft: Sendable {
     public var appliedIndex: UInt64 { log.applied }
     public var stableIndex: UInt64 { log.stable }
     public var hardState: HardState { HardState(term: term, vote: vote, commit: log.committed) }
-    private var quorum: Int { config.voters.count / 2 + 1 }
-    private var peers: [NodeID] { config.voters.filter { $0 != config.id } }
+    private var quorum: Int { membership.quorum }
+    /// Everyone this node replicates to when it leads: voters and learners but itself.
+    private var peers: [NodeID] { membership.members.filter { $0 != config.id } }
+    private var isVoter: Bool { membership.isVoter(config.id) }
 
     /// The leader's view of each follower, for diagnostics.
     public var debugProgress: String {
@@ -87,7 +107,7 @@ public struct Raft: Sendable {
     /// Whether `ready()` has anything to hand out.
     public var hasReady: Bool {
         hardStateMustPersist || !log.unstable.isEmpty || !outbox.isEmpty || !readyReads.isEmpty
-            || !droppedReads.isEmpty || !readsQueued.isEmpty || log.applied < log.committed
+            || !droppedReads.isEmpty || !readsQueued.isEmpty || log.applied < log.committed || snapshotToInstall != nil
     }
 
     // MARK: - Events
@@ -98,10 +118,14 @@ public struct Raft: Sendable {
         case .leader:
             heartbeatElapsed += 1
             electionElapsed += 1
+            if leadTransferee != .none {
+                transferElapsed += 1
+                if transferElapsed >= config.electionTicks { leadTransferee = .none }  // gave up: keep leading
+            }
             if electionElapsed >= config.electionTicks {
                 electionElapsed = 0
                 if config.checkQuorum {
-                    let active = config.voters.filter { $0 == config.id || progress[$0]!.recentActive }.count
+                    let active = membership.voters.filter { $0 == config.id || progress[$0]?.recentActive == true }.count
                     if active < quorum {
                         becomeFollower(term: term, leader: .none)
                         return
@@ -115,7 +139,8 @@ public struct Raft: Sendable {
             }
         case .follower, .preCandidate, .candidate:
             electionElapsed += 1
-            if electionElapsed >= randomizedElectionTimeout {
+            // Learners, removed nodes and nodes that have not joined yet never campaign.
+            if isVoter && electionElapsed >= randomizedElectionTimeout {
                 campaign()
             }
         }
@@ -123,7 +148,7 @@ public struct Raft: Sendable {
 
     /// Starts an election now (with a PreVote round first if configured). A leader ignores it.
     public mutating func campaign() {
-        guard role != .leader else { return }
+        guard role != .leader, isVoter else { return }
         if config.preVote {
             becomePreCandidate()
         } else {
@@ -135,6 +160,7 @@ public struct Raft: Sendable {
     /// each is committed once an applied entry at that index has the returned term.
     public mutating func propose(_ data: [[UInt8]]) -> Result<ProposalTicket, RaftRefusal> {
         guard role == .leader else { return .failure(.notLeader(leader: knownLeader)) }
+        if leadTransferee != .none { return .failure(.transferInProgress(to: leadTransferee)) }
         for d in data where d.count > config.maxEntryBytes {
             return .failure(.entryTooLarge(size: d.count, limit: config.maxEntryBytes))
         }
@@ -164,6 +190,74 @@ public struct Raft: Sendable {
         return nil
     }
 
+    /// Proposes one membership change (single-server changes, thesis §4.1). It takes effect on this leader at once
+    /// and on each member when the entry reaches its log. Refused while another change is uncommitted, before this
+    /// leader has committed an entry of its own term (the fix for single-server changes, thesis §4.1 erratum), and,
+    /// for a promotion, while the learner is more than `promotionLag` entries behind.
+    public mutating func proposeConfChange(_ change: ConfChange) -> Result<ProposalTicket, RaftRefusal> {
+        guard role == .leader else { return .failure(.notLeader(leader: knownLeader)) }
+        if leadTransferee != .none { return .failure(.transferInProgress(to: leadTransferee)) }
+        guard log.term(at: log.committed) == term else { return .failure(.leaderNotReady) }
+        guard membershipIndex <= log.committed else { return .failure(.configChangeInProgress(index: membershipIndex)) }
+        if case .promote(let id) = change, let pr = progress[id], pr.match + config.promotionLag < log.lastIndex {
+            return .failure(.learnerLagging(id: id, match: pr.match, last: log.lastIndex))
+        }
+        let next: Membership
+        switch membership.applying(change) {
+        case .success(let m): next = m
+        case .failure(let refusal): return .failure(refusal)
+        }
+        let index = log.lastIndex + 1
+        log.append([Entry(term: term, index: index, kind: .config, data: next.encoded)])
+        setMembership(next, at: index)
+        broadcastAppend(sendIfEmpty: false)
+        return .success(ProposalTicket(term: term, firstIndex: index, lastIndex: index))
+    }
+
+    /// Hands leadership to `target` (thesis §3.10): proposals stop, the target is brought up to date, then told to
+    /// campaign at once (TimeoutNow). Abandoned after an election timeout.
+    public mutating func transferLeadership(to target: NodeID) -> RaftRefusal? {
+        guard role == .leader else { return .notLeader(leader: knownLeader) }
+        guard target != config.id else { return .invalidTransfer("\(target) already leads") }
+        guard membership.isVoter(target), progress[target] != nil else {
+            return .invalidTransfer("\(target) is not a voter")
+        }
+        leadTransferee = target
+        transferElapsed = 0
+        if progress[target]!.match == log.lastIndex {
+            send(Message(kind: .timeoutNow, from: config.id, to: target, term: term))
+        } else {
+            sendAppend(to: target, sendIfEmpty: true)
+        }
+        return nil
+    }
+
+    /// The voter most up to date with this leader's log, other than itself: the natural target of a transfer.
+    public var bestTransferTarget: NodeID? {
+        membership.voters.filter { $0 != config.id && progress[$0] != nil }.max { progress[$0]!.match < progress[$1]!.match }
+    }
+
+    /// The shell has made a snapshot of the state machine durable, covering entries up to `index` (which must be
+    /// applied): the log before it is dropped. Returns the snapshot's metadata, for the store; nil if nothing to do.
+    public mutating func compact(through index: UInt64) -> SnapshotMetadata? {
+        guard index > log.offset, index <= log.applied, index <= log.stable, let term = log.term(at: index) else {
+            return nil
+        }
+        let meta = SnapshotMetadata(index: index, term: term, membership: membershipAt(index))
+        log.compact(through: index)
+        snapshot = meta
+        return meta
+    }
+
+    /// The shell's word on a snapshot it was streaming to `id`. Either way the leader goes back to probing: after a
+    /// success it waits for the follower's next answer (whose acknowledgement may itself be lost), after a failure
+    /// it probes at once, which sends the snapshot again if still needed.
+    public mutating func reportSnapshot(to id: NodeID, succeeded: Bool) {
+        guard role == .leader, let pr = progress[id], case .snapshot = pr.state else { return }
+        progress[id]!.becomeProbe()
+        progress[id]!.probeSent = succeeded
+    }
+
     /// A message from a peer.
     public mutating func step(_ m: Message) {
         guard m.to == config.id, m.from != config.id, m.from != .none else { return }
@@ -172,20 +266,20 @@ public struct Raft: Sendable {
                 // CheckQuorum's lease: a follower that heard from a live leader within the election timeout
                 // ignores candidates, so a node cut off for a while cannot depose a healthy leader.
                 let inLease = config.checkQuorum && leader != .none && electionElapsed < config.electionTicks
-                if inLease { return }
+                if inLease && m.context != Message.transferContext { return }
             }
             switch m.kind {
             case .preVote:
                 break  // A PreVote carries a future term; granting it changes nothing here.
             case .preVoteResponse where !m.reject:
                 break  // The future term we asked for; counted below.
-            case .append, .heartbeat:
+            case .append, .heartbeat, .snapshot:
                 becomeFollower(term: m.term, leader: m.from)
             default:
                 becomeFollower(term: m.term, leader: .none)
             }
         } else if m.term < term {
-            if (config.checkQuorum || config.preVote) && (m.kind == .append || m.kind == .heartbeat) {
+            if (config.checkQuorum || config.preVote) && (m.kind == .append || m.kind == .heartbeat || m.kind == .snapshot) {
                 // A stale leader: tell it our term so it steps down (it may have been partitioned away).
                 send(Message(kind: .appendResponse, from: config.id, to: m.from, term: term))
             } else if m.kind == .preVote {
@@ -213,6 +307,13 @@ public struct Raft: Sendable {
                 electionElapsed = 0
                 leader = m.from
                 handleHeartbeat(m)
+            case .snapshot:
+                electionElapsed = 0
+                leader = m.from
+                handleSnapshot(m)
+            case .timeoutNow:
+                // The leader asks this node to take over: campaign at once, past PreVote and the lease.
+                if isVoter { becomeCandidate(transfer: true) }
             default:
                 break
             }
@@ -224,6 +325,9 @@ public struct Raft: Sendable {
             case .heartbeat:
                 becomeFollower(term: m.term, leader: m.from)
                 handleHeartbeat(m)
+            case .snapshot:
+                becomeFollower(term: m.term, leader: m.from)
+                handleSnapshot(m)
             case .preVoteResponse where role == .preCandidate:
                 tally(from: m.from, granted: !m.reject)
             case .voteResponse where role == .candidate:
@@ -250,6 +354,7 @@ public struct Raft: Sendable {
         precondition(!awaitingAdvance, "ready() called twice without advance()")
         startReadRound()
         var rd = Ready()
+        rd.snapshot = snapshotToInstall
         rd.entries = Array(log.unstable)
         if hardStateMustPersist || (!rd.entries.isEmpty && hardState != persistedHardState) {
             rd.hardState = hardState
@@ -280,6 +385,7 @@ public struct Raft: Sendable {
     /// The shell has carried out `rd`.
     public mutating func advance(_ rd: Ready) {
         awaitingAdvance = false
+        if rd.snapshot != nil && rd.snapshot == snapshotToInstall { snapshotToInstall = nil }
         if let hs = rd.hardState { persistedHardState = hs }
         if let last = rd.entries.last {
             log.stableTo(index: last.index, term: last.term)
@@ -304,6 +410,7 @@ public struct Raft: Sendable {
 
     private mutating func becomeFollower(term newTerm: UInt64, leader newLeader: NodeID) {
         if role == .leader { dropReads() }
+        leadTransferee = .none
         if newTerm != term {
             term = newTerm
             vote = .none
@@ -323,28 +430,29 @@ public struct Raft: Sendable {
         requestVotes(kind: .preVote, term: term + 1)
     }
 
-    private mutating func becomeCandidate() {
+    private mutating func becomeCandidate(transfer: Bool = false) {
         term += 1
         vote = config.id
         role = .candidate
         leader = .none
         votes = [:]
         resetTimers()
-        requestVotes(kind: .vote, term: term)
+        requestVotes(kind: .vote, term: term, context: transfer ? Message.transferContext : 0)
     }
 
-    private mutating func requestVotes(kind: Message.Kind, term voteTerm: UInt64) {
+    private mutating func requestVotes(kind: Message.Kind, term voteTerm: UInt64, context: UInt64 = 0) {
         votes[config.id] = true
         if tallyDecided() { return }
-        for id in peers {
+        for id in membership.voters where id != config.id {
             send(
                 Message(
-                    kind: kind, from: config.id, to: id, term: voteTerm, logTerm: log.lastTerm, index: log.lastIndex))
+                    kind: kind, from: config.id, to: id, term: voteTerm, logTerm: log.lastTerm, index: log.lastIndex,
+                    context: context))
         }
     }
 
     private mutating func tally(from: NodeID, granted: Bool) {
-        guard votes[from] == nil else { return }
+        guard votes[from] == nil, membership.isVoter(from) else { return }
         votes[from] = granted
         _ = tallyDecided()
     }
@@ -374,6 +482,7 @@ public struct Raft: Sendable {
         votes = [:]
         resetTimers()
         progress = [:]
+        leadTransferee = .none
         for id in peers { progress[id] = Progress(next: log.lastIndex + 1) }
         // The no-op lets this leader commit entries of earlier terms (the Figure 8 rule forbids counting them).
         log.append([Entry(term: term, index: log.lastIndex + 1, kind: .noop)])
@@ -404,7 +513,11 @@ public struct Raft: Sendable {
             return
         }
         if log.matches(index: m.index, term: m.logTerm) {
-            let lastNew = log.merge(after: m.index, new: m.entries)
+            let (lastNew, replacedFrom) = log.merge(after: m.index, new: m.entries)
+            // A config entry arrived, or the one in effect was replaced: the membership follows the log.
+            if m.entries.contains(where: { $0.kind == .config }) || replacedFrom.map({ $0 <= membershipIndex }) == true {
+                recomputeMembership()
+            }
             log.commitTo(min(m.commit, lastNew))
             send(Message(kind: .appendResponse, from: config.id, to: m.from, term: term, index: lastNew))
         } else {
@@ -438,10 +551,40 @@ public struct Raft: Sendable {
             return
         }
         if progress[m.from]!.update(matched: m.index) {
-            if progress[m.from]!.state == .probe { progress[m.from]!.becomeReplicate() }
+            switch progress[m.from]!.state {
+            case .probe:
+                progress[m.from]!.becomeReplicate()
+            case .snapshot:
+                // Installed (or no longer needed): the follower can be served from the log again.
+                if progress[m.from]!.match >= log.offset { progress[m.from]!.becomeProbe() }
+            case .replicate:
+                break
+            }
             if maybeCommit() { broadcastAppend(sendIfEmpty: true) }
         }
+        if m.from == leadTransferee && progress[m.from]!.match == log.lastIndex {
+            send(Message(kind: .timeoutNow, from: config.id, to: m.from, term: term))
+        }
         while sendAppend(to: m.from, sendIfEmpty: false) {}
+    }
+
+    private mutating func handleSnapshot(_ m: Message) {
+        guard let meta = m.snapshot else { return }
+        if meta.index <= log.committed {
+            // Old news: say how far this node is.
+            send(Message(kind: .appendResponse, from: config.id, to: m.from, term: term, index: log.committed))
+            return
+        }
+        if log.matches(index: meta.index, term: meta.term) {
+            // The log already holds the snapshot's last entry: keep the log, commit up to it.
+            log.commitTo(meta.index)
+        } else {
+            log.restore(meta)
+            snapshot = meta
+            snapshotToInstall = meta
+            recomputeMembership()
+        }
+        send(Message(kind: .appendResponse, from: config.id, to: m.from, term: term, index: log.committed))
     }
 
     private mutating func handleHeartbeatResponse(_ m: Message) {
@@ -468,7 +611,14 @@ public struct Raft: Sendable {
     private mutating func sendAppend(to id: NodeID, sendIfEmpty: Bool) -> Bool {
         guard var pr = progress[id], !pr.isPaused(maxInflight: config.maxInflightMessages) else { return false }
         let prevIndex = pr.next - 1
-        guard let prevTerm = log.term(at: prevIndex) else { return false }
+        guard let prevTerm = log.term(at: prevIndex) else {
+            // The entries it needs are compacted away: send the snapshot instead.
+            guard let snapshot else { return false }
+            send(Message(kind: .snapshot, from: config.id, to: id, term: term, snapshot: snapshot))
+            pr.becomeSnapshot(snapshot.index)
+            progress[id] = pr
+            return false
+        }
         let entries =
             pr.next <= log.lastIndex
             ? log.slice(from: pr.next, to: log.lastIndex, maxBytes: config.maxBytesPerMessage) : []
@@ -485,6 +635,8 @@ public struct Raft: Sendable {
             }
         case .probe:
             pr.probeSent = true
+        case .snapshot:
+            break  // paused: unreachable
         }
         progress[id] = pr
         return true
@@ -499,14 +651,15 @@ public struct Raft: Sendable {
 
     private mutating func broadcastHeartbeat(context: UInt64) {
         for id in peers {
-            let commit = min(progress[id]!.match, log.committed)
+            let commit = min(progress[id]?.match ?? 0, log.committed)
             send(Message(kind: .heartbeat, from: config.id, to: id, term: term, commit: commit, context: context))
         }
     }
 
     /// Advances the commit index to the highest index durable on a quorum, if that entry is of this term.
     private mutating func maybeCommit() -> Bool {
-        var matches = config.voters.map { $0 == config.id ? log.stable : progress[$0]!.match }
+        var matches = membership.voters.map { $0 == config.id ? log.stable : progress[$0]?.match ?? 0 }
+        guard !matches.isEmpty else { return false }
         matches.sort(by: >)
         let candidate = matches[quorum - 1]
         guard candidate > log.committed, log.term(at: candidate) == term else { return false }
@@ -517,7 +670,45 @@ public struct Raft: Sendable {
             readsQueued.append(contentsOf: readsAwaitingCommit)
             readsAwaitingCommit.removeAll()
         }
+        if !isVoter && log.committed >= membershipIndex {
+            // This leader's removal is committed: hand over to the most up-to-date voter and step down.
+            if let next = bestTransferTarget, progress[next]!.match == log.lastIndex {
+                send(Message(kind: .timeoutNow, from: config.id, to: next, term: term))
+            }
+            becomeFollower(term: term, leader: .none)
+            return false
+        }
         return true
+    }
+
+    // MARK: - Membership
+
+    private mutating func recomputeMembership() {
+        if let e = log.lastConfig(atOrBefore: log.lastIndex), let m = try? Membership(decoding: e.data) {
+            setMembership(m, at: e.index)
+        } else if let snapshot {
+            setMembership(snapshot.membership, at: snapshot.index)
+        } else {
+            setMembership(Membership(voters: config.voters), at: 0)
+        }
+    }
+
+    /// The membership in effect as of `index` (for a snapshot's metadata).
+    private func membershipAt(_ index: UInt64) -> Membership {
+        if let e = log.lastConfig(atOrBefore: index), let m = try? Membership(decoding: e.data) { return m }
+        return snapshot?.membership ?? Membership(voters: config.voters)
+    }
+
+    private mutating func setMembership(_ m: Membership, at index: UInt64) {
+        membership = m
+        membershipIndex = index
+        if role == .leader {
+            for id in peers where progress[id] == nil { progress[id] = Progress(next: log.lastIndex + 1) }
+            for id in progress.keys where !m.contains(id) { progress.removeValue(forKey: id) }
+            if leadTransferee != .none && !m.isVoter(leadTransferee) { leadTransferee = .none }
+        } else if (role == .candidate || role == .preCandidate) && !isVoter {
+            becomeFollower(term: term, leader: .none)
+        }
     }
 
     // MARK: - ReadIndex
@@ -525,7 +716,7 @@ public struct Raft: Sendable {
     private mutating func startReadRound() {
         guard role == .leader, !readsQueued.isEmpty else { return }
         let round = ReadRound(
-            context: nextReadContext, index: log.committed, requests: readsQueued, acks: [config.id])
+            context: nextReadContext, index: log.committed, requests: readsQueued, acks: isVoter ? [config.id] : [])
         nextReadContext += 1
         readsQueued.removeAll()
         readRounds.append(round)
@@ -538,6 +729,7 @@ public struct Raft: Sendable {
 
     private mutating func acknowledgeRead(context: UInt64, from: NodeID) {
         guard let i = readRounds.firstIndex(where: { $0.context == context }) else { return }
+        guard membership.isVoter(from) else { return }
         readRounds[i].acks.insert(from)
         if readRounds[i].acks.count >= quorum {
             completeReadRounds(through: context)
@@ -575,6 +767,9 @@ public struct ProposalTicket: Sendable, Hashable {
 
 /// One batch of work for the shell. See `Raft` for the order in which to carry it out.
 public struct Ready: Sendable {
+    /// A snapshot received from the leader: make it durable (its bytes arrived beside the message), drop the whole
+    /// log, and restore the state machine from it, before anything else in this batch.
+    public var snapshot: SnapshotMetadata?
     /// The hard state to persist, if it changed.
     public var hardState: HardState?
     /// Entries to persist. Any stored entry at or after `entries.first!.index` is replaced.
@@ -591,5 +786,5 @@ public struct Ready: Sendable {
     public var droppedReads: [UInt64] = []
 
     /// Whether persisting this batch needs an fsync.
-    public var mustSync: Bool { !entries.isEmpty || hardState != nil }
+    public var mustSync: Bool { !entries.isEmpty || hardState != nil || snapshot != nil }
 }

@@ -15,16 +15,51 @@ struct RaftLog: Sendable, Hashable {
 
     init() {}
 
-    /// A log recovered from disk: everything in it is durable.
-    init(recovered: [Entry], commit: UInt64) {
+    /// A log recovered from disk: everything in it is durable. Its entries follow `snapshot` (if any).
+    init(recovered: [Entry], commit: UInt64, snapshot: SnapshotMetadata? = nil) {
         self.entries = recovered
-        if let first = recovered.first {
+        if let snapshot {
+            self.offset = snapshot.index
+            self.offsetTerm = snapshot.term
+        } else if let first = recovered.first {
             precondition(first.index >= 1, "recovered log starts at index 0")
             self.offset = first.index - 1
         }
+        precondition(recovered.first.map { $0.index == offset + 1 } ?? true, "recovered entries do not follow the snapshot")
         self.stable = lastIndex
-        self.committed = min(commit, lastIndex)
+        self.committed = max(offset, min(commit, lastIndex))
         self.applied = offset
+    }
+
+    /// Drops the entries up to `index`, which a snapshot now covers. `index` must be applied.
+    mutating func compact(through index: UInt64) {
+        guard index > offset else { return }
+        precondition(index <= applied && index <= stable, "compacting \(index) beyond applied \(applied) or stable \(stable)")
+        let term = self.term(at: index)!
+        entries.removeFirst(Int(index - offset))
+        offset = index
+        offsetTerm = term
+    }
+
+    /// Replaces the whole log with a snapshot received from the leader.
+    mutating func restore(_ snapshot: SnapshotMetadata) {
+        entries.removeAll()
+        offset = snapshot.index
+        offsetTerm = snapshot.term
+        stable = snapshot.index
+        committed = snapshot.index
+        applied = snapshot.index
+    }
+
+    /// The last config entry at or before `index`, if the log still holds one.
+    func lastConfig(atOrBefore index: UInt64) -> Entry? {
+        var i = min(index, lastIndex)
+        while i > offset {
+            let e = entries[Int(i - offset - 1)]
+            if e.kind == .config { return e }
+            i -= 1
+        }
+        return nil
     }
 
     var firstIndex: UInt64 { offset + 1 }
@@ -70,8 +105,8 @@ struct RaftLog: Sendable, Hashable {
 
     /// Merges entries received from the leader after (`prevIndex`, `prevTerm`), which must match.
     /// Entries already present with the same term are kept; from the first conflict on, the log is replaced.
-    /// Returns the index of the last new entry.
-    mutating func merge(after prevIndex: UInt64, new: [Entry]) -> UInt64 {
+    /// Returns the index of the last new entry, and the index from which the log was replaced (if it was).
+    mutating func merge(after prevIndex: UInt64, new: [Entry]) -> (lastNew: UInt64, replacedFrom: UInt64?) {
         let lastNew = prevIndex + UInt64(new.count)
         var firstConflict: Int? = nil
         for (i, e) in new.enumerated() where e.index > offset {
@@ -80,7 +115,7 @@ struct RaftLog: Sendable, Hashable {
                 break
             }
         }
-        guard let conflict = firstConflict else { return lastNew }
+        guard let conflict = firstConflict else { return (lastNew, nil) }
         let at = new[conflict].index
         precondition(at > committed, "conflict at \(at) would overwrite the committed index \(committed)")
         if at <= lastIndex {
@@ -88,7 +123,7 @@ struct RaftLog: Sendable, Hashable {
             stable = min(stable, at - 1)
         }
         entries.append(contentsOf: new[conflict...])
-        return lastNew
+        return (lastNew, at)
     }
 
     /// Entries not yet handed to the store.

@@ -13,6 +13,8 @@ public struct Entry: Sendable, Hashable {
         case normal = 0
         /// The empty entry a new leader appends to commit entries of earlier terms (Raft §5.4.2, thesis §6.4).
         case noop = 1
+        /// A new membership (`Membership.encoded`). It takes effect as soon as it is in a log, committed or not.
+        case config = 2
     }
 
     public var term: UInt64
@@ -57,6 +59,10 @@ public struct Message: Sendable, Hashable {
         case appendResponse = 6
         case heartbeat = 7
         case heartbeatResponse = 8
+        /// InstallSnapshot: `snapshot` names the snapshot; its bytes travel beside the message (the shell streams them).
+        case snapshot = 9
+        /// Leader transfer: the recipient campaigns at once, without PreVote and past the followers' lease.
+        case timeoutNow = 10
     }
 
     public var kind: Kind
@@ -76,12 +82,19 @@ public struct Message: Sendable, Hashable {
     public var reject: Bool
     /// appendResponse (rejection): the follower's hint of where the logs may match.
     public var rejectHint: UInt64
-    /// heartbeat and its response: the ReadIndex round being confirmed (0 for none).
+    /// heartbeat and its response: the ReadIndex round being confirmed (0 for none). vote, preVote:
+    /// `Message.transferContext` when the campaign was asked for by the leader (TimeoutNow).
     public var context: UInt64
+    /// snapshot: the snapshot to install.
+    public var snapshot: SnapshotMetadata?
+
+    /// Marks a vote request made on the leader's request (leader transfer).
+    public static let transferContext: UInt64 = 1
 
     public init(
         kind: Kind, from: NodeID, to: NodeID, term: UInt64, logTerm: UInt64 = 0, index: UInt64 = 0,
-        entries: [Entry] = [], commit: UInt64 = 0, reject: Bool = false, rejectHint: UInt64 = 0, context: UInt64 = 0
+        entries: [Entry] = [], commit: UInt64 = 0, reject: Bool = false, rejectHint: UInt64 = 0, context: UInt64 = 0,
+        snapshot: SnapshotMetadata? = nil
     ) {
         self.kind = kind
         self.from = from
@@ -94,6 +107,90 @@ public struct Message: Sendable, Hashable {
         self.reject = reject
         self.rejectHint = rejectHint
         self.context = context
+        self.snapshot = snapshot
+    }
+}
+
+/// Who is in a Raft group: voters, which make quorums, and learners, which receive the log and do not vote.
+public struct Membership: Sendable, Hashable, CustomStringConvertible {
+    public private(set) var voters: [NodeID]
+    public private(set) var learners: [NodeID]
+
+    public init(voters: [NodeID], learners: [NodeID] = []) {
+        self.voters = Set(voters).sorted()
+        self.learners = Set(learners).subtracting(voters).sorted()
+    }
+
+    public var members: [NodeID] { (voters + learners).sorted() }
+    public func isVoter(_ id: NodeID) -> Bool { voters.contains(id) }
+    public func contains(_ id: NodeID) -> Bool { voters.contains(id) || learners.contains(id) }
+    public var quorum: Int { voters.count / 2 + 1 }
+
+    public var description: String { "voters \(voters) learners \(learners)" }
+
+    /// The membership after `change`, or why it cannot be made.
+    public func applying(_ change: ConfChange) -> Result<Membership, RaftRefusal> {
+        switch change {
+        case .addLearner(let id):
+            guard id != .none, !contains(id) else { return .failure(.invalidConfChange("\(id) is already a member")) }
+            return .success(Membership(voters: voters, learners: learners + [id]))
+        case .promote(let id):
+            guard learners.contains(id) else { return .failure(.invalidConfChange("\(id) is not a learner")) }
+            return .success(Membership(voters: voters + [id], learners: learners.filter { $0 != id }))
+        case .remove(let id):
+            guard contains(id) else { return .failure(.invalidConfChange("\(id) is not a member")) }
+            if voters == [id] { return .failure(.invalidConfChange("cannot remove the last voter \(id)")) }
+            return .success(Membership(voters: voters.filter { $0 != id }, learners: learners.filter { $0 != id }))
+        }
+    }
+
+    /// Bytes of a config entry: the voter count, the voters, then the learners, each a big-endian UInt64.
+    public var encoded: [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(8 * (1 + voters.count + learners.count))
+        func put(_ v: UInt64) { withUnsafeBytes(of: v.bigEndian) { out.append(contentsOf: $0) } }
+        put(UInt64(voters.count))
+        for v in voters { put(v) }
+        for l in learners { put(l) }
+        return out
+    }
+
+    public init(decoding bytes: [UInt8]) throws(RaftConfigError) {
+        guard bytes.count % 8 == 0, bytes.count >= 8 else {
+            throw .invalid("a membership of \(bytes.count) bytes is not a whole number of 8-byte ids")
+        }
+        var ids: [UInt64] = []
+        for i in stride(from: 0, to: bytes.count, by: 8) {
+            var v: UInt64 = 0
+            for b in bytes[i..<i + 8] { v = v << 8 | UInt64(b) }
+            ids.append(v)
+        }
+        let count = Int(ids[0])
+        guard count <= ids.count - 1 else { throw .invalid("a membership claims \(count) voters but holds \(ids.count - 1) ids") }
+        self.init(voters: Array(ids[1..<(1 + count)]), learners: Array(ids[(1 + count)...]))
+    }
+}
+
+/// One change of membership. Changes go one at a time (single-server changes, thesis §4.1).
+public enum ConfChange: Sendable, Hashable {
+    /// Adds a non-voting member that receives the log.
+    case addLearner(NodeID)
+    /// Makes a learner a voter, once it has caught up to within `RaftConfig.promotionLag` entries of the leader.
+    case promote(NodeID)
+    /// Removes a voter or learner.
+    case remove(NodeID)
+}
+
+/// What identifies a snapshot: the last entry it covers and the membership as of that entry.
+public struct SnapshotMetadata: Sendable, Hashable {
+    public var index: UInt64
+    public var term: UInt64
+    public var membership: Membership
+
+    public init(index: UInt64, term: UInt64, membership: Membership) {
+        self.index = index
+        self.term = term
+        self.membership = membership
     }
 }
 
@@ -118,12 +215,32 @@ public enum RaftRefusal: Error, Sendable, Hashable, CustomStringConvertible {
     case notLeader(leader: NodeID?)
     /// The proposal is larger than the configured maximum entry size.
     case entryTooLarge(size: Int, limit: Int)
+    /// A leader transfer is under way; proposals wait for the new leader.
+    case transferInProgress(to: NodeID)
+    /// A configuration change is still uncommitted (at `index`); one change at a time.
+    case configChangeInProgress(index: UInt64)
+    /// A new leader must commit an entry of its own term before it changes the configuration.
+    case leaderNotReady
+    /// A learner may become a voter only once it is within `RaftConfig.promotionLag` entries of the leader.
+    case learnerLagging(id: NodeID, match: UInt64, last: UInt64)
+    /// The change does not apply to the current membership.
+    case invalidConfChange(String)
+    /// Leadership cannot go to that node.
+    case invalidTransfer(String)
 
     public var description: String {
         switch self {
         case .notLeader(let leader?): return "not the leader; the leader is \(leader)"
         case .notLeader(nil): return "not the leader; no leader is known"
         case .entryTooLarge(let size, let limit): return "entry of \(size) bytes exceeds the limit of \(limit) bytes"
+        case .transferInProgress(let to): return "leadership is being transferred to \(to)"
+        case .configChangeInProgress(let index):
+            return "a configuration change (index \(index)) is not committed yet; one change at a time"
+        case .leaderNotReady: return "the leader has not committed an entry of its term yet"
+        case .learnerLagging(let id, let match, let last):
+            return "learner \(id) has \(match) of \(last) entries; it must catch up before promotion"
+        case .invalidConfChange(let why): return "invalid configuration change: \(why)"
+        case .invalidTransfer(let why): return "cannot transfer leadership: \(why)"
         }
     }
 }
@@ -134,7 +251,8 @@ public enum RaftRefusal: Error, Sendable, Hashable, CustomStringConvertible {
 public struct RaftConfig: Sendable, Hashable {
     /// This node.
     public var id: NodeID
-    /// The voters of the group, this node included.
+    /// The voters a new group starts with (bootstrap). Used only while neither the log nor a snapshot holds a
+    /// membership; a node that joins an existing group starts with none and learns it from the leader.
     public var voters: [NodeID]
     /// Ticks without hearing from a leader before a follower campaigns. The real timeout is drawn at random from
     /// `[electionTicks, 2 * electionTicks)` each time it is reset. Default 10.
@@ -154,6 +272,8 @@ public struct RaftConfig: Sendable, Hashable {
     public var maxCommittedBytesPerReady: Int = 8 << 20
     /// Upper bound on the bytes of one proposed entry. Default 1 MiB.
     public var maxEntryBytes: Int = 1 << 20
+    /// A learner is promoted only once its log is within this many entries of the leader's. Default 1000.
+    public var promotionLag: UInt64 = 1000
     /// Seed of the randomised election timeout. Zero means "derive from `id`".
     public var randomSeed: UInt64 = 0
 
@@ -165,7 +285,6 @@ public struct RaftConfig: Sendable, Hashable {
     /// Checks the configuration and names what is wrong.
     public func validate() throws(RaftConfigError) {
         if id == .none { throw .invalid("id must not be 0") }
-        if !voters.contains(id) { throw .invalid("id \(id) is not among the voters \(voters)") }
         if voters.contains(.none) { throw .invalid("voter id 0 is reserved") }
         if Set(voters).count != voters.count { throw .invalid("voters \(voters) contain duplicates") }
         if heartbeatTicks < 1 { throw .invalid("heartbeatTicks must be at least 1") }

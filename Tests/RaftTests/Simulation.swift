@@ -18,11 +18,17 @@ final class Simulation {
         var livenessBoundMillis = 4_000
         var useSQLite = false
         var tickMillis = 10
+        /// Membership churn (learners added and promoted, members removed, leadership transferred).
+        var churn = true
+        /// Snapshots and log compaction in the middle of runs.
+        var snapshots = true
     }
 
     struct InFlight {
         var at: Int
         var message: Message
+        /// For InstallSnapshot: the snapshot's content (the applied sequence it covers), sent beside the message.
+        var snapshotData: [Entry]?
     }
 
     struct SimNode {
@@ -31,6 +37,14 @@ final class Simulation {
         var store: any RaftLogStore
         var tickPhase: Int
         var lastRole: Role = .follower
+        /// Started at all (nodes beyond the initial voters start when they are added as learners).
+        var started = true
+        /// The state machine: every entry applied, in order, from index 1 (a restored snapshot included).
+        var machine: [Entry] = []
+        /// The durable snapshot's content, kept beside the store's metadata.
+        var snapshotData: [Entry] = []
+        /// A snapshot received and not yet installed, keyed by its index.
+        var incomingSnapshot: (index: UInt64, data: [Entry])?
     }
 
     struct Proposal: Hashable {
@@ -73,6 +87,13 @@ final class Simulation {
     private(set) var readsServed = 0
     private(set) var crashes = 0
     private(set) var elections = 0
+    private(set) var configChanges = 0
+    private(set) var transfers = 0
+    private(set) var snapshotsTaken = 0
+    private(set) var snapshotsInstalled = 0
+    private var compactEvery = 40
+    /// The last committed membership, for the check that consecutive memberships share a majority.
+    private var committedMembership: Membership
 
     struct IndexTerm: Hashable {
         var index: UInt64
@@ -99,9 +120,13 @@ final class Simulation {
         let inflight = [1, 2, 8, 256].randomElement(using: &rng)!
         let maxBytes = [1, 200, 1 << 20].randomElement(using: &rng)!
         let voters = (1...options.nodes).map { NodeID($0) }
+        committedMembership = Membership(voters: voters)
+        compactEvery = [15, 40, 100].randomElement(using: &rng)!
         let seed = options.seed
         raftConfig = { id in
-            var c = RaftConfig(id: id, voters: voters)
+            // Nodes beyond the initial voters join later: they start knowing no membership.
+            var c = RaftConfig(id: id, voters: id <= NodeID(voters.count) ? voters : [])
+            c.promotionLag = 5
             c.preVote = preVote
             c.checkQuorum = checkQuorum
             c.maxInflightMessages = inflight
@@ -109,11 +134,13 @@ final class Simulation {
             c.randomSeed = seed &* 31 &+ id
             return c
         }
-        for id in voters {
+        let pool = options.churn ? options.nodes + 2 : options.nodes
+        for id in (1...pool).map({ NodeID($0) }) {
+            let initial = id <= NodeID(options.nodes)
             nodes.append(
                 SimNode(
-                    id: id, raft: try Raft(config: raftConfig(id)), store: try makeStore(id),
-                    tickPhase: Int(rng.next() % UInt64(options.tickMillis))))
+                    id: id, raft: initial ? try Raft(config: raftConfig(id)) : nil, store: try makeStore(id),
+                    tickPhase: Int(rng.next() % UInt64(options.tickMillis)), started: initial))
         }
     }
 
@@ -130,7 +157,9 @@ final class Simulation {
 
     var description: String {
         "seed \(options.seed): \(options.nodes) nodes, \(options.useSQLite ? "SQLite" : "memory") stores, "
-            + "drop \(dropRate), dup \(duplicateRate), delay ≤\(maxDelay) ms, crash \(crashRate), partition \(partitionRate)"
+            + "drop \(dropRate), dup \(duplicateRate), delay ≤\(maxDelay) ms, crash \(crashRate), partition \(partitionRate), "
+            + "compact every \(compactEvery); \(configChanges) config changes, \(transfers) transfers, "
+            + "\(snapshotsTaken) snapshots taken, \(snapshotsInstalled) installed"
     }
 
     // MARK: - Running
@@ -154,7 +183,9 @@ final class Simulation {
             if proposed == nil, let leader = nodes.firstIndex(where: { $0.raft?.role == .leader }) {
                 proposed = propose(at: leader, payload: payload)
             }
-            if let p = proposed, nodes.allSatisfy({ $0.raft!.appliedIndex >= p.index }) {
+            if let p = proposed, let leader = nodes.first(where: { $0.raft?.role == .leader })?.raft,
+                nodes.filter({ leader.membership.contains($0.id) }).allSatisfy({ ($0.raft?.appliedIndex ?? 0) >= p.index })
+            {
                 if acknowledged.contains(p) {
                     try checkConverged()
                     return
@@ -174,7 +205,7 @@ final class Simulation {
     func heal() throws {
         faultsEnabled = false
         blocked.removeAll()
-        for i in nodes.indices where nodes[i].raft == nil { try restart(i) }
+        for i in nodes.indices where nodes[i].raft == nil && nodes[i].started { try restart(i) }
     }
 
     func step() throws {
@@ -184,6 +215,7 @@ final class Simulation {
             proposeSomewhere()
         }
         if rng.next() % 16 == 0 { readSomewhere() }
+        if faultsEnabled && options.churn && rng.next() % 300 == 0 { churn() }
         deliver()
         for i in nodes.indices where nodes[i].raft != nil && (now + nodes[i].tickPhase) % options.tickMillis == 0 {
             nodes[i].raft!.tick()
@@ -198,10 +230,10 @@ final class Simulation {
         let r = Double(rng.next() % 1_000_000) / 1_000_000
         if r < crashRate {
             let i = Int(rng.next() % UInt64(nodes.count))
-            if nodes[i].raft != nil { crash(i) } else { try restart(i) }
+            if nodes[i].raft != nil { crash(i) } else if nodes[i].started { try restart(i) }
         } else if r < crashRate * 2 {
             // Restart whoever is down, so crashed nodes come back.
-            if let i = nodes.indices.first(where: { nodes[$0].raft == nil }) { try restart(i) }
+            if let i = nodes.indices.first(where: { nodes[$0].raft == nil && nodes[$0].started }) { try restart(i) }
         } else if r < crashRate * 2 + partitionRate {
             makePartition()
         } else if r < crashRate * 2 + partitionRate * 2 {
@@ -232,6 +264,8 @@ final class Simulation {
     func crash(_ i: Int) {
         nodes[i].raft = nil
         nodes[i].lastRole = .follower
+        nodes[i].machine = []
+        nodes[i].incomingSnapshot = nil
         crashes += 1
         reads = reads.filter { $0.value.node != nodes[i].id }
         pendingProposals.removeAll { $0.node == nodes[i].id }
@@ -242,9 +276,60 @@ final class Simulation {
             sqlite.close()
             nodes[i].store = try makeStore(nodes[i].id)
         }
-        if forgetDurableStateOnRestart { nodes[i].store = MemoryLogStore() }
+        if forgetDurableStateOnRestart {
+            nodes[i].store = MemoryLogStore()
+            nodes[i].snapshotData = []
+        }
         let recovered = try nodes[i].store.recover()
-        nodes[i].raft = try Raft(config: raftConfig(nodes[i].id), hardState: recovered.hardState, entries: recovered.entries)
+        nodes[i].raft = try Raft(
+            config: raftConfig(nodes[i].id), hardState: recovered.hardState, entries: recovered.entries,
+            snapshot: recovered.snapshot)
+        // The state machine restarts from the durable snapshot, if any.
+        nodes[i].machine = recovered.snapshot == nil ? [] : nodes[i].snapshotData
+        if nodes[i].machine.count != Int(recovered.snapshot?.index ?? 0) {
+            throw fail("node \(nodes[i].id) restarted with a snapshot at \(recovered.snapshot!.index) but \(nodes[i].machine.count) entries of content")
+        }
+    }
+
+    // MARK: - Membership churn
+
+    private func churn() {
+        guard let li = nodes.indices.first(where: { nodes[$0].raft?.role == .leader }) else { return }
+        let m = nodes[li].raft!.membership
+        switch rng.next() % 4 {
+        case 0:  // add a learner: a node that never ran, or one removed earlier (started anew with an empty disk)
+            guard let j = nodes.indices.first(where: { !m.contains(nodes[$0].id) && nodes[$0].raft == nil }) else { return }
+            if case .success = nodes[li].raft!.proposeConfChange(.addLearner(nodes[j].id)) {
+                configChanges += 1
+                nodes[j].store = MemoryLogStore()
+                nodes[j].snapshotData = []
+                nodes[j].machine = []
+                nodes[j].started = true
+                nodes[j].raft = try! Raft(config: raftConfig(nodes[j].id))
+            }
+        case 1:  // promote a learner (refused while it lags)
+            guard let id = m.learners.randomElement(using: &rng) else { return }
+            if case .success = nodes[li].raft!.proposeConfChange(.promote(id)) { configChanges += 1 }
+        case 2:  // remove a member, keeping at least two voters
+            let candidates = m.voters.count > 2 ? m.members : m.learners
+            guard let id = candidates.randomElement(using: &rng) else { return }
+            if case .success = nodes[li].raft!.proposeConfChange(.remove(id)) { configChanges += 1 }
+        default:  // transfer leadership
+            guard let id = m.voters.filter({ $0 != nodes[li].id }).randomElement(using: &rng) else { return }
+            if nodes[li].raft!.transferLeadership(to: id) == nil { transfers += 1 }
+        }
+    }
+
+    /// Nodes that were removed and know it take no further part (as an operator would stop them), but only after a
+    /// while, so that a removed node that has not heard of its removal is tested for disruption.
+    private func retireRemovedNodes() {
+        guard rng.next() % 500 == 0 else { return }
+        for i in nodes.indices {
+            guard let raft = nodes[i].raft, raft.role == .follower, !raft.membership.contains(nodes[i].id),
+                !raft.membership.voters.isEmpty
+            else { continue }
+            nodes[i].raft = nil  // stopped; faults or healing may start it again from its disk
+        }
     }
 
     // MARK: - Clients
@@ -277,27 +362,52 @@ final class Simulation {
     // MARK: - Network
 
     private func deliver() {
-        var due: [Message] = []
+        var dueFlights: [InFlight] = []
         network.removeAll { flight in
             if flight.at <= now {
-                due.append(flight.message)
+                dueFlights.append(flight)
                 return true
             }
             return false
         }
-        for m in due {
-            guard let i = nodes.firstIndex(where: { $0.id == m.to }), nodes[i].raft != nil else { continue }
-            if blocked.contains([m.from, m.to]) { continue }
+        for flight in dueFlights {
+            let m = flight.message
+            let reachable =
+                nodes.firstIndex(where: { $0.id == m.to }).map { nodes[$0].raft != nil } == true
+                && !blocked.contains([m.from, m.to])
+            if !reachable {
+                if m.kind == .snapshot { reportSnapshotFailure(m) }
+                continue
+            }
+            let i = nodes.firstIndex(where: { $0.id == m.to })!
+            if let data = flight.snapshotData, let meta = m.snapshot { nodes[i].incomingSnapshot = (meta.index, data) }
             nodes[i].raft!.step(m)
+            if m.kind == .snapshot, let s = nodes.firstIndex(where: { $0.id == m.from }), nodes[s].raft != nil {
+                nodes[s].raft!.reportSnapshot(to: m.to, succeeded: true)  // as a shell does once the stream completes
+            }
         }
     }
 
-    private func send(_ m: Message) {
-        if faultsEnabled && Double(rng.next() % 1000) / 1000 < dropRate { return }
+    /// The sender's shell learns that a snapshot did not arrive.
+    private func reportSnapshotFailure(_ m: Message) {
+        guard let s = nodes.firstIndex(where: { $0.id == m.from }), nodes[s].raft != nil else { return }
+        nodes[s].raft!.reportSnapshot(to: m.to, succeeded: false)
+    }
+
+    private func send(_ m: Message, from i: Int) {
+        // InstallSnapshot carries the sender's durable snapshot content.
+        let data = m.kind == .snapshot ? nodes[i].snapshotData : nil
+        if m.kind == .snapshot && data?.count != Int(m.snapshot!.index) {
+            fatalError("node \(nodes[i].id) sends a snapshot at \(m.snapshot!.index) but holds \(data?.count ?? 0) entries of it")
+        }
+        if faultsEnabled && Double(rng.next() % 1000) / 1000 < dropRate {
+            if m.kind == .snapshot { reportSnapshotFailure(m) }
+            return
+        }
         let copies = faultsEnabled && Double(rng.next() % 1000) / 1000 < duplicateRate ? 2 : 1
         for _ in 0..<copies {
             let delay = 1 + Int(rng.next() % UInt64(faultsEnabled ? maxDelay : 2))
-            network.append(InFlight(at: now + delay, message: m))
+            network.append(InFlight(at: now + delay, message: m, snapshotData: data))
         }
     }
 
@@ -306,14 +416,15 @@ final class Simulation {
     private func processReady(_ i: Int) throws {
         while nodes[i].raft?.hasReady == true {
             let rd = nodes[i].raft!.ready()
-            for m in rd.messagesBeforePersist { send(m) }
+            for m in rd.messagesBeforePersist { send(m, from: i) }
             // A crash before the batch is durable loses all of it but what was already sent.
             if faultsEnabled && rd.mustSync && Double(rng.next() % 1_000_000) / 1_000_000 < crashRate * 5 {
                 crash(i)
                 return
             }
+            if let meta = rd.snapshot { try installSnapshot(i, meta) }
             try checkAndPersist(i, rd)
-            for m in rd.messages { send(m) }
+            for m in rd.messages { send(m, from: i) }
             for e in rd.committedEntries { try applied(e, on: i) }
             for state in rd.readStates {
                 for request in state.requests {
@@ -336,12 +447,48 @@ final class Simulation {
                 try checkLeaderCompleteness(i)
             }
         }
+        if let raft = nodes[i].raft, raft.role == .leader {
+            let uncommittedConfigs = raft.log.entries.filter { $0.index > raft.commitIndex && $0.kind == .config }
+            if uncommittedConfigs.count > 1 {
+                throw fail("leader \(nodes[i].id) has \(uncommittedConfigs.count) configuration changes in flight")
+            }
+        }
+        if options.snapshots, let raft = nodes[i].raft, raft.appliedIndex >= (raft.snapshot?.index ?? 0) + UInt64(compactEvery),
+            rng.next() % 4 == 0
+        {
+            try takeSnapshot(i)
+        }
+        if faultsEnabled { retireRemovedNodes() }
+    }
+
+    /// The state machine's content up to the applied index becomes durable, then the log before it is dropped.
+    private func takeSnapshot(_ i: Int) throws {
+        let index = nodes[i].raft!.appliedIndex
+        let data = Array(nodes[i].machine.prefix(Int(index)))
+        guard let meta = nodes[i].raft!.compact(through: index) else { return }
+        nodes[i].snapshotData = data
+        try nodes[i].store.saveSnapshot(meta, replacingLog: false)
+        snapshotsTaken += 1
+    }
+
+    private func installSnapshot(_ i: Int, _ meta: SnapshotMetadata) throws {
+        guard let incoming = nodes[i].incomingSnapshot, incoming.index == meta.index else {
+            throw fail("node \(nodes[i].id) installs a snapshot at \(meta.index) it never received")
+        }
+        for e in incoming.data where Int(e.index) > committed.count || committed[Int(e.index) - 1] != e {
+            throw fail("node \(nodes[i].id) received a snapshot whose entry \(e.index) was never committed as such")
+        }
+        nodes[i].snapshotData = incoming.data
+        try nodes[i].store.saveSnapshot(meta, replacingLog: true)
+        nodes[i].machine = incoming.data
+        nodes[i].incomingSnapshot = nil
+        snapshotsInstalled += 1
     }
 
     private func checkAndPersist(_ i: Int, _ rd: Ready) throws {
         let raft = nodes[i].raft!
         for e in rd.entries {
-            let prevTerm = raft.log.term(at: e.index - 1) ?? 0
+            guard let prevTerm = raft.log.term(at: e.index - 1) else { continue }
             let key = IndexTerm(index: e.index, term: e.term)
             if let seen = seenEntries[key] {
                 if seen.prevTerm != prevTerm || seen.entry != e {
@@ -368,9 +515,20 @@ final class Simulation {
             }
         } else if index == committed.count + 1 {
             committed.append(e)
+            if e.kind == .config {
+                let next = try Membership(decoding: e.data)
+                if Self.majoritiesCanBeDisjoint(committedMembership, next) {
+                    throw fail("committed membership \(next) can form a majority disjoint from one of \(committedMembership)")
+                }
+                committedMembership = next
+            }
         } else {
             throw fail("node \(nodes[i].id) applied \(index) with only \(committed.count) applied anywhere before")
         }
+        if nodes[i].machine.count + 1 != index {
+            throw fail("node \(nodes[i].id) applied \(index) after \(nodes[i].machine.count) entries")
+        }
+        nodes[i].machine.append(e)
         // Every proposal this node made at this index is now decided: committed if its term matches, lost if not.
         let id = nodes[i].id
         for proposal in pendingProposals where proposal.node == id && proposal.index == e.index && proposal.term == e.term {
@@ -397,7 +555,7 @@ final class Simulation {
     /// A new leader's log holds every committed entry (so every acknowledged proposal too).
     private func checkLeaderCompleteness(_ i: Int) throws {
         let raft = nodes[i].raft!
-        for e in committed where raft.log.term(at: e.index) != e.term {
+        for e in committed where e.index > raft.log.offset && raft.log.term(at: e.index) != e.term {
             throw fail(
                 "leader completeness: node \(nodes[i].id) leads term \(raft.term) without committed entry \(e.index) (term \(e.term))"
             )
@@ -413,11 +571,23 @@ final class Simulation {
             }
         }
         for node in nodes {
-            let raft = node.raft!
-            for e in committed.prefix(Int(raft.appliedIndex)) where raft.log.term(at: e.index) != e.term {
+            guard let raft = node.raft else { continue }
+            if node.machine != Array(committed.prefix(node.machine.count)) {
+                throw fail("node \(node.id)'s state machine diverges from the committed log")
+            }
+            for e in committed.prefix(Int(raft.appliedIndex)) where e.index > raft.log.offset && raft.log.term(at: e.index) != e.term {
                 throw fail("node \(node.id) diverges from the committed log at \(e.index)")
             }
         }
+    }
+
+    /// Whether a majority of `a` and a majority of `b` can have no member in common.
+    static func majoritiesCanBeDisjoint(_ a: Membership, _ b: Membership) -> Bool {
+        let sa = Set(a.voters)
+        let sb = Set(b.voters)
+        let needA = max(0, a.quorum - sa.subtracting(sb).count)
+        let needB = max(0, b.quorum - sb.subtracting(sa).count)
+        return needA + needB <= sa.intersection(sb).count
     }
 
     func fail(_ what: String) -> SimulationFailure {

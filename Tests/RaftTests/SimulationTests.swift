@@ -27,6 +27,10 @@ import Testing
         var elections = 0
         var crashes = 0
         var reads = 0
+        var configChanges = 0
+        var transfers = 0
+        var snapshotsInstalled = 0
+        var snapshotsTaken = 0
         var runs = 0
         var seed = Self.firstSeed + UInt64(chunk)
         while seed < Self.firstSeed + UInt64(Self.seedCount) {
@@ -40,6 +44,10 @@ import Testing
             elections += sim.elections
             crashes += sim.crashes
             reads += sim.readsServed
+            configChanges += sim.configChanges
+            transfers += sim.transfers
+            snapshotsInstalled += sim.snapshotsInstalled
+            snapshotsTaken += sim.snapshotsTaken
             runs += 1
             seed += UInt64(Self.chunks)
             if failures.count >= 3 { break }
@@ -52,6 +60,10 @@ import Testing
             #expect(elections >= runs, "elections \(elections) in \(runs) runs")
             #expect(crashes > 0)
             #expect(reads > 0)
+            #expect(configChanges > runs, "config changes \(configChanges) in \(runs) runs")
+            #expect(transfers > 0)
+            #expect(snapshotsTaken > runs)
+            #expect(snapshotsInstalled > 0)
         }
     }
 
