@@ -166,3 +166,116 @@ func circuitBinary() -> String? {
     candidates.append(URL(fileURLWithPath: FileManager.default.currentDirectoryPath).appendingPathComponent(".build/debug/circuit"))
     return candidates.map(\.path).first { FileManager.default.isExecutableFile(atPath: $0) }
 }
+
+@Suite("Snapshot files")
+struct SnapshotFilesTests {
+    let logger = Logger(label: "test")
+    let meta = SnapshotMetadata(index: 42, term: 3, membership: Membership(voters: [1, 2, 3], learners: [4]))
+
+    private func folder() throws -> String {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("snapfiles-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        return dir.path
+    }
+
+    @Test("a written snapshot loads back exactly, and names itself")
+    func roundTrip() throws {
+        let files = try SnapshotFiles(directory: try folder(), logger: logger)
+        let payload = (0..<100_000).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        try files.write(meta, payload: payload)
+        #expect(try files.load(meta) == payload)
+        var other = meta
+        other.term = 4
+        #expect(throws: SnapshotFileError.self) { try files.load(other) }
+    }
+
+    @Test("streamed chunks must arrive in order; a torn or foreign file is refused at finish")
+    func receiverChecks() throws {
+        let files = try SnapshotFiles(directory: try folder(), logger: logger)
+        let bytes = SnapshotFiles.encode(meta, payload: Array(repeating: 9, count: 1000))
+        let receiver = try files.receiver(for: meta)
+        try receiver.append(offset: 0, Array(bytes[0..<100]))
+        #expect(throws: SnapshotFileError.self) { try receiver.append(offset: 500, Array(bytes[500..<600])) }
+        try receiver.append(offset: 100, Array(bytes[100..<(bytes.count - 1)]))  // one byte short: torn
+        #expect(throws: SnapshotFileError.self) { try receiver.finish() }
+        #expect(throws: SnapshotFileError.self) { try files.load(meta) }
+    }
+
+    @Test("leftover temporary files are removed on open; old snapshots on request")
+    func cleanup() throws {
+        let dir = try folder()
+        let files = try SnapshotFiles(directory: dir, logger: logger)
+        _ = try files.receiver(for: meta)  // abandoned when dropped
+        #expect(FileManager.default.createFile(atPath: "\(dir)/snap-x.snap.tmp", contents: Data([1, 2, 3])))
+        var older = meta
+        older.index = 10
+        try files.write(older, payload: [1])
+        try files.write(meta, payload: [2])
+        _ = try SnapshotFiles(directory: dir, logger: logger)
+        files.removeAll(except: meta)
+        let names = try FileManager.default.contentsOfDirectory(atPath: dir)
+        #expect(names == [URL(fileURLWithPath: files.path(for: meta)).lastPathComponent])
+    }
+
+    @Test("SIGKILL during snapshot installs leaves the old snapshot or the new one, whole")
+    func killNineDuringInstall() throws {
+        let binary = try #require(circuitBinary(), "the circuit executable was not built next to the tests")
+        let dir = try folder()
+        var rng = SplitMix64(seed: UInt64(Date().timeIntervalSince1970))
+        var lastInstalled: UInt64 = 0
+        let rounds = 20
+        for round in 0..<rounds {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: binary)
+            process.arguments = ["debug", "snapshot-loop", "--dir", dir, "--seed", "\(round + 1)"]
+            let pipe = Pipe()
+            process.standardOutput = pipe
+            try process.run()
+            let target = 1 + Int(rng.next() % 6)
+            var reported = 0
+            var buffer = Data()
+            var killed = false
+            while true {
+                let chunk = pipe.fileHandleForReading.availableData
+                if chunk.isEmpty { break }
+                buffer.append(chunk)
+                while let newline = buffer.firstIndex(of: UInt8(ascii: "\n")) {
+                    let line = String(decoding: buffer[buffer.startIndex..<newline], as: UTF8.self)
+                    buffer.removeSubrange(buffer.startIndex...newline)
+                    if line.hasPrefix("installed "), let index = UInt64(line.dropFirst(10)) {
+                        #expect(index > lastInstalled)
+                        lastInstalled = index
+                        reported += 1
+                    }
+                }
+                if reported >= target && !killed {
+                    kill(process.processIdentifier, SIGKILL)
+                    killed = true
+                }
+            }
+            process.waitUntilExit()
+            #expect(process.terminationReason == .uncaughtSignal, "round \(round): the child was not killed")
+
+            let store = try SQLiteLogStore(path: "\(dir)/log.sqlite", logger: logger)
+            let recovered = try store.recover()
+            store.close()
+            let snapshot = try #require(recovered.snapshot, "round \(round): no snapshot recorded")
+            #expect(snapshot.index >= lastInstalled, "round \(round): the store names \(snapshot.index), \(lastInstalled) was reported")
+            let files = try SnapshotFiles(directory: "\(dir)/snapshots", logger: logger)
+            let payload = try files.load(snapshot)
+            #expect(isIntactPayload(payload, index: snapshot.index), "round \(round): the payload of \(snapshot.index) is not whole")
+            let leftovers = try FileManager.default.contentsOfDirectory(atPath: "\(dir)/snapshots").filter { $0.hasSuffix(".tmp") }
+            #expect(leftovers.isEmpty)
+            lastInstalled = snapshot.index
+        }
+    }
+
+    private func isIntactPayload(_ data: [UInt8], index: UInt64) -> Bool {
+        guard data.count >= 16 else { return false }
+        let stored = data.suffix(8).withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+        let head = data.prefix(8).withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
+        for b in data.dropLast(8) { hash = (hash ^ UInt64(b)) &* 0x100_0000_01B3 }
+        return UInt64(littleEndian: head) == index && UInt64(littleEndian: stored) == hash
+    }
+}
