@@ -17,6 +17,19 @@ final class ChecksumStateMachine: RaftStateMachine {
         hash = (hash ^ entry.index) &* 0x100_0000_01B3
         return []
     }
+
+    func snapshot() -> @Sendable () throws -> [UInt8] {
+        let state = [UInt64(count), hash, lastIndex]
+        return { state.flatMap { v in withUnsafeBytes(of: v.bigEndian) { Array($0) } } }
+    }
+
+    func restore(_ payload: [UInt8]) throws {
+        guard payload.count == 24 else { throw ClusterError.mismatch("a checksum snapshot of \(payload.count) bytes") }
+        let words = stride(from: 0, to: 24, by: 8).map { i in payload[i..<i + 8].reduce(UInt64(0)) { $0 << 8 | UInt64($1) } }
+        count = Int(words[0])
+        hash = words[1]
+        lastIndex = words[2]
+    }
 }
 
 /// Several Raft nodes in one process, each with its own SQLite store on disk and its own thread, joined by an
@@ -42,13 +55,14 @@ final class LocalCluster: @unchecked Sendable {
 
     func storePath(_ id: NodeID) -> String { "\(directory)/node-\(id).sqlite" }
 
-    /// Starts (or restarts) node `id` from what its store holds.
-    func start(_ id: NodeID) throws {
+    /// Starts (or restarts) node `id` from what its store holds. A node not among the initial voters starts
+    /// knowing no membership: it joins when the leader adds it.
+    func start(_ id: NodeID, machine: ChecksumStateMachine = ChecksumStateMachine()) throws {
         let store = try SQLiteLogStore(path: storePath(id), logger: logger)
-        let machine = ChecksumStateMachine()
+        let snapshots = try SnapshotFiles(directory: "\(directory)/node-\(id)-snapshots", logger: logger)
         let driver = try RaftDriver(
-            config: RaftConfig(id: id, voters: ids), store: store, stateMachine: machine,
-            transport: transport.endpoint(for: id), options: options, logger: logger)
+            config: RaftConfig(id: id, voters: ids.contains(id) ? ids : []), store: store, stateMachine: machine,
+            transport: transport.endpoint(for: id), snapshots: snapshots, options: options, logger: logger)
         lock.withLock {
             drivers[id] = driver
             machines[id] = machine
@@ -69,6 +83,16 @@ final class LocalCluster: @unchecked Sendable {
     }
 
     var liveIDs: [NodeID] { lock.withLock { drivers.keys.sorted() } }
+
+    /// Stops every node, leaders last after handing over (graceful shutdown).
+    func stopGracefully() async {
+        if let id = leader, let driver = driver(id), liveIDs.count > 1 {
+            if let target = try? await driver.transferLeadership() {
+                try? await wait("leadership to move to \(target)", timeout: .seconds(2)) { self.leader == target }
+            }
+        }
+        shutdown()
+    }
 
     func driver(_ id: NodeID) -> RaftDriver? { lock.withLock { drivers[id] } }
 

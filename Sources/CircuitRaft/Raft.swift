@@ -237,6 +237,12 @@ public struct Raft: Sendable {
         membership.voters.filter { $0 != config.id && progress[$0] != nil }.max { progress[$0]!.match < progress[$1]!.match }
     }
 
+    /// The metadata a snapshot of the state machine at `index` (applied, still in the log) will carry.
+    public func snapshotMetadata(at index: UInt64) -> SnapshotMetadata? {
+        guard index > log.offset, index <= log.applied, let term = log.term(at: index) else { return nil }
+        return SnapshotMetadata(index: index, term: term, membership: membershipAt(index))
+    }
+
     /// The shell has made a snapshot of the state machine durable, covering entries up to `index` (which must be
     /// applied): the log before it is dropped. Returns the snapshot's metadata, for the store; nil if nothing to do.
     public mutating func compact(through index: UInt64) -> SnapshotMetadata? {

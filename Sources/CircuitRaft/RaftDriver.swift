@@ -5,12 +5,53 @@ import Synchronization
 /// Carries messages to peers. `send` must not block; a message may be lost (Raft retries).
 public protocol RaftTransport: Sendable {
     func send(_ messages: [Message])
+    /// One piece of an InstallSnapshot stream (or its acknowledgement), between two drivers.
+    func send(_ chunk: SnapshotChunk)
+}
+
+/// A piece of a snapshot file streamed from a leader to a follower, or the follower's answer.
+///
+/// The leader sends `data` chunks in order, at most `Options.snapshotWindow` unacknowledged; the follower answers
+/// each with an `ack` carrying how many bytes it holds, and the last one only once the file is durable and handed to
+/// its Raft node. `abort` from either side ends the stream.
+public struct SnapshotChunk: Sendable, Hashable {
+    public enum Kind: UInt8, Sendable { case data = 1, ack = 2, abort = 3 }
+    public var kind: Kind
+    public var from: NodeID
+    public var to: NodeID
+    /// The leader's term when it decided to send the snapshot.
+    public var term: UInt64
+    public var snapshot: SnapshotMetadata
+    /// data: where `data` starts in the file; ack: how many bytes the follower holds.
+    public var offset: UInt64
+    public var data: [UInt8]
+    /// data: this chunk ends the file.
+    public var last: Bool
+
+    public init(
+        kind: Kind, from: NodeID, to: NodeID, term: UInt64, snapshot: SnapshotMetadata, offset: UInt64,
+        data: [UInt8] = [], last: Bool = false
+    ) {
+        self.kind = kind
+        self.from = from
+        self.to = to
+        self.term = term
+        self.snapshot = snapshot
+        self.offset = offset
+        self.data = data
+        self.last = last
+    }
 }
 
 /// The replicated state machine. Called only from the driver's thread, in log order.
 public protocol RaftStateMachine: AnyObject {
     /// Applies one committed entry and returns the answer for whoever proposed it.
     func apply(_ entry: Entry) -> [UInt8]
+    /// Captures the state as of the last applied entry. Called on the driver's thread, so it must be quick (copy a
+    /// value); the closure it returns does the serializing on another thread, so applying never waits for it.
+    func snapshot() -> @Sendable () throws -> [UInt8]
+    /// Replaces the state with a snapshot's payload.
+    func restore(_ payload: [UInt8]) throws
 }
 
 /// Why a proposal or read through the driver failed.
@@ -46,6 +87,11 @@ public struct RaftStatus: Sendable, Hashable {
     public var syncCount: Int
     public var running: Bool
     public var failure: String?
+    public var membership: Membership
+    /// Index of the snapshot the log starts after (0: none).
+    public var snapshotIndex: UInt64
+    /// Snapshots received from a leader and installed since this driver started.
+    public var snapshotsInstalled: Int = 0
 }
 
 /// The I/O shell around `Raft`: one dedicated thread that runs the Ready loop.
@@ -58,6 +104,15 @@ public final class RaftDriver: @unchecked Sendable {
         /// Length of one protocol tick. Default 50 ms (with the protocol's defaults: heartbeats every 50 ms and
         /// elections after 500 to 1000 ms of silence).
         public var tickInterval: Duration = .milliseconds(50)
+        /// Take a snapshot and compact the log once this many entries were applied since the last one.
+        /// Default 10,000 (needs `SnapshotFiles`; without them the log is never compacted).
+        public var snapshotEntries: UInt64 = 10_000
+        /// Bytes per InstallSnapshot chunk. Default 1 MiB.
+        public var snapshotChunkBytes: Int = 1 << 20
+        /// Chunks in flight per InstallSnapshot stream before the follower must acknowledge. Default 4.
+        public var snapshotWindow: Int = 4
+        /// A stream with no acknowledgement for this long fails (the leader retries later). Default 10 s.
+        public var snapshotTimeout: Duration = .seconds(10)
         public init() {}
     }
 
@@ -73,6 +128,22 @@ public final class RaftDriver: @unchecked Sendable {
     private var pendingReads: [UInt64: CheckedContinuation<UInt64, any Error>] = [:]
     private var confirmedReads: [(index: UInt64, continuation: CheckedContinuation<UInt64, any Error>)] = []
     private var nextReadID: UInt64 = 1
+    private let snapshots: SnapshotFiles?
+    private var snapshotInProgress = false
+    private var snapshotsInstalled = 0
+    /// A store write outside `drainReady` failed: the loop stops on its next turn.
+    private var raftStoreFailure: String?
+    private var outgoing: [NodeID: OutgoingSnapshot] = [:]
+    private var incoming: [NodeID: SnapshotReceiver] = [:]
+
+    private struct OutgoingSnapshot {
+        var meta: SnapshotMetadata
+        var term: UInt64
+        var size: UInt64
+        var sent: UInt64 = 0
+        var acknowledged: UInt64 = 0
+        var lastProgress: ContinuousClock.Instant
+    }
 
     // Shared between callers and the loop thread, under `condition`.
     private let condition = NSCondition()
@@ -85,20 +156,38 @@ public final class RaftDriver: @unchecked Sendable {
 
     private struct Inbox {
         var messages: [Message] = []
+        var chunks: [SnapshotChunk] = []
         var proposals: [([UInt8], CheckedContinuation<[UInt8], any Error>)] = []
         var reads: [CheckedContinuation<UInt64, any Error>] = []
+        var confChanges: [(ConfChange, CheckedContinuation<[UInt8], any Error>)] = []
+        var transfers: [(NodeID?, CheckedContinuation<NodeID, any Error>)] = []
+        var snapshotsWritten: [(SnapshotMetadata, String?)] = []
         var campaign = false
         var stopping = false
-        var isEmpty: Bool { messages.isEmpty && proposals.isEmpty && reads.isEmpty && !campaign && !stopping }
+        var isEmpty: Bool {
+            messages.isEmpty && chunks.isEmpty && proposals.isEmpty && reads.isEmpty && confChanges.isEmpty
+                && transfers.isEmpty && snapshotsWritten.isEmpty && !campaign && !stopping
+        }
     }
 
     /// A driver for the node described by `config`, resuming from what `store` holds.
+    /// `snapshots` holds the snapshot files; without it the log is never compacted and no snapshot can be sent or
+    /// installed.
     public init(
         config: RaftConfig, store: any RaftLogStore, stateMachine: any RaftStateMachine, transport: any RaftTransport,
-        options: Options = Options(), logger: Logger
+        snapshots: SnapshotFiles? = nil, options: Options = Options(), logger: Logger
     ) throws {
         let recovered = try store.recover()
-        self.raft = try Raft(config: config, hardState: recovered.hardState, entries: recovered.entries)
+        if let meta = recovered.snapshot {
+            guard let snapshots else {
+                throw SnapshotFileError.corrupt(path: "(none)", detail: "the store names snapshot \(meta) but no snapshot folder was given")
+            }
+            try stateMachine.restore(try snapshots.load(meta))
+            snapshots.removeAll(except: meta)
+        }
+        self.raft = try Raft(
+            config: config, hardState: recovered.hardState, entries: recovered.entries, snapshot: recovered.snapshot)
+        self.snapshots = snapshots
         self.id = config.id
         self.store = store
         self.stateMachine = stateMachine
@@ -111,7 +200,8 @@ public final class RaftDriver: @unchecked Sendable {
             RaftStatus(
                 id: config.id, role: .follower, term: recovered.hardState.term, leader: .none,
                 commitIndex: recovered.hardState.commit, appliedIndex: 0,
-                lastIndex: recovered.entries.last?.index ?? 0, syncCount: store.syncCount, running: false))
+                lastIndex: recovered.entries.last?.index ?? 0, syncCount: store.syncCount, running: false,
+                membership: Membership(voters: config.voters), snapshotIndex: recovered.snapshot?.index ?? 0))
     }
 
     public var status: RaftStatus { published.withLock { $0 } }
@@ -147,6 +237,41 @@ public final class RaftDriver: @unchecked Sendable {
         inbox.messages.append(contentsOf: messages)
         condition.signal()
         condition.unlock()
+    }
+
+    /// A piece of an InstallSnapshot stream from a peer.
+    public func receive(_ chunk: SnapshotChunk) {
+        enqueue { $0.chunks.append(chunk) }
+    }
+
+    /// Proposes a membership change; returns once it is committed and applied here.
+    public func changeMembership(_ change: ConfChange) async throws {
+        _ = try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<[UInt8], any Error>) in
+            if !enqueue({ $0.confChanges.append((change, continuation)) }) {
+                continuation.resume(throwing: RaftDriverError.stopped)
+            }
+        }
+    }
+
+    /// Asks this leader to hand over to `target` (or to the most up-to-date voter); returns the target once the
+    /// request is under way. Watch `status.role` for the outcome.
+    public func transferLeadership(to target: NodeID? = nil) async throws -> NodeID {
+        try await withCheckedThrowingContinuation { continuation in
+            if !enqueue({ $0.transfers.append((target, continuation)) }) {
+                continuation.resume(throwing: RaftDriverError.stopped)
+            }
+        }
+    }
+
+    /// Adds to the inbox and wakes the loop; false if the driver is stopping.
+    @discardableResult
+    private func enqueue(_ add: (inout Inbox) -> Void) -> Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        if inbox.stopping || finished { return false }
+        add(&inbox)
+        condition.signal()
+        return true
     }
 
     /// Starts an election at once.
@@ -213,6 +338,25 @@ public final class RaftDriver: @unchecked Sendable {
             }
             if batch.campaign { raft.campaign() }
             for m in batch.messages { raft.step(m) }
+            for chunk in batch.chunks { receiveChunk(chunk) }
+            for (meta, error) in batch.snapshotsWritten { snapshotWritten(meta, error: error) }
+            for (change, continuation) in batch.confChanges {
+                switch raft.proposeConfChange(change) {
+                case .success(let ticket): pendingProposals[ticket.firstIndex] = (ticket.term, continuation)
+                case .failure(let refusal): continuation.resume(throwing: RaftDriverError.refused(refusal))
+                }
+            }
+            for (target, continuation) in batch.transfers {
+                guard let to = target ?? raft.bestTransferTarget else {
+                    continuation.resume(throwing: RaftDriverError.refused(.invalidTransfer("no other voter")))
+                    continue
+                }
+                if let refusal = raft.transferLeadership(to: to) {
+                    continuation.resume(throwing: RaftDriverError.refused(refusal))
+                } else {
+                    continuation.resume(returning: to)
+                }
+            }
             if !batch.proposals.isEmpty { propose(batch.proposals) }
             for continuation in batch.reads {
                 let request = nextReadID
@@ -222,6 +366,10 @@ public final class RaftDriver: @unchecked Sendable {
                 } else {
                     pendingReads[request] = continuation
                 }
+            }
+            if let failed = raftStoreFailure {
+                failure = failed
+                break
             }
             do {
                 try drainReady()
@@ -234,6 +382,8 @@ public final class RaftDriver: @unchecked Sendable {
                 for (_, p) in pendingProposals { p.continuation.resume(throwing: RaftDriverError.outcomeUnknown) }
                 pendingProposals.removeAll()
             }
+            pumpSnapshotStreams()
+            maybeTakeSnapshot()
             publish(running: true, failure: nil)
         }
         finish(failure: failure)
@@ -256,8 +406,15 @@ public final class RaftDriver: @unchecked Sendable {
         while raft.hasReady {
             let rd = raft.ready()
             transport.send(rd.messagesBeforePersist)
+            if let meta = rd.snapshot { try installSnapshot(meta) }
             try store.persist(hardState: rd.hardState, entries: rd.entries)
-            transport.send(rd.messages)
+            var messages = rd.messages
+            messages.removeAll { m in
+                guard m.kind == .snapshot, let meta = m.snapshot else { return false }
+                startSnapshotStream(to: m.to, meta: meta, term: m.term)
+                return true
+            }
+            transport.send(messages)
             for entry in rd.committedEntries {
                 let result: [UInt8] = entry.kind == .normal ? stateMachine.apply(entry) : []
                 if let pending = pendingProposals.removeValue(forKey: entry.index) {
@@ -291,11 +448,152 @@ public final class RaftDriver: @unchecked Sendable {
         }
     }
 
+    // MARK: - Snapshots
+
+    /// Installs a snapshot received from the leader: its file is already durable (the stream finished it).
+    private func installSnapshot(_ meta: SnapshotMetadata) throws {
+        guard let snapshots else { throw RaftDriverError.storageFailed("a snapshot arrived but there is no snapshot folder") }
+        let payload = try snapshots.load(meta)
+        try store.saveSnapshot(meta, replacingLog: true)
+        try stateMachine.restore(payload)
+        snapshots.removeAll(except: meta)
+        snapshotsInstalled += 1
+        logger.info("installed snapshot", metadata: ["index": "\(meta.index)", "term": "\(meta.term)"])
+    }
+
+    private func maybeTakeSnapshot() {
+        guard let snapshots, !snapshotInProgress,
+            raft.appliedIndex >= (raft.snapshot?.index ?? 0) + options.snapshotEntries,
+            let meta = raft.snapshotMetadata(at: raft.appliedIndex)
+        else { return }
+        snapshotInProgress = true
+        let produce = stateMachine.snapshot()
+        // Serializing and writing happen off the loop thread: proposals and applies go on meanwhile.
+        let thread = Thread { [self] in
+            var error: String? = nil
+            do {
+                try snapshots.write(meta, payload: try produce())
+            } catch let e {
+                error = "\(e)"
+            }
+            enqueue { $0.snapshotsWritten.append((meta, error)) }
+        }
+        thread.name = "raft-\(id)-snapshot"
+        thread.start()
+    }
+
+    private func snapshotWritten(_ meta: SnapshotMetadata, error: String?) {
+        snapshotInProgress = false
+        if let error {
+            logger.error("snapshot failed; will retry", metadata: ["index": "\(meta.index)", "error": "\(error)"])
+            return
+        }
+        // Compact unless a newer snapshot was installed meanwhile.
+        guard let compacted = raft.compact(through: meta.index) else { return }
+        do {
+            try store.saveSnapshot(compacted, replacingLog: false)
+            snapshots?.removeAll(except: compacted)
+            logger.debug("compacted the log", metadata: ["index": "\(compacted.index)"])
+        } catch {
+            logger.critical("recording a snapshot failed", metadata: ["error": "\(error)"])
+            raftStoreFailure = "\(error)"
+        }
+    }
+
+    private func startSnapshotStream(to peer: NodeID, meta: SnapshotMetadata, term: UInt64) {
+        if let existing = outgoing[peer], existing.meta == meta { return }
+        guard let snapshots, let size = try? snapshots.fileSize(meta) else {
+            raft.reportSnapshot(to: peer, succeeded: false)
+            return
+        }
+        outgoing[peer] = OutgoingSnapshot(meta: meta, term: term, size: size, lastProgress: .now)
+    }
+
+    /// Sends what each stream's window allows, and fails streams that stopped making progress.
+    private func pumpSnapshotStreams() {
+        guard !outgoing.isEmpty else { return }
+        if raft.role != .leader {
+            outgoing.removeAll()
+            return
+        }
+        for peer in outgoing.keys.sorted() {
+            guard var stream = outgoing[peer] else { continue }
+            if ContinuousClock.now - stream.lastProgress > options.snapshotTimeout {
+                outgoing[peer] = nil
+                raft.reportSnapshot(to: peer, succeeded: false)
+                continue
+            }
+            let window = UInt64(options.snapshotChunkBytes * options.snapshotWindow)
+            while stream.sent < stream.size && stream.sent - stream.acknowledged < window {
+                guard let data = try? snapshots!.readChunk(stream.meta, offset: stream.sent, maxBytes: options.snapshotChunkBytes),
+                    !data.isEmpty
+                else {
+                    outgoing[peer] = nil
+                    raft.reportSnapshot(to: peer, succeeded: false)
+                    transport.send(SnapshotChunk(kind: .abort, from: id, to: peer, term: stream.term, snapshot: stream.meta, offset: 0))
+                    break
+                }
+                let last = stream.sent + UInt64(data.count) == stream.size
+                transport.send(
+                    SnapshotChunk(
+                        kind: .data, from: id, to: peer, term: stream.term, snapshot: stream.meta, offset: stream.sent,
+                        data: data, last: last))
+                stream.sent += UInt64(data.count)
+            }
+            if outgoing[peer] != nil { outgoing[peer] = stream }
+        }
+    }
+
+    private func receiveChunk(_ chunk: SnapshotChunk) {
+        switch chunk.kind {
+        case .ack, .abort:
+            guard var stream = outgoing[chunk.from], stream.meta == chunk.snapshot else { return }
+            if chunk.kind == .abort {
+                outgoing[chunk.from] = nil
+                raft.reportSnapshot(to: chunk.from, succeeded: false)
+                return
+            }
+            stream.acknowledged = max(stream.acknowledged, chunk.offset)
+            stream.lastProgress = .now
+            if stream.acknowledged >= stream.size {
+                outgoing[chunk.from] = nil
+                raft.reportSnapshot(to: chunk.from, succeeded: true)
+            } else {
+                outgoing[chunk.from] = stream
+            }
+        case .data:
+            func answer(_ kind: SnapshotChunk.Kind, _ offset: UInt64) {
+                transport.send(SnapshotChunk(kind: kind, from: id, to: chunk.from, term: chunk.term, snapshot: chunk.snapshot, offset: offset))
+            }
+            guard let snapshots else { return answer(.abort, 0) }
+            do {
+                if chunk.offset == 0 {
+                    incoming[chunk.from]?.abort()
+                    incoming[chunk.from] = try snapshots.receiver(for: chunk.snapshot)
+                }
+                guard let receiver = incoming[chunk.from], receiver.meta == chunk.snapshot else { return answer(.abort, 0) }
+                try receiver.append(offset: chunk.offset, chunk.data)
+                if chunk.last {
+                    try receiver.finish()
+                    incoming[chunk.from] = nil
+                    raft.step(Message(kind: .snapshot, from: chunk.from, to: id, term: chunk.term, snapshot: chunk.snapshot))
+                }
+                answer(.ack, receiver.received)
+            } catch {
+                logger.warning("snapshot stream refused", metadata: ["from": "\(chunk.from)", "error": "\(error)"])
+                incoming[chunk.from]?.abort()
+                incoming[chunk.from] = nil
+                answer(.abort, 0)
+            }
+        }
+    }
+
     private func publish(running: Bool, failure: String?) {
         let s = RaftStatus(
             id: id, role: raft.role, term: raft.term, leader: raft.leader, commitIndex: raft.commitIndex,
             appliedIndex: raft.appliedIndex, lastIndex: raft.lastIndex, syncCount: store.syncCount, running: running,
-            failure: failure)
+            failure: failure, membership: raft.membership, snapshotIndex: raft.snapshot?.index ?? 0,
+            snapshotsInstalled: snapshotsInstalled)
         published.withLock { $0 = s }
     }
 
@@ -362,12 +660,22 @@ public final class LocalTransport: Sendable {
         for (driver, ms) in targets { driver.receive(ms) }
     }
 
+    fileprivate func deliver(_ chunk: SnapshotChunk) {
+        let target: RaftDriver? = state.withLock { s in
+            s.down.contains(chunk.from) || s.down.contains(chunk.to) ? nil : s.nodes[chunk.to]
+        }
+        target?.receive(chunk)
+    }
+
     private struct Endpoint: RaftTransport {
         let from: NodeID
         let transport: LocalTransport
         func send(_ messages: [Message]) {
             guard !messages.isEmpty else { return }
             transport.deliver(from: from, messages)
+        }
+        func send(_ chunk: SnapshotChunk) {
+            transport.deliver(chunk)
         }
     }
 }

@@ -7,10 +7,36 @@ import Testing
 
 /// Counts applied entries and answers each proposal with its index.
 private final class IndexEcho: RaftStateMachine {
+    /// Applied entries, in order; a restored snapshot puts back the ones it covers.
     private(set) var applied: [Entry] = []
     func apply(_ entry: Entry) -> [UInt8] {
         applied.append(entry)
         return withUnsafeBytes(of: entry.index.littleEndian) { Array($0) }
+    }
+    func snapshot() -> @Sendable () throws -> [UInt8] {
+        let copy = applied
+        return {
+            var out: [UInt8] = []
+            for e in copy {
+                for v in [e.index, e.term, UInt64(e.data.count)] { withUnsafeBytes(of: v.littleEndian) { out += $0 } }
+                out += e.data
+            }
+            return out
+        }
+    }
+    func restore(_ payload: [UInt8]) throws {
+        var entries: [Entry] = []
+        var at = 0
+        func word() -> UInt64 {
+            defer { at += 8 }
+            return payload[at..<at + 8].withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) }
+        }
+        while at < payload.count {
+            let index = word(), term = word(), count = Int(word())
+            entries.append(Entry(term: term, index: index, data: Array(payload[at..<at + count])))
+            at += count
+        }
+        applied = entries
     }
 }
 
@@ -118,6 +144,67 @@ struct RaftDriverTests {
         let target = second.status.commitIndex
         try await waitFor("the restarted node to catch up") { restarted.status.appliedIndex >= target }
         #expect(machine.applied.filter { $0.kind == .normal }.count >= 40)
+    }
+
+    @Test("snapshots compact the log; a new learner catches up by a streamed InstallSnapshot; membership changes and transfers work end to end")
+    func snapshotsAndMembership() async throws {
+        let dir = try temporaryFolder()
+        let transport = LocalTransport()
+        var options = RaftDriver.Options()
+        options.tickInterval = .milliseconds(10)
+        options.snapshotEntries = 25
+        options.snapshotChunkBytes = 100  // many chunks, to exercise the window
+        options.snapshotWindow = 3
+        var machines: [NodeID: IndexEcho] = [:]
+        func start(_ id: NodeID, voters: [NodeID]) throws -> RaftDriver {
+            let machine = IndexEcho()
+            machines[id] = machine
+            let driver = try RaftDriver(
+                config: RaftConfig(id: id, voters: voters),
+                store: try SQLiteLogStore(path: "\(dir)/\(id).sqlite", logger: logger), stateMachine: machine,
+                transport: transport.endpoint(for: id),
+                snapshots: try SnapshotFiles(directory: "\(dir)/\(id)-snapshots", logger: logger), options: options,
+                logger: logger)
+            transport.register(driver)
+            driver.start()
+            return driver
+        }
+        var drivers: [NodeID: RaftDriver] = [:]
+        for id in [NodeID(1), 2, 3] { drivers[id] = try start(id, voters: [1, 2, 3]) }
+        defer { for d in drivers.values { d.stop() } }
+        func leader() -> RaftDriver? { drivers.values.first { $0.status.role == .leader && $0.status.running } }
+        try await waitFor("a leader") { leader() != nil }
+        for i in 0..<100 { _ = try await leader()!.propose(Array("e\(i)".utf8)) }
+        try await waitFor("a snapshot on every node") { drivers.values.allSatisfy { $0.status.snapshotIndex > 0 } }
+
+        // A fresh learner joins: the entries it needs are compacted away, so it gets the snapshot, then the tail.
+        drivers[4] = try start(4, voters: [])
+        try await leader()!.changeMembership(.addLearner(4))
+        _ = try await leader()!.propose(Array("after".utf8))
+        let target = leader()!.status.commitIndex
+        try await waitFor("the learner to catch up") { drivers[4]!.status.appliedIndex >= target }
+        #expect(drivers[4]!.status.snapshotsInstalled >= 1, "the learner started from a streamed snapshot")
+        let reference = machines[leader()!.id]!.applied
+        #expect(machines[4]!.applied == Array(reference.prefix(machines[4]!.applied.count)))
+        #expect(machines[4]!.applied.count >= 101)
+
+        // Promote it, remove node 3, move leadership to it.
+        try await leader()!.changeMembership(.promote(4))
+        try await leader()!.changeMembership(.remove(3))
+        #expect(leader()!.status.membership == Membership(voters: [1, 2, 4]))
+        let to = try await leader()!.transferLeadership(to: 4)
+        #expect(to == 4)
+        try await waitFor("node 4 to lead") { drivers[4]!.status.role == .leader }
+        _ = try await drivers[4]!.propose(Array("led by 4".utf8))
+
+        // Restart node 1 from its snapshot plus log tail: its state machine comes back whole.
+        drivers[1]!.stop()
+        transport.unregister(1)
+        drivers[1] = try start(1, voters: [1, 2, 3])
+        let commit = drivers[4]!.status.commitIndex
+        try await waitFor("node 1 to catch up after restart") { drivers[1]!.status.appliedIndex >= commit }
+        #expect(machines[1]!.applied == Array(machines[4]!.applied.prefix(machines[1]!.applied.count)))
+        #expect(machines[1]!.applied.map(\.data).contains(Array("led by 4".utf8)))
     }
 
     @Test("a store that fails stops the node loudly and fails what was waiting")
