@@ -5,7 +5,7 @@ import Logging
 
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Benchmarks that print a table of figures.", subcommands: [RaftBench.self])
+        abstract: "Benchmarks that print a table of figures.", subcommands: [RaftBench.self, CatchUpBench.self])
 }
 
 /// A 3-node cluster in one process with real SQLite stores and an in-memory transport, driven by closed-loop
@@ -119,4 +119,140 @@ final class SyncCounter: @unchecked Sendable {
         lock.withLock { for s in statuses { counts[s.id] = s.syncCount } }
     }
     var value: [NodeID: Int] { lock.withLock { counts } }
+}
+
+/// A state machine that keeps every payload it applies, in 1 MiB segments. Its snapshot captures the segment list
+/// (copy-on-write: the next append copies at most one segment), and the bytes are assembled on the snapshot thread.
+final class PayloadStore: RaftStateMachine {
+    private static let segmentBytes = 1 << 20
+    private var segments: [[UInt8]] = []
+    private(set) var count = 0
+
+    func apply(_ entry: Entry) -> [UInt8] {
+        if segments.isEmpty || segments[segments.count - 1].count + entry.data.count > Self.segmentBytes {
+            segments.append([])
+            segments[segments.count - 1].reserveCapacity(Self.segmentBytes)
+        }
+        segments[segments.count - 1].append(contentsOf: entry.data)
+        count += 1
+        return []
+    }
+
+    func snapshot() -> @Sendable () throws -> [UInt8] {
+        let captured = segments
+        let count = UInt64(count)
+        return {
+            var out = withUnsafeBytes(of: count.bigEndian) { Array($0) }
+            out.reserveCapacity(8 + captured.reduce(0) { $0 + $1.count })
+            for s in captured { out += s }
+            return out
+        }
+    }
+
+    func restore(_ payload: [UInt8]) throws {
+        guard payload.count >= 8 else { throw ClusterError.mismatch("a payload snapshot of \(payload.count) bytes") }
+        count = Int(payload[0..<8].reduce(UInt64(0)) { $0 << 8 | UInt64($1) })
+        segments = stride(from: 8, to: payload.count, by: Self.segmentBytes).map {
+            Array(payload[$0..<min(payload.count, $0 + Self.segmentBytes)])
+        }
+    }
+
+    var bytes: Int { segments.reduce(0) { $0 + $1.count } }
+}
+
+/// How fast a new learner catches up with a leader holding many entries (snapshot plus tail), and whether taking
+/// snapshots stalls proposals.
+struct CatchUpBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "catchup",
+        abstract: "Fill a 3-node cluster with N entries (snapshots along the way), then time a new learner's catch-up.")
+
+    @OptionGroup var global: GlobalOptions
+
+    @Option(help: "Entries the leader holds before the learner joins.")
+    var entries: Int = 1_000_000
+
+    @Option(help: "Snapshot every this many applied entries.")
+    var snapshotEntries: UInt64 = 100_000
+
+    @Option(help: "Concurrent proposers while filling.")
+    var clients: Int = 256
+
+    @Option(help: "Folder for the stores (default: a temporary folder, removed afterwards).")
+    var data: String?
+
+    func run() async throws {
+        let logger = global.makeLogger("circuit.bench")
+        let dir = data ?? temporaryDirectory("circuit-catchup")
+        defer { if data == nil { try? FileManager.default.removeItem(atPath: dir) } }
+        var options = RaftDriver.Options()
+        options.snapshotEntries = snapshotEntries
+        let cluster = try LocalCluster(directory: dir, size: 3, options: options, logger: logger) { PayloadStore() }
+        defer { cluster.shutdown() }
+        let leaderID = try await cluster.waitForLeader()
+        let leader = cluster.driver(leaderID)!
+        print("Catch-up benchmark: 3 nodes in one process, SQLite stores and snapshot files in \(dir)")
+        print("filling with \(entries) entries of 64 bytes from \(clients) proposers, snapshot every \(snapshotEntries) entries")
+
+        // Fill, sampling the commit index every 100 ms and whether any node was writing a snapshot meanwhile.
+        let clock = ContinuousClock()
+        let payload = [UInt8](repeating: 0x62, count: 64)
+        let perClient = entries / clients
+        let start = clock.now
+        let sampler = Task {
+            var samples: [(committed: UInt64, snapshotting: Bool)] = []
+            var last = leader.status.commitIndex
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .milliseconds(100))
+                let statuses = cluster.statuses()
+                let now = leader.status.commitIndex
+                samples.append((now - last, statuses.contains { $0.snapshotting }))
+                last = now
+            }
+            return samples
+        }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for _ in 0..<clients {
+                group.addTask {
+                    for _ in 0..<perClient { _ = try await leader.propose(payload) }
+                }
+            }
+            try await group.waitForAll()
+        }
+        let fillTime = start.duration(to: clock.now)
+        sampler.cancel()
+        let samples = await sampler.value
+        let held = leader.status
+        try await cluster.wait("the leader's snapshot to settle", timeout: .seconds(30)) { !leader.status.snapshotting }
+
+        // A fresh learner joins.
+        let joinStart = clock.now
+        try cluster.start(4, machine: PayloadStore())
+        try await leader.changeMembership(.addLearner(4))
+        let target = leader.status.commitIndex
+        try await cluster.wait("the learner to catch up", timeout: .seconds(600)) {
+            (cluster.driver(4)?.status.appliedIndex ?? 0) >= target
+        }
+        let catchUp = joinStart.duration(to: clock.now)
+        let learner = cluster.driver(4)!.status
+        let leaderFolder = "\(dir)/node-\(leaderID)-snapshots"
+        let snapshotBytes = try FileManager.default.contentsOfDirectory(atPath: leaderFolder)
+            .filter { $0.hasSuffix(".snap") }
+            .compactMap { try FileManager.default.attributesOfItem(atPath: "\(leaderFolder)/\($0)")[.size] as? Int }
+            .max() ?? 0
+
+        func median(_ xs: [UInt64]) -> Double { xs.isEmpty ? 0 : Double(xs.sorted()[xs.count / 2]) * 10 }
+        let during = samples.filter { $0.snapshotting }.map(\.committed)
+        let without = samples.filter { !$0.snapshotting }.map(\.committed)
+        print("")
+        print("| figure | value |")
+        print("|---|---:|")
+        print("| entries held by the leader | \(held.lastIndex) (snapshot at \(held.snapshotIndex), tail \(held.lastIndex - held.snapshotIndex)) |")
+        print(String(format: "| fill time | %.1f s (%.0f committed/s) |", fillTime.milliseconds / 1000, Double(entries) / (fillTime.milliseconds / 1000)))
+        print(String(format: "| committed/s, median of 100 ms windows without a snapshot being written | %.0f (%d windows) |", median(without), without.count))
+        print(String(format: "| committed/s, median of 100 ms windows while a snapshot was being written | %.0f (%d windows, slowest %.0f) |", median(during), during.count, Double(during.min() ?? 0) * 10))
+        print(String(format: "| leader's snapshot file | %.1f MB |", Double(snapshotBytes) / 1e6))
+        print(String(format: "| learner catch-up from an empty disk (snapshot plus tail) | %.2f s |", catchUp.milliseconds / 1000))
+        print("| learner: snapshots installed, snapshot index, entries replayed after it | \(learner.snapshotsInstalled), \(learner.snapshotIndex), \(learner.appliedIndex - learner.snapshotIndex) |")
+    }
 }

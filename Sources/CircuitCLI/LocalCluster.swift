@@ -42,22 +42,25 @@ final class LocalCluster: @unchecked Sendable {
     let options: RaftDriver.Options
     private let lock = NSLock()
     private var drivers: [NodeID: RaftDriver] = [:]
-    private var machines: [NodeID: ChecksumStateMachine] = [:]
+    private var machines: [NodeID: any RaftStateMachine] = [:]
 
-    init(directory: String, size: Int, options: RaftDriver.Options = .init(), logger: Logger) throws {
+    init(
+        directory: String, size: Int, options: RaftDriver.Options = .init(), logger: Logger,
+        makeMachine: () -> any RaftStateMachine = { ChecksumStateMachine() }
+    ) throws {
         self.directory = directory
         self.ids = (1...size).map { NodeID($0) }
         self.logger = logger
         self.options = options
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        for id in ids { try start(id) }
+        for id in ids { try start(id, machine: makeMachine()) }
     }
 
     func storePath(_ id: NodeID) -> String { "\(directory)/node-\(id).sqlite" }
 
     /// Starts (or restarts) node `id` from what its store holds. A node not among the initial voters starts
     /// knowing no membership: it joins when the leader adds it.
-    func start(_ id: NodeID, machine: ChecksumStateMachine = ChecksumStateMachine()) throws {
+    func start(_ id: NodeID, machine: any RaftStateMachine = ChecksumStateMachine()) throws {
         let store = try SQLiteLogStore(path: storePath(id), logger: logger)
         let snapshots = try SnapshotFiles(directory: "\(directory)/node-\(id)-snapshots", logger: logger)
         let driver = try RaftDriver(
@@ -96,7 +99,7 @@ final class LocalCluster: @unchecked Sendable {
 
     func driver(_ id: NodeID) -> RaftDriver? { lock.withLock { drivers[id] } }
 
-    func machine(_ id: NodeID) -> ChecksumStateMachine? { lock.withLock { machines[id] } }
+    func machine(_ id: NodeID) -> ChecksumStateMachine? { lock.withLock { machines[id] as? ChecksumStateMachine } }
 
     func statuses() -> [RaftStatus] { liveIDs.compactMap { driver($0)?.status } }
 

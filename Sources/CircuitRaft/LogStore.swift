@@ -34,7 +34,8 @@ public protocol RaftLogStore: AnyObject {
     /// Entries in `[from, to]`, stopping once `maxBytes` is exceeded (always at least one if any is stored).
     func entries(from: UInt64, to: UInt64, maxBytes: Int) throws -> [Entry]
     /// Records `snapshot` as the one the log starts after, atomically and durably, and drops the entries it covers:
-    /// those up to its index (compaction), or every entry (`replacingLog`: a snapshot installed from the leader).
+    /// those up to its index (compaction: at once or a batch at a time, as the store likes, since they are no longer
+    /// read), or every entry (`replacingLog`: a snapshot installed from the leader, at once).
     /// The snapshot's bytes must already be durable elsewhere.
     func saveSnapshot(_ snapshot: SnapshotMetadata, replacingLog: Bool) throws
     /// Number of durable commits (fsyncs of the log) so far.
@@ -56,9 +57,14 @@ public final class SQLiteLogStore: RaftLogStore {
     private let putMeta: SQLiteStatement
     private let selectRange: SQLiteStatement
     private let deleteAll: SQLiteStatement
-    private let deleteThrough: SQLiteStatement
     private let putSnapshot: SQLiteStatement
+    private let deleteRange: SQLiteStatement
     public private(set) var syncCount = 0
+    /// Entries up to here are covered by the snapshot and deleted a batch at a time with later writes, so that a
+    /// compaction never holds the log's writer for long.
+    private var garbageThrough: UInt64 = 0
+    private var deletedThrough: UInt64 = 0
+    private static let deleteBatch: UInt64 = 2_000
 
     private static let schemaVersion = 1
 
@@ -109,7 +115,7 @@ public final class SQLiteLogStore: RaftLogStore {
         putMeta = try db.prepare("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
         selectRange = try db.prepare("SELECT idx, term, kind, data FROM entries WHERE idx >= ? AND idx <= ? ORDER BY idx")
         deleteAll = try db.prepare("DELETE FROM entries")
-        deleteThrough = try db.prepare("DELETE FROM entries WHERE idx <= ?")
+        deleteRange = try db.prepare("DELETE FROM entries WHERE idx > ? AND idx <= ?")
         putSnapshot = try db.prepare(
             "INSERT INTO snapshot(id, idx, term, membership) VALUES (1, ?, ?, ?) "
                 + "ON CONFLICT(id) DO UPDATE SET idx = excluded.idx, term = excluded.term, membership = excluded.membership")
@@ -144,7 +150,12 @@ public final class SQLiteLogStore: RaftLogStore {
             snapshot = SnapshotMetadata(index: UInt64(snap.int(0)), term: UInt64(snap.int(1)), membership: membership)
             snap.reset()
         }
-        let all = try entries(from: 1, to: UInt64(Int64.max), maxBytes: Int.max)
+        // Entries the snapshot covers may still be there, awaiting deletion: they are not part of the log.
+        let all = try entries(from: (snapshot?.index ?? 0) + 1, to: UInt64(Int64.max), maxBytes: Int.max)
+        garbageThrough = snapshot?.index ?? 0
+        let lowest = try db.prepare("SELECT MIN(idx) FROM entries")
+        deletedThrough = try lowest.step() ? UInt64(max(1, lowest.int(0))) - 1 : garbageThrough
+        lowest.reset()
         if let snapshot, let first = all.first, first.index != snapshot.index + 1 {
             throw RaftStoreCorruption(path: path, detail: "the log starts at \(first.index) after a snapshot at \(snapshot.index)")
         }
@@ -181,11 +192,19 @@ public final class SQLiteLogStore: RaftLogStore {
         try transaction {
             if replacingLog {
                 try deleteAll.run()
-            } else {
-                try deleteThrough.run(.int(Int64(snapshot.index)))
             }
             try putSnapshot.run(.int(Int64(snapshot.index)), .int(Int64(snapshot.term)), .blob(snapshot.membership.encoded))
         }
+        if replacingLog { deletedThrough = snapshot.index }
+        garbageThrough = max(garbageThrough, snapshot.index)
+    }
+
+    /// Deletes the next batch of entries a snapshot covers (inside the caller's transaction).
+    private func deleteGarbageBatch() throws {
+        guard deletedThrough < garbageThrough else { return }
+        let upTo = min(garbageThrough, deletedThrough + Self.deleteBatch)
+        try deleteRange.run(.int(Int64(deletedThrough)), .int(Int64(upTo)))
+        deletedThrough = upTo
     }
 
     /// Runs `body` in one write transaction, counted as one sync; any error rolls back, is logged and rethrown.
@@ -205,6 +224,7 @@ public final class SQLiteLogStore: RaftLogStore {
     public func persist(hardState: HardState?, entries new: [Entry]) throws {
         guard hardState != nil || !new.isEmpty else { return }
         try transaction {
+            try deleteGarbageBatch()
             if let first = new.first {
                 try deleteFrom.run(.int(Int64(first.index)))
                 for e in new {

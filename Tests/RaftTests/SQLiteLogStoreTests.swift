@@ -48,6 +48,38 @@ struct SQLiteLogStoreTests {
         #expect(recovered.entries.last!.term == 2)
     }
 
+    @Test("compaction records the snapshot at once, hides the covered entries, and deletes them in batches with later writes")
+    func compactionIsIncremental() throws {
+        let path = try temporaryPath("log.sqlite")
+        let store = try SQLiteLogStore(path: path, logger: logger)
+        try store.persist(hardState: HardState(term: 1), entries: (1...5_000).map { entry($0, term: 1) })
+        let meta = SnapshotMetadata(index: 4_000, term: 1, membership: Membership(voters: [1, 2, 3]))
+        try store.saveSnapshot(meta, replacingLog: false)
+        let recovered = try store.recover()
+        #expect(recovered.snapshot == meta)
+        #expect(recovered.entries.first?.index == 4_001 && recovered.entries.count == 1_000)
+        #expect(try store.entries(from: 1, to: 4_000, maxBytes: .max).count == 4_000, "not yet deleted")
+        try store.persist(hardState: nil, entries: [entry(5_001, term: 1)])
+        try store.persist(hardState: nil, entries: [entry(5_002, term: 1)])
+        #expect(try store.entries(from: 1, to: 4_000, maxBytes: .max).isEmpty, "deleted two batches later")
+        store.close()
+        // A restart in between picks up where deletion stopped.
+        let reopened = try SQLiteLogStore(path: path, logger: logger)
+        #expect(try reopened.recover().entries.map(\.index) == Array(4_001...5_002))
+    }
+
+    @Test("installing a snapshot from the leader replaces the whole log at once")
+    func installReplacesLog() throws {
+        let store = try SQLiteLogStore(path: try temporaryPath("log.sqlite"), logger: logger)
+        try store.persist(hardState: HardState(term: 2), entries: (1...10).map { entry($0, term: 1) })
+        let meta = SnapshotMetadata(index: 50, term: 2, membership: Membership(voters: [1, 2, 3]))
+        try store.saveSnapshot(meta, replacingLog: true)
+        let recovered = try store.recover()
+        #expect(recovered.snapshot == meta && recovered.entries.isEmpty)
+        try store.persist(hardState: nil, entries: [entry(51, term: 2)])
+        #expect(try store.recover().entries.map(\.index) == [51])
+    }
+
     @Test("range reads stop at the byte bound but return at least one entry")
     func rangeBoundedByBytes() throws {
         let store = try SQLiteLogStore(path: try temporaryPath("log.sqlite"), logger: logger)
