@@ -57,6 +57,15 @@ struct Demo: AsyncParsableCommand {
         }
         say("  node \(first) recovered and caught up to index \(target) in \(fmt(start.duration(to: clock.now)))")
 
+        let current = cluster.leader!
+        say("  stopping leader \(current) gracefully: it hands over first")
+        start = clock.now
+        await cluster.stopGracefully(current)
+        let successor = try await cluster.waitForLeader()
+        say("  node \(successor) leads \(fmt(start.duration(to: clock.now))) later (no election timeout to wait out)")
+        try cluster.start(current)
+        try await cluster.propose(Array("after-transfer".utf8))
+
         let readAt = try await cluster.driver(cluster.leader!)!.readBarrier()
         say("  a linearizable read (ReadIndex) on the leader is served at applied index \(readAt)")
 
@@ -76,7 +85,7 @@ struct Demo: AsyncParsableCommand {
         let hashes = Set(cluster.liveIDs.map { cluster.machine($0)!.hash })
         guard hashes.count == 1 else { throw ClusterError.mismatch("replicas diverged: \(hashes)") }
         say("")
-        say("ok: \(2 * entries) entries acknowledged; all 3 replicas applied the same log, including the restarted node")
+        say("ok: \(2 * entries + 1) entries acknowledged; all 3 replicas applied the same log, including the restarted nodes")
     }
 
     private func commit(_ cluster: LocalCluster, count: Int, tag: String) async throws {

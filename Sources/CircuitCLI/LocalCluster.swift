@@ -87,14 +87,12 @@ final class LocalCluster: @unchecked Sendable {
 
     var liveIDs: [NodeID] { lock.withLock { drivers.keys.sorted() } }
 
-    /// Stops every node, leaders last after handing over (graceful shutdown).
-    func stopGracefully() async {
-        if let id = leader, let driver = driver(id), liveIDs.count > 1 {
-            if let target = try? await driver.transferLeadership() {
-                try? await wait("leadership to move to \(target)", timeout: .seconds(2)) { self.leader == target }
-            }
-        }
-        shutdown()
+    /// Stops node `id` gracefully: a leader hands over first.
+    func stopGracefully(_ id: NodeID) async {
+        guard let driver = driver(id) else { return }
+        await driver.shutdown()
+        transport.unregister(id)
+        lock.withLock { _ = drivers.removeValue(forKey: id) }
     }
 
     func driver(_ id: NodeID) -> RaftDriver? { lock.withLock { drivers[id] } }

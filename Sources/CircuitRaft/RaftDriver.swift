@@ -106,9 +106,11 @@ public final class RaftDriver: @unchecked Sendable {
         /// Length of one protocol tick. Default 50 ms (with the protocol's defaults: heartbeats every 50 ms and
         /// elections after 500 to 1000 ms of silence).
         public var tickInterval: Duration = .milliseconds(50)
-        /// Take a snapshot and compact the log once this many entries were applied since the last one.
-        /// Default 10,000 (needs `SnapshotFiles`; without them the log is never compacted).
+        /// Take a snapshot and compact the log once this many entries were applied since the last one, or
+        /// `snapshotBytes` bytes of entries, whichever comes first. Defaults 10,000 entries and 64 MiB, so the log
+        /// stays bounded by both (needs `SnapshotFiles`; without them the log is never compacted).
         public var snapshotEntries: UInt64 = 10_000
+        public var snapshotBytes: Int = 64 << 20
         /// Bytes per InstallSnapshot chunk. Default 1 MiB.
         public var snapshotChunkBytes: Int = 1 << 20
         /// Chunks in flight per InstallSnapshot stream before the follower must acknowledge. Default 4.
@@ -133,6 +135,8 @@ public final class RaftDriver: @unchecked Sendable {
     private let snapshots: SnapshotFiles?
     private var snapshotInProgress = false
     private var snapshotsInstalled = 0
+    /// Bytes of entries applied since the last snapshot was taken or installed.
+    private var bytesSinceSnapshot = 0
     /// A store write outside `drainReady` failed: the loop stops on its next turn.
     private var raftStoreFailure: String?
     private var outgoing: [NodeID: OutgoingSnapshot] = [:]
@@ -230,6 +234,18 @@ public final class RaftDriver: @unchecked Sendable {
         done.lock()
         while thread != nil && !finished { done.wait() }
         done.unlock()
+    }
+
+    /// Graceful shutdown: a leader first hands over to the most up-to-date voter and waits (up to `timeout`) for
+    /// another node to take over, so the cluster does not wait an election timeout; then the driver stops.
+    public func shutdown(timeout: Duration = .seconds(2)) async {
+        if status.role == .leader, status.membership.voters.count > 1, (try? await transferLeadership()) != nil {
+            let deadline = ContinuousClock.now + timeout
+            while status.role == .leader && ContinuousClock.now < deadline {
+                try? await Task.sleep(for: .milliseconds(2))
+            }
+        }
+        stop()
     }
 
     /// Messages from peers.
@@ -418,6 +434,7 @@ public final class RaftDriver: @unchecked Sendable {
             }
             transport.send(messages)
             for entry in rd.committedEntries {
+                bytesSinceSnapshot += entry.byteSize
                 let result: [UInt8] = entry.kind == .normal ? stateMachine.apply(entry) : []
                 if let pending = pendingProposals.removeValue(forKey: entry.index) {
                     if pending.term == entry.term {
@@ -460,15 +477,18 @@ public final class RaftDriver: @unchecked Sendable {
         try stateMachine.restore(payload)
         snapshots.removeAll(except: meta)
         snapshotsInstalled += 1
+        bytesSinceSnapshot = 0
         logger.info("installed snapshot", metadata: ["index": "\(meta.index)", "term": "\(meta.term)"])
     }
 
     private func maybeTakeSnapshot() {
         guard let snapshots, !snapshotInProgress,
-            raft.appliedIndex >= (raft.snapshot?.index ?? 0) + options.snapshotEntries,
+            raft.appliedIndex >= (raft.snapshot?.index ?? 0) + options.snapshotEntries
+                || bytesSinceSnapshot >= options.snapshotBytes,
             let meta = raft.snapshotMetadata(at: raft.appliedIndex)
         else { return }
         snapshotInProgress = true
+        bytesSinceSnapshot = 0
         let produce = stateMachine.snapshot()
         // Serializing and writing happen off the loop thread: proposals and applies go on meanwhile.
         let thread = Thread { [self] in

@@ -207,6 +207,37 @@ struct RaftDriverTests {
         #expect(machines[1]!.applied.map(\.data).contains(Array("led by 4".utf8)))
     }
 
+    @Test("a leader that shuts down gracefully hands over: a successor leads before any election timeout could fire")
+    func gracefulShutdownTransfers() async throws {
+        let dir = try temporaryFolder()
+        let transport = LocalTransport()
+        var drivers: [NodeID: RaftDriver] = [:]
+        for id in [NodeID(1), 2, 3] {
+            var options = RaftDriver.Options()
+            options.tickInterval = .milliseconds(100)  // elections only after 1 to 2 s of silence
+            let driver = try RaftDriver(
+                config: RaftConfig(id: id, voters: [1, 2, 3]),
+                store: try SQLiteLogStore(path: "\(dir)/\(id).sqlite", logger: logger), stateMachine: IndexEcho(),
+                transport: transport.endpoint(for: id), options: options, logger: logger)
+            transport.register(driver)
+            drivers[id] = driver
+        }
+        for d in drivers.values { d.start() }
+        defer { for d in drivers.values { d.stop() } }
+        drivers[1]!.campaign()
+        try await waitFor("node 1 to lead") { drivers[1]!.status.role == .leader }
+        _ = try await drivers[1]!.propose([1])
+        let term = drivers[1]!.status.term
+        await drivers[1]!.shutdown()
+        #expect(!drivers[1]!.status.running)
+        // Without the hand-over, the others would wait at least 1 s (10 ticks of 100 ms) before campaigning.
+        try await waitFor("a successor", timeout: .milliseconds(900)) {
+            drivers.values.contains { $0.status.role == .leader && $0.status.running }
+        }
+        let successor = drivers.values.first { $0.status.role == .leader && $0.status.running }!
+        #expect(successor.status.term == term + 1)
+    }
+
     @Test("a store that fails stops the node loudly and fails what was waiting")
     func storageFailureStops() async throws {
         let store = FailingStore()
@@ -248,6 +279,7 @@ struct DemoTests {
         process.waitUntilExit()
         #expect(process.terminationStatus == 0, "\(output)")
         #expect(output.contains("took over"))
-        #expect(output.contains("ok: 200 entries acknowledged; all 3 replicas applied the same log"))
+        #expect(output.contains("hands over first"))
+        #expect(output.contains("ok: 201 entries acknowledged; all 3 replicas applied the same log"))
     }
 }
