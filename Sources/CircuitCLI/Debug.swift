@@ -35,17 +35,9 @@ struct AppendLoop: ParsableCommand {
         }
     }
 
-    /// The entry the loop writes at `index`: its term grows every 100 entries; its data is the index (8 bytes,
-    /// little-endian), some bytes whose number varies, and an FNV-1a hash of all that (8 bytes), so a reader can tell
-    /// a torn or misplaced entry without knowing the generator.
+    /// The entry the loop writes at `index`: its term grows every 100 entries; its data is self-checking.
     static func expected(_ index: UInt64) -> Entry {
-        var rng = SplitMix64(seed: index)
-        var data = withUnsafeBytes(of: index.littleEndian) { Array($0) }
-        data += (0..<Int(rng.next() % 300)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
-        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
-        for b in data { hash = (hash ^ UInt64(b)) &* 0x100_0000_01B3 }
-        data += withUnsafeBytes(of: hash.littleEndian) { Array($0) }
-        return Entry(term: 1 + index / 100, index: index, kind: .normal, data: data)
+        Entry(term: 1 + index / 100, index: index, kind: .normal, data: selfCheckingBytes(index, upTo: 300))
     }
 }
 
@@ -86,15 +78,21 @@ struct SnapshotLoop: ParsableCommand {
         }
     }
 
-    /// The payload of the snapshot at `index`: the index (8 bytes, little-endian), up to 400 kB of bytes that vary
-    /// with it, and an FNV-1a hash of all that, so a reader can check it without the generator.
+    /// The payload of the snapshot at `index`: self-checking, up to 400 kB.
     static func payload(_ index: UInt64) -> [UInt8] {
-        var rng = SplitMix64(seed: index)
-        var data = withUnsafeBytes(of: index.littleEndian) { Array($0) }
-        data += (0..<Int(rng.next() % 400_000)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
-        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
-        for b in data { hash = (hash ^ UInt64(b)) &* 0x100_0000_01B3 }
-        data += withUnsafeBytes(of: hash.littleEndian) { Array($0) }
-        return data
+        selfCheckingBytes(index, upTo: 400_000)
     }
+}
+
+/// Bytes a reader can check without knowing how they were made: `index` (8 bytes, little-endian), fewer than `upTo`
+/// bytes that vary with it, and an FNV-1a hash of all that (8 bytes, little-endian). A torn or misplaced write fails
+/// the check.
+func selfCheckingBytes(_ index: UInt64, upTo: Int) -> [UInt8] {
+    var rng = SplitMix64(seed: index)
+    var data = withUnsafeBytes(of: index.littleEndian) { Array($0) }
+    data += (0..<Int(rng.next() % UInt64(upTo))).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+    var hash: UInt64 = 0xCBF2_9CE4_8422_2325
+    for b in data { hash = (hash ^ UInt64(b)) &* 0x100_0000_01B3 }
+    data += withUnsafeBytes(of: hash.littleEndian) { Array($0) }
+    return data
 }

@@ -251,10 +251,7 @@ public final class RaftDriver: @unchecked Sendable {
     /// Messages from peers.
     public func receive(_ messages: [Message]) {
         guard !messages.isEmpty else { return }
-        condition.lock()
-        inbox.messages.append(contentsOf: messages)
-        condition.signal()
-        condition.unlock()
+        enqueue { $0.messages.append(contentsOf: messages) }
     }
 
     /// A piece of an InstallSnapshot stream from a peer.
@@ -294,24 +291,15 @@ public final class RaftDriver: @unchecked Sendable {
 
     /// Starts an election at once.
     public func campaign() {
-        condition.lock()
-        inbox.campaign = true
-        condition.signal()
-        condition.unlock()
+        enqueue { $0.campaign = true }
     }
 
     /// Proposes `data`; returns the state machine's answer once it is committed and applied here.
     public func propose(_ data: [UInt8]) async throws -> [UInt8] {
         try await withCheckedThrowingContinuation { continuation in
-            condition.lock()
-            if inbox.stopping || finished {
-                condition.unlock()
+            if !enqueue({ $0.proposals.append((data, continuation)) }) {
                 continuation.resume(throwing: RaftDriverError.stopped)
-                return
             }
-            inbox.proposals.append((data, continuation))
-            condition.signal()
-            condition.unlock()
         }
     }
 
@@ -319,15 +307,9 @@ public final class RaftDriver: @unchecked Sendable {
     /// committed before the call, with leadership confirmed by a quorum. Only the leader answers.
     public func readBarrier() async throws -> UInt64 {
         try await withCheckedThrowingContinuation { continuation in
-            condition.lock()
-            if inbox.stopping || finished {
-                condition.unlock()
+            if !enqueue({ $0.reads.append(continuation) }) {
                 continuation.resume(throwing: RaftDriverError.stopped)
-                return
             }
-            inbox.reads.append(continuation)
-            condition.signal()
-            condition.unlock()
         }
     }
 

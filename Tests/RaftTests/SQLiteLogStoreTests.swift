@@ -128,38 +128,12 @@ struct SQLiteLogStoreTests {
         var lastDurable: UInt64 = 0
         let rounds = 25
         for round in 0..<rounds {
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: binary)
-            process.arguments = ["debug", "append-loop", "--db", path, "--seed", "\(round + 1)"]
-            let pipe = Pipe()
-            process.standardOutput = pipe
-            try process.run()
             // Kill it after a random number of durable batches: the moment falls anywhere in a write.
-            let target = 1 + Int(rng.next() % 40)
-            var reported = 0
-            var buffer = Data()
-            let handle = pipe.fileHandleForReading
-            var killed = false
-            while true {
-                let chunk = handle.availableData
-                if chunk.isEmpty { break }
-                buffer.append(chunk)
-                while let newline = buffer.firstIndex(of: UInt8(ascii: "\n")) {
-                    let line = String(decoding: buffer[buffer.startIndex..<newline], as: UTF8.self)
-                    buffer.removeSubrange(buffer.startIndex...newline)
-                    if line.hasPrefix("durable "), let index = UInt64(line.dropFirst(8)) {
-                        #expect(index > lastDurable)
-                        lastDurable = index
-                        reported += 1
-                    }
-                }
-                if reported >= target && !killed {
-                    kill(process.processIdentifier, SIGKILL)
-                    killed = true
-                }
-            }
-            process.waitUntilExit()
-            #expect(process.terminationReason == .uncaughtSignal, "round \(round): the child was not killed")
+            let reported = try runChildUntilKilled(
+                binary, ["debug", "append-loop", "--db", path, "--seed", "\(round + 1)"], prefix: "durable ",
+                killAfter: 1 + Int(rng.next() % 40))
+            #expect(reported == reported.sorted() && reported.first.map { $0 > lastDurable } ?? true)
+            lastDurable = reported.last ?? lastDurable
 
             let store = try SQLiteLogStore(path: path, logger: logger)
             let recovered = try store.recover()
@@ -170,7 +144,7 @@ struct SQLiteLogStoreTests {
             for (i, e) in entries.enumerated() {
                 #expect(e.index == UInt64(i + 1))
                 #expect(e.term == 1 + e.index / 100)
-                #expect(isIntact(e), "round \(round): entry \(e.index) is torn or misplaced")
+                #expect(isSelfChecking(e.data, index: e.index), "round \(round): entry \(e.index) is torn or misplaced")
             }
             #expect(recovered.hardState.commit <= UInt64(entries.count))
             lastDurable = max(lastDurable, UInt64(entries.count))
@@ -178,15 +152,6 @@ struct SQLiteLogStoreTests {
         #expect(lastDurable > UInt64(rounds))
     }
 
-    /// An append-loop entry carries its index first and an FNV-1a hash of the rest last.
-    private func isIntact(_ e: Entry) -> Bool {
-        guard e.data.count >= 16 else { return false }
-        let index = e.data.prefix(8).withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
-        let stored = e.data.suffix(8).withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
-        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
-        for b in e.data.dropLast(8) { hash = (hash ^ UInt64(b)) &* 0x100_0000_01B3 }
-        return UInt64(littleEndian: index) == e.index && UInt64(littleEndian: stored) == hash
-    }
 }
 
 /// The `circuit` executable built beside the test bundle.
@@ -257,36 +222,11 @@ struct SnapshotFilesTests {
         var lastInstalled: UInt64 = 0
         let rounds = 20
         for round in 0..<rounds {
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: binary)
-            process.arguments = ["debug", "snapshot-loop", "--dir", dir, "--seed", "\(round + 1)"]
-            let pipe = Pipe()
-            process.standardOutput = pipe
-            try process.run()
-            let target = 1 + Int(rng.next() % 6)
-            var reported = 0
-            var buffer = Data()
-            var killed = false
-            while true {
-                let chunk = pipe.fileHandleForReading.availableData
-                if chunk.isEmpty { break }
-                buffer.append(chunk)
-                while let newline = buffer.firstIndex(of: UInt8(ascii: "\n")) {
-                    let line = String(decoding: buffer[buffer.startIndex..<newline], as: UTF8.self)
-                    buffer.removeSubrange(buffer.startIndex...newline)
-                    if line.hasPrefix("installed "), let index = UInt64(line.dropFirst(10)) {
-                        #expect(index > lastInstalled)
-                        lastInstalled = index
-                        reported += 1
-                    }
-                }
-                if reported >= target && !killed {
-                    kill(process.processIdentifier, SIGKILL)
-                    killed = true
-                }
-            }
-            process.waitUntilExit()
-            #expect(process.terminationReason == .uncaughtSignal, "round \(round): the child was not killed")
+            let reported = try runChildUntilKilled(
+                binary, ["debug", "snapshot-loop", "--dir", dir, "--seed", "\(round + 1)"], prefix: "installed ",
+                killAfter: 1 + Int(rng.next() % 6))
+            #expect(reported == reported.sorted() && reported.first.map { $0 > lastInstalled } ?? true)
+            lastInstalled = reported.last ?? lastInstalled
 
             let store = try SQLiteLogStore(path: "\(dir)/log.sqlite", logger: logger)
             let recovered = try store.recover()
@@ -295,19 +235,53 @@ struct SnapshotFilesTests {
             #expect(snapshot.index >= lastInstalled, "round \(round): the store names \(snapshot.index), \(lastInstalled) was reported")
             let files = try SnapshotFiles(directory: "\(dir)/snapshots", logger: logger)
             let payload = try files.load(snapshot)
-            #expect(isIntactPayload(payload, index: snapshot.index), "round \(round): the payload of \(snapshot.index) is not whole")
+            #expect(isSelfChecking(payload, index: snapshot.index), "round \(round): the payload of \(snapshot.index) is not whole")
             let leftovers = try FileManager.default.contentsOfDirectory(atPath: "\(dir)/snapshots").filter { $0.hasSuffix(".tmp") }
             #expect(leftovers.isEmpty)
             lastInstalled = snapshot.index
         }
     }
 
-    private func isIntactPayload(_ data: [UInt8], index: UInt64) -> Bool {
-        guard data.count >= 16 else { return false }
-        let stored = data.suffix(8).withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
-        let head = data.prefix(8).withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
-        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
-        for b in data.dropLast(8) { hash = (hash ^ UInt64(b)) &* 0x100_0000_01B3 }
-        return UInt64(littleEndian: head) == index && UInt64(littleEndian: stored) == hash
+}
+
+/// Runs a child that prints `<prefix><number>` lines, kills it with SIGKILL once it has printed `killAfter` of them,
+/// and returns every number it printed before it died.
+func runChildUntilKilled(_ binary: String, _ arguments: [String], prefix: String, killAfter: Int) throws -> [UInt64] {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: binary)
+    process.arguments = arguments
+    let pipe = Pipe()
+    process.standardOutput = pipe
+    try process.run()
+    var reported: [UInt64] = []
+    var buffer = Data()
+    var killed = false
+    while true {
+        let chunk = pipe.fileHandleForReading.availableData
+        if chunk.isEmpty { break }
+        buffer.append(chunk)
+        while let newline = buffer.firstIndex(of: UInt8(ascii: "\n")) {
+            let line = String(decoding: buffer[buffer.startIndex..<newline], as: UTF8.self)
+            buffer.removeSubrange(buffer.startIndex...newline)
+            if line.hasPrefix(prefix), let n = UInt64(line.dropFirst(prefix.count)) { reported.append(n) }
+        }
+        if reported.count >= killAfter && !killed {
+            kill(process.processIdentifier, SIGKILL)
+            killed = true
+        }
     }
+    process.waitUntilExit()
+    #expect(process.terminationReason == .uncaughtSignal, "the child \(arguments) was not killed")
+    return reported
+}
+
+/// Checks bytes made by `circuit debug`'s generators: the index first (8 bytes, little-endian) and an FNV-1a hash of
+/// everything before it last.
+func isSelfChecking(_ data: [UInt8], index: UInt64) -> Bool {
+    guard data.count >= 16 else { return false }
+    let head = data.prefix(8).withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+    let stored = data.suffix(8).withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+    var hash: UInt64 = 0xCBF2_9CE4_8422_2325
+    for b in data.dropLast(8) { hash = (hash ^ UInt64(b)) &* 0x100_0000_01B3 }
+    return UInt64(littleEndian: head) == index && UInt64(littleEndian: stored) == hash
 }
