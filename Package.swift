@@ -6,11 +6,13 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .library(name: "CircuitRaft", targets: ["CircuitRaft"]),
+        .library(name: "CircuitTransport", targets: ["CircuitTransport"]),
         .executable(name: "circuit", targets: ["CircuitCLI"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
     ],
     targets: [
         // libsqlite3 from the system (Debian: libsqlite3-dev).
@@ -28,6 +30,17 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Raft between daemons over TCP (SwiftNIO): framing, the binary codec, the handshake, reconnection.
+        .target(
+            name: "CircuitTransport",
+            dependencies: [
+                "CircuitRaft",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // The `circuit` command: for now the in-process demonstration cluster and the Raft benchmark.
         .executableTarget(
             name: "CircuitCLI",
@@ -42,6 +55,19 @@ let package = Package(
             dependencies: [
                 "CircuitRaft",
                 "CircuitCLI",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(
+            name: "TransportTests",
+            dependencies: [
+                "CircuitTransport",
+                "CircuitRaft",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOTestUtils", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

@@ -1,0 +1,186 @@
+import CircuitRaft
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOEmbedded
+import NIOPosix
+import Testing
+
+@testable import CircuitTransport
+
+final class Counter: RaftStateMachine {
+    private(set) var count = 0
+    func apply(_ entry: Entry) -> [UInt8] {
+        count += 1
+        return []
+    }
+    func snapshot() -> @Sendable () throws -> [UInt8] {
+        let n = UInt64(count)
+        return { withUnsafeBytes(of: n) { Array($0) } }
+    }
+    func restore(_ payload: [UInt8]) throws {
+        count = Int(payload.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
+    }
+}
+
+private let logger = Logger(label: "transport-test")
+
+private func waitFor(_ what: String, timeout: Duration = .seconds(10), _ condition: () -> Bool) async throws {
+    let deadline = ContinuousClock.now + timeout
+    while !condition() {
+        guard ContinuousClock.now < deadline else {
+            Issue.record("timed out waiting for \(what)")
+            throw CancellationError()
+        }
+        try await Task.sleep(for: .milliseconds(5))
+    }
+}
+
+@Suite("Peer handshake")
+struct HandshakeTests {
+    let config = TCPTransport.Configuration(clusterID: 1, hostID: 1)
+
+    private func accepted() throws -> (EmbeddedChannel, NIOLockedValueBox<[PeerFrame]>) {
+        let received = NIOLockedValueBox<[PeerFrame]>([])
+        let channel = EmbeddedChannel()
+        try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(PeerFrameDecoder(maxFrameBytes: 1 << 20)))
+        try channel.pipeline.syncOperations.addHandler(
+            AcceptedPeerHandler(configuration: config, logger: logger) { frame, _ in received.withLockedValue { $0.append(frame) } })
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 7000)).wait()
+        return (channel, received)
+    }
+
+    private func send(_ frame: PeerFrame, to channel: EmbeddedChannel) throws {
+        var buffer = ByteBuffer()
+        PeerCodec.encode(frame, into: &buffer)
+        try channel.writeInbound(buffer)
+    }
+
+    private func answer(_ channel: EmbeddedChannel) throws -> PeerFrame? {
+        guard var out = try channel.readOutbound(as: ByteBuffer.self) else { return nil }
+        out.moveReaderIndex(forwardBy: 4)
+        return try PeerCodec.decode(payload: &out)
+    }
+
+    @Test("a peer of the same cluster is welcomed, then its frames are delivered")
+    func welcome() throws {
+        let (channel, received) = try accepted()
+        try send(.hello(version: PeerFrame.protocolVersion, clusterID: 1, hostID: 2), to: channel)
+        #expect(try answer(channel) == .welcome(hostID: 1))
+        try send(.raft([Message(kind: .heartbeat, from: 2, to: 1, term: 3)]), to: channel)
+        #expect(received.withLockedValue { $0 }.count == 1)
+        #expect(channel.isActive)
+    }
+
+    @Test(
+        "a peer of another cluster, another version, or claiming this host's id is refused and disconnected",
+        arguments: [
+            (PeerFrame.hello(version: PeerFrame.protocolVersion, clusterID: 2, hostID: 2), "cluster id 2, this node belongs to 1"),
+            (.hello(version: 99, clusterID: 1, hostID: 2), "protocol version 99, this node speaks 1"),
+            (.hello(version: PeerFrame.protocolVersion, clusterID: 1, hostID: 1), "host id 1 is not a peer of host 1"),
+            (.raft([]), "expected a hello first"),
+        ])
+    func refused(hello: PeerFrame, reason: String) throws {
+        let (channel, received) = try accepted()
+        try send(hello, to: channel)
+        #expect(try answer(channel) == .refused(reason: reason))
+        #expect(!channel.isActive)
+        #expect(received.withLockedValue { $0 }.isEmpty)
+    }
+
+    @Test("a malformed frame closes the connection without delivering anything")
+    func malformedCloses() throws {
+        let (channel, received) = try accepted()
+        try send(.hello(version: PeerFrame.protocolVersion, clusterID: 1, hostID: 2), to: channel)
+        #expect(try answer(channel) == .welcome(hostID: 1))
+        #expect(channel.isActive)
+        var junk = ByteBuffer()
+        junk.writeInteger(UInt32(3))
+        junk.writeBytes([42, 0, 0])
+        try channel.writeInbound(junk)  // the handler logs the error and closes
+        #expect(!channel.isActive)
+        #expect(received.withLockedValue { $0 }.isEmpty)
+    }
+}
+
+@Suite("Raft over real TCP", .serialized)
+struct TCPRaftTests {
+    final class Node: @unchecked Sendable {
+        let transport: TCPTransport
+        let driver: RaftDriver
+        let machine: Counter
+        init(transport: TCPTransport, driver: RaftDriver, machine: Counter) {
+            self.transport = transport
+            self.driver = driver
+            self.machine = machine
+        }
+    }
+
+    private func makeNodes(_ ids: [NodeID], cluster: UInt64, group: any EventLoopGroup) async throws -> [NodeID: Node] {
+        var transports: [NodeID: TCPTransport] = [:]
+        for id in ids {
+            let t = TCPTransport(configuration: .init(clusterID: cluster, hostID: id), group: group, logger: logger)
+            try await t.start()
+            transports[id] = t
+        }
+        let addresses = transports.mapValues { (host: "127.0.0.1", port: $0.localPort!) }
+        var nodes: [NodeID: Node] = [:]
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("tcp-raft-\(UUID().uuidString.prefix(8))").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        for id in ids {
+            var options = RaftDriver.Options()
+            options.tickInterval = .milliseconds(10)
+            let machine = Counter()
+            let t = transports[id]!
+            t.setPeers(addresses.filter { $0.key != id })
+            let driver = try RaftDriver(
+                config: RaftConfig(id: id, voters: ids), store: try SQLiteLogStore(path: "\(dir)/\(id).sqlite", logger: logger),
+                stateMachine: machine, transport: t, options: options, logger: logger)
+            t.deliver(to: driver)
+            nodes[id] = Node(transport: t, driver: driver, machine: machine)
+        }
+        for n in nodes.values { n.driver.start() }
+        return nodes
+    }
+
+    @Test("three nodes elect, commit, survive their leader's death, and refuse a peer of another cluster")
+    func clusterOverTCP() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let nodes = try await makeNodes([1, 2, 3], cluster: 0xC1, group: group)
+        defer {
+            for n in nodes.values { n.driver.stop() }
+        }
+        func leader() -> Node? { nodes.values.first { $0.driver.status.role == .leader && $0.driver.status.running } }
+        try await waitFor("a leader") { leader() != nil }
+        for i in 0..<50 { _ = try await leader()!.driver.propose(Array("v\(i)".utf8)) }
+        try await waitFor("every node to apply 50") { nodes.values.allSatisfy { $0.machine.count >= 50 } }
+
+        // An intruder from another cluster dials node 1: refused, and node 1 delivers nothing from it.
+        let intruder = TCPTransport(configuration: .init(clusterID: 0xBAD, hostID: 9), group: group, logger: logger)
+        intruder.setPeers([1: ("127.0.0.1", nodes[1]!.transport.localPort!)])
+        for _ in 0..<20 {
+            intruder.send([Message(kind: .vote, from: 9, to: 1, term: 1000, logTerm: 1000, index: 1000)])
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        #expect(intruder.droppedMessages == 20, "every message of the refused intruder was dropped at its side")
+        #expect(nodes.values.allSatisfy { $0.driver.status.term < 1000 })
+
+        // Garbage on node 2's peer port closes that connection only.
+        let raw = try await ClientBootstrap(group: group).connect(host: "127.0.0.1", port: nodes[2]!.transport.localPort!).get()
+        try await raw.writeAndFlush(ByteBuffer(bytes: [0, 0, 0, 3, 42, 42, 42]))
+        try await raw.closeFuture.get()
+
+        // Kill the leader: the other two carry on over TCP.
+        let old = leader()!
+        old.driver.stop()
+        await old.transport.stop()
+        try await waitFor("a new leader") { leader() != nil && leader()! !== old }
+        for i in 0..<20 { _ = try await leader()!.driver.propose(Array("w\(i)".utf8)) }
+        let survivors = nodes.values.filter { $0 !== old }
+        try await waitFor("the survivors to apply 70") { survivors.allSatisfy { $0.machine.count >= 70 } }
+        for n in nodes.values { await n.transport.stop() }
+        await intruder.stop()
+        try await group.shutdownGracefully()
+    }
+}
