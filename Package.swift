@@ -7,12 +7,14 @@ let package = Package(
     products: [
         .library(name: "CircuitRaft", targets: ["CircuitRaft"]),
         .library(name: "CircuitTransport", targets: ["CircuitTransport"]),
+        .library(name: "CircuitStateMachine", targets: ["CircuitStateMachine"]),
         .executable(name: "circuit", targets: ["CircuitCLI"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/x-sheep/swift-property-based.git", from: "2.0.1"),
     ],
     targets: [
         // libsqlite3 from the system (Debian: libsqlite3-dev).
@@ -30,6 +32,9 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // The replicated control state: hosts, sessions, the namespace, records, watches. Deterministic; knows
+        // nothing of Raft or sockets.
+        .target(name: "CircuitStateMachine"),
         // Raft between daemons over TCP (SwiftNIO): framing, the binary codec, the handshake, reconnection.
         .target(
             name: "CircuitTransport",
@@ -69,6 +74,13 @@ let package = Package(
                 .product(name: "NIOTestUtils", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(
+            name: "StateMachineTests",
+            dependencies: [
+                "CircuitStateMachine",
+                .product(name: "PropertyBased", package: "swift-property-based"),
             ]
         ),
     ],

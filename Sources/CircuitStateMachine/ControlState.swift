@@ -1,0 +1,368 @@
+/// The replicated control state: hosts, sessions, the namespace of anchors and elements, global records, and the
+/// history of changes that watches read.
+///
+/// A deterministic value type: `apply` takes a command and the Raft index of its entry and nothing else — no clock,
+/// no randomness, no dictionary order leaks into results, events or snapshots — so every replica that applies the
+/// same log holds byte-identical state.
+public struct ControlState: Sendable {
+    public internal(set) var revision: Revision = 0
+    /// The Raft index of the last command applied.
+    public internal(set) var appliedIndex: UInt64 = 0
+    public internal(set) var anchors: [String: Anchor] = [:]
+    /// Parent path → names of its child anchors.
+    private var children: [String: Set<String>] = [:]
+    public internal(set) var hosts: [String: Host] = [:]
+    public internal(set) var sessions: [SessionID: Session] = [:]
+    /// Session → paths of the ephemeral elements tied to it.
+    private var ephemerals: [SessionID: Set<String>] = [:]
+    /// The retained changes, oldest first.
+    private var history: [WatchEvent] = []
+    /// Events up to this revision are no longer retained.
+    public internal(set) var compactedThrough: Revision = 0
+    /// How many events to retain for watches that resume from a revision.
+    public let historyLimit: Int
+    /// Inside a transaction: the first previous value of every anchor touched, to roll back.
+    private var journal: [(String, Anchor?)]?
+    private var pending: [WatchEvent] = []
+
+    public init(historyLimit: Int = 100_000) {
+        self.historyLimit = max(1, historyLimit)
+    }
+
+    /// The outcome of one command: its result and the changes it made, in order.
+    public struct Outcome: Sendable, Hashable {
+        public var result: CommandResult
+        public var events: [WatchEvent]
+    }
+
+    // MARK: - Applying
+
+    public mutating func apply(_ command: Command, index: UInt64) -> Outcome {
+        appliedIndex = index
+        pending.removeAll(keepingCapacity: true)
+        let result: CommandResult
+        switch command {
+        case .transaction(let ops):
+            result = applyTransaction(ops)
+        default:
+            let before = revision
+            revision += 1
+            switch applyOne(command, index: index) {
+            case .success(let r):
+                if pending.isEmpty { revision = before }  // nothing changed: no revision spent
+                result = r.withRevision(revision)
+            case .failure(let e):
+                revision = before
+                result = .failed(e)
+            }
+        }
+        let events = pending
+        record(events)
+        return Outcome(result: result, events: events)
+    }
+
+    private mutating func applyTransaction(_ ops: [TransactionOp]) -> CommandResult {
+        let before = revision
+        revision += 1
+        journal = []
+        var last: CommandResult = .ok(revision: revision, path: nil, version: 0, session: 0)
+        for (i, op) in ops.enumerated() {
+            let outcome: Result<CommandResult, ControlError>
+            switch op {
+            case .check(let path, let version):
+                let actual = anchors[path]?.version ?? 0
+                outcome = actual == version ? .success(last) : .failure(.versionMismatch(path: path, expected: version, actual: actual))
+            case .create(let path, let element, let session, let sequential):
+                outcome = create(path, element, session: session, sequential: sequential)
+            case .put(let path, let value, let session):
+                outcome = put(path, value, session: session)
+            case .delete(let path, let version):
+                outcome = delete(path, version: version)
+            }
+            switch outcome {
+            case .success(let r):
+                last = r
+            case .failure(let e):
+                // Roll back, newest first.
+                let undo = journal!
+                journal = nil
+                for (path, old) in undo.reversed() { setAnchor(path, old) }
+                revision = before
+                pending.removeAll()
+                return .failed(.transactionFailed(index: i, e))
+            }
+        }
+        journal = nil
+        if pending.isEmpty { revision = before }
+        return last.withRevision(revision)
+    }
+
+    private mutating func applyOne(_ command: Command, index: UInt64) -> Result<CommandResult, ControlError> {
+        switch command {
+        case .registerHost(let id, let peer, let client, let role, let ttl):
+            return registerHost(id, peer: peer, client: client, role: role, ttl: ttl, index: index)
+        case .leaveHost(let id):
+            guard let host = hosts[id] else { return .failure(.noSuchHost(id)) }
+            guard host.state == .alive else { return .failure(.hostNotAlive(id)) }
+            endSession(host.session, hostState: .left)
+            return .success(.ok(revision: 0, path: nil, version: 0, session: 0))
+        case .grantSession(let owner, let ttl):
+            sessions[index] = Session(id: index, ttlMillis: ttl, owner: owner, createdAt: revision)
+            return .success(.ok(revision: 0, path: nil, version: 0, session: index))
+        case .endSession(let id, let expired):
+            guard sessions[id] != nil else { return .failure(.noSuchSession(id)) }
+            endSession(id, hostState: expired ? .expired : .left)
+            return .success(.ok(revision: 0, path: nil, version: 0, session: id))
+        case .create(let path, let element, let session, let sequential):
+            return create(path, element, session: session, sequential: sequential)
+        case .put(let path, let value, let session):
+            return put(path, value, session: session)
+        case .compareAndSet(let path, let version, let value):
+            let actual = anchors[path]?.version ?? 0
+            guard actual == version else { return .failure(.versionMismatch(path: path, expected: version, actual: actual)) }
+            return put(path, value, session: anchors[path]?.session ?? 0)
+        case .delete(let path, let version):
+            return delete(path, version: version)
+        case .updateProc(let path, let state):
+            guard var anchor = anchors[path], let element = anchor.element else { return .failure(.notFound(path: path)) }
+            guard case .proc = element else { return .failure(.wrongKind(path: path, expected: "proc", actual: element.kind)) }
+            anchor.element = .proc(state)
+            anchor.version += 1
+            anchor.modRevision = revision
+            setAnchor(path, anchor)
+            emit(.put, path, anchor)
+            return .success(.ok(revision: 0, path: path, version: anchor.version, session: anchor.session))
+        case .transaction:
+            preconditionFailure("transactions are applied by applyTransaction")
+        }
+    }
+
+    private mutating func registerHost(
+        _ id: String, peer: String, client: String, role: HostRole, ttl: UInt64, index: UInt64
+    ) -> Result<CommandResult, ControlError> {
+        guard Names.isHostID(id) else {
+            return .failure(.invalidName(path: id, why: "a host id is X followed by 16 lowercase hex digits"))
+        }
+        if let old = hosts[id], old.state == .alive {
+            // A restarted daemon rejoins: its old session's ephemerals go, its subtree stays (it reconciles it).
+            dropSessionEphemerals(old.session)
+            sessions[old.session] = nil
+        }
+        sessions[index] = Session(id: index, ttlMillis: ttl, owner: id, createdAt: revision)
+        hosts[id] = Host(
+            id: id, peerAddress: peer, clientAddress: client, role: role, session: index, joinedAt: revision, state: .alive)
+        pending.append(WatchEvent(revision: revision, kind: .hostJoined, path: "/" + id, version: 0, element: nil))
+        return .success(.ok(revision: 0, path: "/" + id, version: 0, session: index))
+    }
+
+    /// Ends a session: its ephemerals go; a host that owned it is no longer alive and its subtree goes.
+    private mutating func endSession(_ id: SessionID, hostState: HostState) {
+        dropSessionEphemerals(id)
+        if let session = sessions.removeValue(forKey: id), var host = hosts[session.owner], host.session == id,
+            host.state == .alive
+        {
+            host.state = hostState
+            hosts[host.id] = host
+            for path in descendants(of: "/" + host.id).reversed() { removeElement(path) }
+            pending.append(WatchEvent(revision: revision, kind: .hostLeft, path: "/" + host.id, version: 0, element: nil))
+        }
+    }
+
+    private mutating func dropSessionEphemerals(_ id: SessionID) {
+        for path in (ephemerals[id] ?? []).sorted().reversed() { removeElement(path) }
+    }
+
+    private mutating func create(
+        _ path: String, _ element: Element, session: SessionID, sequential: Bool
+    ) -> Result<CommandResult, ControlError> {
+        if let error = checkPlacement(path, element: element, session: session) { return .failure(error) }
+        var target = path
+        if sequential {
+            let parent = Names.parent(of: path)
+            ensureAncestors(of: path)
+            var p = anchors[parent] ?? Anchor()
+            let suffix = String(p.nextSequence)
+            target = path + String(repeating: "0", count: max(0, 10 - suffix.count)) + suffix
+            if let error = Names.validate(target) { return .failure(error) }
+            p.nextSequence += 1
+            setAnchor(parent, p)
+        }
+        if let existing = anchors[target]?.element { return .failure(.exists(path: target, kind: existing.kind)) }
+        ensureAncestors(of: target)
+        var anchor = anchors[target] ?? Anchor()
+        anchor.element = element
+        anchor.version = 1
+        anchor.createRevision = revision
+        anchor.modRevision = revision
+        anchor.session = session
+        setAnchor(target, anchor)
+        emit(.put, target, anchor)
+        return .success(.ok(revision: 0, path: target, version: 1, session: session))
+    }
+
+    private mutating func put(_ path: String, _ value: [UInt8], session: SessionID) -> Result<CommandResult, ControlError> {
+        guard var anchor = anchors[path], let element = anchor.element else {
+            return create(path, .record(value), session: session, sequential: false)
+        }
+        guard case .record = element else { return .failure(.wrongKind(path: path, expected: "record", actual: element.kind)) }
+        if session != anchor.session, session != 0, sessions[session] == nil { return .failure(.noSuchSession(session)) }
+        anchor.element = .record(value)
+        anchor.version += 1
+        anchor.modRevision = revision
+        anchor.session = session
+        setAnchor(path, anchor)
+        emit(.put, path, anchor)
+        return .success(.ok(revision: 0, path: path, version: anchor.version, session: session))
+    }
+
+    private mutating func delete(_ path: String, version: UInt64?) -> Result<CommandResult, ControlError> {
+        guard let anchor = anchors[path], anchor.element != nil else { return .failure(.notFound(path: path)) }
+        if let version, version != anchor.version {
+            return .failure(.versionMismatch(path: path, expected: version, actual: anchor.version))
+        }
+        removeElement(path)
+        return .success(.ok(revision: 0, path: path, version: 0, session: 0))
+    }
+
+    /// Where an element may go: a valid name, under a live host or the records root (records only there), with a
+    /// live session if ephemeral.
+    private func checkPlacement(_ path: String, element: Element, session: SessionID) -> ControlError? {
+        if let error = Names.validate(path) { return error }
+        if let host = Names.host(of: path) {
+            guard let h = hosts[host] else { return .noSuchHost(host) }
+            guard h.state == .alive else { return .hostNotAlive(host) }
+        } else if case .record = element {
+        } else {
+            return .wrongKind(path: path, expected: "record", actual: element.kind)
+        }
+        if session != 0 && sessions[session] == nil { return .noSuchSession(session) }
+        return nil
+    }
+
+    // MARK: - The tree
+
+    private mutating func removeElement(_ path: String) {
+        guard var anchor = anchors[path], anchor.element != nil else { return }
+        anchor.element = nil
+        anchor.version = 0
+        anchor.session = 0
+        anchor.modRevision = revision
+        setAnchor(path, anchor)
+        pending.append(WatchEvent(revision: revision, kind: .delete, path: path, version: 0, element: nil))
+        prune(path)
+    }
+
+    /// Removes anchors that hold nothing, from `path` up.
+    private mutating func prune(_ path: String) {
+        var p = path
+        while p != "/", let a = anchors[p], a.element == nil, children[p]?.isEmpty ?? true,
+            a.nextSequence == 0
+        {
+            setAnchor(p, nil)
+            p = Names.parent(of: p)
+        }
+    }
+
+    private mutating func ensureAncestors(of path: String) {
+        var missing: [String] = []
+        var p = Names.parent(of: path)
+        while p != "/" && anchors[p] == nil {
+            missing.append(p)
+            p = Names.parent(of: p)
+        }
+        for a in missing.reversed() { setAnchor(a, Anchor(createRevision: revision, modRevision: revision)) }
+    }
+
+    /// The one place anchors change: keeps the children and ephemeral indexes, and the transaction journal.
+    private mutating func setAnchor(_ path: String, _ new: Anchor?) {
+        let old = anchors[path]
+        if journal != nil, !journal!.contains(where: { $0.0 == path }) { journal!.append((path, old)) }
+        if let oldSession = old?.session, oldSession != 0, oldSession != new?.session {
+            ephemerals[oldSession]?.remove(path)
+            if ephemerals[oldSession]?.isEmpty == true { ephemerals[oldSession] = nil }
+        }
+        if let s = new?.session, s != 0 { ephemerals[s, default: []].insert(path) }
+        let parent = Names.parent(of: path)
+        let name = String(path[path.index(after: path.lastIndex(of: "/")!)...])
+        if old == nil, new != nil {
+            children[parent, default: []].insert(name)
+        } else if old != nil, new == nil {
+            children[parent]?.remove(name)
+            if children[parent]?.isEmpty == true { children[parent] = nil }
+        }
+        anchors[path] = new
+    }
+
+    private mutating func emit(_ kind: WatchEvent.Kind, _ path: String, _ anchor: Anchor) {
+        pending.append(WatchEvent(revision: revision, kind: kind, path: path, version: anchor.version, element: anchor.element))
+    }
+
+    private mutating func record(_ events: [WatchEvent]) {
+        history.append(contentsOf: events)
+        if history.count > historyLimit + historyLimit / 4 {
+            // Drop in chunks, never splitting a revision: a watcher resumes at a revision boundary.
+            var cut = history.count - historyLimit
+            while cut < history.count && cut > 0 && history[cut].revision == history[cut - 1].revision { cut += 1 }
+            compactedThrough = history[cut - 1].revision
+            history.removeFirst(cut)
+        }
+    }
+
+    // MARK: - Reading
+
+    /// The names of `path`'s child anchors, sorted.
+    public func children(of path: String) -> [String] {
+        (children[path] ?? []).sorted()
+    }
+
+    /// Every path below `path` that holds an element, sorted.
+    public func descendants(of path: String) -> [String] {
+        var out: [String] = []
+        var stack = [path]
+        while let p = stack.popLast() {
+            for name in children[p] ?? [] {
+                let child = p == "/" ? "/" + name : p + "/" + name
+                if anchors[child]?.element != nil { out.append(child) }
+                stack.append(child)
+            }
+        }
+        return out.sorted()
+    }
+
+    /// The hosts, sorted by id.
+    public var hostList: [Host] { hosts.values.sorted { $0.id < $1.id } }
+
+    /// Every retained change after `revision` under `prefix` (the path itself, or anything below it), in order; or
+    /// `compacted` if changes after `revision` are no longer retained.
+    public func events(after revision: Revision, prefix: String = "/") -> Result<[WatchEvent], WatchError> {
+        if revision < compactedThrough { return .failure(.compacted(resumeFrom: compactedThrough + 1)) }
+        let matches: (String) -> Bool = { p in
+            prefix == "/" || p == prefix || p.hasPrefix(prefix.hasSuffix("/") ? prefix : prefix + "/")
+        }
+        return .success(history.filter { $0.revision > revision && matches($0.path) })
+    }
+
+    mutating func setAnchorRestoring(_ path: String, _ anchor: Anchor) { setAnchor(path, anchor) }
+    mutating func appendRestoredEvent(_ event: WatchEvent) { history.append(event) }
+
+    /// The retained history's first revision (after `compactedThrough`).
+    public var retainedFrom: Revision { compactedThrough + 1 }
+}
+
+public enum WatchError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// Changes after the requested revision were dropped from the history: read the current state, then watch
+    /// from `resumeFrom`.
+    case compacted(resumeFrom: Revision)
+    public var description: String {
+        switch self {
+        case .compacted(let r): return "compacted: the history starts after that revision; resume from revision \(r)"
+        }
+    }
+}
+
+extension CommandResult {
+    func withRevision(_ revision: Revision) -> CommandResult {
+        guard case .ok(_, let path, let version, let session) = self else { return self }
+        return .ok(revision: revision, path: path, version: version, session: session)
+    }
+}
