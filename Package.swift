@@ -51,6 +51,7 @@ let package = Package(
             name: "CircuitCLI",
             dependencies: [
                 "CircuitRaft",
+                "CircuitStateMachine",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -1,11 +1,12 @@
 import ArgumentParser
 import CircuitRaft
+import CircuitStateMachine
 import Foundation
 import Logging
 
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Benchmarks that print a table of figures.", subcommands: [RaftBench.self, CatchUpBench.self])
+        abstract: "Benchmarks that print a table of figures.", subcommands: [RaftBench.self, CatchUpBench.self, StateBench.self])
 }
 
 /// A 3-node cluster in one process with real SQLite stores and an in-memory transport, driven by closed-loop
@@ -254,5 +255,66 @@ struct CatchUpBench: AsyncParsableCommand {
         print(String(format: "| leader's snapshot file | %.1f MB |", Double(snapshotBytes) / 1e6))
         print(String(format: "| learner catch-up from an empty disk (snapshot plus tail) | %.2f s |", catchUp.milliseconds / 1000))
         print("| learner: snapshots installed, snapshot index, entries replayed after it | \(learner.snapshotsInstalled), \(learner.snapshotIndex), \(learner.appliedIndex - learner.snapshotIndex) |")
+    }
+}
+
+/// Apply throughput, memory and snapshot cost of the control state, in one process, no Raft.
+struct StateBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "state", abstract: "Applied commands/s, bytes per record, snapshot and restore time of the control state.")
+
+    @Option(help: "Records.")
+    var records: Int = 1_000_000
+
+    func run() throws {
+        let clock = ContinuousClock()
+        let paths = (0..<records).map { "/records/bench/k\(String(repeating: "0", count: 8 - String($0).count))\($0)" }
+        let value = [UInt8](repeating: 0x61, count: 16)
+        var state = ControlState(historyLimit: 10_000)
+        var index: UInt64 = 0
+        func measure(_ name: String, _ command: (Int) -> Command) -> (String, Double) {
+            let start = clock.now
+            for i in 0..<records {
+                index += 1
+                _ = state.apply(command(i), index: index)
+            }
+            let seconds = start.duration(to: clock.now).milliseconds / 1000
+            return (name, Double(records) / seconds)
+        }
+        let rssBefore = residentBytes()
+        let create = measure("create") { .create(path: paths[$0], element: .record(value), session: 0, sequential: false) }
+        let rssAfter = residentBytes()
+        let put = measure("put") { .put(path: paths[$0], value: value, session: 0) }
+        let cas = measure("compare-and-set") { .compareAndSet(path: paths[$0], version: 2, value: value) }
+        let encoded = (0..<records).map { Command.put(path: paths[$0], value: value, session: 0).encoded }
+        var start = clock.now
+        for bytes in encoded {
+            index += 1
+            _ = state.apply(try Command(decoding: bytes), index: index)
+        }
+        let decodeApply = Double(records) / (start.duration(to: clock.now).milliseconds / 1000)
+        start = clock.now
+        let snapshot = state.snapshot()
+        let snapshotTime = start.duration(to: clock.now)
+        start = clock.now
+        let restored = try ControlState(restoring: snapshot)
+        let restoreTime = start.duration(to: clock.now)
+        guard restored.anchors.count == state.anchors.count else { throw ClusterError.mismatch("restore lost anchors") }
+
+        print("Control state benchmark: \(records) records of 16 bytes under /records/bench, one thread, release build")
+        print("")
+        print("| figure | value |")
+        print("|---|---:|")
+        for (name, rate) in [create, put, cas] { print(String(format: "| %@ applied/s | %.0f |", name, rate)) }
+        print(String(format: "| put decoded from its log bytes and applied, /s | %.0f |", decodeApply))
+        print(String(format: "| resident memory per record (RSS growth over the creates / records) | %.0f bytes |", Double(rssAfter - rssBefore) / Double(records)))
+        print(String(format: "| snapshot of %d records | %.0f ms, %.1f MB |", records, snapshotTime.milliseconds, Double(snapshot.count) / 1e6))
+        print(String(format: "| restore of %d records | %.0f ms |", records, restoreTime.milliseconds))
+    }
+
+    private func residentBytes() -> Int {
+        guard let statm = try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8) else { return 0 }
+        let fields = statm.split(separator: " ")
+        return fields.count > 1 ? (Int(fields[1]) ?? 0) * 4096 : 0
     }
 }

@@ -84,37 +84,62 @@ public enum Names {
     /// (`/X` + 16 lowercase hex digits) or at `/records`, and below that root.
     public static func validate(_ path: String) -> ControlError? {
         func bad(_ why: String) -> ControlError { .invalidName(path: path, why: why) }
-        guard path.utf8.count <= maxPathBytes else { return bad("longer than \(maxPathBytes) bytes") }
-        guard path.hasPrefix("/") else { return bad("must start with /") }
-        let segments = path.utf8.split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: false).dropFirst()
-        guard segments.count >= 2 else { return bad("must name something below a host or \(recordsRoot)") }
-        guard segments.count <= maxDepth else { return bad("deeper than \(maxDepth) segments") }
-        for segment in segments {
-            if segment.isEmpty { return bad("has an empty segment") }
-            if segment.count > maxSegmentBytes { return bad("has a segment longer than \(maxSegmentBytes) bytes") }
-            if segment.elementsEqual(".".utf8) || segment.elementsEqual("..".utf8) { return bad("has a . or .. segment") }
-            for b in segment where !isNameByte(b) {
-                return bad("has the character \(String(decoding: [b], as: UTF8.self).debugDescription); allowed: letters, digits, . _ -")
+        let u = path.utf8
+        guard u.count <= maxPathBytes else { return bad("longer than \(maxPathBytes) bytes") }
+        guard u.first == UInt8(ascii: "/") else { return bad("must start with /") }
+        // One pass over the bytes, no allocation: segment lengths, dots, characters.
+        var segments = 0
+        var length = 0
+        var dots = 0
+        var rootEnd = u.endIndex
+        var i = u.index(after: u.startIndex)
+        while true {
+            let atEnd = i == u.endIndex
+            let b: UInt8 = atEnd ? UInt8(ascii: "/") : u[i]
+            if b == UInt8(ascii: "/") {
+                if length == 0 { return bad("has an empty segment") }
+                if length > maxSegmentBytes { return bad("has a segment longer than \(maxSegmentBytes) bytes") }
+                if dots == length && length <= 2 { return bad("has a . or .. segment") }
+                segments += 1
+                if segments == 1 { rootEnd = i }
+                length = 0
+                dots = 0
+                if atEnd { break }
+            } else {
+                guard isNameByte(b) else {
+                    return bad("has the character \(String(decoding: [b], as: UTF8.self).debugDescription); allowed: letters, digits, . _ -")
+                }
+                length += 1
+                if b == UInt8(ascii: ".") { dots += 1 }
             }
+            i = u.index(after: i)
         }
-        let root = String(decoding: segments.first!, as: UTF8.self)
-        if "/" + root != recordsRoot && !isHostID(root) {
+        guard segments >= 2 else { return bad("must name something below a host or \(recordsRoot)") }
+        guard segments <= maxDepth else { return bad("deeper than \(maxDepth) segments") }
+        let root = u[u.index(after: u.startIndex)..<rootEnd]
+        if !root.elementsEqual(recordsRoot.utf8.dropFirst()) && !isHostID(root) {
             return bad("must start with a host (X and 16 hex digits) or \(recordsRoot)")
         }
         return nil
     }
 
     /// `X` followed by 16 lowercase hex digits.
-    public static func isHostID(_ s: String) -> Bool {
-        let u = Array(s.utf8)
-        guard u.count == 17, u[0] == UInt8(ascii: "X") else { return false }
+    public static func isHostID(_ s: String) -> Bool { isHostID(s.utf8[...]) }
+
+    static func isHostID(_ u: Substring.UTF8View) -> Bool {
+        guard u.count == 17, u.first == UInt8(ascii: "X") else { return false }
         return u.dropFirst().allSatisfy { (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) || (UInt8(ascii: "a")...UInt8(ascii: "f")).contains($0) }
     }
 
     /// The host owning a path, if it is under one.
     public static func host(of path: String) -> String? {
-        let root = path.split(separator: "/", maxSplits: 1, omittingEmptySubsequences: true).first.map(String.init)
-        return root.flatMap { isHostID($0) ? $0 : nil }
+        // "/X" + 16 hex digits, then the end or "/".
+        let u = path.utf8
+        guard u.count >= 18, u.first == UInt8(ascii: "/") else { return nil }
+        let start = u.index(after: u.startIndex)
+        let end = u.index(start, offsetBy: 17)
+        guard end == u.endIndex || u[end] == UInt8(ascii: "/"), isHostID(path[start..<end].utf8) else { return nil }
+        return String(path[start..<end])
     }
 
     static func parent(of path: String) -> String {

@@ -281,14 +281,18 @@ public struct ControlState: Sendable {
             ephemerals[oldSession]?.remove(path)
             if ephemerals[oldSession]?.isEmpty == true { ephemerals[oldSession] = nil }
         }
-        if let s = new?.session, s != 0 { ephemerals[s, default: []].insert(path) }
-        let parent = Names.parent(of: path)
-        let name = String(path[path.index(after: path.lastIndex(of: "/")!)...])
-        if old == nil, new != nil {
-            children[parent, default: []].insert(name)
-        } else if old != nil, new == nil {
-            children[parent]?.remove(name)
-            if children[parent]?.isEmpty == true { children[parent] = nil }
+        if let s = new?.session, s != 0, s != old?.session { ephemerals[s, default: []].insert(path) }
+        if (old == nil) != (new == nil) {
+            // Only a new or removed anchor changes its parent's children.
+            let slash = path.lastIndex(of: "/")!
+            let parent = slash == path.startIndex ? "/" : String(path[..<slash])
+            let name = String(path[path.index(after: slash)...])
+            if new != nil {
+                children[parent, default: []].insert(name)
+            } else {
+                children[parent]?.remove(name)
+                if children[parent]?.isEmpty == true { children[parent] = nil }
+            }
         }
         anchors[path] = new
     }
