@@ -30,6 +30,9 @@ struct RaftBench: AsyncParsableCommand {
     @Option(help: "Folder for the stores (default: a temporary folder, removed afterwards).")
     var data: String?
 
+    @Option(help: "Snapshot and compact every this many entries (default: the driver's default).")
+    var snapshotEntries: UInt64?
+
     struct Round {
         var throughput: Double
         var p50: Double
@@ -44,7 +47,7 @@ struct RaftBench: AsyncParsableCommand {
         let base = data ?? temporaryDirectory("circuit-bench")
         defer { if data == nil { try? FileManager.default.removeItem(atPath: base) } }
         print("Raft benchmark: 3 nodes in one process, SQLite stores (WAL, synchronous=FULL) in \(base)")
-        print("64-byte entries, closed loop, \(seconds) s per round after 1 s warm-up, median of \(rounds) rounds")
+        print("64-byte entries, closed loop, \(seconds) s per round after 1 s warm-up, median of \(rounds) rounds, snapshot every \(snapshotEntries ?? RaftDriver.Options().snapshotEntries) entries")
         print("")
         print("| proposers | committed/s (median) | spread (min–max) | p50 ms | p99 ms | fsyncs/proposal leader | fsyncs/proposal cluster |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
@@ -64,7 +67,9 @@ struct RaftBench: AsyncParsableCommand {
     }
 
     private func measure(proposers: Int, directory: String, logger: Logger) async throws -> Round {
-        let cluster = try LocalCluster(directory: directory, size: 3, logger: logger)
+        var options = RaftDriver.Options()
+        if let snapshotEntries { options.snapshotEntries = snapshotEntries }
+        let cluster = try LocalCluster(directory: directory, size: 3, options: options, logger: logger)
         defer { cluster.shutdown() }
         let leaderID = try await cluster.waitForLeader()
         let leader = cluster.driver(leaderID)!

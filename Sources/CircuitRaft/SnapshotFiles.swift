@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 
 #if canImport(Glibc)
@@ -37,10 +38,24 @@ public final class SnapshotFiles: Sendable {
         "\(directory)/snap-\(hex(meta.index))-\(hex(meta.term)).snap"
     }
 
-    /// Writes a snapshot durably and atomically.
-    public func write(_ meta: SnapshotMetadata, payload: [UInt8]) throws {
+    /// Writes a snapshot durably and atomically, at most `bytesPerSecond` if given (so that a large snapshot does not
+    /// take the disk from the log's fsyncs).
+    public func write(_ meta: SnapshotMetadata, payload: [UInt8], bytesPerSecond: Int? = nil) throws {
         let receiver = try SnapshotReceiver(files: self, meta: meta)
-        try receiver.append(offset: 0, Self.encode(meta, payload: payload))
+        let bytes = Self.encode(meta, payload: payload)
+        let step = 1 << 20
+        let clock = ContinuousClock()
+        let start = clock.now
+        var offset = 0
+        while offset < bytes.count {
+            let end = min(bytes.count, offset + step)
+            try receiver.append(offset: UInt64(offset), Array(bytes[offset..<end]))
+            offset = end
+            if let rate = bytesPerSecond, rate > 0 {
+                let due = start + .milliseconds(offset * 1000 / rate)
+                if clock.now < due { Thread.sleep(forTimeInterval: Double((due - clock.now).components.attoseconds) / 1e18 + Double((due - clock.now).components.seconds)) }
+            }
+        }
         try receiver.finish(verify: false)  // written from memory just now: no need to read it back
     }
 
