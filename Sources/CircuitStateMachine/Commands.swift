@@ -83,18 +83,22 @@ public enum Names {
     /// and `-` (not `.` or `..`), at most 128 bytes each, 32 deep and 1,024 bytes in all; rooted at a host
     /// (`/X` + 16 lowercase hex digits) or at `/records`, and below that root.
     public static func validate(_ path: String) -> ControlError? {
+        var copy = path
+        return copy.withUTF8 { validate(path, bytes: $0) }
+    }
+
+    /// One pass over the bytes, no allocation: segment lengths, dots, characters, the root.
+    private static func validate(_ path: String, bytes u: UnsafeBufferPointer<UInt8>) -> ControlError? {
         func bad(_ why: String) -> ControlError { .invalidName(path: path, why: why) }
-        let u = path.utf8
         guard u.count <= maxPathBytes else { return bad("longer than \(maxPathBytes) bytes") }
         guard u.first == UInt8(ascii: "/") else { return bad("must start with /") }
-        // One pass over the bytes, no allocation: segment lengths, dots, characters.
         var segments = 0
         var length = 0
         var dots = 0
-        var rootEnd = u.endIndex
-        var i = u.index(after: u.startIndex)
+        var rootEnd = u.count
+        var i = 1
         while true {
-            let atEnd = i == u.endIndex
+            let atEnd = i == u.count
             let b: UInt8 = atEnd ? UInt8(ascii: "/") : u[i]
             if b == UInt8(ascii: "/") {
                 if length == 0 { return bad("has an empty segment") }
@@ -112,11 +116,11 @@ public enum Names {
                 length += 1
                 if b == UInt8(ascii: ".") { dots += 1 }
             }
-            i = u.index(after: i)
+            i += 1
         }
         guard segments >= 2 else { return bad("must name something below a host or \(recordsRoot)") }
         guard segments <= maxDepth else { return bad("deeper than \(maxDepth) segments") }
-        let root = u[u.index(after: u.startIndex)..<rootEnd]
+        let root = UnsafeBufferPointer(rebasing: u[1..<rootEnd])
         if !root.elementsEqual(recordsRoot.utf8.dropFirst()) && !isHostID(root) {
             return bad("must start with a host (X and 16 hex digits) or \(recordsRoot)")
         }
@@ -126,7 +130,7 @@ public enum Names {
     /// `X` followed by 16 lowercase hex digits.
     public static func isHostID(_ s: String) -> Bool { isHostID(s.utf8[...]) }
 
-    static func isHostID(_ u: Substring.UTF8View) -> Bool {
+    static func isHostID<C: Collection<UInt8>>(_ u: C) -> Bool {
         guard u.count == 17, u.first == UInt8(ascii: "X") else { return false }
         return u.dropFirst().allSatisfy { (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) || (UInt8(ascii: "a")...UInt8(ascii: "f")).contains($0) }
     }
