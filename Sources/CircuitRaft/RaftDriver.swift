@@ -120,6 +120,8 @@ public final class RaftDriver: @unchecked Sendable {
         public var snapshotWindow: Int = 4
         /// A stream with no acknowledgement for this long fails (the leader retries later). Default 10 s.
         public var snapshotTimeout: Duration = .seconds(10)
+        /// A stream with no acknowledgement for this long resends from what the follower acknowledged. Default 500 ms.
+        public var snapshotRetransmit: Duration = .milliseconds(500)
         public init() {}
     }
 
@@ -544,10 +546,16 @@ public final class RaftDriver: @unchecked Sendable {
         }
         for peer in outgoing.keys.sorted() {
             guard var stream = outgoing[peer] else { continue }
-            if ContinuousClock.now - stream.lastProgress > options.snapshotTimeout {
+            let quiet = ContinuousClock.now - stream.lastProgress
+            if quiet > options.snapshotTimeout {
                 outgoing[peer] = nil
                 raft.reportSnapshot(to: peer, succeeded: false)
                 continue
+            }
+            if quiet > options.snapshotRetransmit && stream.sent > stream.acknowledged {
+                // Chunks or their acknowledgements were lost: go back to what the follower holds.
+                stream.sent = stream.acknowledged
+                stream.lastProgress = .now
             }
             let window = UInt64(options.snapshotChunkBytes * options.snapshotWindow)
             while stream.sent < stream.size && stream.sent - stream.acknowledged < window {
@@ -579,7 +587,13 @@ public final class RaftDriver: @unchecked Sendable {
                 raft.reportSnapshot(to: chunk.from, succeeded: false)
                 return
             }
-            stream.acknowledged = max(stream.acknowledged, chunk.offset)
+            if chunk.offset < stream.acknowledged {
+                // The follower started over (it lost its partial file): so does the stream.
+                stream.acknowledged = chunk.offset
+                stream.sent = chunk.offset
+            } else if chunk.offset > stream.acknowledged {
+                stream.acknowledged = chunk.offset
+            }
             stream.lastProgress = .now
             if stream.acknowledged >= stream.size {
                 outgoing[chunk.from] = nil
@@ -597,7 +611,12 @@ public final class RaftDriver: @unchecked Sendable {
                     incoming[chunk.from]?.abort()
                     incoming[chunk.from] = try snapshots.receiver(for: chunk.snapshot)
                 }
-                guard let receiver = incoming[chunk.from], receiver.meta == chunk.snapshot else { return answer(.abort, 0) }
+                guard let receiver = incoming[chunk.from], receiver.meta == chunk.snapshot else {
+                    return answer(.ack, 0)  // nothing of it here: start from the beginning
+                }
+                guard chunk.offset == receiver.received else {
+                    return answer(.ack, receiver.received)  // a gap or a repeat: resume from what is here
+                }
                 try receiver.append(offset: chunk.offset, chunk.data)
                 if chunk.last {
                     try receiver.finish()

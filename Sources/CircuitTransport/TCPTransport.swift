@@ -52,10 +52,14 @@ public final class TCPTransport: RaftTransport, Sendable {
     }
 
     private enum Connection {
-        case connecting
+        /// Frames sent meanwhile wait here (bounded) and go out once the handshake succeeds.
+        case connecting(queued: [ByteBuffer], bytes: Int, backoff: TimeAmount)
         case ready(any Channel)
         case backingOff(until: NIODeadline, next: TimeAmount)
     }
+
+    /// At most this much waits for a connection being set up; beyond it frames are dropped.
+    private static let maxQueuedBytes = 4 << 20
 
     public init(configuration: Configuration, group: any EventLoopGroup, logger: Logger) {
         self.configuration = configuration
@@ -150,32 +154,42 @@ public final class TCPTransport: RaftTransport, Sendable {
     }
 
     private func send(_ frame: PeerFrame, to peer: NodeID, count: Int) {
-        guard let channel = connection(to: peer), channel.isWritable else {
-            state.withLockedValue { $0.dropped += count }
-            return
-        }
-        var buffer = channel.allocator.buffer(capacity: 256)
+        var buffer = ByteBufferAllocator().buffer(capacity: 256)
         PeerCodec.encode(frame, into: &buffer)
-        channel.writeAndFlush(buffer, promise: nil)
-    }
-
-    /// The ready connection to `peer`, or nil after starting to dial it (unless backing off).
-    private func connection(to peer: NodeID) -> (any Channel)? {
-        let dial: (host: String, port: Int)? = state.withLockedValue { s in
-            guard !s.stopped, let address = s.peers[peer] else { return nil }
+        enum Next { case write(any Channel), dial(String, Int), done }
+        let next: Next = state.withLockedValue { s in
+            guard !s.stopped, let address = s.peers[peer] else {
+                s.dropped += count
+                return .done
+            }
             switch s.connections[peer] {
-            case .ready: return nil
-            case .connecting: return nil
-            case .backingOff(let until, _) where NIODeadline.now() < until: return nil
-            case .backingOff, nil:
-                s.connections[peer] = .connecting
-                return address
+            case .ready(let channel):
+                if channel.isWritable { return .write(channel) }
+                s.dropped += count  // back-pressure: Raft will send again
+                return .done
+            case .connecting(var queued, let bytes, let backoff):
+                if bytes + buffer.readableBytes > Self.maxQueuedBytes {
+                    s.dropped += count
+                } else {
+                    queued.append(buffer)
+                    s.connections[peer] = .connecting(queued: queued, bytes: bytes + buffer.readableBytes, backoff: backoff)
+                }
+                return .done
+            case .backingOff(let until, _) where NIODeadline.now() < until:
+                s.dropped += count
+                return .done
+            case .backingOff(_, let next):
+                s.connections[peer] = .connecting(queued: [buffer], bytes: buffer.readableBytes, backoff: next)
+                return .dial(address.host, address.port)
+            case nil:
+                s.connections[peer] = .connecting(queued: [buffer], bytes: buffer.readableBytes, backoff: configuration.minBackoff)
+                return .dial(address.host, address.port)
             }
         }
-        if let dial { connect(to: peer, host: dial.host, port: dial.port) }
-        return state.withLockedValue { s in
-            if case .ready(let ch) = s.connections[peer] { return ch }
-            return nil
+        switch next {
+        case .write(let channel): channel.writeAndFlush(buffer, promise: nil)
+        case .dial(let host, let port): connect(to: peer, host: host, port: port)
+        case .done: break
         }
     }
 
@@ -204,12 +218,20 @@ public final class TCPTransport: RaftTransport, Sendable {
                 established.futureResult.whenComplete { handshake in
                     switch handshake {
                     case .success:
-                        let keep = self.state.withLockedValue { s -> Bool in
-                            guard !s.stopped, s.peers[peer] != nil else { return false }
+                        let queued = self.state.withLockedValue { s -> [ByteBuffer]? in
+                            guard !s.stopped, s.peers[peer] != nil else { return nil }
+                            var queued: [ByteBuffer] = []
+                            if case .connecting(let q, _, _) = s.connections[peer] { queued = q }
                             s.connections[peer] = .ready(channel)
-                            return true
+                            return queued
                         }
-                        if !keep { channel.close(promise: nil) }
+                        if let queued {
+                            // In order, before anything sent from now on (which goes through the same event loop).
+                            for b in queued { channel.write(b, promise: nil) }
+                            channel.flush()
+                        } else {
+                            channel.close(promise: nil)
+                        }
                         logger.debug("connected to peer", metadata: ["peer": "\(peer)", "address": "\(host):\(port)"])
                     case .failure(let error):
                         channel.close(promise: nil)
@@ -230,9 +252,11 @@ public final class TCPTransport: RaftTransport, Sendable {
     private func connectionFailed(_ peer: NodeID, error: String) {
         let config = configuration
         let delay: TimeAmount = state.withLockedValue { s in
-            var next = config.minBackoff
-            if case .backingOff(_, let previous) = s.connections[peer] { next = previous }
-            let delay = next
+            var delay = config.minBackoff
+            if case .connecting(let queued, _, let backoff) = s.connections[peer] {
+                s.dropped += queued.count
+                delay = backoff
+            }
             s.connections[peer] = .backingOff(
                 until: .now() + delay, next: min(config.maxBackoff, TimeAmount.nanoseconds(delay.nanoseconds * 2)))
             return delay

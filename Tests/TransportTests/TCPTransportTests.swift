@@ -117,7 +117,10 @@ struct TCPRaftTests {
         }
     }
 
-    private func makeNodes(_ ids: [NodeID], cluster: UInt64, group: any EventLoopGroup) async throws -> [NodeID: Node] {
+    private func makeNodes(
+        _ ids: [NodeID], cluster: UInt64, group: any EventLoopGroup, voters: [NodeID]? = nil,
+        configure: (inout RaftDriver.Options) -> Void = { _ in }
+    ) async throws -> [NodeID: Node] {
         var transports: [NodeID: TCPTransport] = [:]
         for id in ids {
             let t = TCPTransport(configuration: .init(clusterID: cluster, hostID: id), group: group, logger: logger)
@@ -131,12 +134,16 @@ struct TCPRaftTests {
         for id in ids {
             var options = RaftDriver.Options()
             options.tickInterval = .milliseconds(10)
+            configure(&options)
             let machine = Counter()
             let t = transports[id]!
             t.setPeers(addresses.filter { $0.key != id })
+            let initial = voters ?? ids
             let driver = try RaftDriver(
-                config: RaftConfig(id: id, voters: ids), store: try SQLiteLogStore(path: "\(dir)/\(id).sqlite", logger: logger),
-                stateMachine: machine, transport: t, options: options, logger: logger)
+                config: RaftConfig(id: id, voters: initial.contains(id) ? initial : []),
+                store: try SQLiteLogStore(path: "\(dir)/\(id).sqlite", logger: logger), stateMachine: machine, transport: t,
+                snapshots: try SnapshotFiles(directory: "\(dir)/\(id)-snapshots", logger: logger), options: options,
+                logger: logger)
             t.deliver(to: driver)
             nodes[id] = Node(transport: t, driver: driver, machine: machine)
         }
@@ -163,7 +170,7 @@ struct TCPRaftTests {
             intruder.send([Message(kind: .vote, from: 9, to: 1, term: 1000, logTerm: 1000, index: 1000)])
             try await Task.sleep(for: .milliseconds(10))
         }
-        #expect(intruder.droppedMessages == 20, "every message of the refused intruder was dropped at its side")
+        try await waitFor("every message of the refused intruder to be dropped at its side") { intruder.droppedMessages == 20 }
         #expect(nodes.values.allSatisfy { $0.driver.status.term < 1000 })
 
         // Garbage on node 2's peer port closes that connection only.
@@ -181,6 +188,28 @@ struct TCPRaftTests {
         try await waitFor("the survivors to apply 70") { survivors.allSatisfy { $0.machine.count >= 70 } }
         for n in nodes.values { await n.transport.stop() }
         await intruder.stop()
+        try await group.shutdownGracefully()
+    }
+
+    @Test("a learner that joins late catches up through InstallSnapshot streamed in chunks over TCP")
+    func snapshotOverTCP() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let nodes = try await makeNodes([1, 2, 3, 4], cluster: 0xC2, group: group, voters: [1, 2, 3]) { options in
+            options.snapshotEntries = 20
+            options.snapshotChunkBytes = 64  // many small frames, through the window
+            options.snapshotWindow = 2
+        }
+        defer { for n in nodes.values { n.driver.stop() } }
+        func leader() -> Node? { nodes.values.first { $0.driver.status.role == .leader } }
+        try await waitFor("a leader") { leader() != nil }
+        for i in 0..<100 { _ = try await leader()!.driver.propose(Array("v\(i)".utf8)) }
+        try await waitFor("the voters to compact") { nodes.filter { $0.key != 4 }.allSatisfy { $0.value.driver.status.snapshotIndex > 0 } }
+        try await leader()!.driver.changeMembership(.addLearner(4))
+        let target = leader()!.driver.status.commitIndex
+        try await waitFor("the learner to catch up") { nodes[4]!.driver.status.appliedIndex >= target }
+        #expect(nodes[4]!.driver.status.snapshotsInstalled >= 1)
+        #expect(nodes[4]!.machine.count == leader()!.machine.count)
+        for n in nodes.values { await n.transport.stop() }
         try await group.shutdownGracefully()
     }
 }
