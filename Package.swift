@@ -46,6 +46,8 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Helpers shared by the test targets (not a product).
+        .target(name: "CircuitTestSupport"),
         // The `circuit` command: for now the in-process demonstration cluster and the Raft benchmark.
         .executableTarget(
             name: "CircuitCLI",
@@ -60,6 +62,7 @@ let package = Package(
             name: "RaftTests",
             dependencies: [
                 "CircuitRaft",
+                "CircuitTestSupport",
                 "CircuitCLI",
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -68,6 +71,7 @@ let package = Package(
             name: "TransportTests",
             dependencies: [
                 "CircuitTransport",
+                "CircuitTestSupport",
                 "CircuitRaft",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import Synchronization
+import CircuitTestSupport
 import Testing
 
 @testable import CircuitRaft
@@ -61,22 +62,7 @@ struct RaftDriverTests {
         return drivers
     }
 
-    private func waitFor(_ what: String, timeout: Duration = .seconds(10), _ condition: () -> Bool) async throws {
-        let deadline = ContinuousClock.now + timeout
-        while !condition() {
-            guard ContinuousClock.now < deadline else {
-                Issue.record("timed out waiting for \(what)")
-                throw CancellationError()
-            }
-            try await Task.sleep(for: .milliseconds(2))
-        }
-    }
-
-    private func temporaryFolder() throws -> String {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("raft-driver-\(UUID().uuidString.prefix(8))")
-        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        return dir.path
-    }
+    private func temporaryFolder() throws -> String { try CircuitTestSupport.temporaryFolder("raft-driver") }
 
     @Test("proposals commit on a quorum, followers refuse with the leader's id, reads are linearizable barriers")
     func proposeAndRead() async throws {

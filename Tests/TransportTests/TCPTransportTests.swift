@@ -1,4 +1,5 @@
 import CircuitRaft
+import CircuitTestSupport
 import Foundation
 import Logging
 import NIOConcurrencyHelpers
@@ -25,17 +26,6 @@ final class Counter: RaftStateMachine {
 }
 
 private let logger = Logger(label: "transport-test")
-
-private func waitFor(_ what: String, timeout: Duration = .seconds(10), _ condition: () -> Bool) async throws {
-    let deadline = ContinuousClock.now + timeout
-    while !condition() {
-        guard ContinuousClock.now < deadline else {
-            Issue.record("timed out waiting for \(what)")
-            throw CancellationError()
-        }
-        try await Task.sleep(for: .milliseconds(5))
-    }
-}
 
 @Suite("Peer handshake")
 struct HandshakeTests {
@@ -129,8 +119,7 @@ struct TCPRaftTests {
         }
         let addresses = transports.mapValues { (host: "127.0.0.1", port: $0.localPort!) }
         var nodes: [NodeID: Node] = [:]
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("tcp-raft-\(UUID().uuidString.prefix(8))").path
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let dir = try temporaryFolder("tcp-raft")
         for id in ids {
             var options = RaftDriver.Options()
             options.tickInterval = .milliseconds(10)
