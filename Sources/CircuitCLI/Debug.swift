@@ -71,8 +71,7 @@ struct SnapshotLoop: ParsableCommand {
                 offset = end
             }
             try receiver.finish()
-            try store.persist(hardState: HardState(term: meta.term, vote: 0, commit: 0), entries: [])
-            try store.saveSnapshot(meta, replacingLog: true)
+            try store.saveSnapshot(meta, replacingLog: true, hardState: HardState(term: meta.term, vote: 0, commit: meta.index))
             files.removeAll(except: meta)
             FileHandle.standardOutput.write(Data("installed \(index)\n".utf8))
         }

@@ -36,8 +36,9 @@ public protocol RaftLogStore: AnyObject {
     /// Records `snapshot` as the one the log starts after, atomically and durably, and drops the entries it covers:
     /// those up to its index (compaction: at once or a batch at a time, as the store likes, since they are no longer
     /// read), or every entry (`replacingLog`: a snapshot installed from the leader, at once).
-    /// The snapshot's bytes must already be durable elsewhere.
-    func saveSnapshot(_ snapshot: SnapshotMetadata, replacingLog: Bool) throws
+    /// The snapshot's bytes must already be durable elsewhere. `hardState`, if given, is stored in the same step
+    /// (an installed snapshot comes with the leader's term, which must never be lost while the snapshot stays).
+    func saveSnapshot(_ snapshot: SnapshotMetadata, replacingLog: Bool, hardState: HardState?) throws
     /// Number of durable commits (fsyncs of the log) so far.
     var syncCount: Int { get }
     /// Releases the store (its file and lock). Later writes fail.
@@ -188,12 +189,13 @@ public final class SQLiteLogStore: RaftLogStore {
         return RecoveredLog(hardState: hs, entries: all, snapshot: snapshot)
     }
 
-    public func saveSnapshot(_ snapshot: SnapshotMetadata, replacingLog: Bool) throws {
+    public func saveSnapshot(_ snapshot: SnapshotMetadata, replacingLog: Bool, hardState: HardState?) throws {
         try transaction {
             if replacingLog {
                 try deleteAll.run()
             }
             try putSnapshot.run(.int(Int64(snapshot.index)), .int(Int64(snapshot.term)), .blob(snapshot.membership.encoded))
+            if let hardState { try writeHardState(hardState) }
         }
         if replacingLog { deletedThrough = snapshot.index }
         garbageThrough = max(garbageThrough, snapshot.index)
@@ -231,12 +233,14 @@ public final class SQLiteLogStore: RaftLogStore {
                     try insert.run(.int(Int64(e.index)), .int(Int64(e.term)), .int(Int64(e.kind.rawValue)), .blob(e.data))
                 }
             }
-            if let hs = hardState {
-                try putMeta.run(.text("term"), .int(Int64(bitPattern: hs.term)))
-                try putMeta.run(.text("vote"), .int(Int64(bitPattern: hs.vote)))
-                try putMeta.run(.text("commit"), .int(Int64(bitPattern: hs.commit)))
-            }
+            if let hs = hardState { try writeHardState(hs) }
         }
+    }
+
+    private func writeHardState(_ hs: HardState) throws {
+        try putMeta.run(.text("term"), .int(Int64(bitPattern: hs.term)))
+        try putMeta.run(.text("vote"), .int(Int64(bitPattern: hs.vote)))
+        try putMeta.run(.text("commit"), .int(Int64(bitPattern: hs.commit)))
     }
 
     public func entries(from: UInt64, to: UInt64, maxBytes: Int) throws -> [Entry] {
@@ -279,13 +283,14 @@ public final class MemoryLogStore: RaftLogStore {
         RecoveredLog(hardState: hardState, entries: log, snapshot: snapshot)
     }
 
-    public func saveSnapshot(_ snapshot: SnapshotMetadata, replacingLog: Bool) throws {
+    public func saveSnapshot(_ snapshot: SnapshotMetadata, replacingLog: Bool, hardState: HardState?) throws {
         if replacingLog {
             log.removeAll()
         } else {
             log.removeAll { $0.index <= snapshot.index }
         }
         self.snapshot = snapshot
+        if let hardState { self.hardState = hardState }
         syncCount += 1
     }
 

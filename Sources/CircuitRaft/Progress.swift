@@ -22,6 +22,8 @@ struct Progress: Sendable, Hashable {
     var recentActive = false
     /// `match` when the previous heartbeat answer came: no change across rounds means an append was lost.
     var matchAtLastHeartbeat: UInt64 = 0
+    /// Consecutive heartbeat rounds with `match` stuck below the leader's log.
+    var stalledRounds = 0
 
     init(next: UInt64) {
         self.next = next

@@ -46,6 +46,9 @@ public struct Raft: Sendable {
     private var persistedHardState: HardState
     private var awaitingAdvance = false
 
+    /// Heartbeat rounds without progress before a follower in replicate state is probed again.
+    static let stalledRoundsBeforeProbe = 3
+
     private struct ReadRound: Sendable {
         var context: UInt64
         var index: UInt64
@@ -259,9 +262,13 @@ public struct Raft: Sendable {
     /// success it waits for the follower's next answer (whose acknowledgement may itself be lost), after a failure
     /// it probes at once, which sends the snapshot again if still needed.
     public mutating func reportSnapshot(to id: NodeID, succeeded: Bool) {
-        guard role == .leader, let pr = progress[id], case .snapshot = pr.state else { return }
+        guard role == .leader, let pr = progress[id], case .snapshot(let pending) = pr.state else { return }
         progress[id]!.becomeProbe()
-        progress[id]!.probeSent = succeeded
+        if succeeded {
+            // The follower now holds the snapshot: probe from after it, not from where it was before.
+            progress[id]!.next = max(pr.match, pending) + 1
+            progress[id]!.probeSent = true
+        }
     }
 
     /// A message from a peer.
@@ -367,7 +374,8 @@ public struct Raft: Sendable {
         }
         // A leader's appends do not depend on its own disk: it may send them while it persists the same entries
         // (thesis §10.2.1), because it counts itself toward a quorum only once they are durable.
-        if role == .leader {
+        if role == .leader && !hardStateMustPersist {
+            // (Not while this leader's own term is unsaved: a single voter elects itself within one turn.)
             for m in outbox {
                 if m.kind == .append && m.term == term {
                     rd.messagesBeforePersist.append(m)
@@ -597,17 +605,19 @@ public struct Raft: Sendable {
         guard var pr = progress[m.from] else { return }
         pr.recentActive = true
         pr.probeSent = false
-        if pr.match < log.lastIndex {
-            // A follower that made no progress across two heartbeat rounds in replicate state has lost an append
+        if pr.match < log.lastIndex && pr.state == .replicate && pr.match == pr.matchAtLastHeartbeat {
+            // A follower that made no progress for several heartbeat rounds in replicate state has lost an append
             // (streamed appends are not retransmitted on their own): fall back to probing from its match.
-            if pr.state == .replicate && pr.match == pr.matchAtLastHeartbeat {
-                pr.becomeProbe()
-            }
+            pr.stalledRounds += 1
+            if pr.stalledRounds >= Self.stalledRoundsBeforeProbe { pr.becomeProbe() }
+        } else {
+            pr.stalledRounds = 0
         }
         pr.matchAtLastHeartbeat = pr.match
         progress[m.from] = pr
-        if pr.match < log.lastIndex {
-            sendAppend(to: m.from, sendIfEmpty: false)
+        if pr.match < log.lastIndex || pr.state == .probe {
+            // A probe goes out even with nothing new to send: it is how a new or lagging member is found.
+            sendAppend(to: m.from, sendIfEmpty: pr.state == .probe)
         }
         if m.context != 0 { acknowledgeRead(context: m.context, from: m.from) }
     }

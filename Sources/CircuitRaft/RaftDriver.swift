@@ -159,9 +159,12 @@ public final class RaftDriver: @unchecked Sendable {
     // Shared between callers and the loop thread, under `condition`.
     private let condition = NSCondition()
     private var inbox = Inbox()
-    private var thread: Thread?
-    private let done = NSCondition()
+    /// Under `condition`: the loop has ended and answers nothing more.
     private var finished = false
+    private let done = NSCondition()
+    /// Under `done`: the loop thread was started, and has ended.
+    private var started = false
+    private var loopEnded = false
 
     private let published: Mutex<RaftStatus>
 
@@ -225,7 +228,9 @@ public final class RaftDriver: @unchecked Sendable {
         }
         thread.name = "raft-\(id)"
         thread.stackSize = 8 << 20
-        self.thread = thread
+        done.lock()
+        started = true
+        done.unlock()
         thread.start()
     }
 
@@ -237,7 +242,7 @@ public final class RaftDriver: @unchecked Sendable {
         condition.signal()
         condition.unlock()
         done.lock()
-        while thread != nil && !finished { done.wait() }
+        while started && !loopEnded { done.wait() }
         done.unlock()
     }
 
@@ -332,8 +337,12 @@ public final class RaftDriver: @unchecked Sendable {
             }
             let batch = inbox
             inbox = Inbox()
+            if batch.stopping {
+                inbox = batch  // left for finish(), which answers everything in it
+                condition.unlock()
+                break
+            }
             condition.unlock()
-            if batch.stopping { break }
 
             let now = Date()
             if now >= nextTick {
@@ -411,7 +420,7 @@ public final class RaftDriver: @unchecked Sendable {
         while raft.hasReady {
             let rd = raft.ready()
             transport.send(rd.messagesBeforePersist)
-            if let meta = rd.snapshot { try installSnapshot(meta) }
+            if let meta = rd.snapshot { try installSnapshot(meta, hardState: rd.hardState) }
             try store.persist(hardState: rd.hardState, entries: rd.entries)
             var messages = rd.messages
             messages.removeAll { m in
@@ -457,10 +466,10 @@ public final class RaftDriver: @unchecked Sendable {
     // MARK: - Snapshots
 
     /// Installs a snapshot received from the leader: its file is already durable (the stream finished it).
-    private func installSnapshot(_ meta: SnapshotMetadata) throws {
+    private func installSnapshot(_ meta: SnapshotMetadata, hardState: HardState?) throws {
         guard let snapshots else { throw RaftDriverError.storageFailed("a snapshot arrived but there is no snapshot folder") }
         let payload = try snapshots.load(meta)
-        try store.saveSnapshot(meta, replacingLog: true)
+        try store.saveSnapshot(meta, replacingLog: true, hardState: hardState)
         try stateMachine.restore(payload)
         snapshots.removeAll(except: meta)
         snapshotsInstalled += 1
@@ -514,7 +523,7 @@ public final class RaftDriver: @unchecked Sendable {
         let started = ContinuousClock.now
         guard let compacted = raft.compact(through: meta.index) else { return }
         do {
-            try store.saveSnapshot(compacted, replacingLog: false)
+            try store.saveSnapshot(compacted, replacingLog: false, hardState: nil)
             // Unlinking a large file takes a while on some file systems: not on the loop thread.
             if let snapshots {
                 Thread { snapshots.removeAll(except: compacted) }.start()
@@ -650,17 +659,23 @@ public final class RaftDriver: @unchecked Sendable {
         pendingReads.removeAll()
         for r in confirmedReads { r.continuation.resume(throwing: error) }
         confirmedReads.removeAll()
+        // From here on enqueue() refuses: nothing new can arrive, and everything queued is answered.
         condition.lock()
         let leftover = inbox
         inbox = Inbox()
         inbox.stopping = true
+        finished = true
         condition.unlock()
         for (_, c) in leftover.proposals { c.resume(throwing: error) }
         for c in leftover.reads { c.resume(throwing: error) }
+        for (_, c) in leftover.confChanges { c.resume(throwing: error) }
+        for (_, c) in leftover.transfers { c.resume(throwing: error) }
+        for (_, receiver) in incoming { receiver.abort() }
+        incoming.removeAll()
         publish(running: false, failure: failure)
         store.close()
         done.lock()
-        finished = true
+        loopEnded = true
         done.broadcast()
         done.unlock()
     }

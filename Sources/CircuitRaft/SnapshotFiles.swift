@@ -96,12 +96,17 @@ public final class SnapshotFiles: Sendable {
         try SnapshotReceiver(files: self, meta: meta)
     }
 
-    /// Removes every snapshot file but the one named (call once the store names it).
+    /// Removes the snapshot files older than the one named (call once the store names it). Newer files are left:
+    /// one may have been installed meanwhile, and a cleanup running late must never delete it.
     public func removeAll(except meta: SnapshotMetadata?) {
         let keep = meta.map { path(for: $0) }
         for name in (try? listDirectory(directory)) ?? [] where name.hasSuffix(".snap") {
             let p = "\(directory)/\(name)"
-            if p != keep { unlink(p) }
+            guard p != keep else { continue }
+            // snap-<index>-<term>.snap
+            let index = name.split(separator: "-").dropFirst().first.flatMap { UInt64($0, radix: 16) }
+            if let meta, let index, index >= meta.index { continue }
+            unlink(p)
         }
     }
 

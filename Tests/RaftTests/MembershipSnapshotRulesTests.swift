@@ -244,7 +244,7 @@ struct SnapshotRules {
         let meta = try #require(compacted)
         // Heartbeats reveal that node 3 is stuck; it is sent the snapshot and nothing else.
         var toThree: [Message] = []
-        for _ in 0..<3 {
+        for _ in 0..<(Raft.stalledRoundsBeforeProbe + 2) {
             h.tick(1, times: 1)
             h.stabilize(drop: { m in
                 guard m.to == 3 && m.kind != .heartbeat else { return false }
@@ -296,7 +296,7 @@ struct SnapshotRules {
         h.stabilize(drop: { $0.to == 3 })
         _ = h.nodes[1]!.compact(through: h[1].appliedIndex)
         var lost = 0
-        for _ in 0..<3 {
+        for _ in 0..<(Raft.stalledRoundsBeforeProbe + 2) {
             h.tick(1, times: 1)
             h.stabilize(drop: { m in
                 guard m.to == 3 && m.kind == .snapshot else { return false }

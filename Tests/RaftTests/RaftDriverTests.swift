@@ -246,7 +246,7 @@ private final class FailingStore: RaftLogStore {
     func recover() throws -> RecoveredLog { RecoveredLog(hardState: HardState(), entries: []) }
     func persist(hardState: HardState?, entries: [Entry]) throws { throw Failure() }
     func entries(from: UInt64, to: UInt64, maxBytes: Int) throws -> [Entry] { [] }
-    func saveSnapshot(_ snapshot: SnapshotMetadata, replacingLog: Bool) throws { throw Failure() }
+    func saveSnapshot(_ snapshot: SnapshotMetadata, replacingLog: Bool, hardState: HardState?) throws { throw Failure() }
     func close() {}
 }
 

@@ -185,8 +185,8 @@ struct ReplicationRules {
         h.stabilize(drop: { $0.to == 3 })
         #expect(h[1].commitIndex == t.lastIndex)
         #expect(h.applied[1]!.last!.data == Array("x".utf8))
-        // Node 3 lost its append: within a few heartbeats the leader notices and repairs it.
-        for _ in 0..<3 {
+        // Node 3 lost its append: within a few heartbeat rounds the leader notices and repairs it.
+        for _ in 0..<(Raft.stalledRoundsBeforeProbe + 2) {
             h.tick(1, times: 1)
             h.stabilize()
         }

@@ -173,17 +173,25 @@ final class Simulation {
         let deadline = now + options.livenessBoundMillis
         let payload = Array("liveness-\(options.seed)".utf8)
         var proposed: Proposal? = nil
+        var proposedAt = 0
+        // The leader of the highest term: a node cut off (or removed) without PreVote or CheckQuorum may still
+        // believe it leads an old term, as Raft allows; clients time out on it and go elsewhere.
+        func currentLeader() -> Int? {
+            nodes.indices.filter { nodes[$0].raft?.role == .leader }.max { nodes[$0].raft!.term < nodes[$1].raft!.term }
+        }
         while now < deadline {
             try step()
             if let p = proposed, !acknowledged.contains(p),
-                nodes.first(where: { $0.id == p.node })?.raft.map({ $0.role != .leader || $0.term != p.term }) ?? true
+                now - proposedAt > 1_000
+                    || nodes.first(where: { $0.id == p.node })?.raft.map({ $0.role != .leader || $0.term != p.term }) ?? true
             {
-                proposed = nil  // its leader lost the term before committing it; a client would retry
+                proposed = nil  // its leader lost the term, or the client timed out: a client would retry
             }
-            if proposed == nil, let leader = nodes.firstIndex(where: { $0.raft?.role == .leader }) {
+            if proposed == nil, let leader = currentLeader() {
                 proposed = propose(at: leader, payload: payload)
+                proposedAt = now
             }
-            if let p = proposed, let leader = nodes.first(where: { $0.raft?.role == .leader })?.raft,
+            if let p = proposed, let leader = currentLeader().flatMap({ nodes[$0].raft }),
                 nodes.filter({ leader.membership.contains($0.id) }).allSatisfy({ ($0.raft?.appliedIndex ?? 0) >= p.index })
             {
                 if acknowledged.contains(p) {
@@ -422,7 +430,7 @@ final class Simulation {
                 crash(i)
                 return
             }
-            if let meta = rd.snapshot { try installSnapshot(i, meta) }
+            if let meta = rd.snapshot { try installSnapshot(i, meta, hardState: rd.hardState) }
             try checkAndPersist(i, rd)
             for m in rd.messages { send(m, from: i) }
             for e in rd.committedEntries { try applied(e, on: i) }
@@ -467,11 +475,11 @@ final class Simulation {
         let data = Array(nodes[i].machine.prefix(Int(index)))
         guard let meta = nodes[i].raft!.compact(through: index) else { return }
         nodes[i].snapshotData = data
-        try nodes[i].store.saveSnapshot(meta, replacingLog: false)
+        try nodes[i].store.saveSnapshot(meta, replacingLog: false, hardState: nil)
         snapshotsTaken += 1
     }
 
-    private func installSnapshot(_ i: Int, _ meta: SnapshotMetadata) throws {
+    private func installSnapshot(_ i: Int, _ meta: SnapshotMetadata, hardState: HardState?) throws {
         guard let incoming = nodes[i].incomingSnapshot, incoming.index == meta.index else {
             throw fail("node \(nodes[i].id) installs a snapshot at \(meta.index) it never received")
         }
@@ -479,7 +487,7 @@ final class Simulation {
             throw fail("node \(nodes[i].id) received a snapshot whose entry \(e.index) was never committed as such")
         }
         nodes[i].snapshotData = incoming.data
-        try nodes[i].store.saveSnapshot(meta, replacingLog: true)
+        try nodes[i].store.saveSnapshot(meta, replacingLog: true, hardState: hardState)
         nodes[i].machine = incoming.data
         nodes[i].incomingSnapshot = nil
         snapshotsInstalled += 1
