@@ -8,6 +8,7 @@ let package = Package(
         .library(name: "CircuitRaft", targets: ["CircuitRaft"]),
         .library(name: "CircuitTransport", targets: ["CircuitTransport"]),
         .library(name: "CircuitStateMachine", targets: ["CircuitStateMachine"]),
+        .library(name: "CircuitNode", targets: ["CircuitNode"]),
         .executable(name: "circuit", targets: ["CircuitCLI"]),
     ],
     dependencies: [
@@ -46,6 +47,16 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // The daemon's parts: the replicated control state over Raft, the node's services and APIs.
+        .target(
+            name: "CircuitNode",
+            dependencies: [
+                "CircuitRaft",
+                "CircuitStateMachine",
+                "CircuitTransport",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // Helpers shared by the test targets (not a product).
         .target(name: "CircuitTestSupport"),
         // The `circuit` command: for now the in-process demonstration cluster and the Raft benchmark.
@@ -78,6 +89,16 @@ let package = Package(
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOTestUtils", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(
+            name: "NodeTests",
+            dependencies: [
+                "CircuitNode",
+                "CircuitRaft",
+                "CircuitStateMachine",
+                "CircuitTestSupport",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

@@ -280,3 +280,81 @@ extension ControlState {
         guard r.isAtEnd else { throw .malformedCommand("\(bytes.count - r.at) bytes after the snapshot") }
     }
 }
+
+// MARK: - Results
+
+extension CommandResult {
+    private static let formatVersion: UInt8 = 1
+
+    /// The bytes that carry a result from the replica that applied the command to whoever proposed it.
+    public var encoded: [UInt8] {
+        var w = BinaryWriter()
+        w.int(Self.formatVersion)
+        switch self {
+        case .ok(let revision, let path, let version, let session):
+            w.int(UInt8(1)); w.int(revision); w.bool(path != nil); w.string(path ?? ""); w.int(version); w.int(session)
+        case .failed(let error):
+            w.int(UInt8(2)); error.write(to: &w)
+        }
+        return w.bytes
+    }
+
+    public init(decoding bytes: [UInt8]) throws(ControlError) {
+        var r = BinaryReader(bytes)
+        let version: UInt8 = try r.int("result format version")
+        guard version == Self.formatVersion else { throw .malformedCommand("result format version \(version)") }
+        let tag: UInt8 = try r.int("result tag")
+        switch tag {
+        case 1:
+            let revision: Revision = try r.int("revision")
+            let hasPath = try r.bool("has path")
+            let path = try r.string("path")
+            self = .ok(revision: revision, path: hasPath ? path : nil, version: try r.int("version"), session: try r.int("session"))
+        case 2:
+            self = .failed(try ControlError(from: &r, depth: 0))
+        default:
+            throw .malformedCommand("result tag \(tag)")
+        }
+        guard r.isAtEnd else { throw .malformedCommand("\(bytes.count - r.at) bytes after the result") }
+    }
+}
+
+extension ControlError {
+    func write(to w: inout BinaryWriter) {
+        switch self {
+        case .invalidName(let path, let why): w.int(UInt8(1)); w.string(path); w.string(why)
+        case .exists(let path, let kind): w.int(UInt8(2)); w.string(path); w.string(kind)
+        case .notFound(let path): w.int(UInt8(3)); w.string(path)
+        case .versionMismatch(let path, let expected, let actual):
+            w.int(UInt8(4)); w.string(path); w.int(expected); w.int(actual)
+        case .wrongKind(let path, let expected, let actual):
+            w.int(UInt8(5)); w.string(path); w.string(expected); w.string(actual)
+        case .noSuchSession(let id): w.int(UInt8(6)); w.int(id)
+        case .noSuchHost(let id): w.int(UInt8(7)); w.string(id)
+        case .hostNotAlive(let id): w.int(UInt8(8)); w.string(id)
+        case .transactionFailed(let index, let error): w.int(UInt8(9)); w.int(UInt32(index)); error.write(to: &w)
+        case .malformedCommand(let why): w.int(UInt8(10)); w.string(why)
+        }
+    }
+
+    init(from r: inout BinaryReader, depth: Int) throws(ControlError) {
+        let tag: UInt8 = try r.int("error tag")
+        switch tag {
+        case 1: self = .invalidName(path: try r.string("path"), why: try r.string("why"))
+        case 2: self = .exists(path: try r.string("path"), kind: try r.string("kind"))
+        case 3: self = .notFound(path: try r.string("path"))
+        case 4: self = .versionMismatch(path: try r.string("path"), expected: try r.int("expected"), actual: try r.int("actual"))
+        case 5: self = .wrongKind(path: try r.string("path"), expected: try r.string("expected"), actual: try r.string("actual"))
+        case 6: self = .noSuchSession(try r.int("session"))
+        case 7: self = .noSuchHost(try r.string("host"))
+        case 8: self = .hostNotAlive(try r.string("host"))
+        case 9:
+            // A transaction's failure wraps its operation's, which is never itself a transaction's.
+            guard depth == 0 else { throw .malformedCommand("nested transaction failure") }
+            let index: UInt32 = try r.int("operation index")
+            self = .transactionFailed(index: Int(index), try ControlError(from: &r, depth: depth + 1))
+        case 10: self = .malformedCommand(try r.string("why"))
+        default: throw .malformedCommand("error tag \(tag)")
+        }
+    }
+}

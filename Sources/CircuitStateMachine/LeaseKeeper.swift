@@ -39,6 +39,12 @@ public struct LeaseKeeper: Sendable, Hashable {
         deadlines.filter { $0.value <= now }.sorted { ($0.value, $0.key) < ($1.value, $1.key) }.map(\.key)
     }
 
+    /// Whether `id` is tracked.
+    public func tracks(_ id: SessionID) -> Bool { ttls[id] != nil }
+
+    /// Every tracked session.
+    public var tracked: [SessionID] { Array(ttls.keys) }
+
     /// When the next session expires, if any: the leader's timer.
     public var nextDeadline: UInt64? { deadlines.values.min() }
 }

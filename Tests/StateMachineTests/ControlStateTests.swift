@@ -249,3 +249,25 @@ struct LeaseKeeperTests {
         #expect(k.expired(now: 10_999) == [6])
     }
 }
+
+@Suite("Command results on the wire")
+struct ResultCodecTests {
+    @Test("every error round-trips, and bad bytes are refused naming what is wrong", arguments: [
+        ControlError.invalidName(path: "/x y", why: "a space"), .exists(path: "/records/a", kind: "record"),
+        .notFound(path: "/records/b"), .versionMismatch(path: "/records/c", expected: 3, actual: 4),
+        .wrongKind(path: "/records/d", expected: "record", actual: "chan"), .noSuchSession(7), .noSuchHost("X0"),
+        .hostNotAlive("X1"), .transactionFailed(index: 2, .notFound(path: "/records/e")), .malformedCommand("why"),
+    ])
+    func errors(_ error: ControlError) throws {
+        let bytes = CommandResult.failed(error).encoded
+        #expect(try CommandResult(decoding: bytes) == .failed(error))
+        #expect(throws: ControlError.self) { try CommandResult(decoding: Array(bytes.dropLast())) }
+        #expect(throws: ControlError.self) { try CommandResult(decoding: bytes + [0]) }
+    }
+
+    @Test("a transaction failure inside a transaction failure is refused")
+    func nested() {
+        let bytes = CommandResult.failed(.transactionFailed(index: 0, .transactionFailed(index: 1, .noSuchSession(1)))).encoded
+        #expect(throws: ControlError.malformedCommand("nested transaction failure")) { try CommandResult(decoding: bytes) }
+    }
+}

@@ -116,11 +116,14 @@ struct PropertyTests {
         }
     }
 
-    @Test("every command round-trips through its binary form")
+    @Test("every command, and every result applying it gives, round-trips through its binary form")
     func codecRoundTrip() async {
         await propertyCheck(count: 100, input: commandSeeds) { seeds in
-            for c in commands(from: seeds) {
+            var state = ControlState()
+            for (i, c) in commands(from: seeds).enumerated() {
                 #expect((try? Command(decoding: c.encoded)) == c)
+                let result = state.apply(c, index: UInt64(i + 1)).result
+                #expect((try? CommandResult(decoding: result.encoded)) == result)
             }
         }
     }

@@ -1,0 +1,162 @@
+import CircuitRaft
+import CircuitStateMachine
+import Synchronization
+
+/// The control state as Raft's state machine on one node, and the watches that read its changes.
+///
+/// Raft's driver thread applies committed entries here in log order; readers take the state under the same lock, so
+/// a read sees whole commands only. Watchers get every change under their prefix after the revision they asked for,
+/// in order, none missed: first from the retained history, then as entries are applied. A watcher that does not keep
+/// up (more than `watchBuffer` undelivered events) is ended with `WatchError.compacted`, naming the revision to
+/// resume from, instead of being silently skipped.
+public final class ReplicatedControlState: RaftStateMachine, Sendable {
+    public typealias WatchStream = AsyncThrowingStream<WatchEvent, any Error>
+
+    private struct Watcher {
+        var prefix: String
+        /// The last revision delivered (or skipped as not matching).
+        var delivered: Revision
+        var continuation: WatchStream.Continuation
+    }
+
+    private struct Inner {
+        var state: ControlState
+        var watchers: [UInt64: Watcher] = [:]
+        var nextWatcher: UInt64 = 1
+    }
+
+    private let inner: Mutex<Inner>
+    /// Undelivered events a watcher may have before it is ended as too slow.
+    public let watchBuffer: Int
+
+    public init(historyLimit: Int = 100_000, watchBuffer: Int = 10_000) {
+        self.inner = Mutex(Inner(state: ControlState(historyLimit: historyLimit)))
+        self.watchBuffer = watchBuffer
+    }
+
+    // MARK: - RaftStateMachine (the driver's thread)
+
+    public func apply(_ entry: Entry) -> [UInt8] {
+        let result: CommandResult
+        var ended: [(WatchStream.Continuation, Revision)] = []
+        do {
+            let command = try Command(decoding: entry.data)
+            result = inner.withLock { inner in
+                let outcome = inner.state.apply(command, index: entry.index)
+                if !outcome.events.isEmpty { ended = Self.deliver(outcome.events, in: &inner) }
+                return outcome.result
+            }
+        } catch {
+            // A command this version cannot read changes nothing, on every replica alike.
+            result = .failed(error)
+        }
+        for (continuation, revision) in ended { continuation.finish(throwing: WatchError.compacted(resumeFrom: revision)) }
+        return result.encoded
+    }
+
+    public func snapshot() -> @Sendable () throws -> [UInt8] {
+        let copy = inner.withLock { $0.state }
+        return { copy.snapshot() }
+    }
+
+    public func restore(_ payload: [UInt8]) throws {
+        let restored = try ControlState(restoring: payload)
+        var ended: [(WatchStream.Continuation, Revision)] = []
+        inner.withLock { inner in
+            inner.state = restored
+            // Each watcher continues from what it had, if the restored history still holds it.
+            for (id, watcher) in inner.watchers {
+                switch restored.events(after: watcher.delivered, prefix: watcher.prefix) {
+                case .success(let events):
+                    for event in events where !Self.yield(event, to: id, in: &inner) {
+                        ended.append((watcher.continuation, event.revision))
+                        break
+                    }
+                    inner.watchers[id]?.delivered = restored.revision
+                case .failure(.compacted(let from)):
+                    inner.watchers[id] = nil
+                    ended.append((watcher.continuation, from))
+                }
+            }
+        }
+        for (continuation, revision) in ended { continuation.finish(throwing: WatchError.compacted(resumeFrom: revision)) }
+    }
+
+    // MARK: - Reading
+
+    /// Runs `body` on the state as of the last applied command.
+    public func read<T>(_ body: (ControlState) throws -> T) rethrows -> T {
+        try inner.withLock { try body($0.state) }
+    }
+
+    /// Every change under `prefix` after revision `after`, in order, then each new one as it is applied, until the
+    /// stream is dropped. Throws `WatchError.compacted` at once if the history no longer reaches back to `after`.
+    public func watch(prefix: String, after revision: Revision) throws(WatchError) -> WatchStream {
+        let (stream, continuation) = WatchStream.makeStream(bufferingPolicy: .bufferingOldest(watchBuffer))
+        let registered: Result<UInt64, WatchError> = inner.withLock { inner in
+            switch inner.state.events(after: revision, prefix: prefix) {
+            case .failure(let error):
+                return .failure(error)
+            case .success(let past):
+                let id = inner.nextWatcher
+                inner.nextWatcher += 1
+                inner.watchers[id] = Watcher(prefix: prefix, delivered: revision, continuation: continuation)
+                for event in past where !Self.yield(event, to: id, in: &inner) {
+                    inner.watchers[id] = nil
+                    return .failure(.compacted(resumeFrom: event.revision))
+                }
+                inner.watchers[id]?.delivered = max(revision, inner.state.revision)
+                return .success(id)
+            }
+        }
+        switch registered {
+        case .failure(let error):
+            continuation.finish()
+            throw error
+        case .success(let id):
+            continuation.onTermination = { [weak self] _ in
+                _ = self?.inner.withLock { $0.watchers.removeValue(forKey: id) }
+            }
+            return stream
+        }
+    }
+
+    /// How many watches are open.
+    public var watcherCount: Int { inner.withLock { $0.watchers.count } }
+
+    // MARK: - Delivery (under the lock)
+
+    /// Gives `events` to every watcher whose prefix they fall under; returns the watchers that fell behind, removed,
+    /// with the revision each must resume from (finish them outside the lock).
+    private static func deliver(_ events: [WatchEvent], in inner: inout Inner) -> [(WatchStream.Continuation, Revision)] {
+        var ended: [(WatchStream.Continuation, Revision)] = []
+        for (id, watcher) in inner.watchers {
+            for event in events where matches(event.path, prefix: watcher.prefix) && !yield(event, to: id, in: &inner) {
+                ended.append((watcher.continuation, event.revision))
+                break
+            }
+            inner.watchers[id]?.delivered = events.last!.revision
+        }
+        return ended
+    }
+
+    /// False (and the watcher removed) if its buffer is full.
+    private static func yield(_ event: WatchEvent, to id: UInt64, in inner: inout Inner) -> Bool {
+        guard let watcher = inner.watchers[id] else { return false }
+        switch watcher.continuation.yield(event) {
+        case .enqueued: return true
+        case .dropped, .terminated:
+            inner.watchers[id] = nil
+            return false
+        @unknown default:
+            inner.watchers[id] = nil
+            return false
+        }
+    }
+
+    /// `path` is `prefix` or below it.
+    static func matches(_ path: String, prefix: String) -> Bool {
+        if prefix == "/" || path == prefix { return true }
+        return prefix.hasSuffix("/") ? path.hasPrefix(prefix) : path.hasPrefix(prefix + "/")
+    }
+}

@@ -1,0 +1,239 @@
+import CircuitNode
+import CircuitRaft
+import CircuitStateMachine
+import CircuitTestSupport
+import Logging
+import Synchronization
+import Testing
+
+/// A clock the test moves by hand, for the leases.
+private final class ManualClock: Sendable {
+    private let millis = Mutex<UInt64>(0)
+    var now: UInt64 { millis.withLock { $0 } }
+    func set(_ value: UInt64) { millis.withLock { $0 = value } }
+    var function: @Sendable () -> UInt64 { { self.now } }
+}
+
+/// Three nodes in one process: real threads, real SQLite stores and snapshot files, an in-process transport.
+private final class Cluster: @unchecked Sendable {
+    let dir: String
+    let transport = LocalTransport()
+    let clock = ManualClock()
+    let logger = Logger(label: "node-test")
+    let ids: [NodeID] = [1, 2, 3]
+    var services: [NodeID: ControlService] = [:]
+    let snapshotEntries: UInt64
+
+    init(snapshotEntries: UInt64 = 100_000) throws {
+        self.dir = try temporaryFolder("control-service")
+        self.snapshotEntries = snapshotEntries
+        for id in ids { try start(id) }
+    }
+
+    func start(_ id: NodeID) throws {
+        var options = RaftDriver.Options()
+        options.tickInterval = .milliseconds(10)
+        options.snapshotEntries = snapshotEntries
+        let state = ReplicatedControlState()
+        let driver = try RaftDriver(
+            config: RaftConfig(id: id, voters: ids),
+            store: try SQLiteLogStore(path: "\(dir)/\(id).sqlite", logger: logger), stateMachine: state,
+            transport: transport.endpoint(for: id),
+            snapshots: try SnapshotFiles(directory: "\(dir)/\(id)-snapshots", logger: logger), options: options,
+            logger: logger)
+        transport.register(driver)
+        services[id] = ControlService(driver: driver, state: state, logger: logger, now: clock.function)
+        driver.start()
+    }
+
+    func stop(_ id: NodeID) {
+        services[id]?.driver.stop()
+        transport.unregister(id)
+        services[id] = nil
+    }
+
+    func stopAll() { for id in Array(services.keys) { stop(id) } }
+
+    func leader() async throws -> ControlService {
+        try await waitFor("a leader") { services.values.contains { $0.driver.status.role == .leader } }
+        return services.values.first { $0.driver.status.role == .leader }!
+    }
+
+    func followers(of leader: ControlService) -> [ControlService] {
+        services.values.filter { $0 !== leader }.sorted { $0.driver.id < $1.driver.id }
+    }
+}
+
+private func record(_ s: String) -> Element { .record(Array(s.utf8)) }
+
+@Suite("The control state replicated through Raft", .serialized)
+struct ControlServiceTests {
+    @Test("commands commit through the leader, followers name the leader, reads are linearizable unless asked stale")
+    func commandsAndReads() async throws {
+        let cluster = try Cluster()
+        defer { cluster.stopAll() }
+        let leader = try await cluster.leader()
+        let follower = cluster.followers(of: leader)[0]
+
+        let first = try await leader.execute(.put(path: "/records/a", value: Array("1".utf8), session: 0))
+        guard case .ok(let revision, "/records/a", 1, 0) = first else { Issue.record("put answered \(first)"); return }
+        #expect(revision == 1)
+        let failed = try await leader.execute(.create(path: "/records/a", element: record("2"), session: 0, sequential: false))
+        #expect(failed == .failed(.exists(path: "/records/a", kind: "record")))
+        let bad = try await leader.execute(.put(path: "/records/bad name", value: [], session: 0))
+        guard case .failed(.invalidName) = bad else { Issue.record("a bad name gave \(bad)"); return }
+
+        // The leader's linearizable read sees every acknowledged write.
+        let value = try await leader.read { $0.anchors["/records/a"]?.element }
+        #expect(value == record("1"))
+
+        // A follower names the leader for commands and linearizable reads, and serves stale reads itself.
+        await #expect(throws: ControlServiceError.notLeader(leader: leader.driver.id)) {
+            try await follower.execute(.put(path: "/records/b", value: [], session: 0))
+        }
+        await #expect(throws: ControlServiceError.notLeader(leader: leader.driver.id)) {
+            try await follower.read { $0.revision }
+        }
+        try await waitFor("the follower's stale read to see the write") {
+            follower.state.read { $0.anchors["/records/a"]?.element } == record("1")
+        }
+        let stale = try await follower.read(.stale) { $0.revision }
+        #expect(stale == 1)
+
+        // Bytes that are no command change nothing on any replica, and the answer says why.
+        let answer = try CommandResult(decoding: try await leader.driver.propose([1, 99, 0]))
+        guard case .failed(.malformedCommand) = answer else { Issue.record("garbage gave \(answer)"); return }
+        let after = try await leader.read { $0.revision }
+        #expect(after == 2 - 1, "no revision spent on a failed or malformed command")
+    }
+
+    @Test("a watch on a follower delivers every change in order from a revision, across a change of leader")
+    func watchAcrossLeaderChange() async throws {
+        let cluster = try Cluster()
+        defer { cluster.stopAll() }
+        let leader = try await cluster.leader()
+        _ = try await leader.execute(.put(path: "/records/other", value: [], session: 0))
+        let watcherNode = cluster.followers(of: leader)[1]
+        let stream = try watcherNode.watch(prefix: "/records/w", after: 0)
+        let collected = Task { () -> [WatchEvent] in
+            var events: [WatchEvent] = []
+            for try await event in stream {
+                events.append(event)
+                if events.count == 40 { break }
+            }
+            return events
+        }
+        for i in 0..<20 { _ = try await leader.execute(.put(path: "/records/w/k\(i)", value: [UInt8(i)], session: 0)) }
+        let target = cluster.followers(of: leader)[0].driver.id
+        _ = try await leader.driver.transferLeadership(to: target)
+        try await waitFor("the transfer") { cluster.services[target]!.driver.status.role == .leader }
+        let next = cluster.services[target]!
+        for i in 20..<40 { _ = try await next.execute(.put(path: "/records/w/k\(i)", value: [UInt8(i)], session: 0)) }
+        let events = try await collected.value
+        #expect(events.map(\.path) == (0..<40).map { "/records/w/k\($0)" })
+        #expect(events.map(\.revision) == Array(2...41), "one revision per put, none missed, none repeated")
+        #expect(events.allSatisfy { $0.kind == .put })
+    }
+
+    @Test("a new leader gives every session a full TTL, then expires it with its ephemeral records")
+    func leasesAcrossLeaderChange() async throws {
+        let cluster = try Cluster()
+        defer { cluster.stopAll() }
+        let clock = cluster.clock
+        let leader = try await cluster.leader()
+        guard case .ok(_, _, _, let session) = try await leader.execute(.grantSession(owner: "client-1", ttlMillis: 1000)) else {
+            Issue.record("no session"); return
+        }
+        _ = try await leader.execute(.put(path: "/records/svc/a", value: Array("10.0.0.1".utf8), session: session))
+        _ = try await leader.execute(.put(path: "/records/svc/durable", value: [], session: 0))
+
+        clock.set(0)
+        #expect(await leader.expireLeases() == 0)
+        clock.set(800)
+        #expect(try leader.keepAlive(session), "a keep-alive costs no log entry and moves the deadline to 1800")
+        #expect(try leader.keepAlive(999) == false, "an unknown session")
+        clock.set(1500)
+        #expect(await leader.expireLeases() == 0)
+        #expect(throws: ControlServiceError.self) { try cluster.followers(of: leader)[0].keepAlive(session) }
+
+        // Hand over: keep-alives sent to the old leader are unknown to the new one, so it starts every lease afresh.
+        let target = cluster.followers(of: leader)[0].driver.id
+        _ = try await leader.driver.transferLeadership(to: target)
+        try await waitFor("the transfer") { cluster.services[target]!.driver.status.role == .leader }
+        let next = cluster.services[target]!
+        try await waitFor("the new leader to apply the session") { next.state.read { $0.sessions[session] != nil } }
+        clock.set(1900)
+        #expect(await next.expireLeases() == 0, "past the old deadline, but the new leader took over at 1900")
+        clock.set(2850)
+        #expect(await next.expireLeases() == 0)
+        #expect(try await next.read { $0.anchors["/records/svc/a"]?.element } == record("10.0.0.1"))
+        clock.set(2950)
+        #expect(await next.expireLeases() == 1)
+        #expect(try await next.read { $0.anchors["/records/svc/a"] } == nil, "the ephemeral went with its session")
+        #expect(try await next.read { $0.sessions[session] } == nil)
+        #expect(try await next.read { $0.anchors["/records/svc/durable"]?.element } == .record([]))
+        #expect(try next.keepAlive(session) == false)
+    }
+
+    @Test("a node restarted from its SQLite log and snapshot holds byte-identical state")
+    func restartFromDisk() async throws {
+        let cluster = try Cluster(snapshotEntries: 25)
+        defer { cluster.stopAll() }
+        var leader = try await cluster.leader()
+        for i in 0..<60 { _ = try await leader.execute(.put(path: "/records/r/k\(i % 17)", value: [UInt8(i)], session: 0)) }
+        let restarted = cluster.followers(of: leader)[0].driver.id
+        cluster.stop(restarted)
+        leader = try await cluster.leader()
+        for i in 60..<120 { _ = try await leader.execute(.put(path: "/records/r/k\(i % 17)", value: [UInt8(i)], session: 0)) }
+        try cluster.start(restarted)
+        let node = cluster.services[restarted]!
+        let commit = leader.driver.status.commitIndex
+        try await waitFor("the restarted node to catch up") { node.driver.status.appliedIndex >= commit }
+        try await waitFor("the leader to apply the same") { leader.driver.status.appliedIndex >= commit }
+        #expect(node.driver.status.snapshotIndex > 0, "it started from a snapshot")
+        let ours = node.state.read { $0.snapshot() }
+        let theirs = leader.state.read { $0.snapshot() }
+        #expect(ours == theirs)
+        #expect(node.state.read { $0.revision } == 120)
+    }
+}
+
+@Suite("Watches on the replicated state")
+struct WatchTests {
+    private func apply(_ state: ReplicatedControlState, _ command: Command, at index: UInt64) -> CommandResult {
+        try! CommandResult(decoding: state.apply(Entry(term: 1, index: index, data: command.encoded)))
+    }
+
+    @Test("a watch from a compacted revision and a watcher that falls behind both get compacted with where to resume")
+    func compactedAndSlow() async throws {
+        let state = ReplicatedControlState(historyLimit: 4, watchBuffer: 3)
+        for i in 1...10 { _ = apply(state, .put(path: "/records/k\(i)", value: [], session: 0), at: UInt64(i)) }
+        #expect(throws: WatchError.self) { try state.watch(prefix: "/", after: 0) }
+        let stream = try state.watch(prefix: "/records", after: 10)
+        for i in 11...15 { _ = apply(state, .put(path: "/records/k\(i)", value: [], session: 0), at: UInt64(i)) }
+        var seen: [Revision] = []
+        do {
+            for try await event in stream { seen.append(event.revision) }
+            Issue.record("the stream ended without an error")
+        } catch let error as WatchError {
+            #expect(error == .compacted(resumeFrom: 14), "events 11 to 13 fit the buffer, 14 did not")
+        }
+        #expect(seen == [11, 12, 13])
+        #expect(state.watcherCount == 0)
+    }
+
+    @Test("a watch filters by prefix and ends when dropped")
+    func prefixes() async throws {
+        let state = ReplicatedControlState()
+        let stream = try state.watch(prefix: "/records/a", after: 0)
+        _ = apply(state, .put(path: "/records/ab", value: [], session: 0), at: 1)
+        _ = apply(state, .put(path: "/records/a/x", value: [], session: 0), at: 2)
+        _ = apply(state, .delete(path: "/records/a/x", version: nil), at: 3)
+        var iterator = stream.makeAsyncIterator()
+        let first = try await iterator.next()
+        let second = try await iterator.next()
+        #expect(first?.path == "/records/a/x" && first?.kind == .put && first?.revision == 2)
+        #expect(second?.path == "/records/a/x" && second?.kind == .delete && second?.revision == 3)
+        #expect(state.watcherCount == 1)
+    }
+}
