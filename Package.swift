@@ -9,6 +9,7 @@ let package = Package(
         .library(name: "CircuitTransport", targets: ["CircuitTransport"]),
         .library(name: "CircuitStateMachine", targets: ["CircuitStateMachine"]),
         .library(name: "CircuitNode", targets: ["CircuitNode"]),
+        .library(name: "CircuitClient", targets: ["CircuitClient", "CircuitAPI"]),
         .executable(name: "circuit", targets: ["CircuitCLI"]),
     ],
     dependencies: [
@@ -16,6 +17,10 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
         .package(url: "https://github.com/x-sheep/swift-property-based.git", from: "2.0.1"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-http-types.git", from: "1.8.0"),
+        .package(url: "https://github.com/LebJe/TOMLKit.git", from: "0.6.0"),
     ],
     targets: [
         // libsqlite3 from the system (Debian: libsqlite3-dev).
@@ -54,9 +59,19 @@ let package = Package(
                 "CircuitRaft",
                 "CircuitStateMachine",
                 "CircuitTransport",
+                "CircuitAPI",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HTTPTypes", package: "swift-http-types"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "TOMLKit", package: "TOMLKit"),
+                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // The wire types of the HTTP/JSON API, shared by the daemon and its clients.
+        .target(name: "CircuitAPI"),
+        // The Swift client library: async calls to a cluster's HTTP/JSON API.
+        .target(name: "CircuitClient", dependencies: ["CircuitAPI"]),
         // Helpers shared by the test targets (not a product).
         .target(name: "CircuitTestSupport"),
         // The `circuit` command: for now the in-process demonstration cluster and the Raft benchmark.
@@ -65,6 +80,10 @@ let package = Package(
             dependencies: [
                 "CircuitRaft",
                 "CircuitStateMachine",
+                "CircuitNode",
+                "CircuitClient",
+                "CircuitAPI",
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -96,6 +115,8 @@ let package = Package(
             name: "NodeTests",
             dependencies: [
                 "CircuitNode",
+                "CircuitClient",
+                "CircuitAPI",
                 "CircuitRaft",
                 "CircuitStateMachine",
                 "CircuitTestSupport",

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import Logging
 
 @main
@@ -6,8 +7,32 @@ struct Circuit: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "circuit",
         abstract: "Distributed control of a cluster of hosts.",
-        subcommands: [Demo.self, Bench.self, Debug.self]
+        subcommands: [
+            Start.self, Dev.self, Status.self, Members.self, Ls.self, Get.self, Put.self, Cas.self, Del.self,
+            Mkseq.self, ID.self, Demo.self, Bench.self, Debug.self,
+        ]
     )
+
+    /// Exit status: 0 on success, 1 on an error, 2 on wrong usage; an error is one line, never a stack trace.
+    static func main() async {
+        do {
+            var command = try parseAsRoot()
+            if var command = command as? any AsyncParsableCommand {
+                try await command.run()
+            } else {
+                try command.run()
+            }
+        } catch {
+            let code = exitCode(for: error)
+            if code == .success {
+                exit(withError: error)
+            }
+            let message = fullMessage(for: error)
+            FileHandle.standardError.write(Data(("circuit: " + message + "\n").utf8))
+            let isUsage = code == .validationFailure || error is ValidationError
+            Foundation.exit(isUsage ? 2 : 1)
+        }
+    }
 }
 
 /// Options every verb shares.

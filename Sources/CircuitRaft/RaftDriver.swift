@@ -648,7 +648,14 @@ public final class RaftDriver: @unchecked Sendable {
             appliedIndex: raft.appliedIndex, lastIndex: raft.lastIndex, syncCount: store.syncCount, running: running,
             failure: failure, membership: raft.membership, snapshotIndex: raft.snapshot?.index ?? 0,
             snapshotsInstalled: snapshotsInstalled, snapshotting: snapshotInProgress)
-        published.withLock { $0 = s }
+        let before = published.withLock { old in
+            defer { old = s }
+            return (old.role, old.leader, old.term)
+        }
+        if before.0 != s.role || before.1 != s.leader {
+            logger.info(
+                "role \(s.role)", metadata: ["term": "\(s.term)", "leader": "\(s.leader)", "was": "\(before.0) of term \(before.2)"])
+        }
     }
 
     private func finish(failure: String?) {

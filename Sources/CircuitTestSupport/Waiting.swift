@@ -4,6 +4,7 @@ import Foundation
 public struct WaitTimedOut: Error, CustomStringConvertible {
     public var what: String
     public var description: String { "timed out waiting for \(what)" }
+    public init(what: String) { self.what = what }
 }
 
 /// Polls `condition` every few milliseconds until it holds, or throws after `timeout`: a wait on a condition with a
@@ -21,4 +22,23 @@ public func temporaryFolder(_ prefix: String) throws -> String {
     let dir = FileManager.default.temporaryDirectory.appendingPathComponent("\(prefix)-\(UUID().uuidString.prefix(8))")
     try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
     return dir.path
+}
+
+/// The `circuit` executable built beside the test bundle.
+public func circuitBinary() -> String? {
+    var candidates: [URL] = []
+    let argv0 = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
+    candidates.append(argv0.deletingLastPathComponent().appendingPathComponent("circuit"))
+    candidates.append(Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent("circuit"))
+    candidates.append(URL(fileURLWithPath: FileManager.default.currentDirectoryPath).appendingPathComponent(".build/debug/circuit"))
+    return candidates.map(\.path).first { FileManager.default.isExecutableFile(atPath: $0) }
+}
+
+/// `waitFor` for a condition that must itself wait (a call to a server).
+public func eventually(_ what: String, timeout: Duration = .seconds(10), _ condition: () async -> Bool) async throws {
+    let deadline = ContinuousClock.now + timeout
+    while await !condition() {
+        guard ContinuousClock.now < deadline else { throw WaitTimedOut(what: what) }
+        try await Task.sleep(for: .milliseconds(10))
+    }
 }

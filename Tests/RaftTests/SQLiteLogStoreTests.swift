@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import CircuitTestSupport
 import Testing
 
 @testable import CircuitRaft
@@ -152,16 +153,6 @@ struct SQLiteLogStoreTests {
         #expect(lastDurable > UInt64(rounds))
     }
 
-}
-
-/// The `circuit` executable built beside the test bundle.
-func circuitBinary() -> String? {
-    var candidates: [URL] = []
-    let argv0 = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
-    candidates.append(argv0.deletingLastPathComponent().appendingPathComponent("circuit"))
-    candidates.append(Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent("circuit"))
-    candidates.append(URL(fileURLWithPath: FileManager.default.currentDirectoryPath).appendingPathComponent(".build/debug/circuit"))
-    return candidates.map(\.path).first { FileManager.default.isExecutableFile(atPath: $0) }
 }
 
 @Suite("Snapshot files")

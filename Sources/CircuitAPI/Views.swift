@@ -1,0 +1,182 @@
+/// The wire types of the HTTP/JSON API (docs/http-api.md), shared by the daemon and the client library.
+
+/// One error format everywhere: an HTTP status, a machine-readable code and a sentence a person understands.
+/// On the wire: `{"error": {"code": ..., "message": ...}}` with the status as the HTTP status.
+public struct APIError: Error, Sendable, Equatable, CustomStringConvertible {
+    public var statusCode: Int
+    public var code: String
+    public var message: String
+
+    public init(status: Int, code: String, message: String) {
+        self.statusCode = status
+        self.code = code
+        self.message = message
+    }
+
+    public static func badRequest(_ message: String) -> APIError { APIError(status: 400, code: "bad_request", message: message) }
+
+    public var description: String { message }
+}
+
+/// The body of an error answer.
+public struct ErrorEnvelope: Codable, Sendable, Equatable {
+    public struct Body: Codable, Sendable, Equatable {
+        public var code: String
+        public var message: String
+    }
+    public var error: Body
+
+    public init(_ e: APIError) { error = Body(code: e.code, message: e.message) }
+}
+
+/// A record as the API shows it.
+public struct RecordView: Codable, Sendable, Equatable {
+    public var path: String
+    /// The value as UTF-8 text (invalid sequences replaced); `valueBase64` has the exact bytes.
+    public var value: String
+    public var valueBase64: String
+    public var version: UInt64
+    public var createRevision: UInt64
+    public var modRevision: UInt64
+    /// The session it is tied to (0: durable).
+    public var session: UInt64
+    /// The cluster's revision when this was read.
+    public var revision: UInt64
+
+    public init(
+        path: String, value: String, valueBase64: String, version: UInt64, createRevision: UInt64, modRevision: UInt64,
+        session: UInt64, revision: UInt64
+    ) {
+        self.path = path
+        self.value = value
+        self.valueBase64 = valueBase64
+        self.version = version
+        self.createRevision = createRevision
+        self.modRevision = modRevision
+        self.session = session
+        self.revision = revision
+    }
+
+    public enum CodingKeys: String, CodingKey {
+        case path, value, version, session, revision
+        case valueBase64 = "value_base64"
+        case createRevision = "create_revision"
+        case modRevision = "mod_revision"
+    }
+}
+
+/// What a write did: the revision it made, the path it wrote (a sequential create's full name), the element's new
+/// version, and for a session grant or a host registration the session.
+public struct WriteView: Codable, Sendable, Equatable {
+    public var revision: UInt64
+    public var path: String?
+    public var version: UInt64
+    public var session: UInt64
+
+    public init(revision: UInt64, path: String?, version: UInt64, session: UInt64) {
+        self.revision = revision
+        self.path = path
+        self.version = version
+        self.session = session
+    }
+}
+
+/// One node's view of itself and the cluster.
+public struct StatusView: Codable, Sendable, Equatable {
+    public var host: String
+    public var cluster: String
+    /// leader, follower, candidate, preCandidate
+    public var role: String
+    public var term: UInt64
+    public var leader: String?
+    public var commitIndex: UInt64
+    public var appliedIndex: UInt64
+    public var revision: UInt64
+    public var voters: [String]
+    public var learners: [String]
+
+    public init(
+        host: String, cluster: String, role: String, term: UInt64, leader: String?, commitIndex: UInt64,
+        appliedIndex: UInt64, revision: UInt64, voters: [String], learners: [String]
+    ) {
+        self.host = host
+        self.cluster = cluster
+        self.role = role
+        self.term = term
+        self.leader = leader
+        self.commitIndex = commitIndex
+        self.appliedIndex = appliedIndex
+        self.revision = revision
+        self.voters = voters
+        self.learners = learners
+    }
+
+    public enum CodingKeys: String, CodingKey {
+        case host, cluster, role, term, leader, revision, voters, learners
+        case commitIndex = "commit_index"
+        case appliedIndex = "applied_index"
+    }
+}
+
+/// A host of the membership.
+public struct HostView: Codable, Sendable, Equatable {
+    public var id: String
+    public var peerAddress: String
+    public var clientAddress: String
+    /// voter, learner, worker
+    public var role: String
+    /// alive, left, expired
+    public var state: String
+    public var session: UInt64
+    public var joinedAt: UInt64
+
+    public init(
+        id: String, peerAddress: String, clientAddress: String, role: String, state: String, session: UInt64,
+        joinedAt: UInt64
+    ) {
+        self.id = id
+        self.peerAddress = peerAddress
+        self.clientAddress = clientAddress
+        self.role = role
+        self.state = state
+        self.session = session
+        self.joinedAt = joinedAt
+    }
+
+    public enum CodingKeys: String, CodingKey {
+        case id, role, state, session
+        case peerAddress = "peer_address"
+        case clientAddress = "client_address"
+        case joinedAt = "joined_at"
+    }
+}
+
+/// The names under a path.
+public struct ListingView: Codable, Sendable, Equatable {
+    public var path: String
+    public var names: [String]
+
+    public init(path: String, names: [String]) {
+        self.path = path
+        self.names = names
+    }
+}
+
+/// A change, as a watch streams it (one JSON object per line).
+public struct EventView: Codable, Sendable, Equatable {
+    public var revision: UInt64
+    /// put, delete, host_joined, host_left
+    public var kind: String
+    public var path: String
+    public var version: UInt64
+    /// A record's new value as UTF-8 text.
+    public var value: String?
+
+    public init(revision: UInt64, kind: String, path: String, version: UInt64, value: String?) {
+        self.revision = revision
+        self.kind = kind
+        self.path = path
+        self.version = version
+        self.value = value
+    }
+}

@@ -1,0 +1,197 @@
+import ArgumentParser
+import CircuitAPI
+import CircuitClient
+import CircuitNode
+import Foundation
+import Logging
+
+/// `circuit start`: the daemon.
+struct Start: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run this host's circuit daemon.",
+        discussion: """
+            Settings come from --config (TOML; see config/) and then the flags. A new data folder needs --bootstrap \
+            to form a cluster: every voter, as X<host id>@host:port (peer address); `circuit id --data DIR` prints \
+            (and on first use chooses) a folder's host id. A folder that belongs to a cluster resumes it.
+            """)
+
+    @OptionGroup var global: GlobalOptions
+    @Option(help: "A TOML file of settings (flags override it).") var config: String?
+    @Option(help: "The data folder.") var data: String?
+    @Option(help: "Peer (Raft) listen address, host:port.") var peerListen: String?
+    @Option(help: "Peer address other hosts dial (default: --peer-listen).") var peerAdvertise: String?
+    @Option(help: "HTTP API listen address, host:port.") var clientListen: String?
+    @Option(help: "API address others use (default: --client-listen).") var clientAdvertise: String?
+    @Option(help: "Form a new cluster of these voters: X<id>@host:port, comma-separated.") var bootstrap: String?
+    @Option(help: "Milliseconds a host's session lives without a keep-alive.") var sessionTtlMs: UInt64?
+
+    func run() async throws {
+        var settings = try config.map { try NodeConfig(tomlFile: $0) } ?? NodeConfig()
+        if let data { settings.data = data }
+        if let peerListen { settings.peerListen = peerListen }
+        if let peerAdvertise { settings.peerAdvertise = peerAdvertise }
+        if let clientListen { settings.clientListen = clientListen }
+        if let clientAdvertise { settings.clientAdvertise = clientAdvertise }
+        if let bootstrap { settings.bootstrap = bootstrap.split(separator: ",").map(String.init) }
+        if let sessionTtlMs { settings.sessionTTLMillis = sessionTtlMs }
+        var global = global
+        if global.logLevel == .warning { global.logLevel = .info }
+        try await CircuitDaemon(config: settings, logger: global.makeLogger("circuit")).run()
+    }
+}
+
+/// `circuit id`: a data folder's host id.
+struct ID: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "id", abstract: "Print a data folder's host id, choosing it if the folder is new.")
+    @Option(help: "The data folder.") var data: String
+
+    func run() throws { print(try DataFolder(path: data).hostID) }
+}
+
+/// How the client verbs find the cluster and print.
+struct ClientOptions: ParsableArguments {
+    @Option(name: .long, help: "API address(es) of any node, host:port, comma-separated (default: $CIRCUIT, then 127.0.0.1:7700).")
+    var node: String?
+    @Flag(help: "Print JSON instead of a table.") var json = false
+
+    var client: CircuitClient {
+        let endpoints = node ?? ProcessInfo.processInfo.environment["CIRCUIT"] ?? "127.0.0.1:7700"
+        return CircuitClient(endpoints: endpoints.split(separator: ",").map(String.init))
+    }
+
+    func emit<T: Encodable>(_ value: T, human: () -> String) throws {
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(value), as: UTF8.self))
+        } else {
+            print(human())
+        }
+    }
+}
+
+struct Status: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show a node's role, term, leader, indexes and the voters.")
+    @OptionGroup var options: ClientOptions
+
+    func run() async throws {
+        let s = try await options.client.status()
+        try options.emit(s) {
+            """
+            host      \(s.host)
+            cluster   \(s.cluster)
+            role      \(s.role) (term \(s.term))
+            leader    \(s.leader ?? "none known")
+            commit    \(s.commitIndex), applied \(s.appliedIndex), revision \(s.revision)
+            voters    \(s.voters.joined(separator: " "))
+            """ + (s.learners.isEmpty ? "" : "\nlearners  \(s.learners.joined(separator: " "))")
+        }
+    }
+}
+
+struct Members: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "List the hosts of the membership (linearizable).")
+    @OptionGroup var options: ClientOptions
+    @Flag(help: "Allow a stale answer from the node asked.") var stale = false
+
+    func run() async throws {
+        let hosts = try await options.client.members(stale: stale)
+        try options.emit(hosts) {
+            (["HOST               ROLE     STATE    PEER                  API"]
+                + hosts.map {
+                    "\($0.id)  \(pad($0.role, 7))  \(pad($0.state, 7))  \(pad($0.peerAddress, 20))  \($0.clientAddress)"
+                }).joined(separator: "\n")
+        }
+    }
+}
+
+struct Ls: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "List the names under a path; PATH/... lists every element below it.")
+    @OptionGroup var options: ClientOptions
+    @Flag(name: .short, help: "Long listing (with each record's version).") var long = false
+    @Argument(help: "A path, such as / or /records/app or /records/app/...") var path: String = "/"
+
+    func run() async throws {
+        let recursive = path.hasSuffix("/...")
+        let base = recursive ? String(path.dropLast(4)) : path
+        let listing = try await options.client.list(base.isEmpty ? "/" : base, recursive: recursive)
+        if long && !options.json {
+            for name in listing.names {
+                let full = recursive ? name : (base == "/" ? "/" + name : base + "/" + name)
+                if full.hasPrefix("/records/"), let r = try? await options.client.get(full) {
+                    print("\(full)  v\(r.version)  \(r.value.count)B")
+                } else {
+                    print(full)
+                }
+            }
+            return
+        }
+        try options.emit(listing) { listing.names.joined(separator: "\n") }
+    }
+}
+
+struct Get: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Print a record's value (linearizable unless --stale).")
+    @OptionGroup var options: ClientOptions
+    @Flag(help: "Allow a stale answer from the node asked.") var stale = false
+    @Argument(help: "The record, under /records.") var path: String
+
+    func run() async throws {
+        let r = try await options.client.get(path, stale: stale)
+        try options.emit(r) { r.value }
+    }
+}
+
+struct Put: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Set a record.")
+    @OptionGroup var options: ClientOptions
+    @Option(help: "Tie the record to this session (ephemeral).") var session: UInt64 = 0
+    @Argument(help: "The record, under /records.") var path: String
+    @Argument(help: "The value.") var value: String
+
+    func run() async throws {
+        let w = try await options.client.put(path, Array(value.utf8), session: session)
+        try options.emit(w) { "\(w.path ?? path) version \(w.version) at revision \(w.revision)" }
+    }
+}
+
+struct Cas: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Set a record only if it is at a version (0: only if it does not exist).")
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "The record, under /records.") var path: String
+    @Argument(help: "The version it must be at.") var version: UInt64
+    @Argument(help: "The new value.") var value: String
+
+    func run() async throws {
+        let w = try await options.client.put(path, Array(value.utf8), version: version)
+        try options.emit(w) { "\(w.path ?? path) version \(w.version) at revision \(w.revision)" }
+    }
+}
+
+struct Del: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Delete a record (only at a version, with --version).")
+    @OptionGroup var options: ClientOptions
+    @Option(help: "Delete only if the record is at this version.") var version: UInt64?
+    @Argument(help: "The record, under /records.") var path: String
+
+    func run() async throws {
+        let w = try await options.client.delete(path, version: version)
+        try options.emit(w) { "deleted at revision \(w.revision)" }
+    }
+}
+
+struct Mkseq: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Create a record named PREFIX followed by its parent's next sequence number; prints the name.")
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "The prefix, such as /records/queue/job-") var prefix: String
+    @Argument(help: "The value.") var value: String = ""
+
+    func run() async throws {
+        let w = try await options.client.createSequential(prefix, Array(value.utf8))
+        try options.emit(w) { w.path ?? "" }
+    }
+}

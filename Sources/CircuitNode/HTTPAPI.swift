@@ -1,0 +1,278 @@
+import CircuitAPI
+import CircuitRaft
+import CircuitStateMachine
+import Foundation
+import HTTPTypes
+import Hummingbird
+import Logging
+import NIOCore
+
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+
+extension APIError {
+    static func from(_ error: ControlError) -> APIError {
+        switch error {
+        case .invalidName: return APIError(status: 400, code: "invalid_name", message: error.description)
+        case .exists: return APIError(status: 409, code: "exists", message: error.description)
+        case .notFound: return APIError(status: 404, code: "not_found", message: error.description)
+        case .versionMismatch: return APIError(status: 409, code: "version_mismatch", message: error.description)
+        case .wrongKind: return APIError(status: 409, code: "wrong_kind", message: error.description)
+        case .noSuchSession: return APIError(status: 404, code: "no_such_session", message: error.description)
+        case .noSuchHost: return APIError(status: 404, code: "no_such_host", message: error.description)
+        case .hostNotAlive: return APIError(status: 409, code: "host_not_alive", message: error.description)
+        case .transactionFailed: return APIError(status: 409, code: "transaction_failed", message: error.description)
+        case .malformedCommand: return APIError(status: 400, code: "malformed_command", message: error.description)
+        }
+    }
+
+    static func from(_ error: ControlServiceError) -> APIError {
+        switch error {
+        case .notLeader: return APIError(status: 503, code: "no_leader", message: error.description)
+        case .outcomeUnknown: return APIError(status: 503, code: "outcome_unknown", message: error.description)
+        case .refused: return APIError(status: 503, code: "refused", message: error.description)
+        case .unavailable: return APIError(status: 503, code: "unavailable", message: error.description)
+        case .badAnswer: return APIError(status: 500, code: "internal", message: error.description)
+        }
+    }
+
+}
+
+/// The HTTP/JSON API of one node (see docs/http-api.md).
+///
+/// Writes, linearizable reads and keep-alives need the leader: a follower forwards them to the leader's API (the
+/// address the leader registered) and relays the answer. Stale reads, status and watches are served locally.
+struct HTTPAPI: Sendable {
+    let node: NodeContext
+    static let maxBody = 1 << 20
+    static let forwardedHeader = HTTPField.Name("X-Circuit-Forwarded")!
+
+    func router() -> Router<BasicRequestContext> {
+        let router = Router()
+        router.get("/v1/status") { _, _ in try json(node.status()) }
+        router.get("/v1/members") { request, context in
+            try await leaderOr(request, context, stale: isStale(request)) {
+                try json(try await node.service.read(consistency(request)) { state in state.hostList.map(HostView.init) })
+            }
+        }
+        router.get("/v1/records/**") { request, context in
+            let path = try recordPath(context)
+            return try await leaderOr(request, context, stale: isStale(request)) {
+                let view: RecordView? = try await node.service.read(consistency(request)) { state in
+                    guard let anchor = state.anchors[path], case .record(let bytes) = anchor.element else { return nil }
+                    return RecordView(
+                        path: path, value: String(decoding: bytes, as: UTF8.self),
+                        valueBase64: Data(bytes).base64EncodedString(), version: anchor.version,
+                        createRevision: anchor.createRevision, modRevision: anchor.modRevision, session: anchor.session,
+                        revision: state.revision)
+                }
+                guard let view else { throw APIError.from(.notFound(path: path)) }
+                return try json(view)
+            }
+        }
+        router.put("/v1/records/**") { request, context in
+            let path = try recordPath(context)
+            return try await leaderOr(request, context, stale: false) {
+                var request = request
+                let body = try await request.collectBody(upTo: Self.maxBody)
+                let value = Array(buffer: body)
+                let session = try query(request, "session", as: UInt64.self) ?? 0
+                let command: Command
+                if let version = try query(request, "version", as: UInt64.self) {
+                    command = version == 0
+                        ? .create(path: path, element: .record(value), session: session, sequential: false)
+                        : .compareAndSet(path: path, version: version, value: value)
+                } else {
+                    command = .put(path: path, value: value, session: session)
+                }
+                return try await write(command)
+            }
+        }
+        router.post("/v1/records/**") { request, context in
+            // A sequential create: PATH is the prefix; the answer names the record made.
+            let path = try recordPath(context)
+            return try await leaderOr(request, context, stale: false) {
+                var request = request
+                let value = Array(buffer: try await request.collectBody(upTo: Self.maxBody))
+                let session = try query(request, "session", as: UInt64.self) ?? 0
+                return try await write(.create(path: path, element: .record(value), session: session, sequential: true))
+            }
+        }
+        router.delete("/v1/records/**") { request, context in
+            let path = try recordPath(context)
+            return try await leaderOr(request, context, stale: false) {
+                try await write(.delete(path: path, version: try query(request, "version", as: UInt64.self)))
+            }
+        }
+        router.get("/v1/ls/**") { request, context in
+            let path = "/" + context.parameters.getCatchAll().joined(separator: "/")
+            let recursive = request.uri.queryParameters.get("recursive").map { $0 == "1" || $0 == "true" } ?? false
+            return try await leaderOr(request, context, stale: isStale(request)) {
+                let names: [String] = try await node.service.read(consistency(request)) { state in
+                    recursive ? state.descendants(of: path) : state.children(of: path)
+                }
+                return try json(ListingView(path: path, names: names))
+            }
+        }
+        router.post("/v1/sessions") { request, context in
+            try await leaderOr(request, context, stale: false) {
+                let ttl = try query(request, "ttl_ms", as: UInt64.self) ?? 10_000
+                guard (100...3_600_000).contains(ttl) else { throw APIError.badRequest("ttl_ms must be 100 to 3600000") }
+                let owner = request.uri.queryParameters.get("owner").map { String($0) } ?? "client"
+                return try await write(.grantSession(owner: owner, ttlMillis: ttl))
+            }
+        }
+        router.post("/v1/sessions/:id/keepalive") { request, context in
+            let id = try context.parameters.require("id", as: UInt64.self)
+            return try await leaderOr(request, context, stale: false) {
+                do {
+                    guard try node.service.keepAlive(id) else { throw APIError.from(.noSuchSession(id)) }
+                } catch let e as ControlServiceError {
+                    throw APIError.from(e)
+                }
+                return try json(["session": id])
+            }
+        }
+        router.delete("/v1/sessions/:id") { request, context in
+            let id = try context.parameters.require("id", as: UInt64.self)
+            return try await leaderOr(request, context, stale: false) {
+                try await write(.endSession(id: id, expired: false))
+            }
+        }
+        router.post("/v1/hosts/register") { request, context in
+            // Used by the daemons themselves: a host announces its addresses and gets a session.
+            try await leaderOr(request, context, stale: false) {
+                var request = request
+                let body = try await request.collectBody(upTo: 64 << 10)
+                let view: HostView
+                do { view = try JSONDecoder().decode(HostView.self, from: Data(buffer: body)) } catch {
+                    throw APIError.badRequest("the body is not a host: \(error)")
+                }
+                let role: HostRole = view.role == "voter" ? .voter : view.role == "learner" ? .learner : .worker
+                let ttl = try query(request, "ttl_ms", as: UInt64.self) ?? 5000
+                return try await write(
+                    .registerHost(id: view.id, peerAddress: view.peerAddress, clientAddress: view.clientAddress, role: role, ttlMillis: ttl))
+            }
+        }
+        router.get("/v1/watch/**") { request, context in
+            let path = "/" + context.parameters.getCatchAll().joined(separator: "/")
+            let from = try query(request, "from", as: UInt64.self) ?? node.service.state.read { $0.revision + 1 }
+            let stream: ReplicatedControlState.WatchStream
+            do {
+                stream = try node.service.watch(prefix: path, after: from == 0 ? 0 : from - 1)
+            } catch {
+                throw APIError(status: 410, code: "compacted", message: "\(error)")
+            }
+            let body = ResponseBody { writer in
+                do {
+                    for try await event in stream {
+                        var line = try JSONEncoder().encode(EventView(event: event))
+                        line.append(UInt8(ascii: "\n"))
+                        try await writer.write(ByteBuffer(bytes: line))
+                    }
+                } catch let error as WatchError {
+                    var line = try JSONEncoder().encode(ErrorEnvelope(APIError(status: 410, code: "compacted", message: error.description)))
+                    line.append(UInt8(ascii: "\n"))
+                    try await writer.write(ByteBuffer(bytes: line))
+                }
+                try await writer.finish(nil)
+            }
+            return Response(status: .ok, headers: [.contentType: "application/x-ndjson"], body: body)
+        }
+        return router
+    }
+
+    // MARK: - Helpers
+
+    private func write(_ command: Command) async throws -> Response {
+        let result: CommandResult
+        do {
+            result = try await node.service.execute(command)
+        } catch {
+            throw APIError.from(error)
+        }
+        switch result {
+        case .ok(let revision, let path, let version, let session):
+            return try json(WriteView(revision: revision, path: path, version: version, session: session))
+        case .failed(let error):
+            throw APIError.from(error)
+        }
+    }
+
+    private func isStale(_ request: Request) -> Bool { request.uri.queryParameters.get("consistency") == "stale" }
+
+    private func consistency(_ request: Request) -> ReadConsistency { isStale(request) ? .stale : .linearizable }
+
+    private func recordPath(_ context: BasicRequestContext) throws -> String {
+        let path = Names.recordsRoot + "/" + context.parameters.getCatchAll().joined(separator: "/")
+        if let error = Names.validate(path) { throw APIError.from(error) }
+        return path
+    }
+
+    private func query<T: LosslessStringConvertible>(_ request: Request, _ name: String, as: T.Type) throws -> T? {
+        guard let raw = request.uri.queryParameters.get(name) else { return nil }
+        guard let value = T(String(raw)) else { throw APIError.badRequest("query parameter \(name)=\(raw) is not a number") }
+        return value
+    }
+
+    /// Runs `body` here if this node leads (or the read may be stale); otherwise forwards the request to the leader.
+    private func leaderOr(
+        _ request: Request, _ context: BasicRequestContext, stale: Bool, _ body: () async throws -> Response
+    ) async throws -> Response {
+        let status = node.service.driver.status
+        if stale || status.role == .leader { return try await body() }
+        if request.headers[Self.forwardedHeader] != nil {
+            throw APIError(status: 503, code: "no_leader", message: "this node is not the leader either (forwarded once already)")
+        }
+        guard status.leader != .none,
+            let address = node.service.state.read({ $0.hosts[HostID.string(status.leader)]?.clientAddress })
+        else {
+            throw APIError(status: 503, code: "no_leader", message: "no leader is known yet; retry shortly")
+        }
+        return try await node.forward(request, to: address)
+    }
+}
+
+extension EventView {
+    init(event e: WatchEvent) {
+        let kind: String
+        switch e.kind {
+        case .put: kind = "put"
+        case .delete: kind = "delete"
+        case .hostJoined: kind = "host_joined"
+        case .hostLeft: kind = "host_left"
+        }
+        var value: String?
+        if case .record(let bytes)? = e.element { value = String(decoding: bytes, as: UTF8.self) }
+        self.init(revision: e.revision, kind: kind, path: e.path, version: e.version, value: value)
+    }
+}
+
+extension HostView {
+    init(_ h: CircuitStateMachine.Host) {
+        self.init(
+            id: h.id, peerAddress: h.peerAddress, clientAddress: h.clientAddress, role: "\(h.role)", state: "\(h.state)",
+            session: h.session, joinedAt: h.joinedAt)
+    }
+}
+
+extension APIError: HTTPResponseError {
+    public var status: HTTPResponse.Status { .init(code: statusCode) }
+    public func response(from request: Request, context: some RequestContext) throws -> Response {
+        let body = try JSONEncoder().encode(ErrorEnvelope(self))
+        return Response(
+            status: .init(code: statusCode), headers: [.contentType: "application/json"],
+            body: .init(byteBuffer: ByteBuffer(bytes: body)))
+    }
+}
+
+func json(_ value: some Encodable) throws -> Response {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.sortedKeys]
+    return Response(
+        status: .ok, headers: [.contentType: "application/json"],
+        body: .init(byteBuffer: ByteBuffer(bytes: try encoder.encode(value))))
+}
+
+

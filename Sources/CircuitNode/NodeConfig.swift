@@ -1,0 +1,107 @@
+import Foundation
+import TOMLKit
+
+/// A daemon's settings: from a TOML file (see `config/`), then flags on top.
+public struct NodeConfig: Codable, Sendable, Equatable {
+    /// The data folder: identity, Raft log, snapshots.
+    public var data: String = "circuit-data"
+    /// Where the peer (Raft) port listens, `host:port`.
+    public var peerListen: String = "127.0.0.1:7701"
+    /// The peer address other hosts dial (default: `peerListen`).
+    public var peerAdvertise: String?
+    /// Where the HTTP/JSON API listens, `host:port`.
+    public var clientListen: String = "127.0.0.1:7700"
+    /// The API address other hosts and clients use (default: `clientListen`).
+    public var clientAdvertise: String?
+    /// Form a new cluster of these voters, each `X<16 hex>@host:port` (peer address); this host must be one of
+    /// them. Ignored once the data folder belongs to a cluster.
+    public var bootstrap: [String] = []
+    /// How long a host's session lives without a keep-alive, in milliseconds.
+    public var sessionTTLMillis: UInt64 = 5000
+    /// Raft's tick; heartbeats every tick, elections after 10 to 20 ticks of silence.
+    public var tickMillis: Int = 50
+
+    enum CodingKeys: String, CodingKey {
+        case data
+        case peerListen = "peer-listen"
+        case peerAdvertise = "peer-advertise"
+        case clientListen = "client-listen"
+        case clientAdvertise = "client-advertise"
+        case bootstrap
+        case sessionTTLMillis = "session-ttl-ms"
+        case tickMillis = "tick-ms"
+    }
+
+    public init() {}
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let d = NodeConfig()
+        data = try c.decodeIfPresent(String.self, forKey: .data) ?? d.data
+        peerListen = try c.decodeIfPresent(String.self, forKey: .peerListen) ?? d.peerListen
+        peerAdvertise = try c.decodeIfPresent(String.self, forKey: .peerAdvertise)
+        clientListen = try c.decodeIfPresent(String.self, forKey: .clientListen) ?? d.clientListen
+        clientAdvertise = try c.decodeIfPresent(String.self, forKey: .clientAdvertise)
+        bootstrap = try c.decodeIfPresent([String].self, forKey: .bootstrap) ?? d.bootstrap
+        sessionTTLMillis = try c.decodeIfPresent(UInt64.self, forKey: .sessionTTLMillis) ?? d.sessionTTLMillis
+        tickMillis = try c.decodeIfPresent(Int.self, forKey: .tickMillis) ?? d.tickMillis
+    }
+
+    /// Reads a TOML file; an unknown key or a wrong type is an error naming it.
+    public init(tomlFile path: String) throws {
+        let text = try String(contentsOfFile: path, encoding: .utf8)
+        let table = try TOMLTable(string: text)
+        let known = Set(CodingKeys.allCases.map(\.rawValue))
+        for key in table.keys where !known.contains(key) {
+            throw NodeConfigError.invalid("unknown setting \"\(key)\" in \(path)")
+        }
+        do {
+            self = try TOMLDecoder().decode(NodeConfig.self, from: table)
+        } catch {
+            throw NodeConfigError.invalid("\(path): \(error)")
+        }
+    }
+
+    public var advertisedPeer: String { peerAdvertise ?? peerListen }
+    public var advertisedClient: String { clientAdvertise ?? clientListen }
+
+    /// Checks the addresses and the bootstrap list.
+    public func validate() throws {
+        _ = try Self.address(peerListen, "peer-listen")
+        _ = try Self.address(clientListen, "client-listen")
+        _ = try Self.address(advertisedPeer, "peer-advertise")
+        _ = try Self.address(advertisedClient, "client-advertise")
+        _ = try bootstrapVoters()
+    }
+
+    /// The bootstrap voters: host id → peer address.
+    public func bootstrapVoters() throws -> [(host: String, address: String)] {
+        try bootstrap.map { entry in
+            let parts = entry.split(separator: "@", maxSplits: 1).map(String.init)
+            guard parts.count == 2, HostID.isValid(parts[0]) else {
+                throw NodeConfigError.invalid("bootstrap entry \(entry.debugDescription) is not X<16 hex digits>@host:port")
+            }
+            _ = try Self.address(parts[1], "bootstrap entry \(entry)")
+            return (parts[0], parts[1])
+        }
+    }
+
+    /// Splits `host:port`.
+    public static func address(_ s: String, _ what: String) throws -> (host: String, port: Int) {
+        guard let colon = s.lastIndex(of: ":"), let port = Int(s[s.index(after: colon)...]), (0...65535).contains(port),
+            colon != s.startIndex
+        else { throw NodeConfigError.invalid("\(what): \(s.debugDescription) is not host:port") }
+        return (String(s[..<colon]), port)
+    }
+}
+
+extension NodeConfig.CodingKeys: CaseIterable {}
+
+public enum NodeConfigError: Error, Sendable, CustomStringConvertible {
+    case invalid(String)
+    public var description: String {
+        switch self {
+        case .invalid(let why): return why
+        }
+    }
+}

@@ -1,0 +1,56 @@
+import CircuitNode
+import CircuitTestSupport
+import Foundation
+import Testing
+
+@Suite("Node configuration")
+struct ConfigTests {
+    /// The repository's `config/` folder.
+    private var samples: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("config").path
+    }
+
+    @Test("the sample configs parse and validate")
+    func samplesParse() throws {
+        let single = try NodeConfig(tomlFile: "\(samples)/single-node.toml")
+        #expect(single.data == "/tmp/circuit-single" && single.clientListen == "127.0.0.1:7700" && single.bootstrap.isEmpty)
+        try single.validate()
+        let three = try NodeConfig(tomlFile: "\(samples)/three-voters.toml")
+        #expect(three.bootstrap.count == 3 && three.advertisedPeer == "10.0.0.1:7701")
+        try three.validate()
+        #expect(try three.bootstrapVoters().map(\.host) == ["X0000000000000a01", "X0000000000000a02", "X0000000000000a03"])
+    }
+
+    @Test("a bad setting is an error naming it")
+    func badSettings() throws {
+        let dir = try temporaryFolder("config")
+        func error(_ toml: String) -> String? {
+            try? toml.write(toFile: "\(dir)/c.toml", atomically: true, encoding: .utf8)
+            do {
+                try NodeConfig(tomlFile: "\(dir)/c.toml").validate()
+                return nil
+            } catch {
+                return "\(error)"
+            }
+        }
+        #expect(error("data = \"/x\"\n") == nil)
+        let unknown = error("dta = \"/x\"\n")
+        #expect(unknown?.contains("unknown setting \"dta\"") == true, "\(unknown ?? "no error")")
+        #expect(error("peer-listen = \"nohost\"\n")?.contains("peer-listen") == true)
+        #expect(error("bootstrap = [\"Xnothex@127.0.0.1:1\"]\n")?.contains("Xnothex") == true)
+        #expect(error("session-ttl-ms = \"soon\"\n") != nil)
+    }
+
+    @Test("a data folder keeps its host id, and only one daemon may hold it")
+    func dataFolder() throws {
+        let dir = try temporaryFolder("folder")
+        let a = try DataFolder(path: dir)
+        #expect(HostID.isValid(a.hostID))
+        #expect(try DataFolder(path: dir).hostID == a.hostID, "stable across opens")
+        #expect(HostID.string(a.nodeID) == a.hostID)
+        let lock = try a.lock()
+        #expect(throws: DataFolderError.self) { _ = try DataFolder(path: dir).lock() }
+        withExtendedLifetime(lock) {}
+    }
+}

@@ -1,0 +1,320 @@
+import CircuitAPI
+import CircuitClient
+import CircuitNode
+import CircuitTestSupport
+import Foundation
+import Testing
+
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+
+/// Real `circuit start` daemons in child processes on loopback ports the kernel handed out, real TCP between them,
+/// real SQLite files.
+private final class Daemons: @unchecked Sendable {
+    struct Member {
+        var folder: DataFolder
+        var peer: String
+        var api: String
+        var process: Process?
+    }
+
+    let binary: String
+    let base: String
+    var members: [Member] = []
+    let ttlMillis: Int
+
+    init(count: Int, ttlMillis: Int = 5000) throws {
+        binary = try #require(circuitBinary(), "the circuit executable was not built next to the tests")
+        base = try temporaryFolder("daemons")
+        self.ttlMillis = ttlMillis
+        for i in 0..<count {
+            members.append(
+                Member(
+                    folder: try DataFolder(path: "\(base)/node\(i)"), peer: "127.0.0.1:\(try freePort())",
+                    api: "127.0.0.1:\(try freePort())"))
+        }
+        for i in members.indices { try start(i) }
+    }
+
+    var bootstrap: String { members.map { "\($0.folder.hostID)@\($0.peer)" }.joined(separator: ",") }
+
+    func start(_ i: Int) throws {
+        let m = members[i]
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = [
+            "start", "--data", m.folder.path, "--peer-listen", m.peer, "--client-listen", m.api, "--bootstrap", bootstrap,
+            "--session-ttl-ms", "\(ttlMillis)",
+        ]
+        let log = "\(m.folder.path)/daemon-\(Date().timeIntervalSince1970).log"
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        process.standardError = FileHandle(forWritingAtPath: log)
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        members[i].process = process
+    }
+
+    func kill9(_ i: Int) {
+        guard let p = members[i].process else { return }
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+        members[i].process = nil
+    }
+
+    func stopAll() {
+        for m in members { if let p = m.process { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() } }
+        for i in members.indices { members[i].process = nil }
+    }
+
+    func client(_ i: Int) -> CircuitClient { CircuitClient(endpoints: [members[i].api]) }
+    var all: CircuitClient { CircuitClient(endpoints: members.filter { $0.process != nil }.map(\.api)) }
+
+    /// The index of the member that leads, as every live member agrees.
+    func leader(timeout: Duration = .seconds(20)) async throws -> Int {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            var leaders: Set<String> = []
+            for (i, m) in members.enumerated() where m.process != nil {
+                if let s = try? await client(i).status(), let l = s.leader { leaders.insert(l) } else { leaders.insert("?") }
+            }
+            if leaders.count == 1, let id = leaders.first, let i = members.firstIndex(where: { $0.folder.hostID == id }),
+                members[i].process != nil
+            {
+                return i
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        throw WaitTimedOut(what: "one leader every live daemon agrees on")
+    }
+}
+
+/// A port the kernel says is free now.
+func freePort() throws -> Int {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+    let ok = withUnsafeMutablePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
+    }
+    guard ok else { throw WaitTimedOut(what: "a free port") }
+    return Int(UInt16(bigEndian: address.sin_port))
+}
+
+/// Retries a write until it is acknowledged (a leader may be changing); returns nil if it never was.
+private func writeAcknowledged(_ client: CircuitClient, _ path: String, _ value: String) async -> WriteView? {
+    let deadline = ContinuousClock.now + .seconds(10)
+    while ContinuousClock.now < deadline {
+        if let w = try? await client.put(path, Array(value.utf8)) { return w }
+        try? await Task.sleep(for: .milliseconds(20))
+    }
+    return nil
+}
+
+@Suite("circuit daemons in separate processes", .serialized)
+struct DaemonTests {
+    @Test("three voters bootstrap; writes through a follower are forwarded; the leader's kill -9 loses nothing; a full restart finds every acknowledged write")
+    func bootstrapKillRestart() async throws {
+        let cluster = try Daemons(count: 3)
+        defer { cluster.stopAll() }
+        let first = try await cluster.leader()
+        try await eventually("every host registered and alive", timeout: .seconds(20)) {
+            (try? await cluster.client(first).members())?.filter { $0.state == "alive" }.count == 3
+        }
+        let members = try await cluster.client(first).members()
+        #expect(Set(members.map(\.id)) == Set(cluster.members.map(\.folder.hostID)))
+        #expect(members.allSatisfy { $0.role == "voter" })
+
+        // A follower forwards writes and linearizable reads to the leader.
+        let follower = (first + 1) % 3
+        let viaFollower = try await cluster.client(follower).put("/records/app/config", Array("v1".utf8))
+        #expect(viaFollower.version == 1)
+        #expect(try await cluster.client(follower).get("/records/app/config").value == "v1")
+        var acknowledged: [String: String] = ["/records/app/config": "v1"]
+        for i in 0..<20 {
+            let path = "/records/app/k\(i)"
+            try await cluster.client(i % 3).put(path, Array("before-\(i)".utf8))
+            acknowledged[path] = "before-\(i)"
+        }
+
+        // kill -9 the leader: a new one is elected and writes continue.
+        let killedAt = ContinuousClock.now
+        cluster.kill9(first)
+        let second = try await cluster.leader()
+        #expect(second != first)
+        let w = await writeAcknowledged(cluster.all, "/records/app/after-kill", "x")
+        #expect(w != nil, "no write succeeded after the leader was killed")
+        if w != nil { acknowledged["/records/app/after-kill"] = "x" }
+        let failover = killedAt.duration(to: .now)
+        #expect(failover < .seconds(10))
+        for i in 20..<40 {
+            let path = "/records/app/k\(i)"
+            if await writeAcknowledged(cluster.all, path, "after-\(i)") != nil { acknowledged[path] = "after-\(i)" }
+        }
+        try cluster.start(first)
+        try await eventually("the killed node to catch up", timeout: .seconds(20)) {
+            (try? await cluster.client(first).get("/records/app/k39", stale: true))?.value == "after-39"
+        }
+
+        // Restart every node: everything acknowledged is still there.
+        cluster.stopAll()
+        for i in 0..<3 { try cluster.start(i) }
+        _ = try await cluster.leader()
+        for (path, value) in acknowledged.sorted(by: { $0.key < $1.key }) {
+            var got: String?
+            try await eventually("\(path) readable after the restart", timeout: .seconds(20)) {
+                got = (try? await cluster.all.get(path))?.value
+                return got != nil
+            }
+            #expect(got == value, "\(path)")
+        }
+    }
+
+    @Test("bad requests get the documented error: status, code and a sentence")
+    func badRequests() async throws {
+        let cluster = try Daemons(count: 1)
+        defer { cluster.stopAll() }
+        _ = try await cluster.leader()
+        let client = cluster.client(0)
+        try await eventually("the first write", timeout: .seconds(20)) {
+            (try? await client.put("/records/a", Array("1".utf8))) != nil
+        }
+        func apiError(_ call: () async throws -> Void) async -> APIError? {
+            do {
+                try await call()
+                return nil
+            } catch let CircuitClientError.api(e) {
+                return e
+            } catch {
+                return nil
+            }
+        }
+        let cas = await apiError { try await client.put("/records/a", [], version: 7) }
+        #expect(cas?.statusCode == 409 && cas?.code == "version_mismatch")
+        #expect(cas?.message.contains("/records/a") == true)
+        let exists = await apiError { try await client.put("/records/a", [], version: 0) }
+        #expect(exists?.code == "exists")
+        let missing = await apiError { _ = try await client.get("/records/nothing") }
+        #expect(missing?.statusCode == 404 && missing?.code == "not_found")
+        let badName = await apiError { try await client.put("/records/bad name", []) }
+        #expect(badName?.statusCode == 400 && badName?.code == "invalid_name")
+        let badTTL = await apiError { _ = try await client.grantSession(ttlMillis: 1) }
+        #expect(badTTL?.statusCode == 400 && badTTL?.code == "bad_request")
+        let noSession = await apiError { try await client.keepAlive(424242) }
+        #expect(noSession?.statusCode == 404 && noSession?.code == "no_such_session")
+
+        // A malformed query number, straight over HTTP.
+        let url = URL(string: "http://\(cluster.members[0].api)/v1/records/a?version=seven")!
+        var request = URLRequest(url: url)
+        request.httpMethod = "PUT"
+        let (data, response) = try await URLSession.shared.data(for: request)
+        #expect((response as? HTTPURLResponse)?.statusCode == 400)
+        let envelope = try JSONDecoder().decode(ErrorEnvelope.self, from: data)
+        #expect(envelope.error.code == "bad_request" && envelope.error.message.contains("version"))
+        #expect(try await client.get("/records/a").value == "1", "the daemon keeps running and nothing committed is lost")
+    }
+
+    @Test("a second daemon on the same data folder is refused; a host killed is reported expired within its TTL and a bound")
+    func lockAndExpiry() async throws {
+        let cluster = try Daemons(count: 3, ttlMillis: 1500)
+        defer { cluster.stopAll() }
+        let leader = try await cluster.leader()
+        try await eventually("every host alive", timeout: .seconds(20)) {
+            (try? await cluster.client(leader).members())?.filter { $0.state == "alive" }.count == 3
+        }
+
+        // The same folder again: refused with a clear error, exit status 1.
+        let twin = Process()
+        twin.executableURL = URL(fileURLWithPath: cluster.binary)
+        twin.arguments = ["start", "--data", cluster.members[0].folder.path, "--peer-listen", "127.0.0.1:\(try freePort())", "--client-listen", "127.0.0.1:\(try freePort())"]
+        let err = Pipe()
+        twin.standardError = err
+        try twin.run()
+        let output = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        twin.waitUntilExit()
+        #expect(twin.terminationStatus == 1)
+        #expect(output.contains("in use by another circuit daemon"), "\(output)")
+
+        let victim = (leader + 1) % 3
+        let id = cluster.members[victim].folder.hostID
+        let killed = ContinuousClock.now
+        cluster.kill9(victim)
+        try await eventually("\(id) reported expired", timeout: .seconds(15)) {
+            (try? await cluster.client(leader).members())?.first { $0.id == id }?.state == "expired"
+        }
+        let took = killed.duration(to: .now)
+        #expect(took < .milliseconds(1500 + 2000), "expired after \(took)")
+        #expect(took >= .milliseconds(1500 - 500 - 100), "no earlier than its TTL after its last keep-alive")
+    }
+}
+
+/// Runs the `circuit` executable to completion; returns its exit status, standard output and standard error.
+private func runCircuit(_ arguments: [String], environment: [String: String]? = nil) throws -> (Int32, String, String) {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: try #require(circuitBinary()))
+    process.arguments = arguments
+    if let environment { process.environment = environment }
+    // Files, not pipes: nothing the child writes can block it.
+    let dir = try temporaryFolder("circuit-run")
+    _ = FileManager.default.createFile(atPath: "\(dir)/out", contents: nil)
+    _ = FileManager.default.createFile(atPath: "\(dir)/err", contents: nil)
+    process.standardOutput = FileHandle(forWritingAtPath: "\(dir)/out")
+    process.standardError = FileHandle(forWritingAtPath: "\(dir)/err")
+    try process.run()
+    process.waitUntilExit()
+    let out = try String(contentsOfFile: "\(dir)/out", encoding: .utf8)
+    let err = try String(contentsOfFile: "\(dir)/err", encoding: .utf8)
+    return (process.terminationStatus, out, err)
+}
+
+@Suite("The circuit command", .serialized)
+struct CommandTests {
+    @Test("circuit dev starts a local cluster, shows it working, and stops every daemon it started")
+    func dev() throws {
+        let dir = try temporaryFolder("dev")
+        let (status, out, err) = try runCircuit(["dev", "--data", dir, "--base-port", "0", "--seconds", "1"])
+        #expect(status == 0, "\(err)")
+        #expect(out.contains("members: "), "\(out)")
+        #expect(out.components(separatedBy: "(voter, alive)").count == 4, "three voters alive: \(out)")
+        #expect(out.contains("linearizable read of /records/dev/k99 from X"), "\(out)")
+        #expect(out.contains("\"value 99\""), "\(out)")
+        #expect(out.contains("stopped 3 daemons"), "\(out)")
+        // Each daemon shut down gracefully and let go of its folder.
+        for i in 1...3 { _ = try DataFolder(path: "\(dir)/node\(i)").lock() }
+    }
+
+    @Test("exit status 0 on success, 1 on an error (one line), 2 on wrong usage")
+    func exitStatus() throws {
+        let cluster = try Daemons(count: 1)
+        defer { cluster.stopAll() }
+        let node = cluster.members[0].api
+        var env = ProcessInfo.processInfo.environment
+        env["CIRCUIT"] = node
+        let deadline = ContinuousClock.now + .seconds(20)
+        var put: (Int32, String, String) = (-1, "", "")
+        while ContinuousClock.now < deadline {
+            put = try runCircuit(["put", "/records/cli/a", "hello"], environment: env)
+            if put.0 == 0 { break }
+        }
+        #expect(put.0 == 0, "\(put.2)")
+        let get = try runCircuit(["get", "/records/cli/a"], environment: env)
+        #expect(get.0 == 0 && get.1 == "hello\n")
+        let json = try runCircuit(["get", "--json", "/records/cli/a"], environment: env)
+        let view = try JSONDecoder().decode(RecordView.self, from: Data(json.1.utf8))
+        #expect(view.value == "hello" && view.version == 1)
+        let cas = try runCircuit(["cas", "/records/cli/a", "5", "x"], environment: env)
+        #expect(cas.0 == 1 && cas.2.split(separator: "\n").count == 1 && cas.2.contains("version"), "\(cas.2)")
+        let seq = try runCircuit(["mkseq", "/records/cli/q/job-", "1"], environment: env)
+        #expect(seq.0 == 0 && seq.1 == "/records/cli/q/job-0000000000\n", "\(seq)")
+        let ls = try runCircuit(["ls", "/records/cli/..."], environment: env)
+        #expect(ls.1 == "/records/cli/a\n/records/cli/q/job-0000000000\n", "\(ls)")
+        let usage = try runCircuit(["get"], environment: env)
+        #expect(usage.0 == 2, "\(usage.2)")
+        let unreachable = try runCircuit(["status", "--node", "127.0.0.1:\(try freePort())"])
+        #expect(unreachable.0 == 1 && unreachable.2.contains("cannot reach the cluster"), "\(unreachable.2)")
+        #expect(unreachable.2.split(separator: "\n").count == 1)
+    }
+}
