@@ -60,6 +60,7 @@ let package = Package(
                 "CircuitStateMachine",
                 "CircuitTransport",
                 "CircuitAPI",
+                "CircuitClient",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

@@ -23,6 +23,7 @@ struct Start: AsyncParsableCommand {
     @Option(help: "HTTP API listen address, host:port.") var clientListen: String?
     @Option(help: "API address others use (default: --client-listen).") var clientAdvertise: String?
     @Option(help: "Form a new cluster of these voters: X<id>@host:port, comma-separated.") var bootstrap: String?
+    @Option(help: "Join the cluster of the member whose API is at host:port, as a learner.") var join: String?
     @Option(help: "Milliseconds a host's session lives without a keep-alive.") var sessionTtlMs: UInt64?
 
     func run() async throws {
@@ -33,6 +34,7 @@ struct Start: AsyncParsableCommand {
         if let clientListen { settings.clientListen = clientListen }
         if let clientAdvertise { settings.clientAdvertise = clientAdvertise }
         if let bootstrap { settings.bootstrap = bootstrap.split(separator: ",").map(String.init) }
+        if let join { settings.join = join }
         if let sessionTtlMs { settings.sessionTTLMillis = sessionTtlMs }
         var global = global
         if global.logLevel == .warning { global.logLevel = .info }
@@ -193,5 +195,49 @@ struct Mkseq: AsyncParsableCommand {
     func run() async throws {
         let w = try await options.client.createSequential(prefix, Array(value.utf8))
         try options.emit(w) { w.path ?? "" }
+    }
+}
+
+struct Promote: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Make a learner a voter (refused while it lags the leader).")
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "The host id.") var host: String
+
+    func run() async throws {
+        let hosts = try await options.client.promote(host)
+        try options.emit(hosts) { "\(host) is a voter" }
+    }
+}
+
+struct Leave: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Remove a host from the cluster: out of the membership (its elements go) and out of Raft.")
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "The host id.") var host: String
+
+    func run() async throws {
+        let hosts = try await options.client.remove(host)
+        try options.emit(hosts) { "\(host) has left" }
+    }
+}
+
+struct TransferLeader: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "transfer-leader", abstract: "Hand leadership to a voter (default: the most up-to-date one).")
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "The host id.") var host: String?
+
+    func run() async throws {
+        let target = try await options.client.transferLeader(to: host)
+        let clock = ContinuousClock()
+        let deadline = clock.now + .seconds(5)
+        while clock.now < deadline {
+            if let s = try? await options.client.status(), s.leader == target {
+                try options.emit(["leader": target]) { "\(target) leads" }
+                return
+            }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        throw ValidationError("the transfer to \(target) did not complete within 5 s")
     }
 }

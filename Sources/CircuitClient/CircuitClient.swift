@@ -43,6 +43,29 @@ public struct CircuitClient: Sendable {
         try await call("GET", "/v1/members", query: stale ? ["consistency": "stale"] : [:])
     }
 
+    /// Asks the cluster to take `host` in as a learner; answers the membership's hosts (with their peer addresses).
+    public func join(_ host: HostView, ttlMillis: UInt64) async throws(CircuitClientError) -> [HostView] {
+        let body: Data
+        do { body = try JSONEncoder().encode(host) } catch { throw .badAnswer("\(error)") }
+        return try await call("POST", "/v1/cluster/members", query: ["ttl_ms": "\(ttlMillis)"], body: body)
+    }
+
+    /// Makes a learner a voter (refused while it lags the leader).
+    public func promote(_ host: String) async throws(CircuitClientError) -> [HostView] {
+        try await call("POST", "/v1/cluster/members/\(host)/promote")
+    }
+
+    /// Removes a host from Raft's membership and from the cluster.
+    public func remove(_ host: String) async throws(CircuitClientError) -> [HostView] {
+        try await call("DELETE", "/v1/cluster/members/\(host)")
+    }
+
+    /// Asks the leader to hand leadership to `host` (nil: the most up-to-date voter); answers the target.
+    public func transferLeader(to host: String? = nil) async throws(CircuitClientError) -> String {
+        let answer: [String: String] = try await call("POST", "/v1/cluster/leader", query: host.map { ["to": $0] } ?? [:])
+        return answer["to"] ?? ""
+    }
+
     // MARK: - Records
 
     public func get(_ path: String, stale: Bool = false) async throws(CircuitClientError) -> RecordView {

@@ -8,6 +8,8 @@ import Logging
 import NIOCore
 import NIOPosix
 import ServiceLifecycle
+import Synchronization
+import CircuitClient
 
 #if canImport(FoundationNetworking)
 import FoundationNetworking
@@ -19,14 +21,51 @@ final class NodeContext: Sendable {
     let clusterID: UInt64
     let config: NodeConfig
     let service: ControlService
+    let transport: TCPTransport
     let logger: Logger
+    /// Peer addresses known from the data folder (the bootstrap list, or what the cluster said at the join).
+    let addressBook: [String: String]
+    private let dialing = Mutex<[NodeID: String]>([:])
 
-    init(folder: DataFolder, clusterID: UInt64, config: NodeConfig, service: ControlService, logger: Logger) {
+    init(
+        folder: DataFolder, clusterID: UInt64, config: NodeConfig, service: ControlService, transport: TCPTransport,
+        addressBook: [String: String], logger: Logger
+    ) {
         self.folder = folder
         self.clusterID = clusterID
         self.config = config
         self.service = service
+        self.transport = transport
+        self.addressBook = addressBook
         self.logger = logger
+    }
+
+    /// Points the transport at every Raft member but this one, at the address the membership registry gives (or
+    /// the address book, for members not registered yet).
+    func syncPeers() {
+        let raft = service.driver.status
+        var members = Set(raft.membership.members)
+        if raft.leader != .none { members.insert(raft.leader) }
+        // A host that joined knows nothing of the membership until the log reaches it, but must answer the leader:
+        // until then it dials everyone the cluster named at the join.
+        if !members.contains(folder.nodeID) { members.formUnion(addressBook.keys.map(HostID.nodeID)) }
+        let registered = service.state.read { state in state.hosts.mapValues(\.peerAddress) }
+        var want: [NodeID: String] = [:]
+        for id in members where id != folder.nodeID {
+            let host = HostID.string(id)
+            if let address = registered[host] ?? addressBook[host] { want[id] = address }
+        }
+        let changed = dialing.withLock { current in
+            defer { current = want }
+            return current != want
+        }
+        guard changed else { return }
+        var peers: [NodeID: (host: String, port: Int)] = [:]
+        for (id, address) in want {
+            if let a = try? NodeConfig.address(address, "peer") { peers[id] = a }
+        }
+        transport.setPeers(peers)
+        logger.info("peers", metadata: ["peers": "\(want.keys.sorted().map(HostID.string))"])
     }
 
     func status() -> StatusView {
@@ -85,18 +124,15 @@ public final class CircuitDaemon: Sendable {
         var logger = logger
         logger[metadataKey: "host"] = "\(folder.hostID)"
 
-        // The cluster: from the folder, or formed now from the bootstrap voters.
+        // The cluster: from the folder, or formed now from the bootstrap voters, or joined through a member.
         let peersFile = "\(folder.path)/peers"
+        let votersFile = "\(folder.path)/bootstrap-voters"
         let bootstrap = try config.bootstrapVoters()
         let clusterID: UInt64
-        var peerList: [(host: String, address: String)]
         if let stored = try folder.clusterID() {
             clusterID = stored
-            let text = (try? String(contentsOfFile: peersFile, encoding: .utf8)) ?? ""
-            peerList = text.split(separator: "\n").compactMap { line in
-                let parts = line.split(separator: "@", maxSplits: 1).map(String.init)
-                return parts.count == 2 ? (parts[0], parts[1]) : nil
-            }
+        } else if let contact = config.join {
+            clusterID = try await join(through: contact, folder: folder, peersFile: peersFile, logger: logger)
         } else {
             guard !bootstrap.isEmpty else { throw DataFolderError.noCluster(path: folder.path) }
             guard bootstrap.contains(where: { $0.host == folder.hostID }) else {
@@ -108,35 +144,38 @@ public final class CircuitDaemon: Sendable {
                 h = (h ^ UInt64(b)) &* 0x0000_0100_0000_01b3
             }
             clusterID = h
-            peerList = bootstrap
-            try DataFolder.writeDurably(bootstrap.map { "\($0.host)@\($0.address)" }.joined(separator: "\n") + "\n", to: peersFile)
+            let lines = bootstrap.map { "\($0.host)@\($0.address)" }.joined(separator: "\n") + "\n"
+            try DataFolder.writeDurably(lines, to: peersFile)
+            try DataFolder.writeDurably(lines, to: votersFile)
             try folder.setClusterID(clusterID)
             logger.info("formed a new cluster", metadata: ["cluster": "\(HostID.hex(clusterID))", "voters": "\(bootstrap.map(\.host))"])
         }
         logger[metadataKey: "cluster"] = "\(HostID.hex(clusterID))"
+        let addressBook = Self.readPeers(peersFile)
+        // A bootstrapped voter starts from the bootstrap voters; a joined host from nothing (it learns the
+        // membership from the log or a snapshot). After that the membership is the log's.
+        let initialVoters = Self.readPeers(votersFile).keys.map(HostID.nodeID).sorted()
 
         let listen = try NodeConfig.address(config.peerListen, "peer-listen")
         let transport = TCPTransport(
             configuration: .init(clusterID: clusterID, hostID: folder.nodeID, listenHost: listen.host, listenPort: listen.port),
             group: MultiThreadedEventLoopGroup.singleton, logger: logger)
-        var peers: [NodeID: (host: String, port: Int)] = [:]
-        for p in peerList where p.host != folder.hostID {
-            peers[HostID.nodeID(p.host)] = try NodeConfig.address(p.address, "peer \(p.host)")
-        }
-        transport.setPeers(peers)
 
         var options = RaftDriver.Options()
         options.tickInterval = .milliseconds(config.tickMillis)
         let state = ReplicatedControlState()
         let driver = try RaftDriver(
-            config: RaftConfig(id: folder.nodeID, voters: peerList.map { HostID.nodeID($0.host) }),
+            config: RaftConfig(id: folder.nodeID, voters: initialVoters),
             store: try SQLiteLogStore(path: folder.logPath, logger: logger), stateMachine: state, transport: transport,
             snapshots: try SnapshotFiles(directory: folder.snapshotPath, logger: logger), options: options, logger: logger)
         transport.deliver(to: driver)
         try await transport.start()
         driver.start()
         let service = ControlService(driver: driver, state: state, logger: logger)
-        let node = NodeContext(folder: folder, clusterID: clusterID, config: config, service: service, logger: logger)
+        let node = NodeContext(
+            folder: folder, clusterID: clusterID, config: config, service: service, transport: transport,
+            addressBook: addressBook, logger: logger)
+        node.syncPeers()
 
         let client = try NodeConfig.address(config.clientListen, "client-listen")
         let appLogger = logger
@@ -145,7 +184,7 @@ public final class CircuitDaemon: Sendable {
             configuration: .init(address: .hostname(client.host, port: client.port), serverName: "circuit"),
             onServerRunning: { _ in appLogger.info("API listening", metadata: ["address": "\(client.host):\(client.port)"]) },
             logger: logger)
-        let agent = HostAgent(node: node, role: .voter)
+        let agent = HostAgent(node: node)
         let group = ServiceGroup(
             configuration: .init(
                 services: [.init(service: app), .init(service: agent)], gracefulShutdownSignals: [.sigterm, .sigint],
@@ -162,12 +201,63 @@ public final class CircuitDaemon: Sendable {
     }
 }
 
+extension CircuitDaemon {
+    /// `id@address` lines.
+    static func readPeers(_ file: String) -> [String: String] {
+        let text = (try? String(contentsOfFile: file, encoding: .utf8)) ?? ""
+        var out: [String: String] = [:]
+        for line in text.split(separator: "\n") {
+            let parts = line.split(separator: "@", maxSplits: 1).map(String.init)
+            if parts.count == 2 { out[parts[0]] = parts[1] }
+        }
+        return out
+    }
+
+    /// Joins the cluster that `contact` (any member's API) belongs to, as a learner: the leader registers this host
+    /// and adds it to Raft's membership; the log (or a snapshot) follows once this node runs.
+    func join(through contact: String, folder: DataFolder, peersFile: String, logger: Logger) async throws -> UInt64 {
+        let client = CircuitClient(endpoints: [contact])
+        // The contact may not know a leader yet (an election, or it is new itself): retry for a while.
+        let deadline = ContinuousClock.now + .seconds(30)
+        func retrying<T>(_ what: String, _ call: () async throws(CircuitClientError) -> T) async throws -> T {
+            while true {
+                do {
+                    return try await call()
+                } catch {
+                    let transient: Bool
+                    switch error {
+                    case .unreachable: transient = true
+                    case .api(let e): transient = e.statusCode == 503
+                    case .badAnswer: transient = false
+                    }
+                    guard transient, ContinuousClock.now < deadline else { throw error }
+                    logger.info("join: retrying", metadata: ["step": "\(what)", "error": "\(error)"])
+                    try await Task.sleep(for: .milliseconds(200))
+                }
+            }
+        }
+        let status = try await retrying("status") { () async throws(CircuitClientError) in try await client.status() }
+        guard let clusterID = UInt64(status.cluster, radix: 16) else {
+            throw NodeConfigError.invalid("\(contact) answered with cluster id \(status.cluster)")
+        }
+        let me = HostView(
+            id: folder.hostID, peerAddress: config.advertisedPeer, clientAddress: config.advertisedClient, role: "learner",
+            state: "alive", session: 0, joinedAt: 0)
+        let ttl = config.sessionTTLMillis
+        let hosts = try await retrying("join") { () async throws(CircuitClientError) in try await client.join(me, ttlMillis: ttl) }
+        let lines = hosts.map { "\($0.id)@\($0.peerAddress)" }.joined(separator: "\n") + "\n"
+        try DataFolder.writeDurably(lines, to: peersFile)
+        try folder.setClusterID(clusterID)
+        logger.info("joined the cluster as a learner", metadata: ["cluster": "\(status.cluster)", "through": "\(contact)"])
+        return clusterID
+    }
+}
+
 /// The host's own part in the membership: it registers itself (through its own API, which forwards to the leader)
 /// and keeps its session alive; while this node leads, it also expires the sessions of hosts and clients that went
 /// silent.
 struct HostAgent: Service {
     let node: NodeContext
-    let role: HostRole
 
     func run() async throws {
         // Ends quietly at graceful shutdown: the loop's sleep is cancelled.
@@ -179,12 +269,15 @@ struct HostAgent: Service {
         var lastKeepAlive = ContinuousClock.now
         let ttl = node.config.sessionTTLMillis
         while !Task.isCancelled {
+            node.syncPeers()
             await node.service.expireLeases()
             let registered = node.service.state.read { state -> Bool in
                 guard let session, let host = state.hosts[node.folder.hostID] else { return false }
                 return host.state == .alive && host.session == session
             }
-            if !registered, node.service.driver.status.leader != .none {
+            let raft = node.service.driver.status
+            // A host removed from Raft's membership (or not yet in it) does not register itself.
+            if !registered, raft.leader != .none, raft.membership.members.contains(node.folder.nodeID) {
                 session = await register(ttl: ttl)
                 lastKeepAlive = .now
             } else if let s = session, ContinuousClock.now - lastKeepAlive > .milliseconds(Int64(ttl / 3)) {
@@ -205,9 +298,11 @@ struct HostAgent: Service {
     }
 
     private func register(ttl: UInt64) async -> SessionID? {
+        let raft = node.service.driver.status
+        let role = raft.membership.isVoter(node.folder.nodeID) ? "voter" : "learner"
         let me = HostView(
             id: node.folder.hostID, peerAddress: node.config.advertisedPeer, clientAddress: node.config.advertisedClient,
-            role: "\(role)", state: "alive", session: 0, joinedAt: 0)
+            role: role, state: "alive", session: 0, joinedAt: 0)
         guard let body = try? JSONEncoder().encode(me),
             let (status, data) = await call("POST", "/v1/hosts/register?ttl_ms=\(ttl)", body: body), status == 200,
             let view = try? JSONDecoder().decode(WriteView.self, from: data)

@@ -155,6 +155,59 @@ struct HTTPAPI: Sendable {
                     .registerHost(id: view.id, peerAddress: view.peerAddress, clientAddress: view.clientAddress, role: role, ttlMillis: ttl))
             }
         }
+        router.post("/v1/cluster/members") { request, context in
+            // A host joins as a learner: registered first (so every member learns its peer address), then added to
+            // Raft's membership.
+            try await leaderOr(request, context, stale: false) {
+                var request = request
+                let body = try await request.collectBody(upTo: 64 << 10)
+                let view: HostView
+                do { view = try JSONDecoder().decode(HostView.self, from: Data(buffer: body)) } catch {
+                    throw APIError.badRequest("the body is not a host: \(error)")
+                }
+                guard HostID.isValid(view.id) else { throw APIError.from(.invalidName(path: view.id, why: "a host id is X followed by 16 lowercase hex digits")) }
+                let ttl = try query(request, "ttl_ms", as: UInt64.self) ?? 5000
+                _ = try await write(
+                    .registerHost(id: view.id, peerAddress: view.peerAddress, clientAddress: view.clientAddress, role: .learner, ttlMillis: ttl))
+                node.syncPeers()
+                if !node.service.driver.status.membership.members.contains(HostID.nodeID(view.id)) {
+                    try await changeMembership(.addLearner(HostID.nodeID(view.id)))
+                }
+                return try json(try await node.service.read { $0.hostList.map(HostView.init) })
+            }
+        }
+        router.post("/v1/cluster/members/:id/promote") { request, context in
+            let id = try hostParameter(context)
+            return try await leaderOr(request, context, stale: false) {
+                try await changeMembership(.promote(HostID.nodeID(id)))
+                _ = try await write(.setHostRole(id: id, role: .voter))
+                return try json(try await node.service.read { $0.hostList.map(HostView.init) })
+            }
+        }
+        router.delete("/v1/cluster/members/:id") { request, context in
+            let id = try hostParameter(context)
+            return try await leaderOr(request, context, stale: false) {
+                // Out of the membership registry first (its subtree goes), then out of Raft: a leader that removes
+                // itself steps down once the removal commits.
+                if node.service.state.read({ $0.hosts[id]?.state == .alive }) { _ = try await write(.leaveHost(id: id)) }
+                if node.service.driver.status.membership.members.contains(HostID.nodeID(id)) {
+                    try await changeMembership(.remove(HostID.nodeID(id)))
+                }
+                return try json(node.service.state.read { $0.hostList.map(HostView.init) })
+            }
+        }
+        router.post("/v1/cluster/leader") { request, context in
+            try await leaderOr(request, context, stale: false) {
+                let to = request.uri.queryParameters.get("to").map { String($0) }
+                if let to, !HostID.isValid(to) { throw APIError.badRequest("\(to) is not a host id") }
+                do {
+                    let target = try await node.service.driver.transferLeadership(to: to.map(HostID.nodeID))
+                    return try json(["to": HostID.string(target)])
+                } catch {
+                    throw APIError(status: 409, code: "transfer_refused", message: "\(error)")
+                }
+            }
+        }
         router.get("/v1/watch/**") { request, context in
             let path = "/" + context.parameters.getCatchAll().joined(separator: "/")
             let from = try query(request, "from", as: UInt64.self) ?? node.service.state.read { $0.revision + 1 }
@@ -200,6 +253,22 @@ struct HTTPAPI: Sendable {
         }
     }
 
+    private func changeMembership(_ change: ConfChange) async throws {
+        do {
+            try await node.service.driver.changeMembership(change)
+        } catch RaftDriverError.refused(.notLeader(let leader)) {
+            throw APIError.from(ControlServiceError.notLeader(leader: leader))
+        } catch {
+            throw APIError(status: 409, code: "membership_refused", message: "\(error)")
+        }
+    }
+
+    private func hostParameter(_ context: BasicRequestContext) throws -> String {
+        let id = try context.parameters.require("id")
+        guard HostID.isValid(id) else { throw APIError.badRequest("\(id) is not a host id (X and 16 lowercase hex digits)") }
+        return id
+    }
+
     private func isStale(_ request: Request) -> Bool { request.uri.queryParameters.get("consistency") == "stale" }
 
     private func consistency(_ request: Request) -> ReadConsistency { isStale(request) ? .stale : .linearizable }
@@ -242,6 +311,7 @@ extension EventView {
         case .delete: kind = "delete"
         case .hostJoined: kind = "host_joined"
         case .hostLeft: kind = "host_left"
+        case .hostUpdated: kind = "host_updated"
         }
         var value: String?
         if case .record(let bytes)? = e.element { value = String(decoding: bytes, as: UTF8.self) }

@@ -16,6 +16,9 @@ public struct NodeConfig: Codable, Sendable, Equatable {
     /// Form a new cluster of these voters, each `X<16 hex>@host:port` (peer address); this host must be one of
     /// them. Ignored once the data folder belongs to a cluster.
     public var bootstrap: [String] = []
+    /// Join the cluster of the member whose API is at this `host:port`, as a learner. Ignored once the data folder
+    /// belongs to a cluster.
+    public var join: String?
     /// How long a host's session lives without a keep-alive, in milliseconds.
     public var sessionTTLMillis: UInt64 = 5000
     /// Raft's tick; heartbeats every tick, elections after 10 to 20 ticks of silence.
@@ -27,7 +30,7 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         case peerAdvertise = "peer-advertise"
         case clientListen = "client-listen"
         case clientAdvertise = "client-advertise"
-        case bootstrap
+        case bootstrap, join
         case sessionTTLMillis = "session-ttl-ms"
         case tickMillis = "tick-ms"
     }
@@ -43,6 +46,7 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         clientListen = try c.decodeIfPresent(String.self, forKey: .clientListen) ?? d.clientListen
         clientAdvertise = try c.decodeIfPresent(String.self, forKey: .clientAdvertise)
         bootstrap = try c.decodeIfPresent([String].self, forKey: .bootstrap) ?? d.bootstrap
+        join = try c.decodeIfPresent(String.self, forKey: .join)
         sessionTTLMillis = try c.decodeIfPresent(UInt64.self, forKey: .sessionTTLMillis) ?? d.sessionTTLMillis
         tickMillis = try c.decodeIfPresent(Int.self, forKey: .tickMillis) ?? d.tickMillis
     }
@@ -72,6 +76,8 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         _ = try Self.address(advertisedPeer, "peer-advertise")
         _ = try Self.address(advertisedClient, "client-advertise")
         _ = try bootstrapVoters()
+        if let join { _ = try Self.address(join, "join") }
+        if join != nil && !bootstrap.isEmpty { throw NodeConfigError.invalid("--join and --bootstrap exclude each other") }
     }
 
     /// The bootstrap voters: host id → peer address.

@@ -80,6 +80,8 @@ extension Command {
             w.int(UInt8(8)); w.string(path); w.bool(version != nil); w.int(version ?? 0)
         case .updateProc(let path, let state):
             w.int(UInt8(9)); w.string(path); state.write(to: &w)
+        case .setHostRole(let id, let role):
+            w.int(UInt8(11)); w.string(id); w.int(role.rawValue)
         case .transaction(let ops):
             w.int(UInt8(10)); w.int(UInt32(ops.count))
             for op in ops {
@@ -148,6 +150,11 @@ extension Command {
                 }
             }
             self = .transaction(ops)
+        case 11:
+            let id = try r.string("host id")
+            let rawRole: UInt8 = try r.int("role")
+            guard let role = HostRole(rawValue: rawRole) else { throw .malformedCommand("host role \(rawRole)") }
+            self = .setHostRole(id: id, role: role)
         default:
             throw .malformedCommand("command tag \(tag)")
         }

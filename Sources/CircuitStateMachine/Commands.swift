@@ -21,6 +21,8 @@ public enum Command: Sendable, Hashable {
     case updateProc(path: String, state: ProcState)
     /// All or nothing: the operations apply in order as one change, or none does.
     case transaction([TransactionOp])
+    /// A live host's role changes (the leader records a promotion or removal it made in Raft's membership).
+    case setHostRole(id: String, role: HostRole)
 }
 
 /// One operation of a transaction.

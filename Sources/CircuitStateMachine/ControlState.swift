@@ -132,6 +132,14 @@ public struct ControlState: Sendable {
             setAnchor(path, anchor)
             emit(.put, path, anchor)
             return .success(.ok(revision: 0, path: path, version: anchor.version, session: anchor.session))
+        case .setHostRole(let id, let role):
+            guard var host = hosts[id] else { return .failure(.noSuchHost(id)) }
+            guard host.state == .alive else { return .failure(.hostNotAlive(id)) }
+            guard host.role != role else { return .success(.ok(revision: 0, path: "/" + id, version: 0, session: host.session)) }
+            host.role = role
+            hosts[id] = host
+            pending.append(WatchEvent(revision: revision, kind: .hostUpdated, path: "/" + id, version: 0, element: nil))
+            return .success(.ok(revision: 0, path: "/" + id, version: 0, session: host.session))
         case .transaction:
             preconditionFailure("transactions are applied by applyTransaction")
         }

@@ -160,6 +160,8 @@ public struct WatchEvent: Sendable, Hashable {
         case delete = 2
         case hostJoined = 3
         case hostLeft = 4
+        /// A live host's role changed (a learner promoted, a voter demoted).
+        case hostUpdated = 5
     }
     public var revision: Revision
     public var kind: Kind

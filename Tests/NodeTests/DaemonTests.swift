@@ -17,6 +17,8 @@ private final class Daemons: @unchecked Sendable {
         var peer: String
         var api: String
         var process: Process?
+        /// Join through this API instead of bootstrapping.
+        var join: String? = nil
     }
 
     let binary: String
@@ -37,16 +39,27 @@ private final class Daemons: @unchecked Sendable {
         for i in members.indices { try start(i) }
     }
 
-    var bootstrap: String { members.map { "\($0.folder.hostID)@\($0.peer)" }.joined(separator: ",") }
+    var bootstrap: String {
+        members.filter { $0.join == nil }.map { "\($0.folder.hostID)@\($0.peer)" }.joined(separator: ",")
+    }
+
+    /// A new member that joins through `contact` when started.
+    func add(join contact: String) throws {
+        let i = members.count
+        members.append(
+            Member(
+                folder: try DataFolder(path: "\(base)/node\(i)"), peer: "127.0.0.1:\(try freePort())",
+                api: "127.0.0.1:\(try freePort())", join: contact))
+    }
 
     func start(_ i: Int) throws {
         let m = members[i]
         let process = Process()
         process.executableURL = URL(fileURLWithPath: binary)
         process.arguments = [
-            "start", "--data", m.folder.path, "--peer-listen", m.peer, "--client-listen", m.api, "--bootstrap", bootstrap,
+            "start", "--data", m.folder.path, "--peer-listen", m.peer, "--client-listen", m.api,
             "--session-ttl-ms", "\(ttlMillis)",
-        ]
+        ] + (m.join.map { ["--join", $0] } ?? ["--bootstrap", bootstrap])
         let log = "\(m.folder.path)/daemon-\(Date().timeIntervalSince1970).log"
         _ = FileManager.default.createFile(atPath: log, contents: nil)
         process.standardError = FileHandle(forWritingAtPath: log)
@@ -316,5 +329,70 @@ struct CommandTests {
         let unreachable = try runCircuit(["status", "--node", "127.0.0.1:\(try freePort())"])
         #expect(unreachable.0 == 1 && unreachable.2.contains("cannot reach the cluster"), "\(unreachable.2)")
         #expect(unreachable.2.split(separator: "\n").count == 1)
+    }
+}
+
+@Suite("Membership of daemons", .serialized)
+struct MembershipTests {
+    @Test("two hosts join a 3-voter cluster as learners and get the data; one is promoted, a voter leaves, leadership moves to the promoted one")
+    func joinPromoteLeaveTransfer() async throws {
+        let cluster = try Daemons(count: 3)
+        defer { cluster.stopAll() }
+        let leader = try await cluster.leader()
+        try await eventually("the first write", timeout: .seconds(20)) {
+            (try? await cluster.all.put("/records/app/before-join", Array("1".utf8))) != nil
+        }
+
+        // Two new hosts join through a follower's API.
+        let contact = cluster.members[(leader + 1) % 3].api
+        for _ in 0..<2 {
+            try cluster.add(join: contact)
+            try cluster.start(cluster.members.count - 1)
+        }
+        let learners = [cluster.members[3].folder.hostID, cluster.members[4].folder.hostID]
+        try await eventually("both learners alive in the membership", timeout: .seconds(20)) {
+            let hosts = (try? await cluster.client(0).members()) ?? []
+            return learners.allSatisfy { id in hosts.contains { $0.id == id && $0.state == "alive" && $0.role == "learner" } }
+        }
+        // The leader registered them before they started; wait until each runs and has the membership from the log.
+        for i in [3, 4] {
+            try await eventually("learner \(i) to know the membership", timeout: .seconds(20)) {
+                (try? await cluster.client(i).status()).map { Set($0.learners) == Set(learners) } ?? false
+            }
+        }
+        let status = try await cluster.client(3).status()
+        #expect(status.voters.count == 3 && status.role == "follower")
+        // A learner holds the log: a stale read on it sees what was written before it joined, and after.
+        _ = try await cluster.all.put("/records/app/after-join", Array("2".utf8))
+        for i in [3, 4] {
+            try await eventually("learner \(i) to hold the data", timeout: .seconds(20)) {
+                (try? await cluster.client(i).get("/records/app/after-join", stale: true))?.value == "2"
+            }
+            #expect(try await cluster.client(i).get("/records/app/before-join", stale: true).value == "1")
+            // Writes through a learner are forwarded to the leader.
+            #expect(try await cluster.client(i).put("/records/app/via-learner-\(i)", Array("3".utf8)).version == 1)
+        }
+
+        // Promote one learner; remove an original voter (not the leader); hand leadership to the promoted host.
+        try await eventually("the promotion", timeout: .seconds(20)) {
+            (try? await cluster.client(0).promote(learners[0])) != nil
+        }
+        let afterPromote = try await cluster.client(leader).status()
+        #expect(afterPromote.voters.contains(learners[0]) && afterPromote.voters.count == 4)
+        #expect(try await cluster.client(leader).members().first { $0.id == learners[0] }?.role == "voter")
+        let leaving = (leader + 2) % 3
+        let leavingID = cluster.members[leaving].folder.hostID
+        _ = try await cluster.client(leader).remove(leavingID)
+        try await eventually("the removal everywhere", timeout: .seconds(20)) {
+            let s = try? await cluster.client(leader).status()
+            return s.map { !$0.voters.contains(leavingID) && $0.voters.count == 3 } ?? false
+        }
+        #expect(try await cluster.client(leader).members().first { $0.id == leavingID }?.state == "left")
+        cluster.kill9(leaving)
+        _ = try await cluster.client(leader).transferLeader(to: learners[0])
+        try await eventually("the promoted host to lead", timeout: .seconds(20)) {
+            (try? await cluster.client(3).status())?.leader == learners[0]
+        }
+        #expect(try await cluster.client(3).put("/records/app/new-leader", Array("4".utf8)).version == 1)
     }
 }

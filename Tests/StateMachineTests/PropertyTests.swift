@@ -27,6 +27,8 @@ func commands(from seeds: [Int]) -> [Command] {
             out.append(.updateProc(path: path, state: ProcState(command: ProcCommand(path: "/bin/true"), phase: .running, pid: Int64(n))))
         case 12:
             out.append(.create(path: path, element: .proc(ProcState(command: ProcCommand(path: "/bin/echo", args: ["\(n)"]))), session: 0, sequential: false))
+        case 13 where n % 4 == 0:
+            out.append(.setHostRole(id: hosts[n % 2], role: n % 3 == 0 ? .voter : .learner))
         default:
             out.append(
                 .transaction([
