@@ -66,13 +66,22 @@ let package = Package(
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "TOMLKit", package: "TOMLKit"),
                 .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
         // The wire types of the HTTP/JSON API, shared by the daemon and its clients.
         .target(name: "CircuitAPI"),
         // The Swift client library: async calls to a cluster's HTTP/JSON API.
-        .target(name: "CircuitClient", dependencies: ["CircuitAPI"]),
+        .target(
+            name: "CircuitClient",
+            dependencies: [
+                "CircuitAPI",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ]
+        ),
         // Helpers shared by the test targets (not a product).
         .target(name: "CircuitTestSupport"),
         // The `circuit` command: for now the in-process demonstration cluster and the Raft benchmark.
@@ -85,6 +94,9 @@ let package = Package(
                 "CircuitClient",
                 "CircuitAPI",
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -180,3 +180,106 @@ public struct EventView: Codable, Sendable, Equatable {
         self.value = value
     }
 }
+
+/// One operation of a transaction (`POST /v1/txn`): all apply, in order, as one revision, or none does.
+public struct TransactionOpView: Codable, Sendable, Equatable {
+    /// check, create, put, delete
+    public var op: String
+    /// A full path under /records.
+    public var path: String
+    /// check: the version the record must be at (0: absent); delete: only at this version.
+    public var version: UInt64?
+    /// create, put: the value as text (or `valueBase64` for exact bytes).
+    public var value: String?
+    public var valueBase64: String?
+    /// create, put: tie the record to a session.
+    public var session: UInt64?
+    /// create: append the parent's next sequence number to the name.
+    public var sequential: Bool?
+
+    public init(
+        op: String, path: String, version: UInt64? = nil, value: String? = nil, valueBase64: String? = nil,
+        session: UInt64? = nil, sequential: Bool? = nil
+    ) {
+        self.op = op
+        self.path = path
+        self.version = version
+        self.value = value
+        self.valueBase64 = valueBase64
+        self.session = session
+        self.sequential = sequential
+    }
+
+    public static func check(_ path: String, version: UInt64) -> Self { .init(op: "check", path: path, version: version) }
+    public static func put(_ path: String, _ value: String, session: UInt64? = nil) -> Self {
+        .init(op: "put", path: path, value: value, session: session)
+    }
+    public static func create(_ path: String, _ value: String, sequential: Bool = false) -> Self {
+        .init(op: "create", path: path, value: value, sequential: sequential)
+    }
+    public static func delete(_ path: String, version: UInt64? = nil) -> Self { .init(op: "delete", path: path, version: version) }
+
+    public enum CodingKeys: String, CodingKey {
+        case op, path, version, value, session, sequential
+        case valueBase64 = "value_base64"
+    }
+}
+
+public struct TransactionView: Codable, Sendable, Equatable {
+    public var ops: [TransactionOpView]
+    public init(ops: [TransactionOpView]) { self.ops = ops }
+}
+
+/// What an anchor of the namespace holds (`GET /v1/peek/PATH`), and how to create an element
+/// (`PUT /v1/namespace/PATH`: `kind` and the fields of that kind).
+public struct ElementView: Codable, Sendable, Equatable {
+    public var path: String?
+    /// chan, proc, select, subscription, record, or none (an anchor with children only)
+    public var kind: String
+    public var version: UInt64?
+    public var createRevision: UInt64?
+    public var modRevision: UInt64?
+    public var session: UInt64?
+    /// chan: its capacity.
+    public var capacity: UInt32?
+    /// record: the value as text.
+    public var value: String?
+    /// proc: the command, as in the slides' `run` file.
+    public var command: ProcCommandView?
+    /// proc: pending, running, exited, signaled, lost.
+    public var phase: String?
+    public var pid: Int64?
+    public var exitCode: Int32?
+    public var signal: Int32?
+    public var attempts: UInt32?
+    /// select: the clauses as JSON text.
+    public var clauses: String?
+    /// subscription: join or leave.
+    public var events: String?
+    /// The names of the anchor's children.
+    public var children: [String]?
+
+    public init(kind: String) { self.kind = kind }
+
+    public enum CodingKeys: String, CodingKey {
+        case path, kind, version, session, capacity, value, command, phase, pid, signal, attempts, clauses, events, children
+        case createRevision = "create_revision"
+        case modRevision = "mod_revision"
+        case exitCode = "exit_code"
+    }
+}
+
+/// A process's command: `{"path": "/bin/ls", "args": [...], "env": [...], "dir": "..."}`.
+public struct ProcCommandView: Codable, Sendable, Equatable {
+    public var path: String
+    public var args: [String]?
+    public var env: [String]?
+    public var dir: String?
+
+    public init(path: String, args: [String]? = nil, env: [String]? = nil, dir: String? = nil) {
+        self.path = path
+        self.args = args
+        self.env = env
+        self.dir = dir
+    }
+}

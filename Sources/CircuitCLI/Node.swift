@@ -241,3 +241,41 @@ struct TransferLeader: AsyncParsableCommand {
         throw ValidationError("the transfer to \(target) did not complete within 5 s")
     }
 }
+
+struct Watch: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print every change under a path, from a revision on (default: from now), until interrupted.")
+    @OptionGroup var options: ClientOptions
+    @Option(help: "The first revision to show.") var from: UInt64?
+    @Option(help: "Stop after this many changes (0: never).") var count: Int = 0
+    @Argument(help: "A path, such as /records/app or / for everything.") var path: String = "/"
+
+    func run() async throws {
+        var seen = 0
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        for try await event in options.client.watch(path, from: from) {
+            let line = options.json
+                ? String(decoding: try encoder.encode(event), as: UTF8.self)
+                : "\(event.revision)  \(pad(event.kind, 11))  \(event.path)" + (event.value.map { "  \($0.debugDescription)" } ?? "")
+            // Unbuffered: a watcher's output is read as it comes.
+            FileHandle.standardOutput.write(Data((line + "\n").utf8))
+            seen += 1
+            if count > 0 && seen >= count { return }
+        }
+    }
+}
+
+struct Peek: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show what the anchor at a path holds (as JSON).")
+    @OptionGroup var options: ClientOptions
+    @Flag(help: "Allow a stale answer from the node asked.") var stale = false
+    @Argument(help: "A path, such as /X0123456789abcdef/jobs/a or /records/app/config") var path: String
+
+    func run() async throws {
+        let view = try await options.client.peek(path, stale: stale)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        print(String(decoding: try encoder.encode(view), as: UTF8.self))
+    }
+}

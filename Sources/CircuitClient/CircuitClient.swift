@@ -1,9 +1,7 @@
 import CircuitAPI
 import Foundation
 
-#if canImport(FoundationNetworking)
-import FoundationNetworking
-#endif
+import NIOHTTP1
 
 /// Why a call to the cluster failed.
 public enum CircuitClientError: Error, Sendable, Equatable, CustomStringConvertible {
@@ -28,7 +26,8 @@ public enum CircuitClientError: Error, Sendable, Equatable, CustomStringConverti
 /// reads sent to a follower are forwarded to the leader. If a node cannot be reached, the next endpoint is tried.
 public struct CircuitClient: Sendable {
     public let endpoints: [String]
-    public var timeout: TimeInterval = 10
+    /// Seconds to wait for each answer.
+    public var timeout: Double = 10
 
     /// `endpoints`: `host:port` of one or more nodes' APIs.
     public init(endpoints: [String]) {
@@ -105,6 +104,33 @@ public struct CircuitClient: Sendable {
         return try await call("GET", "/v1/ls" + (path.hasPrefix("/") ? path : "/" + path), query: query)
     }
 
+    /// Applies every operation, in order, as one revision, or none (`transaction_failed` names the one that failed).
+    @discardableResult
+    public func transaction(_ ops: [TransactionOpView]) async throws(CircuitClientError) -> WriteView {
+        let body: Data
+        do { body = try JSONEncoder().encode(TransactionView(ops: ops)) } catch { throw .badAnswer("\(error)") }
+        return try await call("POST", "/v1/txn", body: body)
+    }
+
+    /// What the anchor at `path` holds, and its children.
+    public func peek(_ path: String, stale: Bool = false) async throws(CircuitClientError) -> ElementView {
+        try await call("GET", "/v1/peek" + (path.hasPrefix("/") ? path : "/" + path), query: stale ? ["consistency": "stale"] : [:])
+    }
+
+    /// Creates an element at `path` (under a live host, or a record under /records).
+    @discardableResult
+    public func create(_ path: String, _ element: ElementView) async throws(CircuitClientError) -> WriteView {
+        let body: Data
+        do { body = try JSONEncoder().encode(element) } catch { throw .badAnswer("\(error)") }
+        return try await call("PUT", "/v1/namespace" + (path.hasPrefix("/") ? path : "/" + path), body: body)
+    }
+
+    /// Removes the element at `path`.
+    @discardableResult
+    public func remove(element path: String, version: UInt64? = nil) async throws(CircuitClientError) -> WriteView {
+        try await call("DELETE", "/v1/namespace" + (path.hasPrefix("/") ? path : "/" + path), query: version.map { ["version": "\($0)"] } ?? [:])
+    }
+
     // MARK: - Sessions
 
     public func grantSession(ttlMillis: UInt64, owner: String = "client") async throws(CircuitClientError) -> UInt64 {
@@ -132,32 +158,27 @@ public struct CircuitClient: Sendable {
     func call<T: Decodable>(
         _ method: String, _ path: String, query: [String: String] = [:], body: Data? = nil
     ) async throws(CircuitClientError) -> T {
+        var uri = path.split(separator: "/", omittingEmptySubsequences: false).map { Self.escape(String($0)) }.joined(separator: "/")
+        if !query.isEmpty {
+            uri += "?" + query.sorted { $0.key < $1.key }.map { "\(Self.escape($0.key))=\(Self.escape($0.value))" }.joined(separator: "&")
+        }
         var lastError = "no endpoints given"
         for endpoint in endpoints {
-            var components = URLComponents()
-            components.scheme = "http"
-            let parts = endpoint.split(separator: ":")
-            components.host = parts.dropLast().joined(separator: ":")
-            components.port = parts.last.flatMap { Int($0) }
-            components.path = path
-            if !query.isEmpty { components.queryItems = query.sorted { $0.key < $1.key }.map { URLQueryItem(name: $0.key, value: $0.value) } }
-            guard let url = components.url else { throw .badAnswer("cannot make a URL of \(endpoint) and \(path)") }
-            var request = URLRequest(url: url, timeoutInterval: timeout)
-            request.httpMethod = method
-            request.httpBody = body
-            let data: Data, response: URLResponse
+            let answer: HTTPExchange.Answer
             do {
-                (data, response) = try await URLSession.shared.data(for: request)
+                answer = try await HTTPExchange.perform(
+                    HTTPMethod(rawValue: method), uri, to: endpoint, body: body.map { Array($0) },
+                    timeout: .milliseconds(Int64(timeout * 1000)))
             } catch {
-                lastError = error.localizedDescription
+                lastError = "\(error)"
                 continue
             }
-            let status = (response as? HTTPURLResponse)?.statusCode ?? 0
-            guard status == 200 else {
+            let data = Data(answer.body)
+            guard answer.status == 200 else {
                 if let envelope = try? JSONDecoder().decode(ErrorEnvelope.self, from: data) {
-                    throw .api(APIError(status: status, code: envelope.error.code, message: envelope.error.message))
+                    throw .api(APIError(status: answer.status, code: envelope.error.code, message: envelope.error.message))
                 }
-                throw .api(APIError(status: status, code: "http_\(status)", message: String(decoding: data, as: UTF8.self)))
+                throw .api(APIError(status: answer.status, code: "http_\(answer.status)", message: String(decoding: data, as: UTF8.self)))
             }
             do {
                 return try JSONDecoder().decode(T.self, from: data)
@@ -167,4 +188,23 @@ public struct CircuitClient: Sendable {
         }
         throw .unreachable(endpoints: endpoints, why: lastError)
     }
+
+    /// Percent-encodes everything but unreserved characters.
+    static func escape(_ s: String) -> String {
+        var out = ""
+        for b in s.utf8 {
+            switch b {
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
+                UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"):
+                out.unicodeScalars.append(Unicode.Scalar(b))
+            default:
+                out += "%" + String(b, radix: 16, uppercase: true).leftPadded(2)
+            }
+        }
+        return out
+    }
+}
+
+extension String {
+    fileprivate func leftPadded(_ n: Int) -> String { String(repeating: "0", count: max(0, n - count)) + self }
 }

@@ -11,9 +11,7 @@ import ServiceLifecycle
 import Synchronization
 import CircuitClient
 
-#if canImport(FoundationNetworking)
-import FoundationNetworking
-#endif
+import NIOHTTP1
 
 /// What the API handlers need of the node.
 final class NodeContext: Sendable {
@@ -81,26 +79,20 @@ final class NodeContext: Sendable {
     func forward(_ request: Request, to address: String) async throws -> Response {
         var request = request
         let body = try await request.collectBody(upTo: HTTPAPI.maxBody)
-        let query = request.uri.query.map { "?" + $0 } ?? ""
-        guard let url = URL(string: "http://\(address)\(request.uri.path)\(query)") else {
-            throw APIError(status: 500, code: "internal", message: "bad leader address \(address)")
-        }
-        var forwarded = URLRequest(url: url, timeoutInterval: 10)
-        forwarded.httpMethod = request.method.rawValue
-        forwarded.setValue("1", forHTTPHeaderField: HTTPAPI.forwardedHeader.rawName)
-        if body.readableBytes > 0 { forwarded.httpBody = Data(buffer: body) }
-        let (data, response): (Data, URLResponse)
+        let uri = request.uri.path + (request.uri.query.map { "?" + $0 } ?? "")
+        let answer: HTTPExchange.Answer
         do {
-            (data, response) = try await URLSession.shared.data(for: forwarded)
+            answer = try await HTTPExchange.perform(
+                NIOHTTP1.HTTPMethod(rawValue: request.method.rawValue), uri, to: address,
+                body: body.readableBytes > 0 ? Array(buffer: body) : nil,
+                headers: [(HTTPAPI.forwardedHeader.rawName, "1")])
         } catch {
-            throw APIError(status: 503, code: "leader_unreachable", message: "could not reach the leader at \(address): \(error.localizedDescription)")
+            throw APIError(status: 503, code: "leader_unreachable", message: "could not reach the leader at \(address): \(error)")
         }
-        let http = response as? HTTPURLResponse
         var headers = HTTPFields()
-        headers[.contentType] = http?.value(forHTTPHeaderField: "Content-Type") ?? "application/json"
+        headers[.contentType] = answer.contentType ?? "application/json"
         return Response(
-            status: .init(code: http?.statusCode ?? 502), headers: headers,
-            body: .init(byteBuffer: ByteBuffer(bytes: data)))
+            status: .init(code: answer.status), headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: answer.body)))
     }
 }
 
@@ -289,12 +281,11 @@ struct HostAgent: Service {
     }
 
     private func call(_ method: String, _ path: String, body: Data? = nil) async -> (Int, Data)? {
-        guard let url = URL(string: "http://\(node.config.advertisedClient)\(path)") else { return nil }
-        var request = URLRequest(url: url, timeoutInterval: 5)
-        request.httpMethod = method
-        request.httpBody = body
-        guard let (data, response) = try? await URLSession.shared.data(for: request) else { return nil }
-        return ((response as? HTTPURLResponse)?.statusCode ?? 0, data)
+        guard let answer = try? await HTTPExchange.perform(
+            NIOHTTP1.HTTPMethod(rawValue: method), path, to: node.config.advertisedClient, body: body.map { Array($0) },
+            timeout: .seconds(5))
+        else { return nil }
+        return (answer.status, Data(answer.body))
     }
 
     private func register(ttl: UInt64) async -> SessionID? {

@@ -1,4 +1,5 @@
 import CircuitAPI
+import CircuitClient
 import CircuitRaft
 import CircuitStateMachine
 import Foundation
@@ -7,9 +8,6 @@ import Hummingbird
 import Logging
 import NIOCore
 
-#if canImport(FoundationNetworking)
-import FoundationNetworking
-#endif
 
 extension APIError {
     static func from(_ error: ControlError) -> APIError {
@@ -105,6 +103,86 @@ struct HTTPAPI: Sendable {
                 try await write(.delete(path: path, version: try query(request, "version", as: UInt64.self)))
             }
         }
+        router.get("/v1/peek/**") { request, context in
+            let path = "/" + context.parameters.getCatchAll().joined(separator: "/")
+            if let error = Names.validate(path) { throw APIError.from(error) }
+            return try await leaderOr(request, context, stale: isStale(request)) {
+                let view: ElementView? = try await node.service.read(consistency(request)) { state in
+                    guard let anchor = state.anchors[path] else { return nil }
+                    var view = ElementView(anchor: anchor)
+                    view.path = path
+                    view.children = state.children(of: path)
+                    return view
+                }
+                guard let view else { throw APIError.from(.notFound(path: path)) }
+                return try json(view)
+            }
+        }
+        router.put("/v1/namespace/**") { request, context in
+            // Creates an element where none is (a record, a channel, a process's name, a select, a subscription).
+            let path = "/" + context.parameters.getCatchAll().joined(separator: "/")
+            return try await leaderOr(request, context, stale: false) {
+                var request = request
+                let body = try await request.collectBody(upTo: Self.maxBody)
+                let view: ElementView
+                do { view = try JSONDecoder().decode(ElementView.self, from: Data(buffer: body)) } catch {
+                    throw APIError.badRequest("the body is not an element: \(error)")
+                }
+                let element: Element
+                switch view.kind {
+                case "record": element = .record(Array((view.value ?? "").utf8))
+                case "chan": element = .chan(capacity: view.capacity ?? 0)
+                case "proc":
+                    guard let c = view.command, !c.path.isEmpty else { throw APIError.badRequest("a proc needs a command with a path") }
+                    element = .proc(ProcState(command: ProcCommand(path: c.path, args: c.args ?? [], env: c.env ?? [], dir: c.dir ?? "")))
+                case "select": element = .select(clauses: Array((view.clauses ?? "[]").utf8))
+                case "subscription":
+                    guard let kind = view.events.flatMap({ $0 == "join" ? SubscriptionKind.join : $0 == "leave" ? .leave : nil }) else {
+                        throw APIError.badRequest("a subscription needs events: join or leave")
+                    }
+                    element = .subscription(kind)
+                default: throw APIError.badRequest("unknown kind \(view.kind.debugDescription) (record, chan, proc, select, subscription)")
+                }
+                return try await write(.create(path: path, element: element, session: view.session ?? 0, sequential: false))
+            }
+        }
+        router.delete("/v1/namespace/**") { request, context in
+            let path = "/" + context.parameters.getCatchAll().joined(separator: "/")
+            return try await leaderOr(request, context, stale: false) {
+                try await write(.delete(path: path, version: try query(request, "version", as: UInt64.self)))
+            }
+        }
+        router.post("/v1/txn") { request, context in
+            try await leaderOr(request, context, stale: false) {
+                var request = request
+                let body = try await request.collectBody(upTo: Self.maxBody)
+                let txn: TransactionView
+                do { txn = try JSONDecoder().decode(TransactionView.self, from: Data(buffer: body)) } catch {
+                    throw APIError.badRequest("the body is not a transaction: \(error)")
+                }
+                guard !txn.ops.isEmpty, txn.ops.count <= 1000 else { throw APIError.badRequest("a transaction has 1 to 1000 operations") }
+                var ops: [TransactionOp] = []
+                for (i, op) in txn.ops.enumerated() {
+                    if let error = Names.validate(op.path) { throw APIError.from(.transactionFailed(index: i, error)) }
+                    var value = Array((op.value ?? "").utf8)
+                    if let b64 = op.valueBase64 {
+                        guard let data = Data(base64Encoded: b64) else { throw APIError.badRequest("operation \(i): value_base64 is not base64") }
+                        value = Array(data)
+                    }
+                    switch op.op {
+                    case "check":
+                        guard let version = op.version else { throw APIError.badRequest("operation \(i): check needs a version") }
+                        ops.append(.check(path: op.path, version: version))
+                    case "create":
+                        ops.append(.create(path: op.path, element: .record(value), session: op.session ?? 0, sequential: op.sequential ?? false))
+                    case "put": ops.append(.put(path: op.path, value: value, session: op.session ?? 0))
+                    case "delete": ops.append(.delete(path: op.path, version: op.version))
+                    default: throw APIError.badRequest("operation \(i): unknown op \(op.op.debugDescription) (check, create, put, delete)")
+                    }
+                }
+                return try await write(.transaction(ops))
+            }
+        }
         router.get("/v1/ls/**") { request, context in
             let path = "/" + context.parameters.getCatchAll().joined(separator: "/")
             let recursive = request.uri.queryParameters.get("recursive").map { $0 == "1" || $0 == "true" } ?? false
@@ -187,11 +265,27 @@ struct HTTPAPI: Sendable {
         router.delete("/v1/cluster/members/:id") { request, context in
             let id = try hostParameter(context)
             return try await leaderOr(request, context, stale: false) {
-                // Out of the membership registry first (its subtree goes), then out of Raft: a leader that removes
-                // itself steps down once the removal commits.
-                if node.service.state.read({ $0.hosts[id]?.state == .alive }) { _ = try await write(.leaveHost(id: id)) }
+                // Out of Raft first (so its own agent stops registering it), then out of the registry (its subtree
+                // goes). A leader that removed itself has stepped down: the new leader records the departure.
                 if node.service.driver.status.membership.members.contains(HostID.nodeID(id)) {
                     try await changeMembership(.remove(HostID.nodeID(id)))
+                }
+                let deadline = ContinuousClock.now + .seconds(10)
+                while node.service.state.read({ $0.hosts[id]?.state == .alive }) {
+                    let status = node.service.driver.status
+                    if status.role == .leader {
+                        _ = try await write(.leaveHost(id: id))
+                    } else if status.leader != .none,
+                        let address = node.service.state.read({ $0.hosts[HostID.string(status.leader)]?.clientAddress }),
+                        let answer = try? await HTTPExchange.perform(.DELETE, "/v1/cluster/members/\(id)", to: address),
+                        answer.status == 200
+                    {
+                        break
+                    }
+                    guard ContinuousClock.now < deadline else {
+                        throw APIError(status: 503, code: "no_leader", message: "removed from Raft; no leader recorded the departure yet: retry")
+                    }
+                    try await Task.sleep(for: .milliseconds(20))
                 }
                 return try json(node.service.state.read { $0.hostList.map(HostView.init) })
             }
@@ -253,13 +347,24 @@ struct HTTPAPI: Sendable {
         }
     }
 
+    /// Proposes a membership change; while another is in flight (one at a time) or this leader has not committed
+    /// an entry of its term yet, waits and retries for up to 10 s.
     private func changeMembership(_ change: ConfChange) async throws {
-        do {
-            try await node.service.driver.changeMembership(change)
-        } catch RaftDriverError.refused(.notLeader(let leader)) {
-            throw APIError.from(ControlServiceError.notLeader(leader: leader))
-        } catch {
-            throw APIError(status: 409, code: "membership_refused", message: "\(error)")
+        let deadline = ContinuousClock.now + .seconds(10)
+        while true {
+            do {
+                try await node.service.driver.changeMembership(change)
+                return
+            } catch RaftDriverError.refused(.notLeader(let leader)) {
+                throw APIError.from(ControlServiceError.notLeader(leader: leader))
+            } catch RaftDriverError.refused(.configChangeInProgress), RaftDriverError.refused(.leaderNotReady) {
+                guard ContinuousClock.now < deadline else {
+                    throw APIError(status: 503, code: "membership_busy", message: "another membership change is still in flight; retry")
+                }
+                try await Task.sleep(for: .milliseconds(20))
+            } catch {
+                throw APIError(status: 409, code: "membership_refused", message: "\(error)")
+            }
         }
     }
 
@@ -316,6 +421,30 @@ extension EventView {
         var value: String?
         if case .record(let bytes)? = e.element { value = String(decoding: bytes, as: UTF8.self) }
         self.init(revision: e.revision, kind: kind, path: e.path, version: e.version, value: value)
+    }
+}
+
+extension ElementView {
+    init(anchor: Anchor) {
+        self.init(kind: anchor.element?.kind ?? "none")
+        version = anchor.version
+        createRevision = anchor.createRevision
+        modRevision = anchor.modRevision
+        session = anchor.session
+        switch anchor.element {
+        case .record(let bytes)?: value = String(decoding: bytes, as: UTF8.self)
+        case .chan(let c)?: capacity = c
+        case .proc(let p)?:
+            command = ProcCommandView(path: p.command.path, args: p.command.args, env: p.command.env, dir: p.command.dir)
+            phase = "\(p.phase)"
+            pid = p.pid
+            exitCode = p.exitCode
+            signal = p.signal
+            attempts = p.attempts
+        case .select(let clauses)?: self.clauses = String(decoding: clauses, as: UTF8.self)
+        case .subscription(let kind)?: events = kind == .join ? "join" : "leave"
+        case nil: break
+        }
     }
 }
 

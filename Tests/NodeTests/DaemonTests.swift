@@ -5,9 +5,6 @@ import CircuitTestSupport
 import Foundation
 import Testing
 
-#if canImport(FoundationNetworking)
-import FoundationNetworking
-#endif
 
 /// Real `circuit start` daemons in child processes on loopback ports the kernel handed out, real TCP between them,
 /// real SQLite files.
@@ -220,14 +217,39 @@ struct DaemonTests {
         #expect(noSession?.statusCode == 404 && noSession?.code == "no_such_session")
 
         // A malformed query number, straight over HTTP.
-        let url = URL(string: "http://\(cluster.members[0].api)/v1/records/a?version=seven")!
-        var request = URLRequest(url: url)
-        request.httpMethod = "PUT"
-        let (data, response) = try await URLSession.shared.data(for: request)
-        #expect((response as? HTTPURLResponse)?.statusCode == 400)
-        let envelope = try JSONDecoder().decode(ErrorEnvelope.self, from: data)
+        let answer = try await HTTPExchange.perform(.PUT, "/v1/records/a?version=seven", to: cluster.members[0].api)
+        #expect(answer.status == 400)
+        let envelope = try JSONDecoder().decode(ErrorEnvelope.self, from: Data(answer.body))
         #expect(envelope.error.code == "bad_request" && envelope.error.message.contains("version"))
         #expect(try await client.get("/records/a").value == "1", "the daemon keeps running and nothing committed is lost")
+
+        // Elements of the namespace under the host's own subtree: create, peek, the errors, delete.
+        let host = cluster.members[0].folder.hostID
+        try await eventually("the host registered", timeout: .seconds(20)) {
+            (try? await client.members())?.contains { $0.id == host && $0.state == "alive" } ?? false
+        }
+        var chan = ElementView(kind: "chan")
+        chan.capacity = 3
+        try await client.create("/\(host)/jobs/c", chan)
+        let peeked = try await client.peek("/\(host)/jobs/c")
+        #expect(peeked.kind == "chan" && peeked.capacity == 3 && peeked.version == 1)
+        #expect(try await client.peek("/\(host)/jobs").children == ["c"])
+        let twice = await apiError { try await client.create("/\(host)/jobs/c", ElementView(kind: "record")) }
+        #expect(twice?.code == "exists" && twice?.message.contains("chan") == true)
+        let chanInRecords = await apiError { try await client.create("/records/c", chan) }
+        #expect(chanInRecords?.code == "wrong_kind")
+        let badKind = await apiError { try await client.create("/\(host)/jobs/d", ElementView(kind: "pipe")) }
+        #expect(badKind?.statusCode == 400 && badKind?.message.contains("pipe") == true)
+        let noHost = await apiError { try await client.create("/X0000000000000001/c", chan) }
+        #expect(noHost?.code == "no_such_host")
+        var proc = ElementView(kind: "proc")
+        proc.command = ProcCommandView(path: "/bin/echo", args: ["hi"])
+        try await client.create("/\(host)/jobs/p", proc)
+        let p = try await client.peek("/\(host)/jobs/p")
+        #expect(p.kind == "proc" && p.phase == "pending" && p.command == ProcCommandView(path: "/bin/echo", args: ["hi"], env: [], dir: ""))
+        try await client.remove(element: "/\(host)/jobs/c")
+        let gone = await apiError { _ = try await client.peek("/\(host)/jobs/c") }
+        #expect(gone?.code == "not_found")
     }
 
     @Test("a second daemon on the same data folder is refused; a host killed is reported expired within its TTL and a bound")
@@ -281,6 +303,61 @@ private func runCircuit(_ arguments: [String], environment: [String: String]? = 
     let out = try String(contentsOfFile: "\(dir)/out", encoding: .utf8)
     let err = try String(contentsOfFile: "\(dir)/err", encoding: .utf8)
     return (process.terminationStatus, out, err)
+}
+
+@Suite("Watches and transactions over HTTP", .serialized)
+struct WatchTransactionTests {
+    @Test("a watch streams every change under a path from a revision, and the CLI prints it; a transaction is all or nothing")
+    func watchAndTransactions() async throws {
+        let cluster = try Daemons(count: 1)
+        defer { cluster.stopAll() }
+        let client = cluster.client(0)
+        var first: WriteView?
+        try await eventually("the first write", timeout: .seconds(20)) {
+            first = try? await client.put("/records/w/a", Array("1".utf8))
+            return first != nil
+        }
+        let from = try #require(first).revision
+        let stream = client.watch("/records/w", from: from)
+        let collected = Task { () -> [EventView] in
+            var events: [EventView] = []
+            for try await event in stream {
+                events.append(event)
+                if events.count == 4 { break }
+            }
+            return events
+        }
+        try await client.put("/records/other", [])
+        try await client.put("/records/w/b", Array("2".utf8))
+        let txn = try await client.transaction([
+            .check("/records/w/a", version: 1), .put("/records/w/a", "3"), .create("/records/w/c", "4"),
+        ])
+        let events = try await collected.value
+        #expect(events.map(\.path) == ["/records/w/a", "/records/w/b", "/records/w/a", "/records/w/c"])
+        #expect(events.map(\.value) == ["1", "2", "3", "4"])
+        #expect(events[2].revision == txn.revision && events[3].revision == txn.revision, "a transaction is one revision")
+        #expect(events[0].revision == from)
+        #expect(zip(events, events.dropFirst()).allSatisfy { $0.revision < $1.revision || ($0.revision == txn.revision && $1.revision == txn.revision) })
+
+        // A failed check applies nothing and names the operation.
+        var failure: APIError?
+        do {
+            try await client.transaction([.put("/records/w/d", "5"), .check("/records/w/a", version: 1)])
+        } catch {
+            if case .api(let e) = error { failure = e }
+        }
+        #expect(failure?.statusCode == 409 && failure?.code == "transaction_failed", "\(String(describing: failure))")
+        #expect(failure?.message.contains("operation 1") == true, "\(String(describing: failure))")
+        await #expect(throws: CircuitClientError.self) { _ = try await client.get("/records/w/d") }
+
+        // The CLI's watch, from the first revision, stopping after three changes.
+        var env = ProcessInfo.processInfo.environment
+        env["CIRCUIT"] = cluster.members[0].api
+        let (status, out, err) = try runCircuit(["watch", "--from", "\(from)", "--count", "3", "/records/w"], environment: env)
+        #expect(status == 0, "\(err)")
+        let lines = out.split(separator: "\n")
+        #expect(lines.count == 3 && lines[0].contains("/records/w/a") && lines[0].contains("put"), "\(out)")
+    }
 }
 
 @Suite("The circuit command", .serialized)

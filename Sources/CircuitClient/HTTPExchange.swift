@@ -1,0 +1,127 @@
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// Why an HTTP exchange failed before an answer arrived.
+public enum HTTPExchangeError: Error, Sendable, Equatable, CustomStringConvertible {
+    case connect(String)
+    case timedOut(Duration)
+    case closed
+
+    public var description: String {
+        switch self {
+        case .connect(let why): return why
+        case .timedOut(let d): return "no answer within \(d)"
+        case .closed: return "the connection closed before the answer was complete"
+        }
+    }
+}
+
+/// One HTTP/1.1 request on a connection of its own (SwiftNIO), with a deadline: what the client library, the CLI
+/// and a follower forwarding to its leader use. A connection per request on loopback or a LAN costs little and
+/// shares nothing, so one slow or dead peer cannot hold up calls to the others.
+public enum HTTPExchange {
+    public struct Answer: Sendable {
+        public var status: Int
+        public var contentType: String?
+        public var body: [UInt8]
+    }
+
+    /// Sends `method uri` to `address` (`host:port`) and reads the whole answer.
+    public static func perform(
+        _ method: HTTPMethod, _ uri: String, to address: String, body: [UInt8]? = nil,
+        headers extra: [(String, String)] = [], timeout: Duration = .seconds(10)
+    ) async throws -> Answer {
+        try await withThrowingTaskGroup(of: Answer.self) { group in
+            group.addTask {
+                let channel = try await connect(address, timeout: timeout)
+                return try await channel.executeThenClose { inbound, outbound in
+                    try await send(method, uri, to: address, body: body, headers: extra, on: outbound)
+                    var answer = Answer(status: 0, contentType: nil, body: [])
+                    for try await part in inbound {
+                        switch part {
+                        case .head(let head):
+                            answer.status = Int(head.status.code)
+                            answer.contentType = head.headers.first(name: "Content-Type")
+                        case .body(var buffer):
+                            answer.body += buffer.readBytes(length: buffer.readableBytes) ?? []
+                        case .end:
+                            return answer
+                        }
+                    }
+                    throw HTTPExchangeError.closed
+                }
+            }
+            group.addTask {
+                try await Task.sleep(for: timeout)
+                throw HTTPExchangeError.timedOut(timeout)
+            }
+            defer { group.cancelAll() }
+            return try await group.next()!
+        }
+    }
+
+    /// Sends `GET uri` and calls `line` with each line of a streamed answer (a watch), until the answer ends, the
+    /// caller's task is cancelled, or `line` throws. Returns the status and, for an error status, the whole body.
+    public static func stream(
+        _ uri: String, to address: String, line: @Sendable ([UInt8]) throws -> Void
+    ) async throws -> (status: Int, errorBody: [UInt8]) {
+        let channel = try await connect(address, timeout: .seconds(10))
+        return try await channel.executeThenClose { inbound, outbound in
+            try await send(.GET, uri, to: address, body: nil, headers: [], on: outbound)
+            var status = 0
+            var pending: [UInt8] = []
+            for try await part in inbound {
+                switch part {
+                case .head(let head):
+                    status = Int(head.status.code)
+                case .body(var buffer):
+                    pending += buffer.readBytes(length: buffer.readableBytes) ?? []
+                    guard status == 200 else { continue }
+                    while let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
+                        let text = Array(pending[..<newline])
+                        pending.removeSubrange(...newline)
+                        if !text.isEmpty { try line(text) }
+                    }
+                case .end:
+                    return (status, status == 200 ? [] : pending)
+                }
+            }
+            return (status, status == 200 ? [] : pending)
+        }
+    }
+
+    private static func connect(
+        _ address: String, timeout: Duration
+    ) async throws -> NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart> {
+        guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]) else {
+            throw HTTPExchangeError.connect("\(address) is not host:port")
+        }
+        let host = String(address[..<colon])
+        do {
+            return try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .connectTimeout(.milliseconds(Int64(timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)))
+                .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                .connect(host: host, port: port) { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHTTPClientHandlers()
+                        return try NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>(wrappingChannelSynchronously: channel)
+                    }
+                }
+        } catch {
+            throw HTTPExchangeError.connect("cannot connect to \(address): \(error)")
+        }
+    }
+
+    private static func send(
+        _ method: HTTPMethod, _ uri: String, to address: String, body: [UInt8]?, headers extra: [(String, String)],
+        on outbound: NIOAsyncChannelOutboundWriter<HTTPClientRequestPart>
+    ) async throws {
+        var headers = HTTPHeaders([("Host", address), ("Connection", "close")])
+        headers.add(name: "Content-Length", value: "\(body?.count ?? 0)")
+        for (name, value) in extra { headers.add(name: name, value: value) }
+        try await outbound.write(.head(HTTPRequestHead(version: .http1_1, method: method, uri: uri, headers: headers)))
+        if let body, !body.isEmpty { try await outbound.write(.body(.byteBuffer(ByteBuffer(bytes: body)))) }
+        try await outbound.write(.end(nil))
+    }
+}
