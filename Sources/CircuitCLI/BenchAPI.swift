@@ -1,5 +1,6 @@
 import ArgumentParser
 import CircuitClient
+import CircuitNode
 import Foundation
 import NIOCore
 import NIOHTTP1
@@ -31,7 +32,8 @@ struct APIBench: AsyncParsableCommand {
         guard !counts.isEmpty, counts.allSatisfy({ $0 > 0 }) else { throw ValidationError("--clients: positive numbers") }
         let base = data ?? temporaryDirectory("circuit-bench-api")
         defer { if data == nil { try? FileManager.default.removeItem(atPath: base) } }
-        let daemons = try LocalDaemons(base: base, count: 3, basePort: 0)
+        let binary = URL(fileURLWithPath: CommandLine.arguments[0]).standardizedFileURL.path
+        let daemons = try DaemonProcesses(binary: binary, base: base, count: 3)
         defer { daemons.stopAll() }
         try daemons.startAll()
         _ = try await daemons.leader()
@@ -116,7 +118,7 @@ struct APIBench: AsyncParsableCommand {
 
     /// `clients` closed loops, each on its own connection to one of the nodes, for `seconds` after a warm-up.
     private func load(
-        _ daemons: LocalDaemons, group: any EventLoopGroup, clients: Int, method: HTTPMethod, value: ByteBuffer,
+        _ daemons: DaemonProcesses, group: any EventLoopGroup, clients: Int, method: HTTPMethod, value: ByteBuffer,
         keyPaths: [String]
     ) async throws -> Run {
         let clock = ContinuousClock()

@@ -18,7 +18,8 @@ struct Dev: AsyncParsableCommand {
     func run() async throws {
         guard (1...7).contains(nodes) else { throw ValidationError("--nodes must be 1 to 7") }
         let base = data ?? temporaryDirectory("circuit-dev")
-        let daemons = try LocalDaemons(base: base, count: nodes, basePort: basePort)
+        let binary = URL(fileURLWithPath: CommandLine.arguments[0]).standardizedFileURL.path
+        let daemons = try DaemonProcesses(binary: binary, base: base, count: nodes, basePort: basePort)
         defer {
             daemons.stopAll()
             print("stopped \(nodes) daemons; data left in \(base)")

@@ -122,12 +122,7 @@ struct HTTPAPI: Sendable {
             // Creates an element where none is (a record, a channel, a process's name, a select, a subscription).
             let path = "/" + context.parameters.getCatchAll().joined(separator: "/")
             return try await leaderOr(request, context, stale: false) {
-                var request = request
-                let body = try await request.collectBody(upTo: Self.maxBody)
-                let view: ElementView
-                do { view = try JSONDecoder().decode(ElementView.self, from: Data(buffer: body)) } catch {
-                    throw APIError.badRequest("the body is not an element: \(error)")
-                }
+                let view = try await decodeBody(request, as: ElementView.self, what: "an element")
                 let element: Element
                 switch view.kind {
                 case "record": element = .record(Array((view.value ?? "").utf8))
@@ -154,12 +149,7 @@ struct HTTPAPI: Sendable {
         }
         router.post("/v1/txn") { request, context in
             try await leaderOr(request, context, stale: false) {
-                var request = request
-                let body = try await request.collectBody(upTo: Self.maxBody)
-                let txn: TransactionView
-                do { txn = try JSONDecoder().decode(TransactionView.self, from: Data(buffer: body)) } catch {
-                    throw APIError.badRequest("the body is not a transaction: \(error)")
-                }
+                let txn = try await decodeBody(request, as: TransactionView.self, what: "a transaction")
                 guard !txn.ops.isEmpty, txn.ops.count <= 1000 else { throw APIError.badRequest("a transaction has 1 to 1000 operations") }
                 var ops: [TransactionOp] = []
                 for (i, op) in txn.ops.enumerated() {
@@ -221,12 +211,7 @@ struct HTTPAPI: Sendable {
         router.post("/v1/hosts/register") { request, context in
             // Used by the daemons themselves: a host announces its addresses and gets a session.
             try await leaderOr(request, context, stale: false) {
-                var request = request
-                let body = try await request.collectBody(upTo: 64 << 10)
-                let view: HostView
-                do { view = try JSONDecoder().decode(HostView.self, from: Data(buffer: body)) } catch {
-                    throw APIError.badRequest("the body is not a host: \(error)")
-                }
+                let view = try await decodeBody(request, as: HostView.self, what: "a host")
                 let role: HostRole = view.role == "voter" ? .voter : view.role == "learner" ? .learner : .worker
                 let ttl = try query(request, "ttl_ms", as: UInt64.self) ?? 5000
                 return try await write(
@@ -237,12 +222,7 @@ struct HTTPAPI: Sendable {
             // A host joins as a learner: registered first (so every member learns its peer address), then added to
             // Raft's membership.
             try await leaderOr(request, context, stale: false) {
-                var request = request
-                let body = try await request.collectBody(upTo: 64 << 10)
-                let view: HostView
-                do { view = try JSONDecoder().decode(HostView.self, from: Data(buffer: body)) } catch {
-                    throw APIError.badRequest("the body is not a host: \(error)")
-                }
+                let view = try await decodeBody(request, as: HostView.self, what: "a host")
                 guard HostID.isValid(view.id) else { throw APIError.from(.invalidName(path: view.id, why: "a host id is X followed by 16 lowercase hex digits")) }
                 let ttl = try query(request, "ttl_ms", as: UInt64.self) ?? 5000
                 _ = try await write(
@@ -372,6 +352,17 @@ struct HTTPAPI: Sendable {
         let id = try context.parameters.require("id")
         guard HostID.isValid(id) else { throw APIError.badRequest("\(id) is not a host id (X and 16 lowercase hex digits)") }
         return id
+    }
+
+    /// The request's JSON body as a `T`, or a 400 naming what was expected and what was wrong.
+    private func decodeBody<T: Decodable>(_ request: Request, as: T.Type, what: String) async throws -> T {
+        var request = request
+        let body = try await request.collectBody(upTo: Self.maxBody)
+        do {
+            return try JSONDecoder().decode(T.self, from: Data(buffer: body))
+        } catch {
+            throw APIError.badRequest("the body is not \(what): \(error)")
+        }
     }
 
     private func isStale(_ request: Request) -> Bool { request.uri.queryParameters.get("consistency") == "stale" }

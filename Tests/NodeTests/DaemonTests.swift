@@ -8,110 +8,12 @@ import Testing
 
 /// Real `circuit start` daemons in child processes on loopback ports the kernel handed out, real TCP between them,
 /// real SQLite files.
-private final class Daemons: @unchecked Sendable {
-    struct Member {
-        var folder: DataFolder
-        var peer: String
-        var api: String
-        var process: Process?
-        /// Join through this API instead of bootstrapping.
-        var join: String? = nil
-    }
-
-    let binary: String
-    let base: String
-    var members: [Member] = []
-    let ttlMillis: Int
-
-    init(count: Int, ttlMillis: Int = 5000) throws {
-        binary = try #require(circuitBinary(), "the circuit executable was not built next to the tests")
-        base = try temporaryFolder("daemons")
-        self.ttlMillis = ttlMillis
-        for i in 0..<count {
-            members.append(
-                Member(
-                    folder: try DataFolder(path: "\(base)/node\(i)"), peer: "127.0.0.1:\(try freePort())",
-                    api: "127.0.0.1:\(try freePort())"))
-        }
-        for i in members.indices { try start(i) }
-    }
-
-    var bootstrap: String {
-        members.filter { $0.join == nil }.map { "\($0.folder.hostID)@\($0.peer)" }.joined(separator: ",")
-    }
-
-    /// A new member that joins through `contact` when started.
-    func add(join contact: String) throws {
-        let i = members.count
-        members.append(
-            Member(
-                folder: try DataFolder(path: "\(base)/node\(i)"), peer: "127.0.0.1:\(try freePort())",
-                api: "127.0.0.1:\(try freePort())", join: contact))
-    }
-
-    func start(_ i: Int) throws {
-        let m = members[i]
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = [
-            "start", "--data", m.folder.path, "--peer-listen", m.peer, "--client-listen", m.api,
-            "--session-ttl-ms", "\(ttlMillis)",
-        ] + (m.join.map { ["--join", $0] } ?? ["--bootstrap", bootstrap])
-        let log = "\(m.folder.path)/daemon-\(Date().timeIntervalSince1970).log"
-        _ = FileManager.default.createFile(atPath: log, contents: nil)
-        process.standardError = FileHandle(forWritingAtPath: log)
-        process.standardOutput = FileHandle.nullDevice
-        try process.run()
-        members[i].process = process
-    }
-
-    func kill9(_ i: Int) {
-        guard let p = members[i].process else { return }
-        kill(p.processIdentifier, SIGKILL)
-        p.waitUntilExit()
-        members[i].process = nil
-    }
-
-    func stopAll() {
-        for m in members { if let p = m.process { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() } }
-        for i in members.indices { members[i].process = nil }
-    }
-
-    func client(_ i: Int) -> CircuitClient { CircuitClient(endpoints: [members[i].api]) }
-    var all: CircuitClient { CircuitClient(endpoints: members.filter { $0.process != nil }.map(\.api)) }
-
-    /// The index of the member that leads, as every live member agrees.
-    func leader(timeout: Duration = .seconds(20)) async throws -> Int {
-        let deadline = ContinuousClock.now + timeout
-        while ContinuousClock.now < deadline {
-            var leaders: Set<String> = []
-            for (i, m) in members.enumerated() where m.process != nil {
-                if let s = try? await client(i).status(), let l = s.leader { leaders.insert(l) } else { leaders.insert("?") }
-            }
-            if leaders.count == 1, let id = leaders.first, let i = members.firstIndex(where: { $0.folder.hostID == id }),
-                members[i].process != nil
-            {
-                return i
-            }
-            try await Task.sleep(for: .milliseconds(20))
-        }
-        throw WaitTimedOut(what: "one leader every live daemon agrees on")
-    }
-}
-
-/// A port the kernel says is free now.
-func freePort() throws -> Int {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    defer { close(fd) }
-    var address = sockaddr_in()
-    address.sin_family = sa_family_t(AF_INET)
-    address.sin_addr.s_addr = inet_addr("127.0.0.1")
-    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-    let ok = withUnsafeMutablePointer(to: &address) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
-    }
-    guard ok else { throw WaitTimedOut(what: "a free port") }
-    return Int(UInt16(bigEndian: address.sin_port))
+private func daemons(_ count: Int, ttlMillis: UInt64? = nil) throws -> DaemonProcesses {
+    let binary = try #require(circuitBinary(), "the circuit executable was not built next to the tests")
+    let cluster = try DaemonProcesses(
+        binary: binary, base: try temporaryFolder("daemons"), count: count, sessionTTLMillis: ttlMillis)
+    try cluster.startAll()
+    return cluster
 }
 
 /// Retries a write until it is acknowledged (a leader may be changing); returns nil if it never was.
@@ -128,8 +30,8 @@ private func writeAcknowledged(_ client: CircuitClient, _ path: String, _ value:
 struct DaemonTests {
     @Test("three voters bootstrap; writes through a follower are forwarded; the leader's kill -9 loses nothing; a full restart finds every acknowledged write")
     func bootstrapKillRestart() async throws {
-        let cluster = try Daemons(count: 3)
-        defer { cluster.stopAll() }
+        let cluster = try daemons(3)
+        defer { cluster.stopAll(signal: SIGKILL) }
         let first = try await cluster.leader()
         try await eventually("every host registered and alive", timeout: .seconds(20)) {
             (try? await cluster.client(first).members())?.filter { $0.state == "alive" }.count == 3
@@ -155,14 +57,14 @@ struct DaemonTests {
         cluster.kill9(first)
         let second = try await cluster.leader()
         #expect(second != first)
-        let w = await writeAcknowledged(cluster.all, "/records/app/after-kill", "x")
+        let w = await writeAcknowledged(cluster.live, "/records/app/after-kill", "x")
         #expect(w != nil, "no write succeeded after the leader was killed")
         if w != nil { acknowledged["/records/app/after-kill"] = "x" }
         let failover = killedAt.duration(to: .now)
         #expect(failover < .seconds(10))
         for i in 20..<40 {
             let path = "/records/app/k\(i)"
-            if await writeAcknowledged(cluster.all, path, "after-\(i)") != nil { acknowledged[path] = "after-\(i)" }
+            if await writeAcknowledged(cluster.live, path, "after-\(i)") != nil { acknowledged[path] = "after-\(i)" }
         }
         try cluster.start(first)
         try await eventually("the killed node to catch up", timeout: .seconds(20)) {
@@ -170,13 +72,13 @@ struct DaemonTests {
         }
 
         // Restart every node: everything acknowledged is still there.
-        cluster.stopAll()
+        cluster.stopAll(signal: SIGKILL)
         for i in 0..<3 { try cluster.start(i) }
         _ = try await cluster.leader()
         for (path, value) in acknowledged.sorted(by: { $0.key < $1.key }) {
             var got: String?
             try await eventually("\(path) readable after the restart", timeout: .seconds(20)) {
-                got = (try? await cluster.all.get(path))?.value
+                got = (try? await cluster.live.get(path))?.value
                 return got != nil
             }
             #expect(got == value, "\(path)")
@@ -185,8 +87,8 @@ struct DaemonTests {
 
     @Test("bad requests get the documented error: status, code and a sentence")
     func badRequests() async throws {
-        let cluster = try Daemons(count: 1)
-        defer { cluster.stopAll() }
+        let cluster = try daemons(1)
+        defer { cluster.stopAll(signal: SIGKILL) }
         _ = try await cluster.leader()
         let client = cluster.client(0)
         try await eventually("the first write", timeout: .seconds(20)) {
@@ -254,8 +156,8 @@ struct DaemonTests {
 
     @Test("a second daemon on the same data folder is refused; a host killed is reported expired within its TTL and a bound")
     func lockAndExpiry() async throws {
-        let cluster = try Daemons(count: 3, ttlMillis: 1500)
-        defer { cluster.stopAll() }
+        let cluster = try daemons(3, ttlMillis: 1500)
+        defer { cluster.stopAll(signal: SIGKILL) }
         let leader = try await cluster.leader()
         try await eventually("every host alive", timeout: .seconds(20)) {
             (try? await cluster.client(leader).members())?.filter { $0.state == "alive" }.count == 3
@@ -309,8 +211,8 @@ private func runCircuit(_ arguments: [String], environment: [String: String]? = 
 struct WatchTransactionTests {
     @Test("a watch streams every change under a path from a revision, and the CLI prints it; a transaction is all or nothing")
     func watchAndTransactions() async throws {
-        let cluster = try Daemons(count: 1)
-        defer { cluster.stopAll() }
+        let cluster = try daemons(1)
+        defer { cluster.stopAll(signal: SIGKILL) }
         let client = cluster.client(0)
         var first: WriteView?
         try await eventually("the first write", timeout: .seconds(20)) {
@@ -378,8 +280,8 @@ struct CommandTests {
 
     @Test("exit status 0 on success, 1 on an error (one line), 2 on wrong usage")
     func exitStatus() throws {
-        let cluster = try Daemons(count: 1)
-        defer { cluster.stopAll() }
+        let cluster = try daemons(1)
+        defer { cluster.stopAll(signal: SIGKILL) }
         let node = cluster.members[0].api
         var env = ProcessInfo.processInfo.environment
         env["CIRCUIT"] = node
@@ -413,11 +315,11 @@ struct CommandTests {
 struct MembershipTests {
     @Test("two hosts join a 3-voter cluster as learners and get the data; one is promoted, a voter leaves, leadership moves to the promoted one")
     func joinPromoteLeaveTransfer() async throws {
-        let cluster = try Daemons(count: 3)
-        defer { cluster.stopAll() }
+        let cluster = try daemons(3)
+        defer { cluster.stopAll(signal: SIGKILL) }
         let leader = try await cluster.leader()
         try await eventually("the first write", timeout: .seconds(20)) {
-            (try? await cluster.all.put("/records/app/before-join", Array("1".utf8))) != nil
+            (try? await cluster.live.put("/records/app/before-join", Array("1".utf8))) != nil
         }
 
         // Two new hosts join through a follower's API.
@@ -440,7 +342,7 @@ struct MembershipTests {
         let status = try await cluster.client(3).status()
         #expect(status.voters.count == 3 && status.role == "follower")
         // A learner holds the log: a stale read on it sees what was written before it joined, and after.
-        _ = try await cluster.all.put("/records/app/after-join", Array("2".utf8))
+        _ = try await cluster.live.put("/records/app/after-join", Array("2".utf8))
         for i in [3, 4] {
             try await eventually("learner \(i) to hold the data", timeout: .seconds(20)) {
                 (try? await cluster.client(i).get("/records/app/after-join", stale: true))?.value == "2"
