@@ -166,8 +166,8 @@ public struct CircuitClient: Sendable {
         for endpoint in endpoints {
             let answer: HTTPExchange.Answer
             do {
-                answer = try await HTTPExchange.perform(
-                    HTTPMethod(rawValue: method), uri, to: endpoint, body: body.map { Array($0) },
+                answer = try await HTTPPool.shared(endpoint).perform(
+                    HTTPMethod(rawValue: method), uri, body: body.map { Array($0) },
                     timeout: .milliseconds(Int64(timeout * 1000)))
             } catch {
                 lastError = "\(error)"

@@ -82,8 +82,8 @@ final class NodeContext: Sendable {
         let uri = request.uri.path + (request.uri.query.map { "?" + $0 } ?? "")
         let answer: HTTPExchange.Answer
         do {
-            answer = try await HTTPExchange.perform(
-                NIOHTTP1.HTTPMethod(rawValue: request.method.rawValue), uri, to: address,
+            answer = try await HTTPPool.shared(address).perform(
+                NIOHTTP1.HTTPMethod(rawValue: request.method.rawValue), uri,
                 body: body.readableBytes > 0 ? Array(buffer: body) : nil,
                 headers: [(HTTPAPI.forwardedHeader.rawName, "1")])
         } catch {

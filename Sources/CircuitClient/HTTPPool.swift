@@ -1,0 +1,166 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// Keep-alive HTTP/1.1 connections to one address (SwiftNIO), one request at a time on each: a follower forwarding to
+/// its leader, and clients that make many calls, reuse connections instead of opening one per request.
+///
+/// A request is only ever sent on a connection that is open when it is taken; if the server closes it after that,
+/// the request fails (it is not sent again, since it may have been applied).
+public final class HTTPPool: Sendable {
+    public let address: String
+    private let maxIdle: Int
+    private let idle = NIOLockedValueBox<[PooledConnection]>([])
+
+    public init(address: String, maxIdle: Int = 64) {
+        self.address = address
+        self.maxIdle = maxIdle
+    }
+
+    private static let pools = NIOLockedValueBox<[String: HTTPPool]>([:])
+
+    /// The process-wide pool for `address`.
+    public static func shared(_ address: String) -> HTTPPool {
+        pools.withLockedValue { pools in
+            if let pool = pools[address] { return pool }
+            let pool = HTTPPool(address: address)
+            pools[address] = pool
+            return pool
+        }
+    }
+
+    public func perform(
+        _ method: HTTPMethod, _ uri: String, body: [UInt8]? = nil, headers extra: [(String, String)] = [],
+        timeout: Duration = .seconds(10)
+    ) async throws -> HTTPExchange.Answer {
+        var connection: PooledConnection?
+        while connection == nil, let candidate = idle.withLockedValue({ $0.popLast() }) {
+            if candidate.channel.isActive { connection = candidate } else { candidate.channel.close(promise: nil) }
+        }
+        let conn: PooledConnection
+        if let connection { conn = connection } else { conn = try await connect(timeout: timeout) }
+        do {
+            let (answer, keepAlive) = try await conn.send(method, uri, host: address, body: body, headers: extra, timeout: timeout)
+            if keepAlive && conn.channel.isActive {
+                let kept = idle.withLockedValue { idle -> Bool in
+                    guard idle.count < maxIdle else { return false }
+                    idle.append(conn)
+                    return true
+                }
+                if !kept { conn.channel.close(promise: nil) }
+            } else {
+                conn.channel.close(promise: nil)
+            }
+            return answer
+        } catch {
+            conn.channel.close(promise: nil)
+            throw error
+        }
+    }
+
+    private func connect(timeout: Duration) async throws -> PooledConnection {
+        guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]) else {
+            throw HTTPExchangeError.connect("\(address) is not host:port")
+        }
+        let host = String(address[..<colon])
+        let millis = timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000
+        do {
+            let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .connectTimeout(.milliseconds(millis))
+                .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHTTPClientHandlers()
+                        try channel.pipeline.syncOperations.addHandler(ResponseCollector())
+                    }
+                }
+                .connect(host: host, port: port).get()
+            return PooledConnection(channel: channel)
+        } catch {
+            throw HTTPExchangeError.connect("cannot connect to \(address): \(error)")
+        }
+    }
+}
+
+/// One pooled connection.
+struct PooledConnection: Sendable {
+    let channel: any Channel
+
+    /// Sends one request and waits for its whole answer; also says whether the connection may be reused.
+    func send(
+        _ method: HTTPMethod, _ uri: String, host: String, body: [UInt8]?, headers extra: [(String, String)],
+        timeout: Duration
+    ) async throws -> (HTTPExchange.Answer, Bool) {
+        let promise = channel.eventLoop.makePromise(of: (HTTPExchange.Answer, Bool).self)
+        var headers = HTTPHeaders([("Host", host)])
+        headers.add(name: "Content-Length", value: "\(body?.count ?? 0)")
+        for (name, value) in extra { headers.add(name: name, value: value) }
+        let head = HTTPRequestHead(version: .http1_1, method: method, uri: uri, headers: headers)
+        let channel = self.channel
+        let nanos = timeout.components.seconds * 1_000_000_000 + timeout.components.attoseconds / 1_000_000_000
+        channel.eventLoop.execute {
+            do {
+                let collector = try channel.pipeline.syncOperations.handler(type: ResponseCollector.self)
+                collector.start(promise)
+            } catch {
+                promise.fail(error)
+                return
+            }
+            channel.write(HTTPClientRequestPart.head(head), promise: nil)
+            if let body, !body.isEmpty {
+                channel.write(HTTPClientRequestPart.body(.byteBuffer(ByteBuffer(bytes: body))), promise: nil)
+            }
+            channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+            let timer = channel.eventLoop.scheduleTask(in: .nanoseconds(nanos)) {
+                promise.fail(HTTPExchangeError.timedOut(timeout))
+                channel.close(promise: nil)
+            }
+            promise.futureResult.whenComplete { _ in timer.cancel() }
+        }
+        return try await promise.futureResult.get()
+    }
+}
+
+/// Collects one answer at a time; fails it if the connection closes first.
+final class ResponseCollector: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPClientResponsePart
+
+    private var promise: EventLoopPromise<(HTTPExchange.Answer, Bool)>?
+    private var answer = HTTPExchange.Answer(status: 0, contentType: nil, body: [])
+    private var keepAlive = true
+
+    func start(_ promise: EventLoopPromise<(HTTPExchange.Answer, Bool)>) {
+        self.promise = promise
+        answer = HTTPExchange.Answer(status: 0, contentType: nil, body: [])
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            answer.status = Int(head.status.code)
+            answer.contentType = head.headers.first(name: "Content-Type")
+            keepAlive = head.isKeepAlive
+        case .body(var buffer):
+            answer.body += buffer.readBytes(length: buffer.readableBytes) ?? []
+        case .end:
+            let p = promise
+            promise = nil
+            p?.succeed((answer, keepAlive))
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        let p = promise
+        promise = nil
+        p?.fail(HTTPExchangeError.closed)
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        let p = promise
+        promise = nil
+        p?.fail(error)
+        context.close(promise: nil)
+    }
+}
