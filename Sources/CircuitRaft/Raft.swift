@@ -29,7 +29,7 @@ public struct Raft: Sendable {
     private var leadTransferee: NodeID = .none
     private var transferElapsed = 0
     private var rng: SplitMix64
-    private var electionElapsed = 0
+    private(set) var electionElapsed = 0
     private var heartbeatElapsed = 0
     private var randomizedElectionTimeout = 0
     private var progress: [NodeID: Progress] = [:]
@@ -147,6 +147,19 @@ public struct Raft: Sendable {
                 campaign()
             }
         }
+    }
+
+    /// The shell saw its connection to `peer` close. When `peer` is this follower's leader it has probably died (a
+    /// killed process closes its sockets at once), so the follower stops honouring the leader's lease and campaigns
+    /// within a few ticks instead of a whole election timeout: the voters in order of id take turns two ticks apart,
+    /// so they do not split the vote. PreVote keeps this harmless when the leader is alive after all: a follower
+    /// that still hears it refuses the pre-vote, and the leader's next heartbeat ends the attempt.
+    public mutating func peerUnreachable(_ peer: NodeID) {
+        guard role == .follower, peer != .none, peer == leader, isVoter else { return }
+        let others = membership.voters.filter { $0 != peer }.sorted()
+        let rank = others.firstIndex(of: config.id) ?? 0
+        electionElapsed = max(electionElapsed, config.electionTicks)
+        randomizedElectionTimeout = electionElapsed + 1 + 2 * rank
     }
 
     /// Starts an election now (with a PreVote round first if configured). A leader ignores it.

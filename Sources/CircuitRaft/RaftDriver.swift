@@ -177,10 +177,11 @@ public final class RaftDriver: @unchecked Sendable {
         var transfers: [(NodeID?, CheckedContinuation<NodeID, any Error>)] = []
         var snapshotsWritten: [(SnapshotMetadata, String?)] = []
         var campaign = false
+        var unreachable: [NodeID] = []
         var stopping = false
         var isEmpty: Bool {
             messages.isEmpty && chunks.isEmpty && proposals.isEmpty && reads.isEmpty && confChanges.isEmpty
-                && transfers.isEmpty && snapshotsWritten.isEmpty && !campaign && !stopping
+                && transfers.isEmpty && snapshotsWritten.isEmpty && !campaign && unreachable.isEmpty && !stopping
         }
     }
 
@@ -304,6 +305,11 @@ public final class RaftDriver: @unchecked Sendable {
         enqueue { $0.campaign = true }
     }
 
+    /// The transport lost its connection to `peer` (see `Raft.peerUnreachable`).
+    public func peerUnreachable(_ peer: NodeID) {
+        enqueue { $0.unreachable.append(peer) }
+    }
+
     /// Proposes `data`; returns the state machine's answer once it is committed and applied here.
     public func propose(_ data: [UInt8]) async throws -> [UInt8] {
         try await withCheckedThrowingContinuation { continuation in
@@ -351,6 +357,7 @@ public final class RaftDriver: @unchecked Sendable {
                 if nextTick < now { nextTick = now.addingTimeInterval(tick) }
             }
             if batch.campaign { raft.campaign() }
+            for peer in batch.unreachable { raft.peerUnreachable(peer) }
             for m in batch.messages { raft.step(m) }
             for chunk in batch.chunks { receiveChunk(chunk) }
             for (meta, error) in batch.snapshotsWritten { snapshotWritten(meta, error: error) }

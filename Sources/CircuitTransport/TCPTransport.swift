@@ -36,6 +36,8 @@ public final class TCPTransport: RaftTransport, Sendable {
 
     /// What a peer connection delivers to.
     public typealias Receiver = @Sendable (PeerFrame, NodeID) -> Void
+    /// Told when an established connection to a peer closes (the peer may have died).
+    public typealias LossHandler = @Sendable (NodeID) -> Void
 
     public let configuration: Configuration
     private let group: any EventLoopGroup
@@ -47,6 +49,7 @@ public final class TCPTransport: RaftTransport, Sendable {
         var connections: [NodeID: Connection] = [:]
         var server: (any Channel)?
         var receiver: Receiver?
+        var onLoss: LossHandler?
         var stopped = false
         var dropped = 0
     }
@@ -74,7 +77,12 @@ public final class TCPTransport: RaftTransport, Sendable {
         state.withLockedValue { $0.receiver = receiver }
     }
 
-    /// Delivers everything to `driver`.
+    /// Who hears that an established connection to a peer closed.
+    public func setLossHandler(_ handler: @escaping LossHandler) {
+        state.withLockedValue { $0.onLoss = handler }
+    }
+
+    /// Delivers everything to `driver`, and tells it of lost connections.
     public func deliver(to driver: RaftDriver) {
         setReceiver { frame, _ in
             switch frame {
@@ -83,6 +91,7 @@ public final class TCPTransport: RaftTransport, Sendable {
             default: break
             }
         }
+        setLossHandler { peer in driver.peerUnreachable(peer) }
     }
 
     /// The peers' addresses (replaces the previous set; connections to peers no longer listed are closed).
@@ -239,10 +248,14 @@ public final class TCPTransport: RaftTransport, Sendable {
                     }
                 }
                 channel.closeFuture.whenComplete { _ in
-                    self.state.withLockedValue { s in
-                        if case .ready(let ch) = s.connections[peer], ch === channel {
-                            s.connections[peer] = .backingOff(until: .now(), next: config.minBackoff)
-                        }
+                    let onLoss = self.state.withLockedValue { s -> LossHandler? in
+                        guard case .ready(let ch) = s.connections[peer], ch === channel else { return nil }
+                        s.connections[peer] = .backingOff(until: .now(), next: config.minBackoff)
+                        return s.stopped ? nil : s.onLoss
+                    }
+                    if let onLoss {
+                        logger.info("lost the connection to a peer", metadata: ["peer": "\(peer)"])
+                        onLoss(peer)
                     }
                 }
             }

@@ -445,6 +445,81 @@ struct PreVoteCheckQuorumRules {
     }
 }
 
+@Suite("Fast failover: a follower that loses its connection to the leader")
+struct LostLeaderRules {
+    @Test("when every follower loses the leader, the lowest id campaigns within two ticks and wins; no split vote")
+    func lostLeaderElectsQuickly() throws {
+        var h = try Harness(3)
+        h.elect(1)
+        let term = h[1].term
+        h.tick(2, times: 2)  // well inside the lease
+        h.tick(3, times: 2)
+        h.nodes[1] = nil  // killed
+        h[2].peerUnreachable(1)
+        h[3].peerUnreachable(1)
+        for _ in 0..<2 {
+            h.tick(2, times: 1)
+            h.tick(3, times: 1)
+            h.stabilize()
+        }
+        #expect(h[2].role == .leader && h[2].term == term + 1)
+        #expect(h[3].role == .follower && h[3].leader == 2)
+    }
+
+    @Test("the next voter in order takes its turn two ticks later if the first does not")
+    func nextVoterTakesTurn() throws {
+        var h = try Harness(5)
+        h.elect(1)
+        h.nodes[1] = nil
+        h.nodes[2] = nil  // the first in order is gone too
+        for id: NodeID in [3, 4, 5] { h[id].peerUnreachable(1) }
+        var ticks = 0
+        while h[3].role != .leader && h[4].role != .leader && h[5].role != .leader && ticks < 10 {
+            for id: NodeID in [3, 4, 5] { h.tick(id, times: 1) }
+            h.stabilize()
+            ticks += 1
+        }
+        #expect(h[3].role == .leader)
+        #expect(ticks <= 4)
+        #expect(ticks < h[3].config.electionTicks)
+    }
+
+    @Test("one follower losing a live leader's connection does not disrupt it: the other follower refuses the pre-vote")
+    func oneLostConnectionIsHarmless() throws {
+        var h = try Harness(3)
+        h.elect(1)
+        let term = h[1].term
+        h.tick(2, times: 2)
+        h[2].peerUnreachable(1)
+        for _ in 0..<4 {
+            h.tick(2, times: 1)
+            h.stabilize(drop: { $0.from == 1 && $0.to == 2 })  // its link from the leader stays down meanwhile
+        }
+        #expect(h[2].role == .preCandidate && h[2].term == term)
+        #expect(h[1].role == .leader && h[1].term == term)
+        // The link comes back: the leader's heartbeat ends the attempt.
+        h.tick(1, times: h[1].config.heartbeatTicks)
+        h.stabilize()
+        #expect(h[2].role == .follower && h[2].leader == 1 && h[2].term == term)
+    }
+
+    @Test("it is ignored unless the lost peer is this voter's leader, and by a leader", arguments: [NodeID(1), NodeID(3)])
+    func onlyTheLeaderCounts(lost: NodeID) throws {
+        var h = try Harness(3)
+        h.elect(1)
+        let before = h[2].electionElapsed
+        h[2].peerUnreachable(lost)
+        if lost == 1 {
+            #expect(h[2].electionElapsed >= h[2].config.electionTicks)
+        } else {
+            #expect(h[2].electionElapsed == before)
+        }
+        let leaderBefore = h[1].electionElapsed
+        h[1].peerUnreachable(2)
+        #expect(h[1].electionElapsed == leaderBefore && h[1].role == .leader)
+    }
+}
+
 @Suite("Thesis §6.4: ReadIndex")
 struct ReadIndexRules {
     @Test("a read on a follower is refused naming the leader")

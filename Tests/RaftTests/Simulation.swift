@@ -267,6 +267,12 @@ final class Simulation {
             let left = Set(rest.prefix(rest.count / 2))
             for a in rest { for b in rest where left.contains(a) != left.contains(b) { blocked.insert([a, b]) } }
         }
+        // Some cut links are noticed as lost connections, and the hint is acted on while the peer lives.
+        for j in nodes.indices where nodes[j].raft != nil {
+            for peer in ids where blocked.contains([peer, nodes[j].id]) && rng.next() % 2 == 0 {
+                nodes[j].raft!.peerUnreachable(peer)
+            }
+        }
     }
 
     func crash(_ i: Int) {
@@ -275,6 +281,8 @@ final class Simulation {
         nodes[i].machine = []
         nodes[i].incomingSnapshot = nil
         crashes += 1
+        // The survivors' transports see the connection close (Raft.peerUnreachable: a hint, never needed for safety).
+        for j in nodes.indices where j != i && nodes[j].raft != nil { nodes[j].raft!.peerUnreachable(nodes[i].id) }
         reads = reads.filter { $0.value.node != nodes[i].id }
         pendingProposals.removeAll { $0.node == nodes[i].id }
     }
