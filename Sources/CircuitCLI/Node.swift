@@ -23,7 +23,10 @@ struct Start: AsyncParsableCommand {
     @Option(help: "HTTP API listen address, host:port.") var clientListen: String?
     @Option(help: "API address others use (default: --client-listen).") var clientAdvertise: String?
     @Option(help: "Form a new cluster of these voters: X<id>@host:port, comma-separated.") var bootstrap: String?
-    @Option(help: "Join the cluster of the member whose API is at host:port, as a learner.") var join: String?
+    @Option(help: "Join the cluster of the member whose API is at host:port.") var join: String?
+    @Option(help: "What a joining host becomes: learner (in Raft, can be promoted) or worker (membership only).") var joinAs: String?
+    @Option(help: "Milliseconds a voter may be lost before the leader replaces it with a caught-up learner (0: never).")
+    var voterReplaceAfterMs: UInt64?
     @Option(help: "Milliseconds a host's session lives without a keep-alive.") var sessionTtlMs: UInt64?
 
     func run() async throws {
@@ -35,6 +38,8 @@ struct Start: AsyncParsableCommand {
         if let clientAdvertise { settings.clientAdvertise = clientAdvertise }
         if let bootstrap { settings.bootstrap = bootstrap.split(separator: ",").map(String.init) }
         if let join { settings.join = join }
+        if let joinAs { settings.joinAs = joinAs }
+        if let voterReplaceAfterMs { settings.voterReplaceAfterMillis = voterReplaceAfterMs }
         if let sessionTtlMs { settings.sessionTTLMillis = sessionTtlMs }
         var global = global
         if global.logLevel == .warning { global.logLevel = .info }

@@ -66,6 +66,14 @@ final class NodeContext: Sendable {
         logger.info("peers", metadata: ["peers": "\(want.keys.sorted().map(HostID.string))"])
     }
 
+    /// Peer addresses of every Raft member this node knows, itself included, registered or not: what a joining
+    /// host needs to dial back (the voters may not have registered yet when it joins).
+    func memberPeerAddresses() -> [String: String] {
+        var out = dialing.withLock { $0.reduce(into: [String: String]()) { $0[HostID.string($1.key)] = $1.value } }
+        out[folder.hostID] = config.advertisedPeer
+        return out
+    }
+
     func status() -> StatusView {
         let s = service.driver.status
         return StatusView(
@@ -143,6 +151,10 @@ public final class CircuitDaemon: Sendable {
             logger.info("formed a new cluster", metadata: ["cluster": "\(HostID.hex(clusterID))", "voters": "\(bootstrap.map(\.host))"])
         }
         logger[metadataKey: "cluster"] = "\(HostID.hex(clusterID))"
+        if folder.isWorker() {
+            try await WorkerNode(folder: folder, clusterID: clusterID, config: config, logger: logger).run()
+            return
+        }
         let addressBook = Self.readPeers(peersFile)
         // A bootstrapped voter starts from the bootstrap voters; a joined host from nothing (it learns the
         // membership from the log or a snapshot). After that the membership is the log's.
@@ -233,14 +245,20 @@ extension CircuitDaemon {
             throw NodeConfigError.invalid("\(contact) answered with cluster id \(status.cluster)")
         }
         let me = HostView(
-            id: folder.hostID, peerAddress: config.advertisedPeer, clientAddress: config.advertisedClient, role: "learner",
-            state: "alive", session: 0, joinedAt: 0)
+            id: folder.hostID, peerAddress: config.advertisedPeer, clientAddress: config.advertisedClient,
+            role: config.joinAs, state: "alive", session: 0, joinedAt: 0)
         let ttl = config.sessionTTLMillis
         let hosts = try await retrying("join") { () async throws(CircuitClientError) in try await client.join(me, ttlMillis: ttl) }
-        let lines = hosts.map { "\($0.id)@\($0.peerAddress)" }.joined(separator: "\n") + "\n"
-        try DataFolder.writeDurably(lines, to: peersFile)
+        if config.joinAs == "worker" {
+            try WorkerNode.writeContacts(WorkerNode.contacts(in: hosts, fallback: contact), folder: folder)
+            try folder.setWorker()
+        } else {
+            let lines = hosts.map { "\($0.id)@\($0.peerAddress)" }.joined(separator: "\n") + "\n"
+            try DataFolder.writeDurably(lines, to: peersFile)
+        }
         try folder.setClusterID(clusterID)
-        logger.info("joined the cluster as a learner", metadata: ["cluster": "\(status.cluster)", "through": "\(contact)"])
+        logger.info(
+            "joined the cluster", metadata: ["as": "\(config.joinAs)", "cluster": "\(status.cluster)", "through": "\(contact)"])
         return clusterID
     }
 }
@@ -260,9 +278,15 @@ struct HostAgent: Service {
         var session: SessionID?
         var lastKeepAlive = ContinuousClock.now
         let ttl = node.config.sessionTTLMillis
+        var keeper = VoterKeeper(lostAfter: node.config.voterReplaceAfterMillis)
         while !Task.isCancelled {
             node.syncPeers()
             await node.service.expireLeases()
+            if node.service.driver.status.role == .leader {
+                await keepVoters(&keeper)
+            } else {
+                keeper = VoterKeeper(lostAfter: keeper.lostAfter)
+            }
             let registered = node.service.state.read { state -> Bool in
                 guard let session, let host = state.hosts[node.folder.hostID] else { return false }
                 return host.state == .alive && host.session == session
@@ -277,6 +301,38 @@ struct HostAgent: Service {
                 lastKeepAlive = .now
             }
             try await Task.sleep(for: .milliseconds(100))
+        }
+    }
+
+    /// While leader: replaces a voter lost for long by a live learner (see `VoterKeeper`).
+    private func keepVoters(_ keeper: inout VoterKeeper) async {
+        let membership = node.service.driver.status.membership
+        let alive = node.service.state.read { state in Set(state.hosts.values.filter { $0.state == .alive }.map(\.id)) }
+        let action = keeper.decide(
+            now: ControlService.monotonicMilliseconds(), voters: Set(membership.voters.map(HostID.string)),
+            learners: Set(membership.learners.map(HostID.string)), alive: alive)
+        switch action {
+        case nil:
+            return
+        case .remove(let lost)?:
+            do {
+                try await node.service.driver.changeMembership(.remove(HostID.nodeID(lost)))
+                node.logger.warning("removed a voter lost for long", metadata: ["voter": "\(lost)"])
+            } catch {
+                node.logger.info("could not remove a lost voter yet", metadata: ["voter": "\(lost)", "error": "\(error)"])
+            }
+        case .promote(let candidates, let lost)?:
+            for learner in candidates {
+                do {
+                    try await node.service.driver.changeMembership(.promote(HostID.nodeID(learner)))
+                } catch {
+                    node.logger.info("could not promote a learner yet", metadata: ["learner": "\(learner)", "error": "\(error)"])
+                    continue
+                }
+                _ = try? await node.service.execute(.setHostRole(id: learner, role: .voter))
+                node.logger.warning("promoted a learner to replace a voter lost for long", metadata: ["learner": "\(learner)", "voter": "\(lost)"])
+                return
+            }
         }
     }
 

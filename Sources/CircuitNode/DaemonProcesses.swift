@@ -11,6 +11,8 @@ public final class DaemonProcesses: @unchecked Sendable {
         public let api: String
         /// Join through this API instead of bootstrapping.
         public let join: String?
+        /// `learner` or `worker`, for a member that joins.
+        public let joinAs: String
         public fileprivate(set) var process: Process?
     }
 
@@ -18,6 +20,8 @@ public final class DaemonProcesses: @unchecked Sendable {
     /// The `circuit` executable.
     public let binary: String
     public let sessionTTLMillis: UInt64?
+    /// Passed as `--voter-replace-after-ms` (nil: the daemon's default).
+    public var voterReplaceAfterMillis: UInt64?
     public private(set) var members: [Member] = []
 
     /// Makes `count` data folders under `base` and chooses ports: `basePort + i` for the APIs and
@@ -32,16 +36,16 @@ public final class DaemonProcesses: @unchecked Sendable {
             members.append(
                 Member(
                     folder: try DataFolder(path: "\(base)/node\(i + 1)"), peer: "127.0.0.1:\(peer)", api: "127.0.0.1:\(api)",
-                    join: nil))
+                    join: nil, joinAs: "learner"))
         }
     }
 
-    /// A new member that joins through `contact` (any member's API) when started.
-    public func add(join contact: String) throws {
+    /// A new host that joins through `contact` (any member's API) when started, as a `learner` or a `worker`.
+    public func add(join contact: String, as role: String = "learner") throws {
         members.append(
             Member(
                 folder: try DataFolder(path: "\(base)/node\(members.count + 1)"), peer: "127.0.0.1:\(try freePort())",
-                api: "127.0.0.1:\(try freePort())", join: contact))
+                api: "127.0.0.1:\(try freePort())", join: contact, joinAs: role))
     }
 
     public var bootstrap: String {
@@ -60,7 +64,8 @@ public final class DaemonProcesses: @unchecked Sendable {
         process.arguments =
             ["start", "--data", m.folder.path, "--peer-listen", m.peer, "--client-listen", m.api]
             + (sessionTTLMillis.map { ["--session-ttl-ms", "\($0)"] } ?? [])
-            + (m.join.map { ["--join", $0] } ?? ["--bootstrap", bootstrap])
+            + (voterReplaceAfterMillis.map { ["--voter-replace-after-ms", "\($0)"] } ?? [])
+            + (m.join.map { ["--join", $0, "--join-as", m.joinAs] } ?? ["--bootstrap", bootstrap])
         let log = "\(m.folder.path)/daemon.log"
         if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil) }
         let handle = FileHandle(forWritingAtPath: log)

@@ -13,7 +13,7 @@ public enum DataFolderError: Error, Sendable, CustomStringConvertible {
             return "the data folder is in use by another circuit daemon (\(holder)); lock file \(path)"
         case .unreadable(let path, let why): return "cannot read \(path): \(why)"
         case .noCluster(let path):
-            return "\(path) belongs to no cluster yet: start with --bootstrap to form one (joining is not built yet)"
+            return "\(path) belongs to no cluster yet: start with --bootstrap to form one, or --join to join one"
         }
     }
 }
@@ -59,6 +59,14 @@ public struct DataFolder: Sendable {
     public func setClusterID(_ id: UInt64) throws {
         try Self.writeDurably(HostID.hex(id) + "\n", to: "\(path)/cluster-id")
     }
+
+    /// Whether this host joined as a worker (in the membership, not in Raft): kept in `role` so a restart resumes
+    /// it as one.
+    public func isWorker() -> Bool {
+        (try? String(contentsOfFile: "\(path)/role", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) == "worker"
+    }
+
+    public func setWorker() throws { try Self.writeDurably("worker\n", to: "\(path)/role") }
 
     /// Takes the folder's lock for the life of the process (an advisory `flock` on `lock`, released by the kernel
     /// when the process dies, even by kill -9). Throws if another daemon holds it.

@@ -220,18 +220,29 @@ struct HTTPAPI: Sendable {
         }
         router.post("/v1/cluster/members") { request, context in
             // A host joins as a learner: registered first (so every member learns its peer address), then added to
-            // Raft's membership.
+            // Raft's membership. A worker is registered only.
             try await leaderOr(request, context, stale: false) {
                 let view = try await decodeBody(request, as: HostView.self, what: "a host")
                 guard HostID.isValid(view.id) else { throw APIError.from(.invalidName(path: view.id, why: "a host id is X followed by 16 lowercase hex digits")) }
+                guard view.role == "learner" || view.role == "worker" else {
+                    throw APIError.badRequest("a host joins as a learner or a worker, not \(view.role.debugDescription)")
+                }
+                let role: HostRole = view.role == "worker" ? .worker : .learner
                 let ttl = try query(request, "ttl_ms", as: UInt64.self) ?? 5000
                 _ = try await write(
-                    .registerHost(id: view.id, peerAddress: view.peerAddress, clientAddress: view.clientAddress, role: .learner, ttlMillis: ttl))
+                    .registerHost(id: view.id, peerAddress: view.peerAddress, clientAddress: view.clientAddress, role: role, ttlMillis: ttl))
                 node.syncPeers()
-                if !node.service.driver.status.membership.members.contains(HostID.nodeID(view.id)) {
+                if role == .learner, !node.service.driver.status.membership.members.contains(HostID.nodeID(view.id)) {
                     try await changeMembership(.addLearner(HostID.nodeID(view.id)))
                 }
-                return try json(try await node.service.read { $0.hostList.map(HostView.init) })
+                // Members that have not registered yet are named too (state "unregistered"), with the peer address
+                // this leader dials: a joining learner must reach every voter.
+                var hosts = try await node.service.read { $0.hostList.map(HostView.init) }
+                let membership = node.service.driver.status.membership
+                for (id, address) in node.memberPeerAddresses().sorted(by: { $0.key < $1.key }) where !hosts.contains(where: { $0.id == id }) {
+                    hosts.append(HostView(id: id, peerAddress: address, clientAddress: "", role: membership.isVoter(HostID.nodeID(id)) ? "voter" : "learner", state: "unregistered", session: 0, joinedAt: 0))
+                }
+                return try json(hosts)
             }
         }
         router.post("/v1/cluster/members/:id/promote") { request, context in

@@ -16,9 +16,15 @@ public struct NodeConfig: Codable, Sendable, Equatable {
     /// Form a new cluster of these voters, each `X<16 hex>@host:port` (peer address); this host must be one of
     /// them. Ignored once the data folder belongs to a cluster.
     public var bootstrap: [String] = []
-    /// Join the cluster of the member whose API is at this `host:port`, as a learner. Ignored once the data folder
-    /// belongs to a cluster.
+    /// Join the cluster of the member whose API is at this `host:port`. Ignored once the data folder belongs to a
+    /// cluster.
     public var join: String?
+    /// What a joining host becomes: a `learner` (in Raft, receives the log, can be promoted to voter) or a `worker`
+    /// (in the membership only: no log, its API relays to the members; what most hosts of a large cluster are).
+    public var joinAs: String = "learner"
+    /// A voter whose host has not been alive for this long is replaced by a caught-up learner (the leader promotes
+    /// one, then removes the lost voter), so that the cluster keeps 3 or 5 voters. 0 turns it off.
+    public var voterReplaceAfterMillis: UInt64 = 30_000
     /// How long a host's session lives without a keep-alive, in milliseconds.
     public var sessionTTLMillis: UInt64 = 5000
     /// Raft's tick; heartbeats every tick, elections after 10 to 20 ticks of silence.
@@ -31,6 +37,8 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         case clientListen = "client-listen"
         case clientAdvertise = "client-advertise"
         case bootstrap, join
+        case joinAs = "join-as"
+        case voterReplaceAfterMillis = "voter-replace-after-ms"
         case sessionTTLMillis = "session-ttl-ms"
         case tickMillis = "tick-ms"
     }
@@ -47,6 +55,8 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         clientAdvertise = try c.decodeIfPresent(String.self, forKey: .clientAdvertise)
         bootstrap = try c.decodeIfPresent([String].self, forKey: .bootstrap) ?? d.bootstrap
         join = try c.decodeIfPresent(String.self, forKey: .join)
+        joinAs = try c.decodeIfPresent(String.self, forKey: .joinAs) ?? d.joinAs
+        voterReplaceAfterMillis = try c.decodeIfPresent(UInt64.self, forKey: .voterReplaceAfterMillis) ?? d.voterReplaceAfterMillis
         sessionTTLMillis = try c.decodeIfPresent(UInt64.self, forKey: .sessionTTLMillis) ?? d.sessionTTLMillis
         tickMillis = try c.decodeIfPresent(Int.self, forKey: .tickMillis) ?? d.tickMillis
     }
@@ -77,6 +87,9 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         _ = try Self.address(advertisedClient, "client-advertise")
         _ = try bootstrapVoters()
         if let join { _ = try Self.address(join, "join") }
+        guard joinAs == "learner" || joinAs == "worker" else {
+            throw NodeConfigError.invalid("join-as: \"\(joinAs)\" is neither learner nor worker")
+        }
         if join != nil && !bootstrap.isEmpty { throw NodeConfigError.invalid("--join and --bootstrap exclude each other") }
     }
 

@@ -42,3 +42,29 @@ public func eventually(_ what: String, timeout: Duration = .seconds(10), _ condi
         try await Task.sleep(for: .milliseconds(10))
     }
 }
+
+/// Runs `body`, or throws `WaitTimedOut` if it has not finished within `timeout` (the body is cancelled): for
+/// waits on a stream, which cannot be polled.
+public func withDeadline<T: Sendable>(
+    _ what: String, timeout: Duration = .seconds(10), _ body: @escaping @Sendable () async throws -> T
+) async throws -> T {
+    try await withThrowingTaskGroup(of: T.self) { group in
+        group.addTask { try await body() }
+        group.addTask {
+            try await Task.sleep(for: timeout)
+            throw WaitTimedOut(what: what)
+        }
+        defer { group.cancelAll() }
+        return try await group.next()!
+    }
+}
+
+/// Runs `body` on a thread of its own, off Swift's cooperative pool (one thread per core): for CPU-heavy or blocking
+/// test work, so that the tests awaiting answers from real daemons meanwhile are not starved of threads.
+public func onOwnThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        let thread = Thread { continuation.resume(with: Result { try body() }) }
+        thread.stackSize = 8 << 20
+        thread.start()
+    }
+}

@@ -40,6 +40,9 @@ struct ConfigTests {
         #expect(error("peer-listen = \"nohost\"\n")?.contains("peer-listen") == true)
         #expect(error("bootstrap = [\"Xnothex@127.0.0.1:1\"]\n")?.contains("Xnothex") == true)
         #expect(error("session-ttl-ms = \"soon\"\n") != nil)
+        let role = error("join-as = \"boss\"\n")
+        #expect(role?.contains("join-as: \"boss\" is neither learner nor worker") == true, "\(role ?? "no error")")
+        #expect(error("join-as = \"worker\"\nvoter-replace-after-ms = 0\n") == nil)
     }
 
     @Test("a data folder keeps its host id, and only one daemon may hold it")

@@ -191,7 +191,8 @@ struct DaemonTests {
 /// Runs the `circuit` executable to completion; returns its exit status, standard output and standard error.
 private func runCircuit(_ arguments: [String], environment: [String: String]? = nil) throws -> (Int32, String, String) {
     let process = Process()
-    process.executableURL = URL(fileURLWithPath: try #require(circuitBinary()))
+    guard let binary = circuitBinary() else { throw WaitTimedOut(what: "the circuit executable (not built next to the tests)") }
+    process.executableURL = URL(fileURLWithPath: binary)
     process.arguments = arguments
     if let environment { process.environment = environment }
     // Files, not pipes: nothing the child writes can block it.
@@ -265,9 +266,9 @@ struct WatchTransactionTests {
 @Suite("The circuit command", .serialized)
 struct CommandTests {
     @Test("circuit dev starts a local cluster, shows it working, and stops every daemon it started")
-    func dev() throws {
+    func dev() async throws {
         let dir = try temporaryFolder("dev")
-        let (status, out, err) = try runCircuit(["dev", "--data", dir, "--base-port", "0", "--seconds", "1"])
+        let (status, out, err) = try await onOwnThread { try runCircuit(["dev", "--data", dir, "--base-port", "0", "--seconds", "1"]) }
         #expect(status == 0, "\(err)")
         #expect(out.contains("members: "), "\(out)")
         #expect(out.components(separatedBy: "(voter, alive)").count == 4, "three voters alive: \(out)")
@@ -311,7 +312,7 @@ struct CommandTests {
     }
 }
 
-@Suite("Membership of daemons", .serialized)
+@Suite("Membership of daemons", .serialized, .timeLimit(.minutes(2)))
 struct MembershipTests {
     @Test("two hosts join a 3-voter cluster as learners and get the data; one is promoted, a voter leaves, leadership moves to the promoted one")
     func joinPromoteLeaveTransfer() async throws {
@@ -373,5 +374,141 @@ struct MembershipTests {
             (try? await cluster.client(3).status())?.leader == learners[0]
         }
         #expect(try await cluster.client(3).put("/records/app/new-leader", Array("4".utf8)).version == 1)
+    }
+
+    @Test("two workers join a 3-voter cluster: in the membership, not in Raft; their APIs read, write and watch; one killed is reported expired within its TTL and a bound; one stopped leaves at once and returns under the same id")
+    func workers() async throws {
+        let cluster = try daemons(3, ttlMillis: 1500)
+        defer { cluster.stopAll(signal: SIGKILL) }
+        let leader = try await cluster.leader()
+        let leaderID = cluster.members[leader].folder.hostID
+        let contact = cluster.members[(leader + 1) % 3].api
+        for _ in 0..<2 {
+            try cluster.add(join: contact, as: "worker")
+            try cluster.start(cluster.members.count - 1)
+        }
+        let workers = [cluster.members[3].folder.hostID, cluster.members[4].folder.hostID]
+        try await eventually("both workers alive in the membership", timeout: .seconds(20)) {
+            let hosts = (try? await cluster.client(leader).members()) ?? []
+            return workers.allSatisfy { id in hosts.contains { $0.id == id && $0.state == "alive" && $0.role == "worker" } }
+        }
+        for i in [3, 4] {
+            try await eventually("worker \(i) serving its API", timeout: .seconds(20)) { (try? await cluster.client(i).status()) != nil }
+        }
+        // Not in Raft: the voters are the three, and there are no learners.
+        let raft = try await cluster.client(leader).status()
+        #expect(raft.voters.count == 3 && raft.learners.isEmpty && !raft.voters.contains(workers[0]))
+        // A worker's own status names it, and the leader.
+        let own = try await cluster.client(3).status()
+        #expect(own.host == workers[0] && own.role == "worker" && own.leader == leaderID && own.cluster == raft.cluster)
+        // Its API relays writes, linearizable reads and watches to the members.
+        let from = try await cluster.client(leader).status().revision + 1
+        let w = try await cluster.client(3).put("/records/jobs/a", Array("1".utf8))
+        #expect(w.version == 1)
+        #expect(try await cluster.client(4).get("/records/jobs/a").value == "1")
+        let watcher = cluster.client(4)
+        let seen: EventView? = try await withDeadline("the change through a worker's watch") {
+            for try await e in watcher.watch("/records/jobs", from: from) { return e }
+            return nil
+        }
+        #expect(seen?.path == "/records/jobs/a" && seen?.value == "1" && seen?.revision == w.revision)
+
+        // kill -9 of a worker: expired within its TTL and a bound.
+        let killed = ContinuousClock.now
+        cluster.kill9(4)
+        try await eventually("\(workers[1]) reported expired", timeout: .seconds(15)) {
+            (try? await cluster.client(leader).members())?.first { $0.id == workers[1] }?.state == "expired"
+        }
+        let took = killed.duration(to: .now)
+        #expect(took < .milliseconds(1500 + 2000), "expired after \(took)")
+
+        // SIGTERM of a worker: it ends its session, so it has left long before its TTL; restarted, it returns as
+        // the same host.
+        let p = try #require(cluster.members[3].process)
+        let stopped = ContinuousClock.now
+        kill(p.processIdentifier, SIGTERM)
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0)
+        try await eventually("\(workers[0]) reported left", timeout: .seconds(15)) {
+            (try? await cluster.client(leader).members())?.first { $0.id == workers[0] }?.state == "left"
+        }
+        #expect(stopped.duration(to: .now) < .milliseconds(1500), "left after \(stopped.duration(to: .now))")
+        try cluster.start(3)
+        try await eventually("\(workers[0]) alive again", timeout: .seconds(20)) {
+            (try? await cluster.client(leader).members())?.first { $0.id == workers[0] }?.state == "alive"
+        }
+        #expect(try await cluster.client(3).get("/records/jobs/a").value == "1")
+    }
+
+    @Test("a voter lost for long is replaced by a live learner: the cluster keeps 3 voters and keeps writing")
+    func lostVoterReplaced() async throws {
+        let binary = try #require(circuitBinary(), "the circuit executable was not built next to the tests")
+        let cluster = try DaemonProcesses(binary: binary, base: try temporaryFolder("replace"), count: 3, sessionTTLMillis: 1000)
+        cluster.voterReplaceAfterMillis = 1000
+        try cluster.startAll()
+        defer { cluster.stopAll(signal: SIGKILL) }
+        let leader = try await cluster.leader()
+        try cluster.add(join: cluster.members[leader].api)
+        try cluster.start(3)
+        let learner = cluster.members[3].folder.hostID
+        try await eventually("the learner alive and in Raft", timeout: .seconds(20)) {
+            let s = try? await cluster.client(leader).status()
+            let alive = (try? await cluster.client(leader).members())?.first { $0.id == learner }?.state == "alive"
+            return alive && s?.learners == [learner]
+        }
+        _ = try await cluster.allAlive()
+        let lost = (leader + 1) % 3
+        let lostID = cluster.members[lost].folder.hostID
+        cluster.kill9(lost)
+        let survivors = Set(cluster.members.indices.filter { $0 != lost && $0 < 3 }.map { cluster.members[$0].folder.hostID })
+        try await eventually("the learner voting in place of the lost voter", timeout: .seconds(30)) {
+            guard let s = try? await cluster.live.status() else { return false }
+            return Set(s.voters) == survivors.union([learner]) && s.learners.isEmpty
+        }
+        #expect(try await cluster.live.members().first { $0.id == learner }?.role == "voter")
+        try await eventually("the lost voter reported expired", timeout: .seconds(10)) {
+            (try? await cluster.live.members())?.first { $0.id == lostID }?.state == "expired"
+        }
+        #expect(try await cluster.live.put("/records/after-replace", Array("1".utf8)).version == 1)
+    }
+
+    @Test("a peer of another cluster is refused with a clear log line; the cluster it dialed keeps working and it never leads")
+    func otherClusterRefused() async throws {
+        let cluster = try daemons(1)
+        defer { cluster.stopAll(signal: SIGKILL) }
+        _ = try await cluster.leader()
+        let a = cluster.members[0]
+        // A second host bootstraps "with" the first one: its voter list differs, and so does its cluster id.
+        let folder = try DataFolder(path: try temporaryFolder("stranger"))
+        let peer = "127.0.0.1:\(try freePort())"
+        let api = "127.0.0.1:\(try freePort())"
+        let stranger = Process()
+        stranger.executableURL = URL(fileURLWithPath: cluster.binary)
+        stranger.arguments = [
+            "start", "--data", folder.path, "--peer-listen", peer, "--client-listen", api,
+            "--bootstrap", "\(a.folder.hostID)@\(a.peer),\(folder.hostID)@\(peer)",
+        ]
+        let log = "\(folder.path)/daemon.log"
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        stranger.standardError = FileHandle(forWritingAtPath: log)
+        stranger.standardOutput = FileHandle.nullDevice
+        try stranger.run()
+        defer {
+            kill(stranger.processIdentifier, SIGKILL)
+            stranger.waitUntilExit()
+        }
+        try await eventually("the refusal in the first host's log", timeout: .seconds(20)) {
+            let text = (try? String(contentsOfFile: "\(a.folder.path)/daemon.log", encoding: .utf8)) ?? ""
+            return text.split(separator: "\n").contains { $0.contains("refused peer") && $0.contains("cluster id") }
+        }
+        try await eventually("the stranger told why", timeout: .seconds(20)) {
+            ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("peer refused this node")
+        }
+        #expect(try await cluster.client(0).put("/records/still", Array("1".utf8)).version == 1)
+        let status = try await cluster.client(0).status()
+        #expect(status.role == "leader" && status.voters == [a.folder.hostID])
+        let theirs = try await CircuitClient(endpoints: [api]).status()
+        #expect(theirs.leader == nil && theirs.cluster != status.cluster)
+        #expect(stranger.isRunning)
     }
 }

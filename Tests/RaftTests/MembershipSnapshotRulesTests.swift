@@ -85,6 +85,34 @@ struct MembershipRules {
         #expect(h[4].membership.voters == [1, 2, 3, 4])
     }
 
+    @Test("with a voter down, a learner promoted in its place commits and the leader keeps leading through CheckQuorum")
+    func promoteWithVoterDown() throws {
+        var h = try Harness(3)
+        h.elect(1)
+        try h.addFreshNode(4)
+        #expect(h.change(1, .addLearner(4)) == nil)
+        let down: (Message) -> Bool = { $0.to == 2 || $0.from == 2 }
+        // Voter 2 is gone; time passes (CheckQuorum rounds) with 1, 3 and the learner talking.
+        for _ in 0..<3 {
+            h.tick(1, times: h[1].config.electionTicks)
+            h.stabilize(drop: down)
+        }
+        #expect(h[1].role == .leader)
+        guard case .success(let t) = h.nodes[1]!.proposeConfChange(.promote(4)) else { Issue.record("refused"); return }
+        h.stabilize(drop: down)
+        #expect(h[1].commitIndex >= t.lastIndex)
+        #expect(h[4].membership.voters == [1, 2, 3, 4])
+        for _ in 0..<3 {
+            for id: NodeID in [1, 3, 4] { h.tick(id, times: h[1].config.electionTicks / 2) }
+            h.stabilize(drop: down)
+            for id: NodeID in [1, 3, 4] { h.tick(id, times: h[1].config.electionTicks / 2) }
+            h.stabilize(drop: down)
+            #expect(h[1].role == .leader)
+        }
+        #expect(h.change(1, .remove(2)) == nil)
+        #expect(h[3].membership.voters == [1, 3, 4])
+    }
+
     @Test("one change at a time: a second change waits until the first commits")
     func oneChangeInFlight() throws {
         var h = try Harness(3)

@@ -122,7 +122,7 @@ struct SQLiteLogStoreTests {
     }
 
     @Test("SIGKILL at random moments leaves exactly a durable prefix, never a torn or reordered entry")
-    func killNineLeavesAPrefix() throws {
+    func killNineLeavesAPrefix() async throws {
         let binary = try #require(circuitBinary(), "the circuit executable was not built next to the tests")
         let path = try temporaryPath("crash.sqlite")
         var rng = SplitMix64(seed: UInt64(Date().timeIntervalSince1970))
@@ -130,9 +130,13 @@ struct SQLiteLogStoreTests {
         let rounds = 25
         for round in 0..<rounds {
             // Kill it after a random number of durable batches: the moment falls anywhere in a write.
-            let reported = try runChildUntilKilled(
-                binary, ["debug", "append-loop", "--db", path, "--seed", "\(round + 1)"], prefix: "durable ",
-                killAfter: 1 + Int(rng.next() % 40))
+            // The waits for the child block: off the cooperative pool.
+            let killAfter = 1 + Int(rng.next() % 40)
+            let reported = try await onOwnThread {
+                try runChildUntilKilled(
+                    binary, ["debug", "append-loop", "--db", path, "--seed", "\(round + 1)"], prefix: "durable ",
+                    killAfter: killAfter)
+            }
             #expect(reported == reported.sorted() && reported.first.map { $0 > lastDurable } ?? true)
             lastDurable = reported.last ?? lastDurable
 
@@ -206,16 +210,19 @@ struct SnapshotFilesTests {
     }
 
     @Test("SIGKILL during snapshot installs leaves the old snapshot or the new one, whole")
-    func killNineDuringInstall() throws {
+    func killNineDuringInstall() async throws {
         let binary = try #require(circuitBinary(), "the circuit executable was not built next to the tests")
         let dir = try folder()
         var rng = SplitMix64(seed: UInt64(Date().timeIntervalSince1970))
         var lastInstalled: UInt64 = 0
         let rounds = 20
         for round in 0..<rounds {
-            let reported = try runChildUntilKilled(
-                binary, ["debug", "snapshot-loop", "--dir", dir, "--seed", "\(round + 1)"], prefix: "installed ",
-                killAfter: 1 + Int(rng.next() % 6))
+            let killAfter = 1 + Int(rng.next() % 6)
+            let reported = try await onOwnThread {
+                try runChildUntilKilled(
+                    binary, ["debug", "snapshot-loop", "--dir", dir, "--seed", "\(round + 1)"], prefix: "installed ",
+                    killAfter: killAfter)
+            }
             #expect(reported == reported.sorted() && reported.first.map { $0 > lastInstalled } ?? true)
             lastInstalled = reported.last ?? lastInstalled
 
@@ -233,6 +240,11 @@ struct SnapshotFilesTests {
         }
     }
 
+}
+
+struct ChildNotKilled: Error, CustomStringConvertible {
+    var arguments: [String]
+    var description: String { "the child \(arguments) ended on its own instead of being killed" }
 }
 
 /// Runs a child that prints `<prefix><number>` lines, kills it with SIGKILL once it has printed `killAfter` of them,
@@ -262,7 +274,7 @@ func runChildUntilKilled(_ binary: String, _ arguments: [String], prefix: String
         }
     }
     process.waitUntilExit()
-    #expect(process.terminationReason == .uncaughtSignal, "the child \(arguments) was not killed")
+    guard process.terminationReason == .uncaughtSignal else { throw ChildNotKilled(arguments: arguments) }
     return reported
 }
 

@@ -1,3 +1,4 @@
+import CircuitTestSupport
 import Foundation
 import Testing
 
@@ -20,8 +21,33 @@ import Testing
         return o
     }
 
+    /// What one chunk of seeds did.
+    struct Totals: Sendable {
+        var failures: [String] = []
+        var acknowledged = 0, elections = 0, crashes = 0, reads = 0, configChanges = 0, transfers = 0
+        var snapshotsInstalled = 0, snapshotsTaken = 0, runs = 0
+    }
+
     @Test("simulated clusters keep Raft's safety properties and recover liveness", arguments: 0..<chunks)
-    func seeds(chunk: Int) throws {
+    func seeds(chunk: Int) async throws {
+        // CPU-bound for tens of seconds: on a thread of its own, so the daemon tests running meanwhile keep theirs.
+        let t = try await onOwnThread { try Self.run(chunk: chunk) }
+        for f in t.failures { Issue.record(Comment(rawValue: f)) }
+        // The runs did real work under real faults.
+        #expect(t.runs > 0)
+        if t.runs >= 20 {
+            #expect(t.acknowledged > t.runs * 10, "acknowledged \(t.acknowledged) proposals in \(t.runs) runs")
+            #expect(t.elections >= t.runs, "elections \(t.elections) in \(t.runs) runs")
+            #expect(t.crashes > 0)
+            #expect(t.reads > 0)
+            #expect(t.configChanges > t.runs, "config changes \(t.configChanges) in \(t.runs) runs")
+            #expect(t.transfers > 0)
+            #expect(t.snapshotsTaken > t.runs)
+            #expect(t.snapshotsInstalled > 0)
+        }
+    }
+
+    static func run(chunk: Int) throws -> Totals {
         var failures: [String] = []
         var acknowledged = 0
         var elections = 0
@@ -52,19 +78,10 @@ import Testing
             seed += UInt64(Self.chunks)
             if failures.count >= 3 { break }
         }
-        for f in failures { Issue.record(Comment(rawValue: f)) }
-        // The runs did real work under real faults.
-        #expect(runs > 0)
-        if runs >= 20 {
-            #expect(acknowledged > runs * 10, "acknowledged \(acknowledged) proposals in \(runs) runs")
-            #expect(elections >= runs, "elections \(elections) in \(runs) runs")
-            #expect(crashes > 0)
-            #expect(reads > 0)
-            #expect(configChanges > runs, "config changes \(configChanges) in \(runs) runs")
-            #expect(transfers > 0)
-            #expect(snapshotsTaken > runs)
-            #expect(snapshotsInstalled > 0)
-        }
+        return Totals(
+            failures: failures, acknowledged: acknowledged, elections: elections, crashes: crashes, reads: reads,
+            configChanges: configChanges, transfers: transfers, snapshotsInstalled: snapshotsInstalled,
+            snapshotsTaken: snapshotsTaken, runs: runs)
     }
 
     @Test("replay one seed (RAFT_SIM_SEED, default 1)")

@@ -1,0 +1,266 @@
+import CircuitAPI
+import CircuitClient
+import Foundation
+import HTTPTypes
+import Hummingbird
+import Logging
+import NIOCore
+import NIOHTTP1
+import ServiceLifecycle
+import Synchronization
+
+/// A worker host: in the cluster's membership (it registers, keeps its session alive, and what it owns lives under
+/// its name) but not in Raft: it keeps no log and takes no part in elections, so a cluster of thousands of hosts
+/// still has 3 or 5 voters. Its API relays each request to a member (the leader first, when known) and relays the
+/// answer; its own status names it a worker.
+///
+/// The members it knows are kept in `contacts` in its data folder (their API addresses) and refreshed from the
+/// membership every few seconds, so a restart finds the cluster even after the members it joined through are gone.
+final class WorkerNode: Sendable {
+    let folder: DataFolder
+    let clusterID: UInt64
+    let config: NodeConfig
+    let logger: Logger
+    private let upstream: Mutex<Upstream>
+
+    private struct Upstream {
+        /// The leader's API address, as last seen.
+        var leader: String?
+        /// Every member's API address.
+        var members: [String]
+    }
+
+    init(folder: DataFolder, clusterID: UInt64, config: NodeConfig, logger: Logger) throws {
+        self.folder = folder
+        self.clusterID = clusterID
+        self.config = config
+        self.logger = logger
+        let contacts = Self.readContacts(folder)
+        guard !contacts.isEmpty else {
+            throw DataFolderError.unreadable(path: "\(folder.path)/contacts", why: "a worker's folder names no member to reach")
+        }
+        upstream = Mutex(Upstream(leader: nil, members: contacts))
+    }
+
+    /// Runs the API and the agent until SIGTERM or SIGINT; then ends this host's session, so it leaves at once.
+    func run() async throws {
+        let client = try NodeConfig.address(config.clientListen, "client-listen")
+        let logger = self.logger
+        let router = Router()
+        router.add(middleware: WorkerRelay(worker: self))
+        let app = Application(
+            router: router,
+            configuration: .init(address: .hostname(client.host, port: client.port), serverName: "circuit"),
+            onServerRunning: { _ in logger.info("worker API listening", metadata: ["address": "\(client.host):\(client.port)"]) },
+            logger: logger)
+        let agent = WorkerAgent(worker: self)
+        let group = ServiceGroup(
+            configuration: .init(
+                services: [.init(service: app), .init(service: agent)], gracefulShutdownSignals: [.sigterm, .sigint],
+                logger: logger))
+        do {
+            try await group.run()
+        } catch {
+            logger.error("stopping after an error", metadata: ["error": "\(error)"])
+        }
+        logger.info("stopped")
+    }
+
+    // MARK: - Relaying
+
+    /// Where to send a request: the leader first, then the other members.
+    var candidates: [String] {
+        upstream.withLock { u in
+            var out = u.leader.map { [$0] } ?? []
+            for m in u.members where !out.contains(m) { out.append(m) }
+            return out
+        }
+    }
+
+    /// Sends a request to the first member that takes the connection. A request that reached a member and then
+    /// failed is not sent to another (it may have been applied): that is a 503 naming the member.
+    func relay(_ method: NIOHTTP1.HTTPMethod, _ uri: String, body: [UInt8]?) async throws -> HTTPExchange.Answer {
+        var tried: [String] = []
+        for address in candidates {
+            do {
+                return try await HTTPPool.shared(address).perform(method, uri, body: body)
+            } catch HTTPExchangeError.connect {
+                tried.append(address)
+                upstream.withLock { if $0.leader == address { $0.leader = nil } }
+            } catch {
+                throw APIError(status: 503, code: "member_unreachable", message: "the member at \(address) did not answer: \(error)")
+            }
+        }
+        throw APIError(
+            status: 503, code: "cluster_unreachable",
+            message: "this worker reached no member of its cluster (tried \(tried.joined(separator: ", ")))")
+    }
+
+    /// The cluster's status as a member sees it, with this host's id and role.
+    func status() async throws -> StatusView {
+        let answer = try await relay(.GET, "/v1/status", body: nil)
+        guard answer.status == 200, var view = try? JSONDecoder().decode(StatusView.self, from: Data(answer.body)) else {
+            throw APIError(status: 503, code: "member_unreachable", message: "a member answered the status with HTTP \(answer.status)")
+        }
+        view.host = folder.hostID
+        view.role = "worker"
+        return view
+    }
+
+    /// Learns the members and the leader again from the membership.
+    func refresh() async {
+        guard let status = try? await relay(.GET, "/v1/status", body: nil),
+            let view = try? JSONDecoder().decode(StatusView.self, from: Data(status.body)),
+            let answer = try? await relay(.GET, "/v1/members?consistency=stale", body: nil), answer.status == 200,
+            let hosts = try? JSONDecoder().decode([HostView].self, from: Data(answer.body))
+        else { return }
+        guard view.cluster == HostID.hex(clusterID) else {
+            logger.error("a member belongs to another cluster; not using it", metadata: ["cluster": "\(view.cluster)", "member": "\(view.host)"])
+            return
+        }
+        let members = Self.contacts(in: hosts, fallback: nil)
+        guard !members.isEmpty else { return }
+        let leader = hosts.first { $0.id == view.leader }?.clientAddress
+        let changed = upstream.withLock { u in
+            defer { u = Upstream(leader: leader, members: members) }
+            return u.members != members
+        }
+        if changed {
+            do {
+                try Self.writeContacts(members, folder: folder)
+                logger.info("members", metadata: ["contacts": "\(members)"])
+            } catch {
+                logger.warning("could not keep the members' addresses", metadata: ["error": "\(error)"])
+            }
+        }
+    }
+
+    // MARK: - Contacts
+
+    /// The API addresses of the alive voters and learners (or `fallback` if there are none).
+    static func contacts(in hosts: [HostView], fallback: String?) -> [String] {
+        let members = hosts.filter { ($0.role == "voter" || $0.role == "learner") && $0.state == "alive" }
+            .sorted { ($0.role == "voter" ? 0 : 1, $0.id) < ($1.role == "voter" ? 0 : 1, $1.id) }.map(\.clientAddress)
+        return members.isEmpty ? (fallback.map { [$0] } ?? []) : members
+    }
+
+    static func writeContacts(_ contacts: [String], folder: DataFolder) throws {
+        try DataFolder.writeDurably(contacts.joined(separator: "\n") + "\n", to: "\(folder.path)/contacts")
+    }
+
+    static func readContacts(_ folder: DataFolder) -> [String] {
+        ((try? String(contentsOfFile: "\(folder.path)/contacts", encoding: .utf8)) ?? "").split(separator: "\n").map(String.init)
+    }
+}
+
+/// A worker's whole API: its own status; a watch streamed through from a member; everything else relayed whole.
+struct WorkerRelay: RouterMiddleware {
+    typealias Context = BasicRequestContext
+    let worker: WorkerNode
+
+    func handle(
+        _ request: Request, context: Context, next: (Request, Context) async throws -> Response
+    ) async throws -> Response {
+        let path = request.uri.path
+        if path == "/v1/status", request.method == .get { return try json(try await worker.status()) }
+        let uri = path + (request.uri.query.map { "?" + $0 } ?? "")
+        if path.hasPrefix("/v1/watch/"), request.method == .get { return watch(uri) }
+        var request = request
+        let body = try await request.collectBody(upTo: HTTPAPI.maxBody)
+        let answer = try await worker.relay(
+            NIOHTTP1.HTTPMethod(rawValue: request.method.rawValue), uri, body: body.readableBytes > 0 ? Array(buffer: body) : nil)
+        var headers = HTTPFields()
+        headers[.contentType] = answer.contentType ?? "application/json"
+        return Response(status: .init(code: answer.status), headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: answer.body)))
+    }
+
+    /// Streams a member's watch through, line by line, holding at most `buffer` lines: a reader that falls that far
+    /// behind gets an error line (code `compacted`), as from a member, and the stream ends.
+    private func watch(_ uri: String, buffer: Int = 10_000) -> Response {
+        let candidates = worker.candidates
+        let body = ResponseBody { writer in
+            let (lines, sink) = AsyncThrowingStream<[UInt8], any Error>.makeStream(bufferingPolicy: .bufferingOldest(buffer))
+            let pump = Task {
+                for address in candidates {
+                    do {
+                        let (status, errorBody) = try await HTTPExchange.stream(uri, to: address) { line in
+                            if case .dropped = sink.yield(line) { throw WatchRelayOverflow() }
+                        }
+                        if status != 200 { sink.yield(errorBody) }
+                        sink.finish()
+                        return
+                    } catch HTTPExchangeError.connect {
+                        continue
+                    } catch is WatchRelayOverflow {
+                        break
+                    } catch {
+                        sink.finish(throwing: error)
+                        return
+                    }
+                }
+                sink.finish(throwing: WatchRelayOverflow())
+            }
+            defer { pump.cancel() }
+            do {
+                for try await line in lines { try await writer.write(ByteBuffer(bytes: line + [UInt8(ascii: "\n")])) }
+            } catch {
+                let reason =
+                    error is WatchRelayOverflow
+                    ? APIError(status: 410, code: "compacted", message: "the watch fell too far behind (or no member answered); resume from the last revision seen")
+                    : APIError(status: 503, code: "member_unreachable", message: "the member's watch ended: \(error)")
+                var line = try JSONEncoder().encode(ErrorEnvelope(reason))
+                line.append(UInt8(ascii: "\n"))
+                try await writer.write(ByteBuffer(bytes: line))
+            }
+            try await writer.finish(nil)
+        }
+        return Response(status: .ok, headers: [.contentType: "application/x-ndjson"], body: body)
+    }
+}
+
+private struct WatchRelayOverflow: Error {}
+
+/// A worker's part in the membership: it registers itself with the leader (through a member), keeps its session
+/// alive, registers again if the session was lost, and ends the session when the daemon stops.
+struct WorkerAgent: Service {
+    let worker: WorkerNode
+
+    func run() async throws {
+        var session: UInt64?
+        var lastKeepAlive = ContinuousClock.now
+        var lastRefresh = ContinuousClock.now - .seconds(60)
+        let ttl = worker.config.sessionTTLMillis
+        while !Task.isCancelled && !Task.isShuttingDownGracefully {
+            if ContinuousClock.now - lastRefresh > .seconds(3) {
+                await worker.refresh()
+                lastRefresh = .now
+            }
+            if session == nil {
+                session = await register(ttl: ttl)
+                lastKeepAlive = .now
+            } else if let s = session, ContinuousClock.now - lastKeepAlive > .milliseconds(Int64(ttl / 3)) {
+                if let answer = try? await worker.relay(.POST, "/v1/sessions/\(s)/keepalive", body: nil), answer.status == 404 {
+                    worker.logger.warning("the session was lost; registering again", metadata: ["session": "\(s)"])
+                    session = nil
+                }
+                lastKeepAlive = .now
+            }
+            try? await cancelWhenGracefulShutdown { try await Task.sleep(for: .milliseconds(100)) }
+        }
+        if let session, (try? await worker.relay(.DELETE, "/v1/sessions/\(session)", body: nil))?.status == 200 {
+            worker.logger.info("left the membership", metadata: ["session": "\(session)"])
+        }
+    }
+
+    private func register(ttl: UInt64) async -> UInt64? {
+        let me = HostView(
+            id: worker.folder.hostID, peerAddress: worker.config.advertisedPeer, clientAddress: worker.config.advertisedClient,
+            role: "worker", state: "alive", session: 0, joinedAt: 0)
+        guard let body = try? JSONEncoder().encode(me),
+            let answer = try? await worker.relay(.POST, "/v1/hosts/register?ttl_ms=\(ttl)", body: Array(body)), answer.status == 200,
+            let view = try? JSONDecoder().decode(WriteView.self, from: Data(answer.body))
+        else { return nil }
+        worker.logger.info("registered as a worker", metadata: ["session": "\(view.session)", "revision": "\(view.revision)"])
+        return view.session
+    }
+}
