@@ -253,7 +253,9 @@ extension CircuitDaemon {
             try WorkerNode.writeContacts(WorkerNode.contacts(in: hosts, fallback: contact), folder: folder)
             try folder.setWorker()
         } else {
-            let lines = hosts.map { "\($0.id)@\($0.peerAddress)" }.joined(separator: "\n") + "\n"
+            // Raft's members only: workers have no peer port worth dialing.
+            let lines = hosts.filter { $0.role == "voter" || $0.role == "learner" }.map { "\($0.id)@\($0.peerAddress)" }
+                .joined(separator: "\n") + "\n"
             try DataFolder.writeDurably(lines, to: peersFile)
         }
         try folder.setClusterID(clusterID)
@@ -329,7 +331,11 @@ struct HostAgent: Service {
                     node.logger.info("could not promote a learner yet", metadata: ["learner": "\(learner)", "error": "\(error)"])
                     continue
                 }
-                _ = try? await node.service.execute(.setHostRole(id: learner, role: .voter))
+                // The registry follows Raft: retried for up to a second (a failure is logged by the next look).
+                for _ in 0..<10 {
+                    if (try? await node.service.execute(.setHostRole(id: learner, role: .voter))) != nil { break }
+                    try? await Task.sleep(for: .milliseconds(100))
+                }
                 node.logger.warning("promoted a learner to replace a voter lost for long", metadata: ["learner": "\(learner)", "voter": "\(lost)"])
                 return
             }

@@ -77,23 +77,45 @@ final class WorkerNode: Sendable {
         }
     }
 
-    /// Sends a request to the first member that takes the connection. A request that reached a member and then
-    /// failed is not sent to another (it may have been applied): that is a 503 naming the member.
-    func relay(_ method: NIOHTTP1.HTTPMethod, _ uri: String, body: [UInt8]?) async throws -> HTTPExchange.Answer {
+    /// Sends a request to the members in turn (the leader first) until one answers it. A member that cannot be
+    /// reached, or answers `no_leader` (it neither applied nor forwarded the request), is passed over. A request that
+    /// reached a member and then failed is sent to another only if it is `idempotent` (a read, a keep-alive): a
+    /// write may have been applied, so that is a 503 naming the member.
+    func relay(
+        _ method: NIOHTTP1.HTTPMethod, _ uri: String, body: [UInt8]?, idempotent: Bool? = nil, timeout: Duration = .seconds(10)
+    ) async throws -> HTTPExchange.Answer {
+        let retryable = idempotent ?? (method == .GET)
         var tried: [String] = []
+        var lastAnswer: HTTPExchange.Answer?
         for address in candidates {
+            tried.append(address)
             do {
-                return try await HTTPPool.shared(address).perform(method, uri, body: body)
+                let answer = try await HTTPPool.shared(address).perform(method, uri, body: body, timeout: timeout)
+                if answer.status == 503,
+                    (try? JSONDecoder().decode(ErrorEnvelope.self, from: Data(answer.body)))?.error.code == "no_leader"
+                {
+                    forgetLeader(address)
+                    lastAnswer = answer
+                    continue
+                }
+                return answer
             } catch HTTPExchangeError.connect {
-                tried.append(address)
-                upstream.withLock { if $0.leader == address { $0.leader = nil } }
+                forgetLeader(address)
             } catch {
-                throw APIError(status: 503, code: "member_unreachable", message: "the member at \(address) did not answer: \(error)")
+                forgetLeader(address)
+                guard retryable else {
+                    throw APIError(status: 503, code: "member_unreachable", message: "the member at \(address) did not answer: \(error)")
+                }
             }
         }
+        if let lastAnswer { return lastAnswer }
         throw APIError(
             status: 503, code: "cluster_unreachable",
             message: "this worker reached no member of its cluster (tried \(tried.joined(separator: ", ")))")
+    }
+
+    private func forgetLeader(_ address: String) {
+        upstream.withLock { if $0.leader == address { $0.leader = nil } }
     }
 
     /// The cluster's status as a member sees it, with this host's id and role.
@@ -107,28 +129,43 @@ final class WorkerNode: Sendable {
         return view
     }
 
-    /// Learns the members and the leader again from the membership.
+    /// Learns the leader and the members again: asks every member it knows for its status (2 s each, at once) and
+    /// believes the one with the highest term that names a leader; then reads the membership there. The members'
+    /// addresses are kept merged with those known before (at most 16), so members down for a while are not forgotten.
     func refresh() async {
-        guard let status = try? await relay(.GET, "/v1/status", body: nil),
-            let view = try? JSONDecoder().decode(StatusView.self, from: Data(status.body)),
-            let answer = try? await relay(.GET, "/v1/members?consistency=stale", body: nil), answer.status == 200,
-            let hosts = try? JSONDecoder().decode([HostView].self, from: Data(answer.body))
+        let views = await withTaskGroup(of: (String, StatusView)?.self) { group in
+            for address in candidates {
+                group.addTask {
+                    guard let answer = try? await HTTPPool.shared(address).perform(.GET, "/v1/status", timeout: .seconds(2)),
+                        answer.status == 200, let view = try? JSONDecoder().decode(StatusView.self, from: Data(answer.body))
+                    else { return nil }
+                    return (address, view)
+                }
+            }
+            var out: [(String, StatusView)] = []
+            for await v in group { if let v { out.append(v) } }
+            return out
+        }
+        for (address, view) in views where view.cluster != HostID.hex(clusterID) {
+            logger.error("a member belongs to another cluster; not using it", metadata: ["cluster": "\(view.cluster)", "member": "\(address)"])
+        }
+        guard let (source, view) = views.filter({ $0.1.cluster == HostID.hex(clusterID) && $0.1.leader != nil }).max(by: { $0.1.term < $1.1.term }),
+            let answer = try? await HTTPPool.shared(source).perform(.GET, "/v1/members?consistency=stale", timeout: .seconds(2)),
+            answer.status == 200, let hosts = try? JSONDecoder().decode([HostView].self, from: Data(answer.body))
         else { return }
-        guard view.cluster == HostID.hex(clusterID) else {
-            logger.error("a member belongs to another cluster; not using it", metadata: ["cluster": "\(view.cluster)", "member": "\(view.host)"])
-            return
-        }
-        let members = Self.contacts(in: hosts, fallback: nil)
-        guard !members.isEmpty else { return }
+        let fresh = Self.contacts(in: hosts, fallback: nil)
         let leader = hosts.first { $0.id == view.leader }?.clientAddress
-        let changed = upstream.withLock { u in
-            defer { u = Upstream(leader: leader, members: members) }
-            return u.members != members
+        let (before, after) = upstream.withLock { u in
+            let before = u.members
+            var merged = fresh
+            for m in before where !merged.contains(m) { merged.append(m) }
+            u = Upstream(leader: leader ?? u.leader, members: Array(merged.prefix(16)))
+            return (before, u.members)
         }
-        if changed {
+        if before != after {
             do {
-                try Self.writeContacts(members, folder: folder)
-                logger.info("members", metadata: ["contacts": "\(members)"])
+                try Self.writeContacts(after, folder: folder)
+                logger.info("members", metadata: ["contacts": "\(after)"])
             } catch {
                 logger.warning("could not keep the members' addresses", metadata: ["error": "\(error)"])
             }
@@ -192,22 +229,29 @@ struct WorkerRelay: RouterMiddleware {
                     } catch HTTPExchangeError.connect {
                         continue
                     } catch is WatchRelayOverflow {
-                        break
+                        sink.finish(throwing: WatchRelayOverflow())
+                        return
                     } catch {
                         sink.finish(throwing: error)
                         return
                     }
                 }
-                sink.finish(throwing: WatchRelayOverflow())
+                sink.finish(throwing: APIError(
+                    status: 503, code: "cluster_unreachable", message: "this worker reached no member of its cluster for the watch"))
             }
             defer { pump.cancel() }
             do {
                 for try await line in lines { try await writer.write(ByteBuffer(bytes: line + [UInt8(ascii: "\n")])) }
             } catch {
-                let reason =
-                    error is WatchRelayOverflow
-                    ? APIError(status: 410, code: "compacted", message: "the watch fell too far behind (or no member answered); resume from the last revision seen")
-                    : APIError(status: 503, code: "member_unreachable", message: "the member's watch ended: \(error)")
+                let reason: APIError
+                switch error {
+                case is WatchRelayOverflow:
+                    reason = APIError(status: 410, code: "compacted", message: "the watch fell too far behind; resume from the last revision seen")
+                case let e as APIError:
+                    reason = e
+                default:
+                    reason = APIError(status: 503, code: "member_unreachable", message: "the member's watch ended: \(error)")
+                }
                 var line = try JSONEncoder().encode(ErrorEnvelope(reason))
                 line.append(UInt8(ascii: "\n"))
                 try await writer.write(ByteBuffer(bytes: line))
@@ -226,20 +270,28 @@ struct WorkerAgent: Service {
     let worker: WorkerNode
 
     func run() async throws {
+        // The members and the leader are learnt again every 3 s, beside the keep-alives (never in their way).
+        let worker = self.worker
+        let refresher = Task {
+            while !Task.isCancelled {
+                await worker.refresh()
+                try? await Task.sleep(for: .seconds(3))
+            }
+        }
+        defer { refresher.cancel() }
         var session: UInt64?
         var lastKeepAlive = ContinuousClock.now
-        var lastRefresh = ContinuousClock.now - .seconds(60)
         let ttl = worker.config.sessionTTLMillis
+        let keepAliveTimeout = Duration.milliseconds(Int64(max(200, ttl / 3)))
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
-            if ContinuousClock.now - lastRefresh > .seconds(3) {
-                await worker.refresh()
-                lastRefresh = .now
-            }
             if session == nil {
                 session = await register(ttl: ttl)
                 lastKeepAlive = .now
             } else if let s = session, ContinuousClock.now - lastKeepAlive > .milliseconds(Int64(ttl / 3)) {
-                if let answer = try? await worker.relay(.POST, "/v1/sessions/\(s)/keepalive", body: nil), answer.status == 404 {
+                if let answer = try? await worker.relay(
+                    .POST, "/v1/sessions/\(s)/keepalive", body: nil, idempotent: true, timeout: keepAliveTimeout),
+                    answer.status == 404
+                {
                     worker.logger.warning("the session was lost; registering again", metadata: ["session": "\(s)"])
                     session = nil
                 }

@@ -215,8 +215,13 @@ public struct Raft: Sendable {
         if leadTransferee != .none { return .failure(.transferInProgress(to: leadTransferee)) }
         guard log.term(at: log.committed) == term else { return .failure(.leaderNotReady) }
         guard membershipIndex <= log.committed else { return .failure(.configChangeInProgress(index: membershipIndex)) }
-        if case .promote(let id) = change, let pr = progress[id], pr.match + config.promotionLag < log.lastIndex {
-            return .failure(.learnerLagging(id: id, match: pr.match, last: log.lastIndex))
+        if case .promote(let id) = change, let pr = progress[id] {
+            // Caught up, and heard from within the current election timeout: a learner this leader cannot reach
+            // would stall every commit once it counts toward the quorum.
+            guard pr.recentActive else { return .failure(.learnerLagging(id: id, match: pr.match, last: log.lastIndex)) }
+            if pr.match + config.promotionLag < log.lastIndex {
+                return .failure(.learnerLagging(id: id, match: pr.match, last: log.lastIndex))
+            }
         }
         let next: Membership
         switch membership.applying(change) {

@@ -238,7 +238,7 @@ public enum RaftRefusal: Error, Sendable, Hashable, CustomStringConvertible {
             return "a configuration change (index \(index)) is not committed yet; one change at a time"
         case .leaderNotReady: return "the leader has not committed an entry of its term yet"
         case .learnerLagging(let id, let match, let last):
-            return "learner \(id) has \(match) of \(last) entries; it must catch up before promotion"
+            return "learner \(id) has \(match) of \(last) entries or has not answered the leader lately; it must catch up before promotion"
         case .invalidConfChange(let why): return "invalid configuration change: \(why)"
         case .invalidTransfer(let why): return "cannot transfer leadership: \(why)"
         }

@@ -85,6 +85,24 @@ struct MembershipRules {
         #expect(h[4].membership.voters == [1, 2, 3, 4])
     }
 
+    @Test("a learner the leader has not heard from lately is not promoted, however short the log")
+    func silentLearnerNotPromoted() throws {
+        var h = try Harness(3)
+        h.elect(1)
+        try h.addFreshNode(4)
+        #expect(h.change(1, .addLearner(4)) == nil)
+        // The learner goes silent for a whole election timeout (CheckQuorum's round forgets it).
+        h.tick(1, times: h[1].config.electionTicks)
+        h.stabilize(drop: { $0.from == 4 })
+        guard case .failure(.learnerLagging(id: 4, _, _)) = h.nodes[1]!.proposeConfChange(.promote(4)) else {
+            Issue.record("a silent learner was promoted")
+            return
+        }
+        h.tick(1, times: 1)
+        h.stabilize()
+        #expect(h.change(1, .promote(4)) == nil)
+    }
+
     @Test("with a voter down, a learner promoted in its place commits and the leader keeps leading through CheckQuorum")
     func promoteWithVoterDown() throws {
         var h = try Harness(3)

@@ -10,6 +10,7 @@ import Testing
     static let seedCount = Int(ProcessInfo.processInfo.environment["RAFT_SIM_SEEDS"] ?? "") ?? 1000
     static let firstSeed = UInt64(ProcessInfo.processInfo.environment["RAFT_SIM_START"] ?? "") ?? 1
     static let chunks = 8
+    static let cores = DispatchSemaphore(value: 2)
 
     static func options(seed: UInt64) -> Simulation.Options {
         var o = Simulation.Options()
@@ -31,7 +32,12 @@ import Testing
     @Test("simulated clusters keep Raft's safety properties and recover liveness", arguments: 0..<chunks)
     func seeds(chunk: Int) async throws {
         // CPU-bound for tens of seconds: on a thread of its own, so the daemon tests running meanwhile keep theirs.
-        let t = try await onOwnThread { try Self.run(chunk: chunk) }
+        let t = try await onOwnThread {
+            // Two chunks at a time: one per core.
+            Self.cores.wait()
+            defer { Self.cores.signal() }
+            return try Self.run(chunk: chunk)
+        }
         for f in t.failures { Issue.record(Comment(rawValue: f)) }
         // The runs did real work under real faults.
         #expect(t.runs > 0)
