@@ -16,6 +16,36 @@ struct Start: AsyncParsableCommand {
             """)
 
     @OptionGroup var global: GlobalOptions
+    @OptionGroup var settings: DaemonOptions
+
+    func run() async throws {
+        try await settings.runDaemon(global: global)
+    }
+}
+
+/// `circuit join`: `circuit start --join` in the words of an operator.
+struct Join: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run this host's daemon, joining the cluster of the member whose API is at ADDRESS.",
+        discussion: """
+            The same as `circuit start --join ADDRESS`: the new host joins as a learner (in Raft; `circuit promote` \
+            makes it a voter) or, with --join-as worker, as a worker (in the membership only). Once its data folder \
+            belongs to the cluster, `circuit start` resumes it.
+            """)
+
+    @OptionGroup var global: GlobalOptions
+    @Argument(help: "API address (host:port) of any member of the cluster.") var address: String
+    @OptionGroup var settings: DaemonOptions
+
+    func run() async throws {
+        var settings = settings
+        settings.join = address
+        try await settings.runDaemon(global: global)
+    }
+}
+
+/// The daemon's settings as flags (over a TOML file).
+struct DaemonOptions: ParsableArguments {
     @Option(help: "A TOML file of settings (flags override it).") var config: String?
     @Option(help: "The data folder.") var data: String?
     @Option(help: "Peer (Raft) listen address, host:port.") var peerListen: String?
@@ -29,7 +59,7 @@ struct Start: AsyncParsableCommand {
     var voterReplaceAfterMs: UInt64?
     @Option(help: "Milliseconds a host's session lives without a keep-alive.") var sessionTtlMs: UInt64?
 
-    func run() async throws {
+    func runDaemon(global: GlobalOptions) async throws {
         var settings = try config.map { try NodeConfig(tomlFile: $0) } ?? NodeConfig()
         if let data { settings.data = data }
         if let peerListen { settings.peerListen = peerListen }

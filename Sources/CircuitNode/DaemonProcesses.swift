@@ -61,11 +61,13 @@ public final class DaemonProcesses: @unchecked Sendable {
         let m = members[i]
         let process = Process()
         process.executableURL = URL(fileURLWithPath: binary)
+        // A joiner runs `circuit join ADDRESS` (the operator's verb; `start --join` is the same), the others
+        // `circuit start`.
         process.arguments =
-            ["start", "--data", m.folder.path, "--peer-listen", m.peer, "--client-listen", m.api]
+            (m.join.map { ["join", $0] } ?? ["start"]) + ["--data", m.folder.path, "--peer-listen", m.peer, "--client-listen", m.api]
             + (sessionTTLMillis.map { ["--session-ttl-ms", "\($0)"] } ?? [])
             + (voterReplaceAfterMillis.map { ["--voter-replace-after-ms", "\($0)"] } ?? [])
-            + (m.join.map { ["--join", $0, "--join-as", m.joinAs] } ?? ["--bootstrap", bootstrap])
+            + (m.join == nil ? ["--bootstrap", bootstrap] : ["--join-as", m.joinAs])
         let log = "\(m.folder.path)/daemon.log"
         if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil) }
         let handle = FileHandle(forWritingAtPath: log)
