@@ -181,14 +181,26 @@ public final class CircuitDaemon: Sendable {
             addressBook: addressBook, logger: logger)
         node.syncPeers()
 
+        try await Self.serve(HTTPAPI(node: node).router(), beside: HostAgent(node: node), config: config, logger: logger)
+        logger.info("shutting down: handing leadership over if leader")
+        await driver.shutdown()
+        await transport.stop()
+        logger.info("stopped")
+    }
+}
+
+extension CircuitDaemon {
+    /// Serves the API (`router`, at the client listen address) beside the host's `agent` until SIGTERM or SIGINT
+    /// (swift-service-lifecycle); returns once both have stopped.
+    static func serve(
+        _ router: Router<BasicRequestContext>, beside agent: some Service, config: NodeConfig, logger: Logger
+    ) async throws {
         let client = try NodeConfig.address(config.clientListen, "client-listen")
-        let appLogger = logger
         let app = Application(
-            router: HTTPAPI(node: node).router(),
+            router: router,
             configuration: .init(address: .hostname(client.host, port: client.port), serverName: "circuit"),
-            onServerRunning: { _ in appLogger.info("API listening", metadata: ["address": "\(client.host):\(client.port)"]) },
+            onServerRunning: { _ in logger.info("API listening", metadata: ["address": "\(client.host):\(client.port)"]) },
             logger: logger)
-        let agent = HostAgent(node: node)
         let group = ServiceGroup(
             configuration: .init(
                 services: [.init(service: app), .init(service: agent)], gracefulShutdownSignals: [.sigterm, .sigint],
@@ -198,14 +210,8 @@ public final class CircuitDaemon: Sendable {
         } catch {
             logger.error("stopping after an error", metadata: ["error": "\(error)"])
         }
-        logger.info("shutting down: handing leadership over if leader")
-        await driver.shutdown()
-        await transport.stop()
-        logger.info("stopped")
     }
-}
 
-extension CircuitDaemon {
     /// `id@address` lines.
     static func readPeers(_ file: String) -> [String: String] {
         let text = (try? String(contentsOfFile: file, encoding: .utf8)) ?? ""

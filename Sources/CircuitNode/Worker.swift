@@ -44,25 +44,9 @@ final class WorkerNode: Sendable {
 
     /// Runs the API and the agent until SIGTERM or SIGINT; then ends this host's session, so it leaves at once.
     func run() async throws {
-        let client = try NodeConfig.address(config.clientListen, "client-listen")
-        let logger = self.logger
         let router = Router()
         router.add(middleware: WorkerRelay(worker: self))
-        let app = Application(
-            router: router,
-            configuration: .init(address: .hostname(client.host, port: client.port), serverName: "circuit"),
-            onServerRunning: { _ in logger.info("worker API listening", metadata: ["address": "\(client.host):\(client.port)"]) },
-            logger: logger)
-        let agent = WorkerAgent(worker: self)
-        let group = ServiceGroup(
-            configuration: .init(
-                services: [.init(service: app), .init(service: agent)], gracefulShutdownSignals: [.sigterm, .sigint],
-                logger: logger))
-        do {
-            try await group.run()
-        } catch {
-            logger.error("stopping after an error", metadata: ["error": "\(error)"])
-        }
+        try await CircuitDaemon.serve(router, beside: WorkerAgent(worker: self), config: config, logger: logger)
         logger.info("stopped")
     }
 
