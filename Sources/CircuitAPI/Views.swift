@@ -94,11 +94,14 @@ public struct StatusView: Codable, Sendable, Equatable {
     public var revision: UInt64
     public var voters: [String]
     public var learners: [String]
+    /// Watches open on this node (absent from a worker, which holds none of its own).
+    public var watches: Int?
 
     public init(
         host: String, cluster: String, role: String, term: UInt64, leader: String?, commitIndex: UInt64,
-        appliedIndex: UInt64, revision: UInt64, voters: [String], learners: [String]
+        appliedIndex: UInt64, revision: UInt64, voters: [String], learners: [String], watches: Int? = nil
     ) {
+        self.watches = watches
         self.host = host
         self.cluster = cluster
         self.role = role
@@ -112,7 +115,7 @@ public struct StatusView: Codable, Sendable, Equatable {
     }
 
     public enum CodingKeys: String, CodingKey {
-        case host, cluster, role, term, leader, revision, voters, learners
+        case host, cluster, role, term, leader, revision, voters, learners, watches
         case commitIndex = "commit_index"
         case appliedIndex = "applied_index"
     }

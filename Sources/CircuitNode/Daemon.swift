@@ -80,7 +80,8 @@ final class NodeContext: Sendable {
             host: folder.hostID, cluster: HostID.hex(clusterID), role: "\(s.role)", term: s.term,
             leader: s.leader == .none ? nil : HostID.string(s.leader), commitIndex: s.commitIndex,
             appliedIndex: s.appliedIndex, revision: service.state.read { $0.revision },
-            voters: s.membership.voters.sorted().map(HostID.string), learners: s.membership.learners.sorted().map(HostID.string))
+            voters: s.membership.voters.sorted().map(HostID.string), learners: s.membership.learners.sorted().map(HostID.string),
+            watches: service.state.watcherCount)
     }
 
     /// Sends `request` on to the API at `address` and relays its answer.

@@ -304,11 +304,16 @@ struct HTTPAPI: Sendable {
             }
             let body = ResponseBody { writer in
                 do {
-                    for try await event in stream {
-                        var line = try JSONEncoder().encode(EventView(event: event))
-                        line.append(UInt8(ascii: "\n"))
-                        try await writer.write(ByteBuffer(bytes: line))
+                    // A client that hangs up ends the watch at once, even while no change comes to write.
+                    try await request.body.consumeWithCancellationOnInboundClose { _ in
+                        for try await event in stream {
+                            var line = try JSONEncoder().encode(EventView(event: event))
+                            line.append(UInt8(ascii: "\n"))
+                            try await writer.write(ByteBuffer(bytes: line))
+                        }
                     }
+                } catch is CancellationError {
+                    return  // the client is gone: nothing to finish
                 } catch let error as WatchError {
                     var line = try JSONEncoder().encode(ErrorEnvelope(APIError(status: 410, code: "compacted", message: error.description)))
                     line.append(UInt8(ascii: "\n"))

@@ -185,7 +185,7 @@ struct WorkerRelay: RouterMiddleware {
         let path = request.uri.path
         if path == "/v1/status", request.method == .get { return try json(try await worker.status()) }
         let uri = path + (request.uri.query.map { "?" + $0 } ?? "")
-        if path.hasPrefix("/v1/watch/"), request.method == .get { return watch(uri) }
+        if path.hasPrefix("/v1/watch/"), request.method == .get { return watch(uri, request: request) }
         var request = request
         let body = try await request.collectBody(upTo: HTTPAPI.maxBody)
         let answer = try await worker.relay(
@@ -197,7 +197,7 @@ struct WorkerRelay: RouterMiddleware {
 
     /// Streams a member's watch through, line by line, holding at most `buffer` lines: a reader that falls that far
     /// behind gets an error line (code `compacted`), as from a member, and the stream ends.
-    private func watch(_ uri: String, buffer: Int = 10_000) -> Response {
+    private func watch(_ uri: String, request: Request, buffer: Int = 10_000) -> Response {
         let candidates = worker.candidates
         let body = ResponseBody { writer in
             let (lines, sink) = AsyncThrowingStream<[UInt8], any Error>.makeStream(bufferingPolicy: .bufferingOldest(buffer))
@@ -225,7 +225,12 @@ struct WorkerRelay: RouterMiddleware {
             }
             defer { pump.cancel() }
             do {
-                for try await line in lines { try await writer.write(ByteBuffer(bytes: line + [UInt8(ascii: "\n")])) }
+                // A client that hangs up ends the relay (and the member's watch) at once.
+                try await request.body.consumeWithCancellationOnInboundClose { _ in
+                    for try await line in lines { try await writer.write(ByteBuffer(bytes: line + [UInt8(ascii: "\n")])) }
+                }
+            } catch is CancellationError {
+                return  // the client is gone: nothing to finish
             } catch {
                 let reason: APIError
                 switch error {

@@ -414,6 +414,12 @@ struct MembershipTests {
             return nil
         }
         #expect(seen?.path == "/records/jobs/a" && seen?.value == "1" && seen?.revision == w.revision)
+        // The watch was dropped while no change came: the worker's relay and the member's watch end with it.
+        try await eventually("no watch left open on the members", timeout: .seconds(10)) {
+            var open = 0
+            for i in 0..<3 { open += (try? await cluster.client(i).status())?.watches ?? 1 }
+            return open == 0
+        }
 
         // kill -9 of a worker: expired within its TTL and a bound.
         let killed = ContinuousClock.now
