@@ -286,3 +286,36 @@ public struct ProcCommandView: Codable, Sendable, Equatable {
         self.dir = dir
     }
 }
+
+/// A process's new state, as its owning host reports it (`PUT /v1/proc-state/PATH`).
+public struct ProcStateView: Codable, Sendable, Equatable {
+    /// pending, running, exited, signaled, lost
+    public var phase: String
+    public var pid: Int64
+    public var exitCode: Int32
+    public var signal: Int32
+    /// Milliseconds since the epoch, on the owning host's clock.
+    public var startedAt: UInt64
+    public var endedAt: UInt64
+    public var attempts: UInt32
+
+    public init(
+        phase: String, pid: Int64 = 0, exitCode: Int32 = 0, signal: Int32 = 0, startedAt: UInt64 = 0, endedAt: UInt64 = 0,
+        attempts: UInt32 = 0
+    ) {
+        self.phase = phase
+        self.pid = pid
+        self.exitCode = exitCode
+        self.signal = signal
+        self.startedAt = startedAt
+        self.endedAt = endedAt
+        self.attempts = attempts
+    }
+
+    public enum CodingKeys: String, CodingKey {
+        case phase, pid, signal, attempts
+        case exitCode = "exit_code"
+        case startedAt = "started_at"
+        case endedAt = "ended_at"
+    }
+}

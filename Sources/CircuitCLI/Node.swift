@@ -314,3 +314,57 @@ struct Peek: AsyncParsableCommand {
         print(String(decoding: try encoder.encode(view), as: UTF8.self))
     }
 }
+
+/// `circuit run`: a process element; its host starts it.
+struct Run: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Start a process on a host: PATH is /X<host>/name; the host runs PROGRAM (no shell) and reports its phases.")
+    @OptionGroup var options: ClientOptions
+    @Option(help: "Working directory on the host.") var dir: String?
+    @Option(help: "An environment variable, NAME=VALUE (repeatable; none given: the daemon's environment).") var env: [String] = []
+    @Argument(help: "Where: /X<host id>/name") var path: String
+    @Argument(help: "The program (an absolute path) and its arguments.") var command: [String]
+
+    func validate() throws {
+        guard let program = command.first, program.hasPrefix("/") else {
+            throw ValidationError("give the program as an absolute path, after the element's path")
+        }
+    }
+
+    func run() async throws {
+        let w = try await options.client.run(
+            path, ProcCommandView(path: command[0], args: Array(command.dropFirst()), env: env, dir: dir ?? ""))
+        try options.emit(w) { "\(w.path ?? path) created at revision \(w.revision)" }
+    }
+}
+
+/// `circuit wait`: blocks until a process ends; exit status 1 unless it exited 0.
+struct Wait: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Wait until a process ends and print its final state (JSON); exit status 1 unless it exited with 0.")
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "The process: /X<host id>/name") var path: String
+
+    func run() async throws {
+        var client = options.client
+        client.timeout = 7 * 24 * 3600
+        let view = try await client.wait(path)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        print(String(decoding: try encoder.encode(view), as: UTF8.self))
+        if view.phase != "exited" || view.exitCode != 0 { Foundation.exit(1) }
+    }
+}
+
+/// `circuit signal`: a signal to a running process, through its host.
+struct Signal: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Send a signal (TERM, KILL, INT, HUP, ... or a number) to a running process.")
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "The process: /X<host id>/name") var path: String
+    @Argument(help: "The signal.") var signal: String = "TERM"
+
+    func run() async throws {
+        let view = try await options.client.signal(path, signal)
+        try options.emit(view) { "sent \(signal) to \(path) (pid \(view.pid ?? 0))" }
+    }
+}

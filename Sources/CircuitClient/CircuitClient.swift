@@ -155,8 +155,10 @@ public struct CircuitClient: Sendable {
         return p.hasPrefix("/") ? p : "/" + p
     }
 
+    /// One call to the first endpoint that answers. `ownConnection`: on a connection of its own, closed after the
+    /// answer, instead of a pooled keep-alive one (for long waits, whose server side stops reading the connection).
     func call<T: Decodable>(
-        _ method: String, _ path: String, query: [String: String] = [:], body: Data? = nil
+        _ method: String, _ path: String, query: [String: String] = [:], body: Data? = nil, ownConnection: Bool = false
     ) async throws(CircuitClientError) -> T {
         var uri = path.split(separator: "/", omittingEmptySubsequences: false).map { Self.escape(String($0)) }.joined(separator: "/")
         if !query.isEmpty {
@@ -166,9 +168,11 @@ public struct CircuitClient: Sendable {
         for endpoint in endpoints {
             let answer: HTTPExchange.Answer
             do {
-                answer = try await HTTPPool.shared(endpoint).perform(
-                    HTTPMethod(rawValue: method), uri, body: body.map { Array($0) },
-                    timeout: .milliseconds(Int64(timeout * 1000)))
+                let deadline = Duration.milliseconds(Int64(timeout * 1000))
+                answer =
+                    ownConnection
+                    ? try await HTTPExchange.perform(HTTPMethod(rawValue: method), uri, to: endpoint, body: body.map { Array($0) }, timeout: deadline)
+                    : try await HTTPPool.shared(endpoint).perform(HTTPMethod(rawValue: method), uri, body: body.map { Array($0) }, timeout: deadline)
             } catch {
                 lastError = "\(error)"
                 continue

@@ -182,7 +182,10 @@ public final class CircuitDaemon: Sendable {
             addressBook: addressBook, logger: logger)
         node.syncPeers()
 
-        try await Self.serve(HTTPAPI(node: node).router(), beside: HostAgent(node: node), config: config, logger: logger)
+        let runner = ProcRunner(hostID: folder.hostID, api: config.advertisedClient, logger: logger)
+        try await Self.serve(
+            HTTPAPI(node: node, runner: runner).router(), beside: [HostAgent(node: node), ProcRunnerService(runner: runner)],
+            config: config, logger: logger)
         logger.info("shutting down: handing leadership over if leader")
         await driver.shutdown()
         await transport.stop()
@@ -191,10 +194,10 @@ public final class CircuitDaemon: Sendable {
 }
 
 extension CircuitDaemon {
-    /// Serves the API (`router`, at the client listen address) beside the host's `agent` until SIGTERM or SIGINT
+    /// Serves the API (`router`, at the client listen address) beside the host's `agents` until SIGTERM or SIGINT
     /// (swift-service-lifecycle); returns once both have stopped.
     static func serve(
-        _ router: Router<BasicRequestContext>, beside agent: some Service, config: NodeConfig, logger: Logger
+        _ router: Router<BasicRequestContext>, beside agents: [any Service], config: NodeConfig, logger: Logger
     ) async throws {
         let client = try NodeConfig.address(config.clientListen, "client-listen")
         let app = Application(
@@ -204,7 +207,7 @@ extension CircuitDaemon {
             logger: logger)
         let group = ServiceGroup(
             configuration: .init(
-                services: [.init(service: app), .init(service: agent)], gracefulShutdownSignals: [.sigterm, .sigint],
+                services: [.init(service: app)] + agents.map { .init(service: $0) }, gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         do {
             try await group.run()

@@ -43,6 +43,7 @@ extension APIError {
 /// address the leader registered) and relays the answer. Stale reads, status and watches are served locally.
 struct HTTPAPI: Sendable {
     let node: NodeContext
+    let runner: ProcRunner
     static let maxBody = 1 << 20
     static let forwardedHeader = HTTPField.Name("X-Circuit-Forwarded")!
 
@@ -293,6 +294,65 @@ struct HTTPAPI: Sendable {
                 }
             }
         }
+        router.put("/v1/proc-state/**") { request, context in
+            // The owning host reports a process's new state; the command stays as it was created.
+            let path = "/" + context.parameters.getCatchAll().joined(separator: "/")
+            if let error = Names.validate(path) { throw APIError.from(error) }
+            return try await leaderOr(request, context, stale: false) {
+                let view = try await decodeBody(request, as: ProcStateView.self, what: "a process state")
+                guard let phase = ["pending": ProcPhase.pending, "running": .running, "exited": .exited, "signaled": .signaled, "lost": .lost][view.phase] else {
+                    throw APIError.badRequest("unknown phase \(view.phase.debugDescription) (pending, running, exited, signaled, lost)")
+                }
+                guard let command = node.service.state.read({ state -> ProcCommand? in
+                    if case .proc(let p)? = state.anchors[path]?.element { return p.command }
+                    return nil
+                }) else { throw APIError.from(.notFound(path: path)) }
+                return try await write(.updateProc(path: path, state: ProcState(
+                    command: command, phase: phase, pid: view.pid, exitCode: view.exitCode, signal: view.signal,
+                    startedAt: view.startedAt, endedAt: view.endedAt, attempts: view.attempts)))
+            }
+        }
+        router.get("/v1/wait/**") { request, context in
+            // Served by this node from what it has applied: a process's end, once committed, stays.
+            let path = "/" + context.parameters.getCatchAll().joined(separator: "/")
+            if let error = Names.validate(path) { throw APIError.from(error) }
+            return try await request.body.consumeWithCancellationOnInboundClose { _ in
+                // The watch first, then the read: no change falls between them.
+                let from = node.service.state.read { $0.revision }
+                let stream: ReplicatedControlState.WatchStream
+                do { stream = try node.service.watch(prefix: path, after: from) } catch {
+                    throw APIError(status: 410, code: "compacted", message: "\(error)")
+                }
+                if let answer = try node.service.state.read({ try Self.ended(path, in: $0) }) { return try json(answer) }
+                for try await event in stream where event.path == path {
+                    if let answer = try node.service.state.read({ try Self.ended(path, in: $0) }) { return try json(answer) }
+                }
+                throw APIError(status: 503, code: "unavailable", message: "the node stopped before the process ended")
+            }
+        }
+        router.post("/v1/signal/**") { request, context in
+            let path = "/" + context.parameters.getCatchAll().joined(separator: "/")
+            if let error = Names.validate(path) { throw APIError.from(error) }
+            guard let owner = Names.host(of: path) else { throw APIError.badRequest("\(path) is not under a host: only a host's processes take signals") }
+            if owner == node.folder.hostID {
+                return try await Self.deliverSignal(path, request: request, runner: runner, ownHost: owner) {
+                    try node.service.state.read { state in
+                        guard let anchor = state.anchors[path] else { throw APIError.from(.notFound(path: path)) }
+                        var view = ElementView(anchor: anchor)
+                        view.path = path
+                        return view
+                    }
+                }
+            }
+            // Point to point: the owning host delivers it (once; it does not forward again).
+            if request.headers[Self.forwardedHeader] != nil {
+                throw APIError(status: 503, code: "wrong_host", message: "\(path) belongs to \(owner), not to this host")
+            }
+            guard let address = node.service.state.read({ $0.hosts[owner].flatMap { $0.state == .alive ? $0.clientAddress : nil } }) else {
+                throw APIError.from(.hostNotAlive(owner))
+            }
+            return try await node.forward(request, to: address)
+        }
         router.get("/v1/watch/**") { request, context in
             let path = "/" + context.parameters.getCatchAll().joined(separator: "/")
             let from = try query(request, "from", as: UInt64.self) ?? node.service.state.read { $0.revision + 1 }
@@ -327,6 +387,30 @@ struct HTTPAPI: Sendable {
     }
 
     // MARK: - Helpers
+
+    /// The process at `path` as a view once it has ended; nil while it runs; 404 if there is none.
+    static func ended(_ path: String, in state: ControlState) throws -> ElementView? {
+        guard let anchor = state.anchors[path], let element = anchor.element else { throw APIError.from(.notFound(path: path)) }
+        guard case .proc(let p) = element else { throw APIError.from(.wrongKind(path: path, expected: "proc", actual: element.kind)) }
+        guard p.phase == .exited || p.phase == .signaled || p.phase == .lost else { return nil }
+        var view = ElementView(anchor: anchor)
+        view.path = path
+        return view
+    }
+
+    /// Delivers `?signal=` to this host's process at `path` and answers the element as the cluster knows it.
+    static func deliverSignal(
+        _ path: String, request: Request, runner: ProcRunner, ownHost: String, current: () async throws -> ElementView
+    ) async throws -> Response {
+        let name = request.uri.queryParameters.get("signal").map { String($0) } ?? "TERM"
+        guard let number = ProcRunner.signalNumber(name) else {
+            throw APIError.badRequest("unknown signal \(name.debugDescription) (a name such as TERM, KILL, INT, HUP, or a number)")
+        }
+        guard runner.signal(path, number) else {
+            throw APIError(status: 409, code: "not_running", message: "no process of this host (\(ownHost)) is running at \(path)")
+        }
+        return try json(try await current())
+    }
 
     private func write(_ command: Command) async throws -> Response {
         let result: CommandResult

@@ -1,5 +1,6 @@
 import CircuitAPI
 import CircuitClient
+import CircuitStateMachine
 import Foundation
 import HTTPTypes
 import Hummingbird
@@ -44,9 +45,11 @@ final class WorkerNode: Sendable {
 
     /// Runs the API and the agent until SIGTERM or SIGINT; then ends this host's session, so it leaves at once.
     func run() async throws {
+        let runner = ProcRunner(hostID: folder.hostID, api: config.advertisedClient, logger: logger)
         let router = Router()
-        router.add(middleware: WorkerRelay(worker: self))
-        try await CircuitDaemon.serve(router, beside: WorkerAgent(worker: self), config: config, logger: logger)
+        router.add(middleware: WorkerRelay(worker: self, runner: runner))
+        try await CircuitDaemon.serve(
+            router, beside: [WorkerAgent(worker: self), ProcRunnerService(runner: runner)], config: config, logger: logger)
         logger.info("stopped")
     }
 
@@ -66,7 +69,8 @@ final class WorkerNode: Sendable {
     /// reached a member and then failed is sent to another only if it is `idempotent` (a read, a keep-alive): a
     /// write may have been applied, so that is a 503 naming the member.
     func relay(
-        _ method: NIOHTTP1.HTTPMethod, _ uri: String, body: [UInt8]?, idempotent: Bool? = nil, timeout: Duration = .seconds(10)
+        _ method: NIOHTTP1.HTTPMethod, _ uri: String, body: [UInt8]?, idempotent: Bool? = nil, timeout: Duration = .seconds(10),
+        ownConnection: Bool = false
     ) async throws -> HTTPExchange.Answer {
         let retryable = idempotent ?? (method == .GET)
         var tried: [String] = []
@@ -74,7 +78,10 @@ final class WorkerNode: Sendable {
         for address in candidates {
             tried.append(address)
             do {
-                let answer = try await HTTPPool.shared(address).perform(method, uri, body: body, timeout: timeout)
+                let answer =
+                    ownConnection
+                    ? try await HTTPExchange.perform(method, uri, to: address, body: body, timeout: timeout)
+                    : try await HTTPPool.shared(address).perform(method, uri, body: body, timeout: timeout)
                 if answer.status == 503,
                     (try? JSONDecoder().decode(ErrorEnvelope.self, from: Data(answer.body)))?.error.code == "no_leader"
                 {
@@ -178,6 +185,7 @@ final class WorkerNode: Sendable {
 struct WorkerRelay: RouterMiddleware {
     typealias Context = BasicRequestContext
     let worker: WorkerNode
+    let runner: ProcRunner
 
     func handle(
         _ request: Request, context: Context, next: (Request, Context) async throws -> Response
@@ -186,10 +194,23 @@ struct WorkerRelay: RouterMiddleware {
         if path == "/v1/status", request.method == .get { return try json(try await worker.status()) }
         let uri = path + (request.uri.query.map { "?" + $0 } ?? "")
         if path.hasPrefix("/v1/watch/"), request.method == .get { return watch(uri, request: request) }
+        if path.hasPrefix("/v1/signal/"), request.method == .post {
+            // A signal for a process of this host is delivered here; any other goes to a member, which sends it on.
+            let target = String(path.dropFirst("/v1/signal".count))
+            if Names.host(of: target) == worker.folder.hostID {
+                return try await HTTPAPI.deliverSignal(target, request: request, runner: runner, ownHost: worker.folder.hostID) {
+                    let answer = try await worker.relay(.GET, "/v1/peek" + target, body: nil)
+                    return try JSONDecoder().decode(ElementView.self, from: Data(answer.body))
+                }
+            }
+        }
+        // A wait lasts as long as its process: no deadline of its own.
+        let long = path.hasPrefix("/v1/wait/")
         var request = request
         let body = try await request.collectBody(upTo: HTTPAPI.maxBody)
         let answer = try await worker.relay(
-            NIOHTTP1.HTTPMethod(rawValue: request.method.rawValue), uri, body: body.readableBytes > 0 ? Array(buffer: body) : nil)
+            NIOHTTP1.HTTPMethod(rawValue: request.method.rawValue), uri, body: body.readableBytes > 0 ? Array(buffer: body) : nil,
+            timeout: long ? .seconds(7 * 24 * 3600) : .seconds(10), ownConnection: long)
         var headers = HTTPFields()
         headers[.contentType] = answer.contentType ?? "application/json"
         return Response(status: .init(code: answer.status), headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: answer.body)))

@@ -404,6 +404,13 @@ struct MembershipTests {
             return own.host == workers[0] && own.role == "worker" && own.leader == leaderID && own.cluster == raft.cluster
         }
         // Its API relays writes, linearizable reads and watches to the members.
+        // Every host's process runner keeps one watch of its own subtree open on a member (workers' through theirs).
+        func openWatches() async -> Int {
+            var open = 0
+            for i in 0..<3 { open += (try? await cluster.client(i).status())?.watches ?? 100 }
+            return open
+        }
+        try await eventually("the five hosts' own watches open", timeout: .seconds(20)) { await openWatches() == 5 }
         let from = try await cluster.client(leader).status().revision + 1
         let w = try await cluster.client(3).put("/records/jobs/a", Array("1".utf8))
         #expect(w.version == 1)
@@ -415,11 +422,7 @@ struct MembershipTests {
         }
         #expect(seen?.path == "/records/jobs/a" && seen?.value == "1" && seen?.revision == w.revision)
         // The watch was dropped while no change came: the worker's relay and the member's watch end with it.
-        try await eventually("no watch left open on the members", timeout: .seconds(10)) {
-            var open = 0
-            for i in 0..<3 { open += (try? await cluster.client(i).status())?.watches ?? 1 }
-            return open == 0
-        }
+        try await eventually("only the hosts' own watches left open on the members", timeout: .seconds(10)) { await openWatches() == 5 }
 
         // kill -9 of a worker: expired within its TTL and a bound.
         let killed = ContinuousClock.now
@@ -522,3 +525,73 @@ struct MembershipTests {
         #expect(stranger.isRunning)
     }
 }
+
+@Suite("Processes run by their hosts", .serialized, .timeLimit(.minutes(2)))
+struct ProcessTests {
+    @Test("a process named under a host is run by that host, member or worker: its phases and exit code, a signal through another node, a program that does not exist, a scrub, and the CLI's wait")
+    func processes() async throws {
+        let cluster = try daemons(3)
+        defer { cluster.stopAll(signal: SIGKILL) }
+        let leader = try await cluster.leader()
+        try cluster.add(join: cluster.members[leader].api, as: "worker")
+        try cluster.start(3)
+        _ = try await cluster.allAlive()
+        try await eventually("the worker serving its API", timeout: .seconds(20)) { (try? await cluster.client(3).status()) != nil }
+        let member = cluster.members[(leader + 1) % 3].folder.hostID
+        let worker = cluster.members[3].folder.hostID
+        var client = cluster.client(leader)
+        client.timeout = 30
+
+        // Run by a member (asked through the leader): its exit code comes back through the log.
+        _ = try await client.run("/\(member)/jobs/three", ProcCommandView(path: "/bin/sh", args: ["-c", "exit 3"]))
+        let three = try await client.wait("/\(member)/jobs/three")
+        #expect(three.phase == "exited" && three.exitCode == 3 && (three.pid ?? 0) > 0 && three.attempts == 1)
+
+        // Its directory and environment are the command's.
+        _ = try await client.run(
+            "/\(member)/jobs/where",
+            ProcCommandView(path: "/bin/sh", args: ["-c", "test \"$(pwd)\" = / && test \"$X\" = y"], env: ["X=y"], dir: "/"))
+        let place = try await client.wait("/\(member)/jobs/where")
+        #expect(place.phase == "exited" && place.exitCode == 0)
+
+        // Run by the worker (asked through its own API); signalled through a member, which sends it on.
+        var w = cluster.client(3)
+        w.timeout = 30
+        _ = try await w.run("/\(worker)/sleeper", ProcCommandView(path: "/bin/sleep", args: ["30"]))
+        try await eventually("the sleeper running", timeout: .seconds(20)) { (try? await w.peek("/\(worker)/sleeper"))?.phase == "running" }
+        let sent = try await client.signal("/\(worker)/sleeper", "TERM")
+        #expect(sent.kind == "proc" && (sent.pid ?? 0) > 0)
+        let sleeper = try await w.wait("/\(worker)/sleeper")
+        #expect(sleeper.phase == "signaled" && sleeper.signal == SIGTERM)
+        // A signal to a process that has ended is refused, naming why.
+        var refusal: String?
+        do {
+            _ = try await client.signal("/\(worker)/sleeper", "TERM")
+        } catch {
+            if case .api(let e) = error { refusal = e.code }
+        }
+        #expect(refusal == "not_running")
+
+        // A program that does not exist: exited with 127, as from a shell.
+        _ = try await client.run("/\(member)/missing", ProcCommandView(path: "/nonexistent/program"))
+        let missing = try await client.wait("/\(member)/missing")
+        #expect(missing.phase == "exited" && missing.exitCode == 127)
+
+        // A scrubbed process is killed.
+        _ = try await client.run("/\(member)/long", ProcCommandView(path: "/bin/sleep", args: ["30"]))
+        try await eventually("the long one running", timeout: .seconds(20)) { (try? await client.peek("/\(member)/long"))?.phase == "running" }
+        let pid = try #require(try await client.peek("/\(member)/long").pid)
+        _ = try await client.remove(element: "/\(member)/long")
+        try await eventually("the scrubbed process killed", timeout: .seconds(10)) { kill(pid_t(pid), 0) != 0 }
+
+        // The CLI's wait prints the final state and exits 1 for a failed process, 0 for a good one.
+        let api = cluster.members[leader].api
+        let failed = try await onOwnThread { try runCircuit(["wait", "--node", api, "/\(member)/jobs/three"]) }
+        #expect(failed.0 == 1 && failed.1.contains("\"exit_code\" : 3"), "\(failed)")
+        let ran = try await onOwnThread { try runCircuit(["run", "--node", api, "/\(member)/ok", "/bin/true"]) }
+        #expect(ran.0 == 0, "\(ran)")
+        let ok = try await onOwnThread { try runCircuit(["wait", "--node", api, "/\(member)/ok"]) }
+        #expect(ok.0 == 0, "\(ok)")
+    }
+}
+

@@ -1,0 +1,29 @@
+import CircuitAPI
+import Foundation
+
+extension CircuitClient {
+    /// Creates a process element at `path` (under `/X<host>`): that host starts it and reports its phases.
+    public func run(_ path: String, _ command: ProcCommandView) async throws(CircuitClientError) -> WriteView {
+        var view = ElementView(kind: "proc")
+        view.command = command
+        return try await create(path, view)
+    }
+
+    /// Waits until the process at `path` has ended (exited, signaled or lost) and answers its final state. Give the
+    /// client a `timeout` as long as you are willing to wait.
+    public func wait(_ path: String) async throws(CircuitClientError) -> ElementView {
+        try await call("GET", "/v1/wait" + (path.hasPrefix("/") ? path : "/" + path), ownConnection: true)
+    }
+
+    /// Sends `signal` (a name such as TERM or KILL, or a number) to the process at `path`, through its owning host.
+    public func signal(_ path: String, _ signal: String) async throws(CircuitClientError) -> ElementView {
+        try await call("POST", "/v1/signal" + (path.hasPrefix("/") ? path : "/" + path), query: ["signal": signal])
+    }
+
+    /// Used by the owning host: reports a process's new state.
+    public func reportProc(_ path: String, _ state: ProcStateView) async throws(CircuitClientError) -> WriteView {
+        let body: Data
+        do { body = try JSONEncoder().encode(state) } catch { throw .badAnswer("\(error)") }
+        return try await call("PUT", "/v1/proc-state" + (path.hasPrefix("/") ? path : "/" + path), body: body)
+    }
+}

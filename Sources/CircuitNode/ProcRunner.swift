@@ -1,0 +1,241 @@
+import CircuitAPI
+import CircuitClient
+import CircuitStateMachine
+import Foundation
+import Logging
+import ServiceLifecycle
+import Synchronization
+
+/// Runs the processes the cluster names under this host (`/X<this host>/...`): the host that owns a process element
+/// starts it and reports each phase through the log — running (pid, start time, attempt), then exited (code) or
+/// signaled (signal). The work itself never goes through Raft: only the names and the phases do.
+///
+/// It reads the cluster through this host's own API (a member's, or a worker's that relays), so members and workers
+/// run it alike: it takes the revision, lists the host's subtree linearizably and starts every pending process, then
+/// watches the subtree from after that revision for new ones. A process whose element is removed (scrubbed) is
+/// killed. A program that cannot be started is reported exited with code 127, as a shell does.
+///
+/// Not yet: stdio streaming, reconciling children after a daemon restart, jobs placed by the leader.
+final class ProcRunner: Sendable {
+    let hostID: String
+    let api: String
+    let logger: Logger
+    private let running = Mutex<[String: Running]>([:])
+
+    private struct Running {
+        var pid: pid_t
+        var createRevision: UInt64
+    }
+
+    /// Processes started, by path and create revision, so a process is started once whatever way it was seen.
+    private let started = Mutex<Set<String>>([])
+
+    private let reports: AsyncStream<(String, ProcStateView)>
+    private let reportSink: AsyncStream<(String, ProcStateView)>.Continuation
+
+    init(hostID: String, api: String, logger: Logger) {
+        self.hostID = hostID
+        self.api = api
+        self.logger = logger
+        (reports, reportSink) = AsyncStream.makeStream()
+    }
+
+    private var client: CircuitClient { CircuitClient(endpoints: [api]) }
+
+    /// Until cancelled: scan, then watch; again after any error.
+    func run() async {
+        let reporter = Task { for await (path, state) in reports { await deliver(path, state) } }
+        defer { reporter.cancel() }
+        while !Task.isCancelled {
+            do {
+                try await scanAndWatch()
+            } catch {
+                logger.debug("process runner: starting over", metadata: ["error": "\(error)"])
+            }
+            try? await Task.sleep(for: .milliseconds(300))
+        }
+        running.withLock { running in
+            for (_, r) in running { kill(-r.pid, SIGKILL) }
+        }
+    }
+
+    private func scanAndWatch() async throws {
+        let root = "/" + hostID
+        let from = try await client.status().revision + 1
+        let listing = try await client.list(root, recursive: true)
+        for path in listing.names {
+            let full = path.hasPrefix("/") ? path : root + "/" + path
+            if let view = try? await client.peek(full), view.kind == "proc" { consider(full, view) }
+        }
+        for try await event in client.watch(root, from: from) {
+            if event.kind == "delete" {
+                scrubbed(event.path)
+            } else if event.kind == "put", let view = try? await client.peek(event.path), view.kind == "proc" {
+                consider(event.path, view)
+            }
+        }
+    }
+
+    /// Starts the process at `path` if it is pending and was not started before.
+    private func consider(_ path: String, _ view: ElementView) {
+        guard view.phase == "pending", let command = view.command, let created = view.createRevision else { return }
+        let first = started.withLock { $0.insert("\(path)@\(created)").inserted }
+        guard first else { return }
+        launch(path, command, createRevision: created, attempts: view.attempts ?? 0)
+    }
+
+    private func launch(_ path: String, _ command: ProcCommandView, createRevision: UInt64, attempts: UInt32) {
+        let attempt = attempts + 1
+        let pid: pid_t? = launching.withLock { _ in
+            let startedAt = Self.nowMillis()
+            let pid: pid_t
+            do {
+                pid = try Self.spawn(command)
+            } catch {
+                logger.warning("could not start a process", metadata: ["path": "\(path)", "program": "\(command.path)", "error": "\(error)"])
+                report(path, ProcStateView(phase: "exited", exitCode: 127, startedAt: startedAt, endedAt: startedAt, attempts: attempt), keepStart: false)
+                return nil
+            }
+            running.withLock { $0[path] = Running(pid: pid, createRevision: createRevision) }
+            startTimes.withLock { $0[path] = startedAt }
+            report(path, ProcStateView(phase: "running", pid: Int64(pid), startedAt: startedAt, attempts: attempt), keepStart: false)
+            return pid
+        }
+        guard let pid else { return }
+        logger.info("started a process", metadata: ["path": "\(path)", "pid": "\(pid)"])
+        // One waiting thread per child (waitpid blocks): the child's end, reported after its start.
+        let waiter = Thread { [self] in
+            var status: Int32 = 0
+            while waitpid(pid, &status, 0) == -1 && errno == EINTR {}
+            let now = Self.nowMillis()
+            let signal = status & 0x7f
+            let state =
+                signal != 0 && signal != 0x7f
+                ? ProcStateView(phase: "signaled", pid: Int64(pid), signal: signal, endedAt: now, attempts: attempt)
+                : ProcStateView(phase: "exited", pid: Int64(pid), exitCode: (status >> 8) & 0xff, endedAt: now, attempts: attempt)
+            launching.withLock { _ in
+                running.withLock { _ = $0.removeValue(forKey: path) }
+                report(path, state, keepStart: true)
+            }
+        }
+        waiter.start()
+    }
+
+    /// glibc's posix_spawn_file_actions_addchdir_np (2.29 and later), which the Glibc module does not export.
+    private static let addChdir: (@convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, UnsafePointer<CChar>) -> Int32)? = {
+        guard let symbol = dlsym(dlopen(nil, RTLD_NOW), "posix_spawn_file_actions_addchdir_np") else { return nil }
+        return unsafeBitCast(
+            symbol, to: (@convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, UnsafePointer<CChar>) -> Int32).self)
+    }()
+
+    /// Starts `command` with posix_spawn, never through a shell: signals at their defaults and none blocked (the
+    /// daemon ignores SIGTERM and SIGINT to shut down gracefully, and a child would inherit that), in a process group
+    /// of its own (so a scrub can kill its children too), stdio on /dev/null, in `dir` if given, with `env` if given
+    /// (else the daemon's environment).
+    static func spawn(_ command: ProcCommandView) throws -> pid_t {
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var all = sigset_t()
+        sigfillset(&all)
+        var none = sigset_t()
+        sigemptyset(&none)
+        posix_spawnattr_setsigdefault(&attributes, &all)
+        posix_spawnattr_setsigmask(&attributes, &none)
+        posix_spawnattr_setpgroup(&attributes, 0)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETPGROUP))
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
+        if let dir = command.dir, !dir.isEmpty {
+            guard let addChdir = Self.addChdir else { throw SpawnError(program: command.path, errno: ENOSYS) }
+            guard addChdir(&actions, dir) == 0 else { throw SpawnError(program: command.path, errno: EINVAL) }
+        }
+        let argv: [UnsafeMutablePointer<CChar>?] = ([command.path] + (command.args ?? [])).map { strdup($0) } + [nil]
+        defer { for a in argv { free(a) } }
+        let envStrings = command.env.flatMap { $0.isEmpty ? nil : $0 }
+        let envp: [UnsafeMutablePointer<CChar>?]? = envStrings.map { $0.map { strdup($0) } + [nil] }
+        defer { for e in envp ?? [] { free(e) } }
+        var pid = pid_t()
+        let rc: Int32 =
+            if let envp {
+                posix_spawn(&pid, command.path, &actions, &attributes, argv, envp)
+            } else {
+                posix_spawn(&pid, command.path, &actions, &attributes, argv, environ)
+            }
+        guard rc == 0 else { throw SpawnError(program: command.path, errno: rc) }
+        return pid
+    }
+
+    /// Held while a process is started and its start reported.
+    private let launching = Mutex<Void>(())
+    private let startTimes = Mutex<[String: UInt64]>([:])
+
+    /// Reports go out one at a time, in the order they were made: an exit never overtakes its start.
+    private func report(_ path: String, _ state: ProcStateView, keepStart: Bool) {
+        var state = state
+        if keepStart { state.startedAt = startTimes.withLock { $0.removeValue(forKey: path) } ?? 0 }
+        reportSink.yield((path, state))
+    }
+
+    /// Delivers one report, retried for up to 30 s (a leader may be changing).
+    private func deliver(_ path: String, _ state: ProcStateView) async {
+        let deadline = ContinuousClock.now + .seconds(30)
+        while ContinuousClock.now < deadline {
+            do {
+                _ = try await client.reportProc(path, state)
+                return
+            } catch {
+                if case .api(let e) = error, e.code == "not_found" || e.code == "wrong_kind" { return }  // scrubbed
+                logger.info("retrying a process's report", metadata: ["path": "\(path)", "phase": "\(state.phase)", "error": "\(error)"])
+                try? await Task.sleep(for: .milliseconds(100))
+            }
+        }
+        logger.error("could not report a process's state", metadata: ["path": "\(path)", "phase": "\(state.phase)"])
+    }
+
+    /// The element was removed: its process (and its group) is killed.
+    private func scrubbed(_ path: String) {
+        guard let r = running.withLock({ $0[path] }) else { return }
+        kill(-r.pid, SIGKILL)
+        logger.info("killed a scrubbed process", metadata: ["path": "\(path)", "pid": "\(r.pid)"])
+    }
+
+    /// Sends `signal` to the process at `path`; false if this host runs none there.
+    func signal(_ path: String, _ signal: Int32) -> Bool {
+        guard let r = running.withLock({ $0[path] }) else { return false }
+        return kill(r.pid, signal) == 0
+    }
+
+    static func nowMillis() -> UInt64 { UInt64(Date().timeIntervalSince1970 * 1000) }
+
+    /// A signal by name (TERM, SIGTERM) or number.
+    static func signalNumber(_ s: String) -> Int32? {
+        if let n = Int32(s), n > 0, n < 65 { return n }
+        var name = s.uppercased()
+        if name.hasPrefix("SIG") { name.removeFirst(3) }
+        let names: [String: Int32] = [
+            "HUP": SIGHUP, "INT": SIGINT, "QUIT": SIGQUIT, "KILL": SIGKILL, "USR1": SIGUSR1, "USR2": SIGUSR2,
+            "TERM": SIGTERM, "CONT": SIGCONT, "STOP": SIGSTOP, "ALRM": SIGALRM,
+        ]
+        return names[name]
+    }
+}
+
+/// The runner as a service beside the API.
+struct ProcRunnerService: Service {
+    let runner: ProcRunner
+    func run() async throws {
+        await cancelWhenGracefulShutdown { await runner.run() }
+    }
+}
+
+struct SpawnError: Error, CustomStringConvertible {
+    var program: String
+    var errno: Int32
+    var description: String { "cannot start \(program): \(String(cString: strerror(errno)))" }
+}
+
