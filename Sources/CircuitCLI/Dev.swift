@@ -45,9 +45,24 @@ struct Dev: AsyncParsableCommand {
         let last = daemons.members.count - 1
         let read = try await daemons.client(last).get("/records/dev/k99")
         print("  linearizable read of /records/dev/k99 from \(daemons.members[last].folder.hostID): \(read.value.debugDescription) (version \(read.version), revision \(read.revision))")
+        // A process on each host, named through Raft, run by its host, its exit status back through the log.
+        let runStart = clock.now
+        var client = daemons.client(leader)
+        client.timeout = 30
+        for (i, m) in daemons.members.enumerated() {
+            _ = try await client.run(
+                "/\(m.folder.hostID)/dev/hello", ProcCommandView(path: "/bin/sh", args: ["-c", "exit \(i)"]))
+        }
+        var codes: [String] = []
+        for m in daemons.members {
+            let done = try await client.wait("/\(m.folder.hostID)/dev/hello")
+            codes.append("\(m.folder.hostID): \(done.phase ?? "?") \(done.exitCode ?? -1)")
+        }
+        print("  a process on every host, run and waited for in \(fmt(runStart.duration(to: clock.now))): \(codes.joined(separator: ", "))")
         print("")
         print("Try:  export CIRCUIT=\(daemons.apis.joined(separator: ","))")
         print("      \(daemons.binary) status; \(daemons.binary) members; \(daemons.binary) put /records/a hello; \(daemons.binary) get /records/a")
+        print("      \(daemons.binary) run /\(daemons.members[0].folder.hostID)/job /bin/sleep 5; \(daemons.binary) wait /\(daemons.members[0].folder.hostID)/job")
         print(seconds == 0 ? "Running; Ctrl-C stops every daemon." : "Running for \(seconds) s.")
 
         let signals = await UnixSignalsSequence(trapping: [.sigint, .sigterm])

@@ -274,6 +274,7 @@ struct CommandTests {
         #expect(out.components(separatedBy: "(voter, alive)").count == 4, "three voters alive: \(out)")
         #expect(out.contains("linearizable read of /records/dev/k99 from X"), "\(out)")
         #expect(out.contains("\"value 99\""), "\(out)")
+        #expect(out.contains("a process on every host") && out.contains("exited 0") && out.contains("exited 2"), "\(out)")
         #expect(out.contains("stopped 3 daemons"), "\(out)")
         // Each daemon shut down gracefully and let go of its folder.
         for i in 1...3 { _ = try DataFolder(path: "\(dir)/node\(i)").lock() }
