@@ -88,13 +88,30 @@ struct ID: ParsableCommand {
 
 /// How the client verbs find the cluster and print.
 struct ClientOptions: ParsableArguments {
-    @Option(name: .long, help: "API address(es) of any node, host:port, comma-separated (default: $CIRCUIT, then 127.0.0.1:7700).")
+    @Option(
+        name: .long,
+        help: "API address(es) of any node, host:port, comma-separated (default: $CIRCUIT, then the local config, then 127.0.0.1:7700).")
     var node: String?
+    @Option(
+        name: .customLong("config"),
+        help: "A daemon's TOML config: its API address is used (default: $CIRCUIT_CONFIG, then /etc/circuit/circuit.toml if present).")
+    var configFile: String?
     @Flag(help: "Print JSON instead of a table.") var json = false
 
+    /// The node to ask: --node, then $CIRCUIT, then the local daemon's config, then 127.0.0.1:7700.
     var client: CircuitClient {
-        let endpoints = node ?? ProcessInfo.processInfo.environment["CIRCUIT"] ?? "127.0.0.1:7700"
+        let environment = ProcessInfo.processInfo.environment
+        let endpoints = node ?? environment["CIRCUIT"] ?? localConfigAddress ?? "127.0.0.1:7700"
         return CircuitClient(endpoints: endpoints.split(separator: ",").map(String.init))
+    }
+
+    /// The API address in the local config, if one is named or present. (A file that cannot be read is ignored
+    /// here only when it was not named.)
+    private var localConfigAddress: String? {
+        let named = configFile ?? ProcessInfo.processInfo.environment["CIRCUIT_CONFIG"]
+        let path = named ?? "/etc/circuit/circuit.toml"
+        guard named != nil || FileManager.default.fileExists(atPath: path) else { return nil }
+        return (try? NodeConfig(tomlFile: path))?.advertisedClient
     }
 
     func emit<T: Encodable>(_ value: T, human: () -> String) throws {

@@ -306,6 +306,16 @@ struct CommandTests {
         #expect(seq.0 == 0 && seq.1 == "/records/cli/q/job-0000000000\n", "\(seq)")
         let ls = try runCircuit(["ls", "/records/cli/..."], environment: env)
         #expect(ls.1 == "/records/cli/a\n/records/cli/q/job-0000000000\n", "\(ls)")
+        // The node from the local config: --config, or $CIRCUIT_CONFIG.
+        let configFile = "\(try temporaryFolder("client-config"))/circuit.toml"
+        try "client-listen = \"\(node)\"\n".write(toFile: configFile, atomically: true, encoding: .utf8)
+        var bare = ProcessInfo.processInfo.environment
+        bare["CIRCUIT"] = nil
+        let viaConfig = try runCircuit(["get", "--config", configFile, "/records/cli/a"], environment: bare)
+        #expect(viaConfig.0 == 0 && viaConfig.1 == "hello\n", "\(viaConfig)")
+        bare["CIRCUIT_CONFIG"] = configFile
+        let viaEnvironment = try runCircuit(["get", "/records/cli/a"], environment: bare)
+        #expect(viaEnvironment.0 == 0 && viaEnvironment.1 == "hello\n", "\(viaEnvironment)")
         let usage = try runCircuit(["get"], environment: env)
         #expect(usage.0 == 2, "\(usage.2)")
         let unreachable = try runCircuit(["status", "--node", "127.0.0.1:\(try freePort())"])
