@@ -298,11 +298,15 @@ public struct ProcStateView: Codable, Sendable, Equatable {
     public var startedAt: UInt64
     public var endedAt: UInt64
     public var attempts: UInt32
+    /// The element this report is about (its create revision): a report about an earlier element at the same path
+    /// is refused.
+    public var createRevision: UInt64?
 
     public init(
         phase: String, pid: Int64 = 0, exitCode: Int32 = 0, signal: Int32 = 0, startedAt: UInt64 = 0, endedAt: UInt64 = 0,
-        attempts: UInt32 = 0
+        attempts: UInt32 = 0, createRevision: UInt64? = nil
     ) {
+        self.createRevision = createRevision
         self.phase = phase
         self.pid = pid
         self.exitCode = exitCode
@@ -317,5 +321,6 @@ public struct ProcStateView: Codable, Sendable, Equatable {
         case exitCode = "exit_code"
         case startedAt = "started_at"
         case endedAt = "ended_at"
+        case createRevision = "create_revision"
     }
 }

@@ -340,7 +340,7 @@ struct Run: AsyncParsableCommand {
     @Option(help: "Working directory on the host.") var dir: String?
     @Option(help: "An environment variable, NAME=VALUE (repeatable; none given: the daemon's environment).") var env: [String] = []
     @Argument(help: "Where: /X<host id>/name") var path: String
-    @Argument(help: "The program (an absolute path) and its arguments.") var command: [String]
+    @Argument(parsing: .captureForPassthrough, help: "The program (an absolute path) and its arguments.") var command: [String]
 
     func validate() throws {
         guard let program = command.first, program.hasPrefix("/") else {

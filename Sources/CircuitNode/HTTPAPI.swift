@@ -303,10 +303,19 @@ struct HTTPAPI: Sendable {
                 guard let phase = ["pending": ProcPhase.pending, "running": .running, "exited": .exited, "signaled": .signaled, "lost": .lost][view.phase] else {
                     throw APIError.badRequest("unknown phase \(view.phase.debugDescription) (pending, running, exited, signaled, lost)")
                 }
-                guard let command = node.service.state.read({ state -> ProcCommand? in
-                    if case .proc(let p)? = state.anchors[path]?.element { return p.command }
-                    return nil
+                guard let (current, created) = node.service.state.read({ state -> (ProcState, UInt64)? in
+                    guard let anchor = state.anchors[path], case .proc(let p)? = anchor.element else { return nil }
+                    return (p, anchor.createRevision)
                 }) else { throw APIError.from(.notFound(path: path)) }
+                // About this element, and forward only: pending, then running, then an end.
+                func rank(_ p: ProcPhase) -> Int { p == .pending ? 0 : p == .running ? 1 : 2 }
+                if let about = view.createRevision, about != created {
+                    throw APIError(status: 409, code: "stale_report", message: "\(path) is a newer element (created at revision \(created)) than the report is about (\(about))")
+                }
+                guard rank(phase) > rank(current.phase) else {
+                    throw APIError(status: 409, code: "stale_report", message: "\(path) is \(current.phase) already; a report of \(phase) would move it back")
+                }
+                let command = current.command
                 return try await write(.updateProc(path: path, state: ProcState(
                     command: command, phase: phase, pid: view.pid, exitCode: view.exitCode, signal: view.signal,
                     startedAt: view.startedAt, endedAt: view.endedAt, attempts: view.attempts)))
@@ -406,10 +415,12 @@ struct HTTPAPI: Sendable {
         guard let number = ProcRunner.signalNumber(name) else {
             throw APIError.badRequest("unknown signal \(name.debugDescription) (a name such as TERM, KILL, INT, HUP, or a number)")
         }
-        guard runner.signal(path, number) else {
+        let view = try await current()  // 404 if there is no such element
+        guard view.kind == "proc" else { throw APIError.from(.wrongKind(path: path, expected: "proc", actual: view.kind)) }
+        guard runner.signal(path, number, createRevision: view.createRevision) else {
             throw APIError(status: 409, code: "not_running", message: "no process of this host (\(ownHost)) is running at \(path)")
         }
-        return try json(try await current())
+        return try json(view)
     }
 
     private func write(_ command: Command) async throws -> Response {

@@ -15,21 +15,28 @@ import Synchronization
 /// watches the subtree from after that revision for new ones. A process whose element is removed (scrubbed) is
 /// killed. A program that cannot be started is reported exited with code 127, as a shell does.
 ///
-/// Not yet: stdio streaming, reconciling children after a daemon restart, jobs placed by the leader.
+/// Each report names the element's create revision, so a report about an earlier process at the same path is refused
+/// (409 `stale_report`), and phases only move forward. An element this runner finds `running` that it did not
+/// start (the daemon restarted, or stopped while its child ran) is reported `lost`: children do not outlive a
+/// graceful stop, and after kill -9 of the daemon they are no longer watched.
+///
+/// Not yet: stdio streaming, adopting children across a restart, jobs placed by the leader.
 final class ProcRunner: Sendable {
     let hostID: String
     let api: String
     let logger: Logger
-    private let running = Mutex<[String: Running]>([:])
 
+    /// A child of this runner, by element path.
     private struct Running {
         var pid: pid_t
         var createRevision: UInt64
+        var startedAt: UInt64
     }
-
-    /// Processes started, by path and create revision, so a process is started once whatever way it was seen.
+    private let running = Mutex<[String: Running]>([:])
+    /// Elements started (or found ended) by this runner, as `path@createRevision`: each is started once.
     private let started = Mutex<Set<String>>([])
-
+    /// Held while a process is started and its start queued for report, and while a child's end is recorded.
+    private let launching = Mutex<Void>(())
     private let reports: AsyncStream<(String, ProcStateView)>
     private let reportSink: AsyncStream<(String, ProcStateView)>.Continuation
 
@@ -42,10 +49,10 @@ final class ProcRunner: Sendable {
 
     private var client: CircuitClient { CircuitClient(endpoints: [api]) }
 
-    /// Until cancelled: scan, then watch; again after any error.
+    /// Until cancelled: scan, then watch; again after any error. On the way out the children are killed and their
+    /// ends reported (for up to 3 s).
     func run() async {
         let reporter = Task { for await (path, state) in reports { await deliver(path, state) } }
-        defer { reporter.cancel() }
         while !Task.isCancelled {
             do {
                 try await scanAndWatch()
@@ -57,31 +64,66 @@ final class ProcRunner: Sendable {
         running.withLock { running in
             for (_, r) in running { kill(-r.pid, SIGKILL) }
         }
+        let deadline = ContinuousClock.now + .seconds(3)
+        while running.withLock({ !$0.isEmpty }) && ContinuousClock.now < deadline { usleep(10_000) }
+        reportSink.finish()
+        let drained = Task {
+            try? await Task.sleep(for: .seconds(3))
+            reporter.cancel()
+        }
+        await reporter.value
+        drained.cancel()
     }
 
     private func scanAndWatch() async throws {
         let root = "/" + hostID
         let from = try await client.status().revision + 1
         let listing = try await client.list(root, recursive: true)
+        var present: [String: UInt64] = [:]
         for path in listing.names {
             let full = path.hasPrefix("/") ? path : root + "/" + path
-            if let view = try? await client.peek(full), view.kind == "proc" { consider(full, view) }
+            guard let view = try await peekIfPresent(full), view.kind == "proc" else { continue }
+            present[full] = view.createRevision
+            consider(full, view)
         }
+        // Children whose element went while no watch was open: scrubbed.
+        let orphans = running.withLock { running in running.filter { present[$0.key] != $0.value.createRevision }.map(\.key) }
+        for path in orphans { scrubbed(path) }
         for try await event in client.watch(root, from: from) {
             if event.kind == "delete" {
                 scrubbed(event.path)
-            } else if event.kind == "put", let view = try? await client.peek(event.path), view.kind == "proc" {
+            } else if event.kind == "put", let view = try await peekIfPresent(event.path), view.kind == "proc" {
                 consider(event.path, view)
             }
         }
     }
 
-    /// Starts the process at `path` if it is pending and was not started before.
+    /// The element at `path`, or nil if there is none; any other error ends this scan (the runner starts over).
+    private func peekIfPresent(_ path: String) async throws -> ElementView? {
+        do {
+            return try await client.peek(path)
+        } catch {
+            if case .api(let e) = error, e.code == "not_found" { return nil }
+            throw error
+        }
+    }
+
+    /// Starts the process at `path` if it is pending and was not started before; reports it lost if it is running
+    /// but not a child of this runner.
     private func consider(_ path: String, _ view: ElementView) {
-        guard view.phase == "pending", let command = view.command, let created = view.createRevision else { return }
-        let first = started.withLock { $0.insert("\(path)@\(created)").inserted }
-        guard first else { return }
-        launch(path, command, createRevision: created, attempts: view.attempts ?? 0)
+        guard let command = view.command, let created = view.createRevision else { return }
+        let key = "\(path)@\(created)"
+        switch view.phase {
+        case "pending":
+            guard started.withLock({ $0.insert(key).inserted }) else { return }
+            launch(path, command, createRevision: created, attempts: view.attempts ?? 0)
+        case "running":
+            guard started.withLock({ $0.insert(key).inserted }) else { return }  // ours, or already reported
+            logger.warning("a process this daemon did not start is recorded running here: reporting it lost", metadata: ["path": "\(path)"])
+            report(path, ProcStateView(phase: "lost", pid: view.pid ?? 0, endedAt: Self.nowMillis(), attempts: view.attempts ?? 0, createRevision: created))
+        default:
+            return
+        }
     }
 
     private func launch(_ path: String, _ command: ProcCommandView, createRevision: UInt64, attempts: UInt32) {
@@ -93,29 +135,42 @@ final class ProcRunner: Sendable {
                 pid = try Self.spawn(command)
             } catch {
                 logger.warning("could not start a process", metadata: ["path": "\(path)", "program": "\(command.path)", "error": "\(error)"])
-                report(path, ProcStateView(phase: "exited", exitCode: 127, startedAt: startedAt, endedAt: startedAt, attempts: attempt), keepStart: false)
+                report(path, ProcStateView(phase: "exited", exitCode: 127, startedAt: startedAt, endedAt: startedAt, attempts: attempt, createRevision: createRevision))
                 return nil
             }
-            running.withLock { $0[path] = Running(pid: pid, createRevision: createRevision) }
-            startTimes.withLock { $0[path] = startedAt }
-            report(path, ProcStateView(phase: "running", pid: Int64(pid), startedAt: startedAt, attempts: attempt), keepStart: false)
+            running.withLock { $0[path] = Running(pid: pid, createRevision: createRevision, startedAt: startedAt) }
+            report(path, ProcStateView(phase: "running", pid: Int64(pid), startedAt: startedAt, attempts: attempt, createRevision: createRevision))
             return pid
         }
         guard let pid else { return }
         logger.info("started a process", metadata: ["path": "\(path)", "pid": "\(pid)"])
-        // One waiting thread per child (waitpid blocks): the child's end, reported after its start.
+        // One waiting thread per child: it sees the end without reaping (so the pid cannot be reused while a signal
+        // may still be sent to it), records and reports the end, then reaps.
         let waiter = Thread { [self] in
+            var info = siginfo_t()
+            var seen: Int32
+            repeat { seen = waitid(P_PID, id_t(pid), &info, WEXITED | WNOWAIT) } while seen == -1 && errno == EINTR
             var status: Int32 = 0
-            while waitpid(pid, &status, 0) == -1 && errno == EINTR {}
+            var reaped: pid_t = 0
             let now = Self.nowMillis()
-            let signal = status & 0x7f
-            let state =
-                signal != 0 && signal != 0x7f
-                ? ProcStateView(phase: "signaled", pid: Int64(pid), signal: signal, endedAt: now, attempts: attempt)
-                : ProcStateView(phase: "exited", pid: Int64(pid), exitCode: (status >> 8) & 0xff, endedAt: now, attempts: attempt)
+            var state = ProcStateView(phase: "lost")
             launching.withLock { _ in
-                running.withLock { _ = $0.removeValue(forKey: path) }
-                report(path, state, keepStart: true)
+                let startedAt = running.withLock { running -> UInt64 in
+                    guard let r = running[path], r.pid == pid else { return 0 }
+                    running[path] = nil
+                    return r.startedAt
+                }
+                repeat { reaped = waitpid(pid, &status, 0) } while reaped == -1 && errno == EINTR
+                let signal = status & 0x7f
+                if reaped != pid {
+                    state = ProcStateView(phase: "lost", pid: Int64(pid), endedAt: now, attempts: attempt, createRevision: createRevision)
+                } else if signal != 0 && signal != 0x7f {
+                    state = ProcStateView(phase: "signaled", pid: Int64(pid), signal: signal, endedAt: now, attempts: attempt, createRevision: createRevision)
+                } else {
+                    state = ProcStateView(phase: "exited", pid: Int64(pid), exitCode: (status >> 8) & 0xff, endedAt: now, attempts: attempt, createRevision: createRevision)
+                }
+                state.startedAt = startedAt
+                report(path, state)
             }
         }
         waiter.start()
@@ -126,6 +181,12 @@ final class ProcRunner: Sendable {
         guard let symbol = dlsym(dlopen(nil, RTLD_NOW), "posix_spawn_file_actions_addchdir_np") else { return nil }
         return unsafeBitCast(
             symbol, to: (@convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, UnsafePointer<CChar>) -> Int32).self)
+    }()
+
+    /// glibc's posix_spawn_file_actions_addclosefrom_np (2.34 and later).
+    private static let addCloseFrom: (@convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32)? = {
+        guard let symbol = dlsym(dlopen(nil, RTLD_NOW), "posix_spawn_file_actions_addclosefrom_np") else { return nil }
+        return unsafeBitCast(symbol, to: (@convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32).self)
     }()
 
     /// Starts `command` with posix_spawn, never through a shell: signals at their defaults and none blocked (the
@@ -150,6 +211,8 @@ final class ProcRunner: Sendable {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
+        // Nothing of the daemon's (its sockets, its log, its folder's files) leaks into the child.
+        if let closeFrom = Self.addCloseFrom { _ = closeFrom(&actions, 3) }
         if let dir = command.dir, !dir.isEmpty {
             guard let addChdir = Self.addChdir else { throw SpawnError(program: command.path, errno: ENOSYS) }
             guard addChdir(&actions, dir) == 0 else { throw SpawnError(program: command.path, errno: EINVAL) }
@@ -170,44 +233,47 @@ final class ProcRunner: Sendable {
         return pid
     }
 
-    /// Held while a process is started and its start reported.
-    private let launching = Mutex<Void>(())
-    private let startTimes = Mutex<[String: UInt64]>([:])
-
     /// Reports go out one at a time, in the order they were made: an exit never overtakes its start.
-    private func report(_ path: String, _ state: ProcStateView, keepStart: Bool) {
-        var state = state
-        if keepStart { state.startedAt = startTimes.withLock { $0.removeValue(forKey: path) } ?? 0 }
+    private func report(_ path: String, _ state: ProcStateView) {
         reportSink.yield((path, state))
     }
 
-    /// Delivers one report, retried for up to 30 s (a leader may be changing).
+    /// Delivers one report, retried until the cluster takes or refuses it (a leader may be changing).
     private func deliver(_ path: String, _ state: ProcStateView) async {
-        let deadline = ContinuousClock.now + .seconds(30)
-        while ContinuousClock.now < deadline {
+        var attempts = 0
+        while !Task.isCancelled {
             do {
                 _ = try await client.reportProc(path, state)
                 return
             } catch {
-                if case .api(let e) = error, e.code == "not_found" || e.code == "wrong_kind" { return }  // scrubbed
-                logger.info("retrying a process's report", metadata: ["path": "\(path)", "phase": "\(state.phase)", "error": "\(error)"])
+                if case .api(let e) = error, ["not_found", "wrong_kind", "stale_report"].contains(e.code) { return }
+                attempts += 1
+                if attempts % 50 == 1 {
+                    logger.info("retrying a process's report", metadata: ["path": "\(path)", "phase": "\(state.phase)", "error": "\(error)"])
+                }
                 try? await Task.sleep(for: .milliseconds(100))
             }
         }
-        logger.error("could not report a process's state", metadata: ["path": "\(path)", "phase": "\(state.phase)"])
+        logger.error("could not report a process's state before stopping", metadata: ["path": "\(path)", "phase": "\(state.phase)"])
     }
 
     /// The element was removed: its process (and its group) is killed.
     private func scrubbed(_ path: String) {
-        guard let r = running.withLock({ $0[path] }) else { return }
-        kill(-r.pid, SIGKILL)
-        logger.info("killed a scrubbed process", metadata: ["path": "\(path)", "pid": "\(r.pid)"])
+        let pid: pid_t? = running.withLock { running in
+            guard let r = running[path] else { return nil }
+            kill(-r.pid, SIGKILL)
+            return r.pid
+        }
+        if let pid { logger.info("killed a scrubbed process", metadata: ["path": "\(path)", "pid": "\(pid)"]) }
     }
 
-    /// Sends `signal` to the process at `path`; false if this host runs none there.
-    func signal(_ path: String, _ signal: Int32) -> Bool {
-        guard let r = running.withLock({ $0[path] }) else { return false }
-        return kill(r.pid, signal) == 0
+    /// Sends `signal` to this host's process at `path` (created at `createRevision`, if given); false if this host
+    /// runs none there. Under the lock the waiter takes before reaping: the pid is still this child's.
+    func signal(_ path: String, _ signal: Int32, createRevision: UInt64? = nil) -> Bool {
+        running.withLock { running in
+            guard let r = running[path], createRevision == nil || createRevision == r.createRevision else { return false }
+            return kill(r.pid, signal) == 0
+        }
     }
 
     static func nowMillis() -> UInt64 { UInt64(Date().timeIntervalSince1970 * 1000) }

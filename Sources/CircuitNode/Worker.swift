@@ -204,13 +204,20 @@ struct WorkerRelay: RouterMiddleware {
                 }
             }
         }
-        // A wait lasts as long as its process: no deadline of its own.
-        let long = path.hasPrefix("/v1/wait/")
+        // A wait lasts as long as its process: no deadline of its own, a connection of its own, and it ends when
+        // the client hangs up.
+        if path.hasPrefix("/v1/wait/"), request.method == .get {
+            let answer = try await request.body.consumeWithCancellationOnInboundClose { _ in
+                try await worker.relay(.GET, uri, body: nil, timeout: .seconds(7 * 24 * 3600), ownConnection: true)
+            }
+            var headers = HTTPFields()
+            headers[.contentType] = answer.contentType ?? "application/json"
+            return Response(status: .init(code: answer.status), headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: answer.body)))
+        }
         var request = request
         let body = try await request.collectBody(upTo: HTTPAPI.maxBody)
         let answer = try await worker.relay(
-            NIOHTTP1.HTTPMethod(rawValue: request.method.rawValue), uri, body: body.readableBytes > 0 ? Array(buffer: body) : nil,
-            timeout: long ? .seconds(7 * 24 * 3600) : .seconds(10), ownConnection: long)
+            NIOHTTP1.HTTPMethod(rawValue: request.method.rawValue), uri, body: body.readableBytes > 0 ? Array(buffer: body) : nil)
         var headers = HTTPFields()
         headers[.contentType] = answer.contentType ?? "application/json"
         return Response(status: .init(code: answer.status), headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: answer.body)))

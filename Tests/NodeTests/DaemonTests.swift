@@ -596,11 +596,30 @@ struct ProcessTests {
         _ = try await client.remove(element: "/\(member)/long")
         try await eventually("the scrubbed process killed", timeout: .seconds(10)) { kill(pid_t(pid), 0) != 0 }
 
+        // A new process at the same path after a scrub is a new element: the old child's end is not reported on it.
+        _ = try await client.run("/\(member)/again", ProcCommandView(path: "/bin/sleep", args: ["30"]))
+        try await eventually("the first 'again' running", timeout: .seconds(20)) { (try? await client.peek("/\(member)/again"))?.phase == "running" }
+        _ = try await client.remove(element: "/\(member)/again")
+        _ = try await client.run("/\(member)/again", ProcCommandView(path: "/bin/sh", args: ["-c", "sleep 0.3; exit 5"]))
+        let again = try await client.wait("/\(member)/again")
+        #expect(again.phase == "exited" && again.exitCode == 5, "\(again)")
+
+        // kill -9 of the daemon while its process runs: restarted, it reports the process lost.
+        let m = (leader + 1) % 3
+        _ = try await client.run("/\(member)/orphan", ProcCommandView(path: "/bin/sleep", args: ["30"]))
+        try await eventually("the orphan running", timeout: .seconds(20)) { (try? await client.peek("/\(member)/orphan"))?.phase == "running" }
+        let orphanPID = try #require(try await client.peek("/\(member)/orphan").pid)
+        defer { kill(pid_t(orphanPID), SIGKILL) }
+        cluster.kill9(m)
+        try cluster.start(m)
+        let lost = try await client.wait("/\(member)/orphan")
+        #expect(lost.phase == "lost", "\(lost)")
+
         // The CLI's wait prints the final state and exits 1 for a failed process, 0 for a good one.
         let api = cluster.members[leader].api
         let failed = try await onOwnThread { try runCircuit(["wait", "--node", api, "/\(member)/jobs/three"]) }
         #expect(failed.0 == 1 && failed.1.contains("\"exit_code\" : 3"), "\(failed)")
-        let ran = try await onOwnThread { try runCircuit(["run", "--node", api, "/\(member)/ok", "/bin/true"]) }
+        let ran = try await onOwnThread { try runCircuit(["run", "--node", api, "/\(member)/ok", "/bin/sh", "-c", "exit 0"]) }
         #expect(ran.0 == 0, "\(ran)")
         let ok = try await onOwnThread { try runCircuit(["wait", "--node", api, "/\(member)/ok"]) }
         #expect(ok.0 == 0, "\(ok)")
