@@ -98,10 +98,7 @@ final class NodeContext: Sendable {
         } catch {
             throw APIError(status: 503, code: "leader_unreachable", message: "could not reach the leader at \(address): \(error)")
         }
-        var headers = HTTPFields()
-        headers[.contentType] = answer.contentType ?? "application/json"
-        return Response(
-            status: .init(code: answer.status), headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: answer.body)))
+        return Response(relaying: answer)
     }
 }
 

@@ -210,17 +210,13 @@ struct WorkerRelay: RouterMiddleware {
             let answer = try await request.body.consumeWithCancellationOnInboundClose { _ in
                 try await worker.relay(.GET, uri, body: nil, timeout: .seconds(7 * 24 * 3600), ownConnection: true)
             }
-            var headers = HTTPFields()
-            headers[.contentType] = answer.contentType ?? "application/json"
-            return Response(status: .init(code: answer.status), headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: answer.body)))
+            return Response(relaying: answer)
         }
         var request = request
         let body = try await request.collectBody(upTo: HTTPAPI.maxBody)
         let answer = try await worker.relay(
             NIOHTTP1.HTTPMethod(rawValue: request.method.rawValue), uri, body: body.readableBytes > 0 ? Array(buffer: body) : nil)
-        var headers = HTTPFields()
-        headers[.contentType] = answer.contentType ?? "application/json"
-        return Response(status: .init(code: answer.status), headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: answer.body)))
+        return Response(relaying: answer)
     }
 
     /// Streams a member's watch through, line by line, holding at most `buffer` lines: a reader that falls that far
@@ -331,5 +327,14 @@ struct WorkerAgent: Service {
         else { return nil }
         worker.logger.info("registered as a worker", metadata: ["session": "\(view.session)", "revision": "\(view.revision)"])
         return view.session
+    }
+}
+
+extension Response {
+    /// Another node's answer, passed on as it came: status, content type and body.
+    init(relaying answer: HTTPExchange.Answer) {
+        var headers = HTTPFields()
+        headers[.contentType] = answer.contentType ?? "application/json"
+        self.init(status: .init(code: answer.status), headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: answer.body)))
     }
 }
