@@ -274,8 +274,11 @@ public struct ControlState: Sendable {
     }
 
     private mutating func ensureAncestors(of path: String) {
-        var missing: [String] = []
         var p = Names.parent(of: path)
+        // A parent that has children is an anchor, and so are its ancestors: one lookup in the small children index
+        // (one entry per parent) instead of the anchors (one per name) in the common case.
+        if p == "/" || children[p] != nil { return }
+        var missing: [String] = []
         while p != "/" && anchors[p] == nil {
             missing.append(p)
             p = Names.parent(of: p)
