@@ -181,7 +181,10 @@ struct ControlServiceTests {
         defer { cluster.stopAll() }
         var leader = try await cluster.leader()
         for i in 0..<60 { _ = try await leader.execute(.put(path: "/records/r/k\(i % 17)", value: [UInt8(i)], session: 0)) }
-        let restarted = cluster.followers(of: leader)[0].driver.id
+        let follower = cluster.followers(of: leader)[0]
+        let restarted = follower.driver.id
+        // Snapshots are written in the background: stop the follower only once it has one on disk.
+        try await waitFor("the follower's first snapshot") { follower.driver.status.snapshotIndex > 0 }
         cluster.stop(restarted)
         leader = try await cluster.leader()
         for i in 60..<120 { _ = try await leader.execute(.put(path: "/records/r/k\(i % 17)", value: [UInt8(i)], session: 0)) }
