@@ -101,7 +101,7 @@ public struct CircuitClient: Sendable {
         var query: [String: String] = [:]
         if recursive { query["recursive"] = "1" }
         if stale { query["consistency"] = "stale" }
-        return try await call("GET", "/v1/ls" + (path.hasPrefix("/") ? path : "/" + path), query: query)
+        return try await call("GET", "/v1/ls" + Self.rooted(path), query: query)
     }
 
     /// Applies every operation, in order, as one revision, or none (`transaction_failed` names the one that failed).
@@ -114,7 +114,7 @@ public struct CircuitClient: Sendable {
 
     /// What the anchor at `path` holds, and its children.
     public func peek(_ path: String, stale: Bool = false) async throws(CircuitClientError) -> ElementView {
-        try await call("GET", "/v1/peek" + (path.hasPrefix("/") ? path : "/" + path), query: stale ? ["consistency": "stale"] : [:])
+        try await call("GET", "/v1/peek" + Self.rooted(path), query: stale ? ["consistency": "stale"] : [:])
     }
 
     /// Creates an element at `path` (under a live host, or a record under /records).
@@ -122,13 +122,13 @@ public struct CircuitClient: Sendable {
     public func create(_ path: String, _ element: ElementView) async throws(CircuitClientError) -> WriteView {
         let body: Data
         do { body = try JSONEncoder().encode(element) } catch { throw .badAnswer("\(error)") }
-        return try await call("PUT", "/v1/namespace" + (path.hasPrefix("/") ? path : "/" + path), body: body)
+        return try await call("PUT", "/v1/namespace" + Self.rooted(path), body: body)
     }
 
     /// Removes the element at `path`.
     @discardableResult
     public func remove(element path: String, version: UInt64? = nil) async throws(CircuitClientError) -> WriteView {
-        try await call("DELETE", "/v1/namespace" + (path.hasPrefix("/") ? path : "/" + path), query: version.map { ["version": "\($0)"] } ?? [:])
+        try await call("DELETE", "/v1/namespace" + Self.rooted(path), query: version.map { ["version": "\($0)"] } ?? [:])
     }
 
     // MARK: - Sessions
@@ -148,11 +148,14 @@ public struct CircuitClient: Sendable {
 
     // MARK: - HTTP
 
+    /// `path` with a leading slash, to append to an endpoint's prefix (`/v1/peek` + `/X.../a`).
+    static func rooted(_ path: String) -> String { path.hasPrefix("/") ? path : "/" + path }
+
     /// A record path relative to the records root: `/records/a/b`, `a/b` and `/a/b` all mean `/records/a/b`.
     static func relative(_ path: String) -> String {
         var p = path
         if p.hasPrefix("/records/") { p.removeFirst("/records".count) }
-        return p.hasPrefix("/") ? p : "/" + p
+        return rooted(p)
     }
 
     /// One call to the first endpoint that answers. `ownConnection`: on a connection of its own, closed after the

@@ -12,18 +12,18 @@ extension CircuitClient {
     /// Waits until the process at `path` has ended (exited, signaled or lost) and answers its final state. Give the
     /// client a `timeout` as long as you are willing to wait.
     public func wait(_ path: String) async throws(CircuitClientError) -> ElementView {
-        try await call("GET", "/v1/wait" + (path.hasPrefix("/") ? path : "/" + path), ownConnection: true)
+        try await call("GET", "/v1/wait" + Self.rooted(path), ownConnection: true)
     }
 
     /// Sends `signal` (a name such as TERM or KILL, or a number) to the process at `path`, through its owning host.
     public func signal(_ path: String, _ signal: String) async throws(CircuitClientError) -> ElementView {
-        try await call("POST", "/v1/signal" + (path.hasPrefix("/") ? path : "/" + path), query: ["signal": signal])
+        try await call("POST", "/v1/signal" + Self.rooted(path), query: ["signal": signal])
     }
 
     /// Used by the owning host: reports a process's new state.
     public func reportProc(_ path: String, _ state: ProcStateView) async throws(CircuitClientError) -> WriteView {
         let body: Data
         do { body = try JSONEncoder().encode(state) } catch { throw .badAnswer("\(error)") }
-        return try await call("PUT", "/v1/proc-state" + (path.hasPrefix("/") ? path : "/" + path), body: body)
+        return try await call("PUT", "/v1/proc-state" + Self.rooted(path), body: body)
     }
 }

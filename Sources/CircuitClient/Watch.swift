@@ -9,7 +9,7 @@ extension CircuitClient {
     public func watch(_ path: String, from revision: UInt64? = nil) -> AsyncThrowingStream<EventView, any Error> {
         let (stream, continuation) = AsyncThrowingStream<EventView, any Error>.makeStream()
         let endpoint = endpoints.first ?? "127.0.0.1:7700"
-        let uri = "/v1/watch" + (path.hasPrefix("/") ? path : "/" + path) + (revision.map { "?from=\($0)" } ?? "")
+        let uri = "/v1/watch" + Self.rooted(path) + (revision.map { "?from=\($0)" } ?? "")
         let task = Task {
             do {
                 let (status, errorBody) = try await HTTPExchange.stream(uri, to: endpoint) { line in
