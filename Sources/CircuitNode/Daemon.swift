@@ -358,21 +358,31 @@ struct HostAgent: Service {
     }
 
     private func register(ttl: UInt64) async -> SessionID? {
-        let raft = node.service.driver.status
-        let role = raft.membership.isVoter(node.folder.nodeID) ? "voter" : "learner"
-        let me = HostView(
-            id: node.folder.hostID, peerAddress: node.config.advertisedPeer, clientAddress: node.config.advertisedClient,
-            role: role, state: "alive", session: 0, joinedAt: 0)
-        guard let body = try? JSONEncoder().encode(me),
-            let (status, data) = await call("POST", "/v1/hosts/register?ttl_ms=\(ttl)", body: body), status == 200,
-            let view = try? JSONDecoder().decode(WriteView.self, from: data)
-        else { return nil }
-        node.logger.info("registered", metadata: ["session": "\(view.session)", "revision": "\(view.revision)"])
-        return view.session
+        let role = node.service.driver.status.membership.isVoter(node.folder.nodeID) ? "voter" : "learner"
+        return await registerHost(hostID: node.folder.hostID, role: role, ttl: ttl, config: node.config, logger: node.logger) { uri, body in
+            await call("POST", uri, body: Data(body))
+        }
     }
 
     private func keepAlive(_ session: SessionID) async -> Bool {
         guard let (status, _) = await call("POST", "/v1/sessions/\(session)/keepalive") else { return true }
         return status != 404
     }
+}
+
+/// Registers this host (its addresses and `role`) for a session of `ttl` milliseconds, sending the request with
+/// `post` (to an API that forwards it to the leader); answers the new session, or nil if it was not granted.
+func registerHost(
+    hostID: String, role: String, ttl: UInt64, config: NodeConfig, logger: Logger,
+    post: (_ uri: String, _ body: [UInt8]) async -> (Int, Data)?
+) async -> SessionID? {
+    let me = HostView(
+        id: hostID, peerAddress: config.advertisedPeer, clientAddress: config.advertisedClient, role: role, state: "alive",
+        session: 0, joinedAt: 0)
+    guard let body = try? JSONEncoder().encode(me),
+        let (status, data) = await post("/v1/hosts/register?ttl_ms=\(ttl)", Array(body)), status == 200,
+        let view = try? JSONDecoder().decode(WriteView.self, from: data)
+    else { return nil }
+    logger.info("registered", metadata: ["role": "\(role)", "session": "\(view.session)", "revision": "\(view.revision)"])
+    return view.session
 }

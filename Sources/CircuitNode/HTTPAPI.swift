@@ -110,8 +110,7 @@ struct HTTPAPI: Sendable {
             return try await leaderOr(request, context, stale: isStale(request)) {
                 let view: ElementView? = try await node.service.read(consistency(request)) { state in
                     guard let anchor = state.anchors[path] else { return nil }
-                    var view = ElementView(anchor: anchor)
-                    view.path = path
+                    var view = ElementView(anchor: anchor, path: path)
                     view.children = state.children(of: path)
                     return view
                 }
@@ -347,9 +346,7 @@ struct HTTPAPI: Sendable {
                 return try await Self.deliverSignal(path, request: request, runner: runner, ownHost: owner) {
                     try node.service.state.read { state in
                         guard let anchor = state.anchors[path] else { throw APIError.from(.notFound(path: path)) }
-                        var view = ElementView(anchor: anchor)
-                        view.path = path
-                        return view
+                        return ElementView(anchor: anchor, path: path)
                     }
                 }
             }
@@ -375,18 +372,12 @@ struct HTTPAPI: Sendable {
                 do {
                     // A client that hangs up ends the watch at once, even while no change comes to write.
                     try await request.body.consumeWithCancellationOnInboundClose { _ in
-                        for try await event in stream {
-                            var line = try JSONEncoder().encode(EventView(event: event))
-                            line.append(UInt8(ascii: "\n"))
-                            try await writer.write(ByteBuffer(bytes: line))
-                        }
+                        for try await event in stream { try await writer.write(try ndjsonLine(EventView(event: event))) }
                     }
                 } catch is CancellationError {
                     return  // the client is gone: nothing to finish
                 } catch let error as WatchError {
-                    var line = try JSONEncoder().encode(ErrorEnvelope(APIError(status: 410, code: "compacted", message: error.description)))
-                    line.append(UInt8(ascii: "\n"))
-                    try await writer.write(ByteBuffer(bytes: line))
+                    try await writer.write(try ndjsonLine(ErrorEnvelope(APIError(status: 410, code: "compacted", message: error.description))))
                 }
                 try await writer.finish(nil)
             }
@@ -402,9 +393,7 @@ struct HTTPAPI: Sendable {
         guard let anchor = state.anchors[path], let element = anchor.element else { throw APIError.from(.notFound(path: path)) }
         guard case .proc(let p) = element else { throw APIError.from(.wrongKind(path: path, expected: "proc", actual: element.kind)) }
         guard p.phase == .exited || p.phase == .signaled || p.phase == .lost else { return nil }
-        var view = ElementView(anchor: anchor)
-        view.path = path
-        return view
+        return ElementView(anchor: anchor, path: path)
     }
 
     /// Delivers `?signal=` to this host's process at `path` and answers the element as the cluster knows it.
@@ -527,8 +516,9 @@ extension EventView {
 }
 
 extension ElementView {
-    init(anchor: Anchor) {
+    init(anchor: Anchor, path: String? = nil) {
         self.init(kind: anchor.element?.kind ?? "none")
+        self.path = path
         version = anchor.version
         createRevision = anchor.createRevision
         modRevision = anchor.modRevision
@@ -566,6 +556,13 @@ extension APIError: HTTPResponseError {
             status: .init(code: statusCode), headers: [.contentType: "application/json"],
             body: .init(byteBuffer: ByteBuffer(bytes: body)))
     }
+}
+
+/// One line of a streamed answer (a watch): `value` as JSON and a newline.
+func ndjsonLine(_ value: some Encodable) throws -> ByteBuffer {
+    var line = try JSONEncoder().encode(value)
+    line.append(UInt8(ascii: "\n"))
+    return ByteBuffer(bytes: line)
 }
 
 func json(_ value: some Encodable) throws -> Response {

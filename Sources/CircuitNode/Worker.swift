@@ -265,9 +265,7 @@ struct WorkerRelay: RouterMiddleware {
                 default:
                     reason = APIError(status: 503, code: "member_unreachable", message: "the member's watch ended: \(error)")
                 }
-                var line = try JSONEncoder().encode(ErrorEnvelope(reason))
-                line.append(UInt8(ascii: "\n"))
-                try await writer.write(ByteBuffer(bytes: line))
+                try await writer.write(try ndjsonLine(ErrorEnvelope(reason)))
             }
             try await writer.finish(nil)
         }
@@ -318,15 +316,11 @@ struct WorkerAgent: Service {
     }
 
     private func register(ttl: UInt64) async -> UInt64? {
-        let me = HostView(
-            id: worker.folder.hostID, peerAddress: worker.config.advertisedPeer, clientAddress: worker.config.advertisedClient,
-            role: "worker", state: "alive", session: 0, joinedAt: 0)
-        guard let body = try? JSONEncoder().encode(me),
-            let answer = try? await worker.relay(.POST, "/v1/hosts/register?ttl_ms=\(ttl)", body: Array(body)), answer.status == 200,
-            let view = try? JSONDecoder().decode(WriteView.self, from: Data(answer.body))
-        else { return nil }
-        worker.logger.info("registered as a worker", metadata: ["session": "\(view.session)", "revision": "\(view.revision)"])
-        return view.session
+        await registerHost(hostID: worker.folder.hostID, role: "worker", ttl: ttl, config: worker.config, logger: worker.logger) {
+            uri, body in
+            guard let answer = try? await worker.relay(.POST, uri, body: body) else { return nil }
+            return (answer.status, Data(answer.body))
+        }
     }
 }
 
