@@ -114,11 +114,16 @@ struct ClientOptions: ParsableArguments {
         return (try? NodeConfig(tomlFile: path))?.advertisedClient
     }
 
+    /// `value` as indented JSON with sorted keys, on standard output.
+    static func printJSON(_ value: some Encodable) throws {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        print(String(decoding: try encoder.encode(value), as: UTF8.self))
+    }
+
     func emit<T: Encodable>(_ value: T, human: () -> String) throws {
         if json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try encoder.encode(value), as: UTF8.self))
+            try Self.printJSON(value)
         } else {
             print(human())
         }
@@ -326,9 +331,7 @@ struct Peek: AsyncParsableCommand {
 
     func run() async throws {
         let view = try await options.client.peek(path, stale: stale)
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        print(String(decoding: try encoder.encode(view), as: UTF8.self))
+        try ClientOptions.printJSON(view)
     }
 }
 
@@ -366,9 +369,7 @@ struct Wait: AsyncParsableCommand {
         var client = options.client
         client.timeout = 7 * 24 * 3600
         let view = try await client.wait(path)
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        print(String(decoding: try encoder.encode(view), as: UTF8.self))
+        try ClientOptions.printJSON(view)
         if view.phase != "exited" || view.exitCode != 0 { Foundation.exit(1) }
     }
 }
