@@ -228,10 +228,10 @@ extension ControlState {
             w.int(s.id); w.int(s.ttlMillis); w.string(s.owner); w.int(s.createdAt)
         }
         w.int(UInt32(anchors.count))
-        for path in anchors.keys.sorted() {
+        for path in anchors.sortedPaths {
             let a = anchors[path]!
             w.string(path); w.int(a.version); w.int(a.createRevision); w.int(a.modRevision); w.int(a.session)
-            w.int(a.nextSequence); w.bool(a.element != nil)
+            w.int(sequences[path] ?? 0); w.bool(a.element != nil)
             a.element?.write(to: &w)
         }
         let retained = (try? events(after: compactedThrough).get()) ?? []
@@ -268,11 +268,16 @@ extension ControlState {
             let id: SessionID = try r.int("session id")
             sessions[id] = Session(id: id, ttlMillis: try r.int("ttl"), owner: try r.string("owner"), createdAt: try r.int("created"))
         }
-        for _ in 0..<(try r.int("anchor count") as UInt32) {
+        let anchorCount: UInt32 = try r.int("anchor count")
+        // Grow the table once, not by doublings; a count larger than the bytes could hold is not believed.
+        reserveAnchors(min(Int(anchorCount), (bytes.count - r.at) / 40))
+        for _ in 0..<anchorCount {
             let path = try r.string("path")
             var a = Anchor(
                 version: try r.int("version"), createRevision: try r.int("create revision"),
-                modRevision: try r.int("mod revision"), session: try r.int("session"), nextSequence: try r.int("sequence"))
+                modRevision: try r.int("mod revision"), session: try r.int("session"))
+            let sequence: UInt64 = try r.int("sequence")
+            if sequence > 0 { sequences[path] = sequence }
             if try r.bool("has element") { a.element = try Element(from: &r) }
             setAnchorRestoring(path, a)
         }

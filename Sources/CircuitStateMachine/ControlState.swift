@@ -8,7 +8,7 @@ public struct ControlState: Sendable {
     public internal(set) var revision: Revision = 0
     /// The Raft index of the last command applied.
     public internal(set) var appliedIndex: UInt64 = 0
-    public internal(set) var anchors: [String: Anchor] = [:]
+    public internal(set) var anchors = AnchorTable()
     /// Parent path → names of its child anchors.
     private var children: [String: Set<String>] = [:]
     public internal(set) var hosts: [String: Host] = [:]
@@ -22,7 +22,11 @@ public struct ControlState: Sendable {
     /// How many events to retain for watches that resume from a revision.
     public let historyLimit: Int
     /// Inside a transaction: the first previous value of every anchor touched, to roll back.
-    private var journal: [(String, Anchor?)]?
+    private var journal: [(AnchorTable.Key, Anchor?)]?
+    /// Parent path → the next suffix for a sequential child, for the parents that have had one.
+    var sequences: [String: UInt64] = [:]
+    /// Inside a transaction: the first previous counter of every parent that issued a sequential name.
+    private var sequenceJournal: [(String, UInt64?)] = []
     private var pending: [WatchEvent] = []
 
     public init(historyLimit: Int = 100_000) {
@@ -65,6 +69,7 @@ public struct ControlState: Sendable {
         let before = revision
         revision += 1
         journal = []
+        sequenceJournal.removeAll()
         var last: CommandResult = .ok(revision: revision, path: nil, version: 0, session: 0)
         for (i, op) in ops.enumerated() {
             let outcome: Result<CommandResult, ControlError>
@@ -86,7 +91,8 @@ public struct ControlState: Sendable {
                 // Roll back, newest first.
                 let undo = journal!
                 journal = nil
-                for (path, old) in undo.reversed() { setAnchor(path, old) }
+                for (parent, old) in sequenceJournal.reversed() { sequences[parent] = old }
+                for (key, old) in undo.reversed() { setAnchor(key, old, previous: anchors[key]) }
                 revision = before
                 pending.removeAll()
                 return .failed(.transactionFailed(index: i, e))
@@ -124,12 +130,14 @@ public struct ControlState: Sendable {
         case .delete(let path, let version):
             return delete(path, version: version)
         case .updateProc(let path, let state):
-            guard var anchor = anchors[path], let element = anchor.element else { return .failure(.notFound(path: path)) }
+            let key = AnchorTable.Key(path)
+            guard let previous = anchors[key], let element = previous.element else { return .failure(.notFound(path: path)) }
             guard case .proc = element else { return .failure(.wrongKind(path: path, expected: "proc", actual: element.kind)) }
+            var anchor = previous
             anchor.element = .proc(state)
             anchor.version += 1
             anchor.modRevision = revision
-            setAnchor(path, anchor)
+            setAnchor(key, anchor, previous: previous)
             emit(.put, path, anchor)
             return .success(.ok(revision: 0, path: path, version: anchor.version, session: anchor.session))
         case .setHostRole(let id, let role):
@@ -188,14 +196,15 @@ public struct ControlState: Sendable {
         if sequential {
             let parent = Names.parent(of: path)
             ensureAncestors(of: path)
-            var p = anchors[parent] ?? Anchor()
-            let suffix = String(p.nextSequence)
+            let old = sequences[parent]
+            let suffix = String(old ?? 0)
             target = path + String(repeating: "0", count: max(0, 10 - suffix.count)) + suffix
             if let error = Names.validate(target) { return .failure(error) }
-            p.nextSequence += 1
-            setAnchor(parent, p)
+            if journal != nil, !sequenceJournal.contains(where: { $0.0 == parent }) { sequenceJournal.append((parent, old)) }
+            sequences[parent] = (old ?? 0) + 1
         }
-        let previous = anchors[target]
+        let key = AnchorTable.Key(target)
+        let previous = anchors[key]
         if let existing = previous?.element { return .failure(.exists(path: target, kind: existing.kind)) }
         if previous == nil { ensureAncestors(of: target) }  // an existing anchor has its ancestors
         var anchor = previous ?? Anchor()
@@ -204,13 +213,14 @@ public struct ControlState: Sendable {
         anchor.createRevision = revision
         anchor.modRevision = revision
         anchor.session = session
-        setAnchor(target, anchor, previous: previous)
+        setAnchor(key, anchor, previous: previous)
         emit(.put, target, anchor)
         return .success(.ok(revision: 0, path: target, version: 1, session: session))
     }
 
     private mutating func put(_ path: String, _ value: [UInt8], session: SessionID) -> Result<CommandResult, ControlError> {
-        guard let previous = anchors[path], let element = previous.element else {
+        let key = AnchorTable.Key(path)
+        guard let previous = anchors[key], let element = previous.element else {
             return create(path, .record(value), session: session, sequential: false)
         }
         guard case .record = element else { return .failure(.wrongKind(path: path, expected: "record", actual: element.kind)) }
@@ -220,7 +230,7 @@ public struct ControlState: Sendable {
         anchor.version += 1
         anchor.modRevision = revision
         anchor.session = session
-        setAnchor(path, anchor, previous: previous)
+        setAnchor(key, anchor, previous: previous)
         emit(.put, path, anchor)
         return .success(.ok(revision: 0, path: path, version: anchor.version, session: session))
     }
@@ -252,12 +262,14 @@ public struct ControlState: Sendable {
     // MARK: - The tree
 
     private mutating func removeElement(_ path: String) {
-        guard var anchor = anchors[path], anchor.element != nil else { return }
+        let key = AnchorTable.Key(path)
+        guard let previous = anchors[key], previous.element != nil else { return }
+        var anchor = previous
         anchor.element = nil
         anchor.version = 0
         anchor.session = 0
         anchor.modRevision = revision
-        setAnchor(path, anchor)
+        setAnchor(key, anchor, previous: previous)
         pending.append(WatchEvent(revision: revision, kind: .delete, path: path, version: 0, element: nil))
         prune(path)
     }
@@ -265,10 +277,10 @@ public struct ControlState: Sendable {
     /// Removes anchors that hold nothing, from `path` up.
     private mutating func prune(_ path: String) {
         var p = path
-        while p != "/", let a = anchors[p], a.element == nil, children[p]?.isEmpty ?? true,
-            a.nextSequence == 0
+        while p != "/", case let key = AnchorTable.Key(p), let a = anchors[key], a.element == nil,
+            children[p]?.isEmpty ?? true, sequences[p] == nil
         {
-            setAnchor(p, nil)
+            setAnchor(key, nil, previous: a)
             p = Names.parent(of: p)
         }
     }
@@ -283,17 +295,16 @@ public struct ControlState: Sendable {
             missing.append(p)
             p = Names.parent(of: p)
         }
-        for a in missing.reversed() { setAnchor(a, Anchor(createRevision: revision, modRevision: revision)) }
+        for a in missing.reversed() {
+            setAnchor(AnchorTable.Key(a), Anchor(createRevision: revision, modRevision: revision), previous: nil)
+        }
     }
 
     /// The one place anchors change: keeps the children and ephemeral indexes, and the transaction journal.
-    private mutating func setAnchor(_ path: String, _ new: Anchor?) {
-        setAnchor(path, new, previous: anchors[path])
-    }
-
-    /// The same, when the caller has just read the anchor (`previous`): one hash lookup less on the hot paths.
-    private mutating func setAnchor(_ path: String, _ new: Anchor?, previous old: Anchor?) {
-        if journal != nil, !journal!.contains(where: { $0.0 == path }) { journal!.append((path, old)) }
+    /// `previous` is the anchor the caller has just read at `key`.
+    private mutating func setAnchor(_ key: AnchorTable.Key, _ new: Anchor?, previous old: Anchor?) {
+        let path = key.path
+        if journal != nil, !journal!.contains(where: { $0.0 == key }) { journal!.append((key, old)) }
         if let oldSession = old?.session, oldSession != 0, oldSession != new?.session {
             ephemerals[oldSession]?.remove(path)
             if ephemerals[oldSession]?.isEmpty == true { ephemerals[oldSession] = nil }
@@ -311,7 +322,7 @@ public struct ControlState: Sendable {
                 if children[parent]?.isEmpty == true { children[parent] = nil }
             }
         }
-        anchors[path] = new
+        anchors[key] = new
     }
 
     private mutating func emit(_ kind: WatchEvent.Kind, _ path: String, _ anchor: Anchor) {
@@ -330,6 +341,9 @@ public struct ControlState: Sendable {
     }
 
     // MARK: - Reading
+
+    /// The suffix the next sequential name created under `path` will get.
+    public func nextSequence(under path: String) -> UInt64 { sequences[path] ?? 0 }
 
     /// The names of `path`'s child anchors, sorted.
     public func children(of path: String) -> [String] {
@@ -363,7 +377,11 @@ public struct ControlState: Sendable {
         return .success(history.filter { $0.revision > revision && matches($0.path) })
     }
 
-    mutating func setAnchorRestoring(_ path: String, _ anchor: Anchor) { setAnchor(path, anchor) }
+    mutating func setAnchorRestoring(_ path: String, _ anchor: Anchor) {
+        let key = AnchorTable.Key(path)
+        setAnchor(key, anchor, previous: anchors[key])
+    }
+    mutating func reserveAnchors(_ n: Int) { anchors.reserveCapacity(n) }
     mutating func appendRestoredEvent(_ event: WatchEvent) { history.append(event) }
 
     /// The retained history's first revision (after `compactedThrough`).

@@ -135,19 +135,16 @@ public struct Anchor: Sendable, Hashable {
     public var modRevision: Revision
     /// The session the element is tied to (ephemeral), or 0 (durable).
     public var session: SessionID
-    /// The next suffix for a sequential child.
-    public var nextSequence: UInt64
 
     public init(
         element: Element? = nil, version: UInt64 = 0, createRevision: Revision = 0, modRevision: Revision = 0,
-        session: SessionID = 0, nextSequence: UInt64 = 0
+        session: SessionID = 0
     ) {
         self.element = element
         self.version = version
         self.createRevision = createRevision
         self.modRevision = modRevision
         self.session = session
-        self.nextSequence = nextSequence
     }
 }
 

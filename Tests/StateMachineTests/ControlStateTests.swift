@@ -107,6 +107,22 @@ struct OperationTests {
         let paths: [String?] = r.map { if case .ok(_, let p, _, _) = $0 { return p } else { return nil } }
         #expect(paths == ["/records/q/item-0000000000", "/records/q/item-0000000001", "/records/other/x-0000000000"])
         #expect(s.children(of: "/records/q") == ["item-0000000000", "item-0000000001"])
+
+        // A failed transaction takes back the number it drew; the parent keeps counting once its children are gone.
+        let seq = TransactionOp.create(path: "/records/q/item-", element: .record([]), session: 0, sequential: true)
+        let bad = s.run(.transaction([seq, .check(path: "/records/none", version: 5)]))[0]
+        #expect(failure(bad) != nil)
+        #expect(s.nextSequence(under: "/records/q") == 2)
+        let fresh = s.run(.transaction([.create(path: "/records/new/j-", element: .record([]), session: 0, sequential: true),
+                                        .check(path: "/records/none", version: 5)]))[0]
+        #expect(failure(fresh) != nil)
+        #expect(s.nextSequence(under: "/records/new") == 0 && s.anchors["/records/new"] == nil)
+        s.run(.delete(path: "/records/q/item-0000000000", version: nil), .delete(path: "/records/q/item-0000000001", version: nil))
+        #expect(s.anchors["/records/q"] != nil, "a parent that issued sequential names stays, with its counter")
+        let next = s.run(.create(path: "/records/q/item-", element: .record([]), session: 0, sequential: true))[0]
+        #expect(next == .ok(revision: s.revision, path: "/records/q/item-0000000002", version: 1, session: 0))
+        let restored = try? ControlState(restoring: s.snapshot())
+        #expect(restored?.nextSequence(under: "/records/q") == 3, "the counter is in the snapshot")
     }
 
     @Test("listing: children and recursive, sorted")

@@ -111,7 +111,7 @@ struct PropertyTests {
                     let parent = cut.isEmpty ? "/" : cut
                     let name = String(path[path.index(after: path.lastIndex(of: "/")!)...])
                     #expect(s.children(of: parent).contains(name))
-                    #expect(anchor.element != nil || !s.children(of: path).isEmpty || anchor.nextSequence > 0)
+                    #expect(anchor.element != nil || !s.children(of: path).isEmpty || s.nextSequence(under: path) > 0)
                 }
             }
             #expect((try? s.events(after: 0).get()) == log)
