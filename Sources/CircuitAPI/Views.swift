@@ -324,3 +324,37 @@ public struct ProcStateView: Codable, Sendable, Equatable {
         case createRevision = "create_revision"
     }
 }
+
+/// A channel as its owning host holds it: `GET /v1/chan/stat/PATH`, and the answer to send and close.
+public struct ChanStatView: Codable, Sendable, Equatable {
+    public var path: String
+    public var capacity: Int
+    public var closed: Bool
+    /// Messages in the buffer.
+    public var buffered: Int
+    /// Sends completed and messages received, since this host took the channel.
+    public var sends: UInt64
+    public var receives: UInt64
+    public var waitingSenders: Int
+    public var waitingReceivers: Int
+
+    public init(
+        path: String, capacity: Int, closed: Bool, buffered: Int, sends: UInt64, receives: UInt64, waitingSenders: Int,
+        waitingReceivers: Int
+    ) {
+        self.path = path
+        self.capacity = capacity
+        self.closed = closed
+        self.buffered = buffered
+        self.sends = sends
+        self.receives = receives
+        self.waitingSenders = waitingSenders
+        self.waitingReceivers = waitingReceivers
+    }
+
+    public enum CodingKeys: String, CodingKey {
+        case path, capacity, closed, buffered, sends, receives
+        case waitingSenders = "waiting_senders"
+        case waitingReceivers = "waiting_receivers"
+    }
+}

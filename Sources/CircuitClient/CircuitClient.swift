@@ -163,6 +163,18 @@ public struct CircuitClient: Sendable {
     func call<T: Decodable>(
         _ method: String, _ path: String, query: [String: String] = [:], body: Data? = nil, ownConnection: Bool = false
     ) async throws(CircuitClientError) -> T {
+        let data = Data(try await callRaw(method, path, query: query, body: body, ownConnection: ownConnection))
+        do {
+            return try JSONDecoder().decode(T.self, from: data)
+        } catch {
+            throw .badAnswer("\(error)")
+        }
+    }
+
+    /// The same, answering the body's bytes as they came.
+    func callRaw(
+        _ method: String, _ path: String, query: [String: String] = [:], body: Data? = nil, ownConnection: Bool = false
+    ) async throws(CircuitClientError) -> [UInt8] {
         var uri = path.split(separator: "/", omittingEmptySubsequences: false).map { Self.escape(String($0)) }.joined(separator: "/")
         if !query.isEmpty {
             uri += "?" + query.sorted { $0.key < $1.key }.map { "\(Self.escape($0.key))=\(Self.escape($0.value))" }.joined(separator: "&")
@@ -187,11 +199,7 @@ public struct CircuitClient: Sendable {
                 }
                 throw .api(APIError(status: answer.status, code: "http_\(answer.status)", message: String(decoding: data, as: UTF8.self)))
             }
-            do {
-                return try JSONDecoder().decode(T.self, from: data)
-            } catch {
-                throw .badAnswer("\(error)")
-            }
+            return answer.body
         }
         throw .unreachable(endpoints: endpoints, why: lastError)
     }

@@ -179,10 +179,12 @@ public final class CircuitDaemon: Sendable {
             addressBook: addressBook, logger: logger)
         node.syncPeers()
 
-        let runner = ProcRunner(hostID: folder.hostID, api: config.advertisedClient, logger: logger)
-        try await Self.serve(
-            HTTPAPI(node: node, runner: runner).router(), beside: [HostAgent(node: node), ProcRunnerService(runner: runner)],
-            config: config, logger: logger)
+        let runtime = HostRuntime(config: config, hostID: folder.hostID, logger: logger)
+        let router = HTTPAPI(node: node, runner: runtime.procs).router()
+        router.add(middleware: ChannelRoutes(hostID: folder.hostID, channels: runtime.channels) { host in
+            node.service.state.read { $0.hosts[host].flatMap { $0.state == .alive ? $0.clientAddress : nil } }
+        })
+        try await Self.serve(router, beside: [HostAgent(node: node), HostRuntimeService(runtime: runtime)], config: config, logger: logger)
         logger.info("shutting down: handing leadership over if leader")
         await driver.shutdown()
         await transport.stop()

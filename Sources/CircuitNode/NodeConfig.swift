@@ -29,6 +29,10 @@ public struct NodeConfig: Codable, Sendable, Equatable {
     public var sessionTTLMillis: UInt64 = 5000
     /// Raft's tick; heartbeats every tick, elections after 10 to 20 ticks of silence.
     public var tickMillis: Int = 50
+    /// The largest channel message, in bytes.
+    public var maxMessageBytes: Int = 1 << 20
+    /// The most bytes all of this host's channel buffers hold together.
+    public var maxBufferedBytes: Int = 256 << 20
 
     enum CodingKeys: String, CodingKey {
         case data
@@ -41,6 +45,8 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         case voterReplaceAfterMillis = "voter-replace-after-ms"
         case sessionTTLMillis = "session-ttl-ms"
         case tickMillis = "tick-ms"
+        case maxMessageBytes = "max-message-bytes"
+        case maxBufferedBytes = "max-buffered-bytes"
     }
 
     public init() {}
@@ -59,6 +65,8 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         voterReplaceAfterMillis = try c.decodeIfPresent(UInt64.self, forKey: .voterReplaceAfterMillis) ?? d.voterReplaceAfterMillis
         sessionTTLMillis = try c.decodeIfPresent(UInt64.self, forKey: .sessionTTLMillis) ?? d.sessionTTLMillis
         tickMillis = try c.decodeIfPresent(Int.self, forKey: .tickMillis) ?? d.tickMillis
+        maxMessageBytes = try c.decodeIfPresent(Int.self, forKey: .maxMessageBytes) ?? d.maxMessageBytes
+        maxBufferedBytes = try c.decodeIfPresent(Int.self, forKey: .maxBufferedBytes) ?? d.maxBufferedBytes
     }
 
     /// Reads a TOML file; an unknown key or a wrong type is an error naming it.
@@ -89,6 +97,9 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         if let join { _ = try Self.address(join, "join") }
         guard joinAs == "learner" || joinAs == "worker" else {
             throw NodeConfigError.invalid("join-as: \"\(joinAs)\" is neither learner nor worker")
+        }
+        guard maxMessageBytes > 0, maxBufferedBytes >= maxMessageBytes else {
+            throw NodeConfigError.invalid("max-message-bytes must be positive and no more than max-buffered-bytes")
         }
         if join != nil && !bootstrap.isEmpty { throw NodeConfigError.invalid("--join and --bootstrap exclude each other") }
     }

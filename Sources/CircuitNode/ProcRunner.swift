@@ -10,10 +10,8 @@ import Synchronization
 /// starts it and reports each phase through the log — running (pid, start time, attempt), then exited (code) or
 /// signaled (signal). The work itself never goes through Raft: only the names and the phases do.
 ///
-/// It reads the cluster through this host's own API (a member's, or a worker's that relays), so members and workers
-/// run it alike: it takes the revision, lists the host's subtree linearizably and starts every pending process, then
-/// watches the subtree from after that revision for new ones. A process whose element is removed (scrubbed) is
-/// killed. A program that cannot be started is reported exited with code 127, as a shell does.
+/// The host runtime's scan and watch of the host's subtree tell it of every process element (`consider`) and of
+/// every removal (`scrubbed`): a process whose element is removed is killed. A program that cannot be started is reported exited with code 127, as a shell does.
 ///
 /// Each report names the element's create revision, so a report about an earlier process at the same path is refused
 /// (409 `stale_report`), and phases only move forward. An element this runner finds `running` that it did not
@@ -49,23 +47,18 @@ final class ProcRunner: Sendable {
 
     private var client: CircuitClient { CircuitClient(endpoints: [api]) }
 
-    /// Until cancelled: scan, then watch; again after any error. On the way out the children are killed and their
-    /// ends reported (for up to 3 s).
-    func run() async {
-        let reporter = Task { for await (path, state) in reports { await deliver(path, state) } }
-        while !Task.isCancelled {
-            do {
-                try await scanAndWatch()
-            } catch {
-                logger.debug("process runner: starting over", metadata: ["error": "\(error)"])
-            }
-            try? await Task.sleep(for: .milliseconds(300))
-        }
+    /// Starts delivering reports, one at a time; `stop` ends it.
+    func startReporting() -> Task<Void, Never> {
+        Task { for await (path, state) in reports { await deliver(path, state) } }
+    }
+
+    /// The children are killed and their ends reported (for up to 3 s).
+    func stop(reporter: Task<Void, Never>) async {
         running.withLock { running in
             for (_, r) in running { kill(-r.pid, SIGKILL) }
         }
         let deadline = ContinuousClock.now + .seconds(3)
-        while running.withLock({ !$0.isEmpty }) && ContinuousClock.now < deadline { usleep(10_000) }
+        while running.withLock({ !$0.isEmpty }) && ContinuousClock.now < deadline { try? await Task.sleep(for: .milliseconds(10)) }
         reportSink.finish()
         let drained = Task {
             try? await Task.sleep(for: .seconds(3))
@@ -75,42 +68,16 @@ final class ProcRunner: Sendable {
         drained.cancel()
     }
 
-    private func scanAndWatch() async throws {
-        let root = "/" + hostID
-        let from = try await client.status().revision + 1
-        let listing = try await client.list(root, recursive: true)
-        var present: [String: UInt64] = [:]
-        for path in listing.names {
-            let full = path.hasPrefix("/") ? path : root + "/" + path
-            guard let view = try await peekIfPresent(full), view.kind == "proc" else { continue }
-            present[full] = view.createRevision
-            consider(full, view)
-        }
-        // Children whose element went while no watch was open: scrubbed.
+    /// After a scan of the host's subtree (`present`: each process's path and create revision): children whose
+    /// element went while no watch was open were scrubbed.
+    func keep(only present: [String: UInt64]) {
         let orphans = running.withLock { running in running.filter { present[$0.key] != $0.value.createRevision }.map(\.key) }
         for path in orphans { scrubbed(path) }
-        for try await event in client.watch(root, from: from) {
-            if event.kind == "delete" {
-                scrubbed(event.path)
-            } else if event.kind == "put", let view = try await peekIfPresent(event.path), view.kind == "proc" {
-                consider(event.path, view)
-            }
-        }
-    }
-
-    /// The element at `path`, or nil if there is none; any other error ends this scan (the runner starts over).
-    private func peekIfPresent(_ path: String) async throws -> ElementView? {
-        do {
-            return try await client.peek(path)
-        } catch {
-            if case .api(let e) = error, e.code == "not_found" { return nil }
-            throw error
-        }
     }
 
     /// Starts the process at `path` if it is pending and was not started before; reports it lost if it is running
     /// but not a child of this runner.
-    private func consider(_ path: String, _ view: ElementView) {
+    func consider(_ path: String, _ view: ElementView) {
         guard let command = view.command, let created = view.createRevision else { return }
         let key = "\(path)@\(created)"
         switch view.phase {
@@ -258,7 +225,7 @@ final class ProcRunner: Sendable {
     }
 
     /// The element was removed: its process (and its group) is killed.
-    private func scrubbed(_ path: String) {
+    func scrubbed(_ path: String) {
         let pid: pid_t? = running.withLock { running in
             guard let r = running[path] else { return nil }
             kill(-r.pid, SIGKILL)
@@ -291,13 +258,6 @@ final class ProcRunner: Sendable {
     }
 }
 
-/// The runner as a service beside the API.
-struct ProcRunnerService: Service {
-    let runner: ProcRunner
-    func run() async throws {
-        await cancelWhenGracefulShutdown { await runner.run() }
-    }
-}
 
 struct SpawnError: Error, CustomStringConvertible {
     var program: String

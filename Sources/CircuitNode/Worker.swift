@@ -45,11 +45,16 @@ final class WorkerNode: Sendable {
 
     /// Runs the API and the agent until SIGTERM or SIGINT; then ends this host's session, so it leaves at once.
     func run() async throws {
-        let runner = ProcRunner(hostID: folder.hostID, api: config.advertisedClient, logger: logger)
+        let runtime = HostRuntime(config: config, hostID: folder.hostID, logger: logger)
         let router = Router()
-        router.add(middleware: WorkerRelay(worker: self, runner: runner))
+        router.add(middleware: ChannelRoutes(hostID: folder.hostID, channels: runtime.channels) { [self] host in
+            let answer = try await relay(.GET, "/v1/members?consistency=stale", body: nil)
+            let hosts = try JSONDecoder().decode([HostView].self, from: Data(answer.body))
+            return hosts.first { $0.id == host && $0.state == "alive" }?.clientAddress
+        })
+        router.add(middleware: WorkerRelay(worker: self, runner: runtime.procs))
         try await CircuitDaemon.serve(
-            router, beside: [WorkerAgent(worker: self), ProcRunnerService(runner: runner)], config: config, logger: logger)
+            router, beside: [WorkerAgent(worker: self), HostRuntimeService(runtime: runtime)], config: config, logger: logger)
         logger.info("stopped")
     }
 

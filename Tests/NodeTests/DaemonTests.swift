@@ -8,7 +8,7 @@ import Testing
 
 /// Real `circuit start` daemons in child processes on loopback ports the kernel handed out, real TCP between them,
 /// real SQLite files.
-private func daemons(_ count: Int, ttlMillis: UInt64? = nil) throws -> DaemonProcesses {
+func daemons(_ count: Int, ttlMillis: UInt64? = nil) throws -> DaemonProcesses {
     let binary = try #require(circuitBinary(), "the circuit executable was not built next to the tests")
     let cluster = try DaemonProcesses(
         binary: binary, base: try temporaryFolder("daemons"), count: count, sessionTTLMillis: ttlMillis)
@@ -190,7 +190,7 @@ struct DaemonTests {
 }
 
 /// Runs the `circuit` executable to completion; returns its exit status, standard output and standard error.
-private func runCircuit(_ arguments: [String], environment: [String: String]? = nil) throws -> (Int32, String, String) {
+func runCircuit(_ arguments: [String], environment: [String: String]? = nil, input: [UInt8]? = nil) throws -> (Int32, String, String) {
     let process = Process()
     guard let binary = circuitBinary() else { throw WaitTimedOut(what: "the circuit executable (not built next to the tests)") }
     process.executableURL = URL(fileURLWithPath: binary)
@@ -202,6 +202,12 @@ private func runCircuit(_ arguments: [String], environment: [String: String]? = 
     _ = FileManager.default.createFile(atPath: "\(dir)/err", contents: nil)
     process.standardOutput = FileHandle(forWritingAtPath: "\(dir)/out")
     process.standardError = FileHandle(forWritingAtPath: "\(dir)/err")
+    if let input {
+        _ = FileManager.default.createFile(atPath: "\(dir)/in", contents: Data(input))
+        process.standardInput = FileHandle(forReadingAtPath: "\(dir)/in")
+    } else {
+        process.standardInput = FileHandle.nullDevice
+    }
     try process.run()
     process.waitUntilExit()
     let out = try String(contentsOfFile: "\(dir)/out", encoding: .utf8)

@@ -1,0 +1,74 @@
+import CircuitAPI
+import Foundation
+
+extension CircuitClient {
+    /// Creates a channel element at `path` (under `/X<host>`) holding up to `capacity` messages (0: every send waits
+    /// for its receiver). Its buffer lives on that host.
+    @discardableResult
+    public func makeChannel(_ path: String, capacity: UInt32) async throws(CircuitClientError) -> WriteView {
+        var view = ElementView(kind: "chan")
+        view.capacity = capacity
+        return try await create(path, view)
+    }
+
+    /// The channel at `path`, reached at its owning host's API directly (found in the membership).
+    public func channel(_ path: String) async throws(CircuitClientError) -> Chan {
+        let rooted = Self.rooted(path)
+        let segments = rooted.split(separator: "/", maxSplits: 1)
+        guard let host = segments.first.map(String.init) else {
+            throw .api(.badRequest("\(path) is not under a host: a channel lives on the host that owns it"))
+        }
+        guard let owner = try await members(stale: true).first(where: { $0.id == host && $0.state == "alive" }) else {
+            throw .api(APIError(status: 409, code: "host_not_alive", message: "host \(host), which owns \(rooted), is not alive"))
+        }
+        var client = CircuitClient(endpoints: [owner.clientAddress])
+        client.timeout = timeout
+        return Chan(path: rooted, through: client)
+    }
+}
+
+/// A channel, spoken to at its owning host. Go's semantics: FIFO; capacity 0 is a rendezvous; a closed channel
+/// still delivers what it holds, then `receive` fails with code `closed`; sending on a closed channel fails with code
+/// `closed`; `trySend` and `tryReceive` fail with code `would_block` instead of waiting.
+public struct Chan: Sendable {
+    public let path: String
+    /// The owning host's API (or a node that forwards to it).
+    public var owner: CircuitClient
+
+    /// The channel at `path`, reached through `node`: the owning host's API, or any node's, which forwards each
+    /// operation to the owner (one hop more).
+    public init(path: String, through node: CircuitClient) {
+        self.path = CircuitClient.rooted(path)
+        self.owner = node
+    }
+
+    /// Sends one message; returns once it is buffered or, at capacity 0, received. Waits as long as the client's
+    /// `timeout`.
+    @discardableResult
+    public func send(_ message: [UInt8]) async throws(CircuitClientError) -> ChanStatView {
+        try await owner.call("POST", "/v1/chan/send" + path, body: Data(message), ownConnection: true)
+    }
+
+    @discardableResult
+    public func trySend(_ message: [UInt8]) async throws(CircuitClientError) -> ChanStatView {
+        try await owner.call("POST", "/v1/chan/send" + path, query: ["try": "1"], body: Data(message))
+    }
+
+    /// Receives the next message; waits for one as long as the client's `timeout`.
+    public func receive() async throws(CircuitClientError) -> [UInt8] {
+        try await owner.callRaw("POST", "/v1/chan/recv" + path, ownConnection: true)
+    }
+
+    public func tryReceive() async throws(CircuitClientError) -> [UInt8] {
+        try await owner.callRaw("POST", "/v1/chan/recv" + path, query: ["try": "1"])
+    }
+
+    @discardableResult
+    public func close() async throws(CircuitClientError) -> ChanStatView {
+        try await owner.call("POST", "/v1/chan/close" + path)
+    }
+
+    public func stat() async throws(CircuitClientError) -> ChanStatView {
+        try await owner.call("GET", "/v1/chan/stat" + path)
+    }
+}

@@ -1,0 +1,346 @@
+import CircuitAPI
+import CircuitClient
+import CircuitStateMachine
+import Foundation
+import HTTPTypes
+import Hummingbird
+import Logging
+import NIOCore
+import NIOHTTP1
+import Synchronization
+
+/// The channels this host owns (`/X<this host>/...` elements of kind `chan`): their buffers and waiters live here,
+/// and every send and receive comes here point-to-point; only the names go through Raft.
+///
+/// A channel is taken on at its first use here: its element is read through this host's own API (linearizable), so
+/// a send that follows an acknowledged create finds it. The host runtime's watch tells it when an element is
+/// removed: its waiters fail with `gone` and its buffer is dropped.
+///
+/// Bounded: a message is at most `maxMessageBytes`, and the buffers of all channels on this host hold at most
+/// `maxBufferedBytes` (a send that would pass it is refused, 507 `buffers_full`). A waiting sender's message is held by
+/// its request alone.
+final class Channels: Sendable {
+    typealias Waiter = ChannelCore.Waiter
+
+    enum Outcome: Sendable {
+        case sent
+        case received([UInt8])
+        case failed(ChannelCore.Failure)
+        case cancelled
+    }
+
+    private struct Entry {
+        var createRevision: UInt64
+        var core: ChannelCore
+        var waiting: [Waiter: CheckedContinuation<Outcome, Never>] = [:]
+    }
+
+    private struct State {
+        var entries: [String: Entry] = [:]
+        var nextWaiter: Waiter = 1
+        var bufferedBytes = 0
+        /// Raised at every removal: a first use that read the element while one happened reads it again.
+        var removals: UInt64 = 0
+    }
+
+    private let state = Mutex(State())
+    let maxMessageBytes: Int
+    let maxBufferedBytes: Int
+    /// The element at a path, read linearizably; nil if there is none.
+    private let lookup: @Sendable (String) async throws -> ElementView?
+
+    init(
+        maxMessageBytes: Int, maxBufferedBytes: Int, lookup: @escaping @Sendable (String) async throws -> ElementView?
+    ) {
+        self.maxMessageBytes = maxMessageBytes
+        self.maxBufferedBytes = maxBufferedBytes
+        self.lookup = lookup
+    }
+
+    // MARK: - Operations
+
+    /// Sends `message`; waits (unless `wait` is false) until it is buffered or, at capacity 0, received.
+    func send(_ path: String, _ message: [UInt8], wait: Bool) async throws(APIError) -> ChanStatView {
+        guard message.count <= maxMessageBytes else { throw Self.tooLarge(maxMessageBytes) }
+        try await ensure(path)
+        let outcome = await perform(path) { hostBuffered, core, waiter in
+            if core.waitingReceivers == 0, core.buffered < core.capacity, hostBuffered + message.count > maxBufferedBytes {
+                return nil
+            }
+            return core.send(waiter, message, wait: wait)
+        }
+        switch outcome {
+        case .sent: return try stat(local: path)
+        case .received, .cancelled: throw APIError(status: 500, code: "internal", message: "a send was answered as a receive")
+        case .failed(let f): throw Self.error(f, path, sending: true)
+        }
+    }
+
+    /// Receives the next message; waits (unless `wait` is false) until there is one or the channel is closed.
+    func receive(_ path: String, wait: Bool) async throws(APIError) -> [UInt8] {
+        try await ensure(path)
+        let outcome = await perform(path) { _, core, waiter in core.receive(waiter, wait: wait) }
+        switch outcome {
+        case .received(let message): return message
+        case .sent, .cancelled: throw APIError(status: 500, code: "internal", message: "a receive was answered as a send")
+        case .failed(let f): throw Self.error(f, path, sending: false)
+        }
+    }
+
+    /// Closes the channel: what it holds is still delivered, then receives answer `closed`.
+    func close(_ path: String) async throws(APIError) -> ChanStatView {
+        try await ensure(path)
+        let resumed: [(CheckedContinuation<Outcome, Never>, Outcome)]? = state.withLock { s in
+            guard var entry = s.entries.removeValue(forKey: path) else { return nil }
+            defer { s.entries[path] = entry }
+            guard let actions = entry.core.close() else { return nil }
+            return Self.settle(actions, &entry)
+        }
+        guard let resumed else { throw APIError(status: 409, code: "closed", message: "\(path) is already closed") }
+        for (c, o) in resumed { c.resume(returning: o) }
+        return try stat(local: path)
+    }
+
+    func stat(_ path: String) async throws(APIError) -> ChanStatView {
+        try await ensure(path)
+        return try stat(local: path)
+    }
+
+    // MARK: - What the runtime's watch says
+
+    /// The element at `path` was removed: its waiters fail with `gone`, its buffer goes.
+    func removed(_ path: String) {
+        let resumed = state.withLock { s -> [(CheckedContinuation<Outcome, Never>, Outcome)] in
+            s.removals += 1
+            guard var entry = s.entries.removeValue(forKey: path) else { return [] }
+            s.bufferedBytes -= entry.core.bufferedBytes
+            return Self.settle(entry.core.remove(), &entry)
+        }
+        for (c, o) in resumed { c.resume(returning: o) }
+    }
+
+    /// After a scan of the host's subtree: the channels not present (path and create revision) were removed.
+    func keep(only present: [String: UInt64]) {
+        let gone = state.withLock { s in s.entries.filter { present[$0.key] != $0.value.createRevision }.map(\.key) }
+        for path in gone { removed(path) }
+    }
+
+    /// The daemon stops: every channel's waiters fail.
+    func removeAll() {
+        for path in state.withLock({ Array($0.entries.keys) }) { removed(path) }
+    }
+
+    // MARK: - The shell
+
+    /// Takes the channel on at its first use here: reads its element (again if a removal happened meanwhile).
+    private func ensure(_ path: String) async throws(APIError) {
+        for _ in 0..<5 {
+            let removals: UInt64? = state.withLock { $0.entries[path] != nil ? nil : $0.removals }
+            guard let removals else { return }
+            let view: ElementView?
+            do {
+                view = try await lookup(path)
+            } catch let error as APIError {
+                throw error
+            } catch {
+                throw APIError(status: 503, code: "unavailable", message: "cannot read \(path) from the cluster: \(error)")
+            }
+            guard let view else { throw APIError.from(.notFound(path: path)) }
+            guard view.kind == "chan", let created = view.createRevision else {
+                throw APIError.from(.wrongKind(path: path, expected: "chan", actual: view.kind))
+            }
+            let taken = state.withLock { s in
+                guard s.removals == removals else { return false }
+                if s.entries[path] == nil {
+                    s.entries[path] = Entry(createRevision: created, core: ChannelCore(capacity: Int(view.capacity ?? 0)))
+                }
+                return true
+            }
+            if taken { return }
+        }
+        throw APIError(status: 503, code: "unavailable", message: "\(path) keeps being removed and created: try again")
+    }
+
+    /// Runs one event on the channel as a waiter, and waits for its answer. A task cancelled while waiting (its
+    /// client hung up) leaves the queue and takes nothing with it.
+    private func perform(
+        _ path: String, _ event: (_ hostBuffered: Int, inout ChannelCore, Waiter) -> [ChannelCore.Action]?
+    ) async -> Outcome {
+        let waiter = state.withLock { s in
+            defer { s.nextWaiter += 1 }
+            return s.nextWaiter
+        }
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Outcome, Never>) in
+                let resumed = state.withLock { s -> [(CheckedContinuation<Outcome, Never>, Outcome)] in
+                    // Out of the table while it changes: its buffers are not copied.
+                    guard var entry = s.entries.removeValue(forKey: path) else { return [(continuation, .failed(.gone))] }
+                    defer { s.entries[path] = entry }
+                    let before = entry.core.bufferedBytes
+                    guard let actions = event(s.bufferedBytes, &entry.core, waiter) else {
+                        return [(continuation, .failed(.bufferFull))]
+                    }
+                    entry.waiting[waiter] = continuation
+                    var out = Self.settle(actions, &entry)
+                    // Cancelled before it was queued: the handler below found nothing to cancel.
+                    if Task.isCancelled, entry.core.cancel(waiter), let c = entry.waiting.removeValue(forKey: waiter) {
+                        out.append((c, .cancelled))
+                    }
+                    s.bufferedBytes += entry.core.bufferedBytes - before
+                    return out
+                }
+                for (c, o) in resumed { c.resume(returning: o) }
+            }
+        } onCancel: {
+            let cancelled = state.withLock { s -> CheckedContinuation<Outcome, Never>? in
+                guard var entry = s.entries.removeValue(forKey: path) else { return nil }
+                defer { s.entries[path] = entry }
+                guard entry.core.cancel(waiter) else { return nil }
+                return entry.waiting.removeValue(forKey: waiter)
+            }
+            cancelled?.resume(returning: .cancelled)
+        }
+    }
+
+    /// The continuations the actions answer, taken out of the entry.
+    private static func settle(
+        _ actions: [ChannelCore.Action], _ entry: inout Entry
+    ) -> [(CheckedContinuation<Outcome, Never>, Outcome)] {
+        actions.compactMap { action in
+            switch action {
+            case .sent(let w): return entry.waiting.removeValue(forKey: w).map { ($0, .sent) }
+            case .received(let w, let m): return entry.waiting.removeValue(forKey: w).map { ($0, .received(m)) }
+            case .failed(let w, let f): return entry.waiting.removeValue(forKey: w).map { ($0, .failed(f)) }
+            }
+        }
+    }
+
+    private func stat(local path: String) throws(APIError) -> ChanStatView {
+        guard let view = state.withLock({ s in s.entries[path].map { Self.view(path, $0.core) } }) else {
+            throw Self.error(.gone, path, sending: false)
+        }
+        return view
+    }
+
+    private static func view(_ path: String, _ c: ChannelCore) -> ChanStatView {
+        ChanStatView(
+            path: path, capacity: c.capacity, closed: c.closed, buffered: c.buffered, sends: c.sends, receives: c.receives,
+            waitingSenders: c.waitingSenders, waitingReceivers: c.waitingReceivers)
+    }
+
+    static func tooLarge(_ limit: Int) -> APIError {
+        APIError(status: 413, code: "too_large", message: "a message is at most \(limit) bytes (max-message-bytes)")
+    }
+
+    private static func error(_ failure: ChannelCore.Failure, _ path: String, sending: Bool) -> APIError {
+        switch failure {
+        case .closed:
+            return sending
+                ? APIError(status: 409, code: "closed", message: "send on a closed channel: \(path)")
+                : APIError(status: 409, code: "closed", message: "\(path) is closed and holds nothing more")
+        case .wouldBlock:
+            return APIError(
+                status: 409, code: "would_block",
+                message: sending ? "\(path) has no room and no waiting receiver" : "\(path) holds no message and no sender waits")
+        case .gone:
+            return APIError(status: 410, code: "gone", message: "\(path) was removed (or its host left) while this waited")
+        case .bufferFull:
+            return APIError(status: 507, code: "buffers_full", message: "this host's channel buffers are full (max-buffered-bytes)")
+        }
+    }
+}
+
+/// The channel API of every node and worker (`/v1/chan/{send,recv,close,stat}/PATH`). A channel's operations are
+/// served by its owning host; any other node forwards them there once, on a connection of its own (a blocking send or
+/// receive lasts as long as it must, and a client that hangs up cancels it at the owner too).
+struct ChannelRoutes: RouterMiddleware {
+    typealias Context = BasicRequestContext
+    let hostID: String
+    let channels: Channels
+    /// A live host's client address.
+    let ownerAddress: @Sendable (String) async throws -> String?
+
+    func handle(
+        _ request: Request, context: Context, next: (Request, Context) async throws -> Response
+    ) async throws -> Response {
+        let uri = request.uri.path
+        guard uri.hasPrefix("/v1/chan/") else { return try await next(request, context) }
+        let rest = uri.dropFirst("/v1/chan/".count)
+        guard let slash = rest.firstIndex(of: "/") else { throw APIError(status: 404, code: "not_found", message: "no such endpoint: \(uri)") }
+        let op = String(rest[..<slash])
+        let path = String(rest[slash...])
+        let expected: HTTPRequest.Method = op == "stat" ? .get : .post
+        guard ["send", "recv", "close", "stat"].contains(op) else {
+            throw APIError(status: 404, code: "not_found", message: "no such channel operation \(op.debugDescription) (send, recv, close, stat)")
+        }
+        guard request.method == expected else {
+            throw APIError(status: 405, code: "method_not_allowed", message: "\(op) is \(expected.rawValue) /v1/chan/\(op)/PATH")
+        }
+        if let error = Names.validate(path) { throw APIError.from(error) }
+        guard let owner = Names.host(of: path) else {
+            throw APIError.badRequest("\(path) is not under a host: a channel lives on the host that owns it")
+        }
+        let wait = request.uri.queryParameters.get("try") != "1"
+        if owner != hostID { return try await forward(request, owner: owner, path: path, blocking: wait && op != "close" && op != "stat") }
+        switch op {
+        case "send":
+            return try await Self.whileConnected(request, if: wait) { body in
+                let message = try await Self.collect(body, upTo: channels.maxMessageBytes)
+                return try json(try await channels.send(path, Array(buffer: message), wait: wait))
+            }
+        case "recv":
+            return try await Self.whileConnected(request, if: wait) { _ in
+                let message = try await channels.receive(path, wait: wait)
+                return Response(
+                    status: .ok, headers: [.contentType: "application/octet-stream"],
+                    body: .init(byteBuffer: ByteBuffer(bytes: message)))
+            }
+        case "close":
+            return try json(try await channels.close(path))
+        default:
+            return try json(try await channels.stat(path))
+        }
+    }
+
+    /// Runs `operation` on the request's body; if `blocking`, cancels it when the client hangs up. Such a connection
+    /// is not read again after the answer, which says so (`Connection: close`): blocking calls come on connections
+    /// of their own.
+    private static func whileConnected(
+        _ request: Request, if blocking: Bool, _ operation: (RequestBody) async throws -> Response
+    ) async throws -> Response {
+        guard blocking else { return try await operation(request.body) }
+        var response = try await request.body.consumeWithCancellationOnInboundClose(operation)
+        response.headers[.connection] = "close"
+        return response
+    }
+
+    private static func collect(_ body: RequestBody, upTo limit: Int) async throws -> ByteBuffer {
+        do {
+            return try await body.collect(upTo: limit)
+        } catch is NIOTooManyBytesError {
+            throw Channels.tooLarge(limit)
+        }
+    }
+
+    /// Sends the request on to the owning host, once.
+    private func forward(_ request: Request, owner: String, path: String, blocking: Bool) async throws -> Response {
+        if request.headers[HTTPAPI.forwardedHeader] != nil {
+            throw APIError(status: 503, code: "wrong_host", message: "\(path) belongs to \(owner), not to this host (\(hostID))")
+        }
+        guard let address = try await ownerAddress(owner) else { throw APIError.from(.hostNotAlive(owner)) }
+        let uri = request.uri.path + (request.uri.query.map { "?" + $0 } ?? "")
+        let method = NIOHTTP1.HTTPMethod(rawValue: request.method.rawValue)
+        return try await Self.whileConnected(request, if: blocking) { body in
+            let bytes = try await Self.collect(body, upTo: channels.maxMessageBytes)
+            let answer: HTTPExchange.Answer
+            do {
+                answer = try await HTTPExchange.perform(
+                    method, uri, to: address, body: bytes.readableBytes > 0 ? Array(buffer: bytes) : nil,
+                    headers: [(HTTPAPI.forwardedHeader.rawName, "1")], timeout: blocking ? .seconds(7 * 24 * 3600) : .seconds(10))
+            } catch {
+                throw APIError(status: 503, code: "host_unreachable", message: "cannot reach \(owner), which owns \(path), at \(address): \(error)")
+            }
+            return Response(relaying: answer)
+        }
+    }
+}

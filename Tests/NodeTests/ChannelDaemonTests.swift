@@ -1,0 +1,108 @@
+import CircuitAPI
+import CircuitClient
+import CircuitNode
+import CircuitTestSupport
+import Foundation
+import NIOHTTP1
+import Testing
+
+/// The API error code a call failed with.
+private func code(_ body: () async throws -> Void) async -> String? {
+    do { try await body() } catch {
+        if case .api(let e)? = error as? CircuitClientError { return e.code }
+        return "\(error)"
+    }
+    return nil
+}
+
+@Suite("Channels between hosts", .serialized, .timeLimit(.minutes(2)))
+struct ChannelDaemonTests {
+    @Test("a channel's buffer lives on its host, member or worker: a rendezvous across three hosts, FIFO, try, close, a message too large, a receiver that hangs up takes nothing, removal fails the waiters, and the CLI's send and recv")
+    func channels() async throws {
+        let cluster = try daemons(3)
+        defer { cluster.stopAll(signal: SIGKILL) }
+        let leader = try await cluster.leader()
+        try cluster.add(join: cluster.members[leader].api, as: "worker")
+        try cluster.start(3)
+        _ = try await cluster.allAlive()
+        try await eventually("the worker serving its API", timeout: .seconds(20)) { (try? await cluster.client(3).status()) != nil }
+        let a = leader, b = (leader + 1) % 3, c = (leader + 2) % 3
+        let owner = cluster.members[b].folder.hostID
+        let worker = cluster.members[3].folder.hostID
+        var client = cluster.client(a)
+        client.timeout = 30
+
+        // Capacity 0, on host B: a try-send finds no receiver; a receive on B (found through the membership) is met
+        // by a send through host C, which forwards it to B.
+        let r = "/\(owner)/rendezvous"
+        try await client.makeChannel(r, capacity: 0)
+        let direct = try await client.channel(r)
+        #expect(direct.owner.endpoints == [cluster.members[b].api], "the client talks to the owning host")
+        var viaC = cluster.client(c)
+        viaC.timeout = 30
+        let forwarded = Chan(path: r, through: viaC)
+        #expect(await code { try await forwarded.trySend([1]) } == "would_block")
+        let received = Task { try await direct.receive() }
+        try await eventually("the receiver waiting on B") { (try? await direct.stat())?.waitingReceivers == 1 }
+        try await forwarded.send(Array("across hosts".utf8))
+        #expect(try await received.value == Array("across hosts".utf8))
+
+        // A blocking call made on a keep-alive pool's connection: the pool's next call is answered at once.
+        let ownerAPI = cluster.members[b].api
+        let pooled = Task { try await HTTPPool.shared(ownerAPI).perform(.POST, "/v1/chan/recv\(r)", timeout: .seconds(30)) }
+        try await eventually("the pooled receiver waiting") { (try? await direct.stat())?.waitingReceivers == 1 }
+        try await direct.send([42])
+        #expect(try await pooled.value.body == [42])
+        let next = try await HTTPPool.shared(ownerAPI).perform(.GET, "/v1/status", timeout: .seconds(5))
+        #expect(next.status == 200)
+
+        // Capacity 3, on the worker, used through members: FIFO, try, close.
+        let q = "/\(worker)/queue"
+        try await client.makeChannel(q, capacity: 3)
+        let queue = Chan(path: q, through: client)
+        for i in 1...3 { try await queue.send([UInt8(i)]) }
+        #expect(await code { try await queue.trySend([4]) } == "would_block")
+        let stat = try await queue.stat()
+        #expect(stat.capacity == 3 && stat.buffered == 3 && stat.sends == 3 && !stat.closed)
+        try await queue.close()
+        #expect(await code { try await queue.send([5]) } == "closed")
+        var order: [UInt8] = []
+        for _ in 1...3 { order += try await queue.receive() }
+        #expect(order == [1, 2, 3], "FIFO, and a closed channel delivers what it holds")
+        #expect(await code { _ = try await queue.receive() } == "closed")
+        #expect(await code { try await queue.close() } == "closed", "closing twice is an error")
+
+        // Bad input: a message over the limit, a channel that does not exist, a channel op on a process's name.
+        let big = await code { try await direct.send([UInt8](repeating: 0, count: (1 << 20) + 1)) }
+        #expect(big == "too_large", "\(big ?? "")")
+        #expect(await code { _ = try await Chan(path: "/\(owner)/none", through: client).stat() } == "not_found")
+        #expect(await code { _ = try await Chan(path: "/records/x", through: client).stat() } == "bad_request")
+
+        // A receiver that hangs up (its connection closes while it waits, here through a forwarding node) is
+        // withdrawn at the owner: the next send finds no receiver and nothing is lost.
+        let hungUp = try? await HTTPExchange.perform(
+            .POST, "/v1/chan/recv\(r)", to: cluster.members[c].api, timeout: .milliseconds(500))
+        #expect(hungUp == nil, "the receive timed out on the client's side")
+        try await eventually("the hung-up receiver withdrawn at the owner") { (try? await direct.stat())?.waitingReceivers == 0 }
+        #expect(await code { try await direct.trySend([7]) } == "would_block")
+
+        // Removing the channel fails its waiters with gone.
+        let waiting = Task { try await direct.receive() }
+        try await eventually("a receiver waiting") { (try? await direct.stat())?.waitingReceivers == 1 }
+        _ = try await client.remove(element: r)
+        #expect(await code { _ = try await waiting.value } == "gone")
+
+        // The CLI: all of standard input is one message; recv writes it out as it came.
+        let api = cluster.members[c].api
+        let path = "/\(worker)/cli"
+        let made = try await onOwnThread { try runCircuit(["mkchan", "--node", api, path, "1"]) }
+        #expect(made.0 == 0, "\(made)")
+        let text = Array("line one\nline two\n".utf8)
+        let sent = try await onOwnThread { try runCircuit(["send", "--node", api, path], input: text) }
+        #expect(sent.0 == 0, "\(sent)")
+        let got = try await onOwnThread { try runCircuit(["recv", "--node", api, path]) }
+        #expect(got.0 == 0 && Array(got.1.utf8) == text, "\(got)")
+        let empty = try await onOwnThread { try runCircuit(["recv", "--try", "--node", api, path]) }
+        #expect(empty.0 == 1 && empty.2.contains("holds no message"), "\(empty)")
+    }
+}

@@ -1,0 +1,172 @@
+import CircuitAPI
+import CircuitTestSupport
+import Foundation
+import Testing
+
+@testable import CircuitNode
+
+private let m1: [UInt8] = [1]
+private let m2: [UInt8] = [2]
+private let m3: [UInt8] = [3]
+
+@Suite("ChannelCore: Go's channel semantics as a pure value")
+struct ChannelCoreTests {
+    @Test("capacity 0 is a rendezvous: a send waits for its receiver, a receive for its sender")
+    func rendezvous() {
+        var c = ChannelCore(capacity: 0)
+        #expect(c.send(1, m1, wait: true) == [], "no receiver: the sender waits")
+        #expect(c.waitingSenders == 1 && c.buffered == 0)
+        #expect(c.receive(2, wait: true) == [.received(2, m1), .sent(1)])
+        #expect(c.receive(3, wait: true) == [], "no sender: the receiver waits")
+        #expect(c.send(4, m2, wait: true) == [.received(3, m2), .sent(4)])
+        #expect(c.sends == 2 && c.receives == 2 && c.waitingSenders == 0 && c.waitingReceivers == 0)
+    }
+
+    @Test("a buffer takes sends up to its capacity; messages leave in the order they were sent, waiting senders included")
+    func fifo() {
+        var c = ChannelCore(capacity: 2)
+        #expect(c.send(1, m1, wait: true) == [.sent(1)])
+        #expect(c.send(2, m2, wait: true) == [.sent(2)])
+        #expect(c.send(3, m3, wait: true) == [], "full: the third sender waits")
+        #expect(c.buffered == 2 && c.bufferedBytes == 2)
+        // The first receive frees a slot: the waiting sender's message moves in behind the others.
+        #expect(c.receive(4, wait: true) == [.received(4, m1), .sent(3)])
+        #expect(c.receive(5, wait: true) == [.received(5, m2)])
+        #expect(c.receive(6, wait: true) == [.received(6, m3)])
+        #expect(c.buffered == 0 && c.bufferedBytes == 0)
+    }
+
+    @Test("try-send and try-receive never wait")
+    func tries() {
+        var c = ChannelCore(capacity: 1)
+        #expect(c.receive(1, wait: false) == [.failed(1, .wouldBlock)])
+        #expect(c.send(2, m1, wait: false) == [.sent(2)])
+        #expect(c.send(3, m2, wait: false) == [.failed(3, .wouldBlock)])
+        #expect(c.waitingSenders == 0 && c.buffered == 1)
+        #expect(c.receive(4, wait: false) == [.received(4, m1)])
+        var r = ChannelCore(capacity: 0)
+        #expect(r.send(5, m1, wait: false) == [.failed(5, .wouldBlock)], "capacity 0 and nobody receiving")
+        #expect(r.receive(6, wait: true) == [])
+        #expect(r.send(7, m2, wait: false) == [.received(6, m2), .sent(7)], "a waiting receiver takes a try-send")
+    }
+
+    @Test("a closed channel delivers what it holds, then reports closed; sending on it and closing it again are errors")
+    func close() {
+        var c = ChannelCore(capacity: 2)
+        _ = c.send(1, m1, wait: true)
+        _ = c.send(2, m2, wait: true)
+        let closed = c.close()
+        #expect(closed == [])
+        let again = c.close()
+        #expect(again == nil, "a second close is refused")
+        #expect(c.send(3, m3, wait: true) == [.failed(3, .closed)])
+        #expect(c.receive(4, wait: true) == [.received(4, m1)])
+        #expect(c.receive(5, wait: true) == [.received(5, m2)])
+        #expect(c.receive(6, wait: true) == [.failed(6, .closed)])
+        #expect(c.receive(7, wait: false) == [.failed(7, .closed)])
+    }
+
+    @Test("closing wakes every waiting receiver with closed and fails every waiting sender")
+    func closeWakesWaiters() {
+        var r = ChannelCore(capacity: 0)
+        _ = r.receive(1, wait: true)
+        _ = r.receive(2, wait: true)
+        let woken = r.close()
+        #expect(woken == [.failed(1, .closed), .failed(2, .closed)])
+        var s = ChannelCore(capacity: 0)
+        _ = s.send(3, m1, wait: true)
+        let failed = s.close()
+        #expect(failed == [.failed(3, .closed)])
+        #expect(s.receive(4, wait: true) == [.failed(4, .closed)], "the failed sender's message was not kept")
+    }
+
+    @Test("a cancelled waiter takes nothing with it: its message is never delivered, and it receives nothing")
+    func cancel() {
+        var c = ChannelCore(capacity: 0)
+        _ = c.send(1, m1, wait: true)
+        _ = c.send(2, m2, wait: true)
+        let cancelled = c.cancel(1)
+        let twice = c.cancel(1)
+        #expect(cancelled && !twice, "cancelled once; then already gone")
+        #expect(c.receive(3, wait: true) == [.received(3, m2), .sent(2)])
+        _ = c.receive(4, wait: true)
+        _ = c.receive(5, wait: true)
+        let receiver = c.cancel(4)
+        #expect(receiver)
+        #expect(c.send(6, m3, wait: true) == [.received(5, m3), .sent(6)], "the cancelled receiver is skipped")
+        #expect(c.sends == 2 && c.receives == 2)
+    }
+
+    @Test("a removed channel fails every waiter with gone and drops its buffer")
+    func remove() {
+        var c = ChannelCore(capacity: 1)
+        _ = c.send(1, m1, wait: true)
+        _ = c.send(2, m2, wait: true)
+        #expect(c.remove() == [.failed(2, .gone)])
+        #expect(c.buffered == 0 && c.bufferedBytes == 0)
+        #expect(c.send(3, m3, wait: true) == [.failed(3, .gone)])
+        #expect(c.receive(4, wait: true) == [.failed(4, .gone)])
+    }
+}
+
+/// The shell over real tasks and continuations; the element is looked up by a closure, not over the network.
+@Suite("Channels: the owning host's shell")
+struct ChannelsTests {
+    static func channels(capacity: UInt32 = 0, maxBuffered: Int = 1 << 20) -> Channels {
+        Channels(maxMessageBytes: 16, maxBufferedBytes: maxBuffered) { path in
+            guard path.hasSuffix("/c") else { return nil }
+            var view = ElementView(kind: "chan")
+            view.capacity = capacity
+            view.createRevision = 7
+            return view
+        }
+    }
+
+    static func code(_ body: () async throws -> Void) async -> String? {
+        do { try await body() } catch { return (error as? APIError)?.code ?? "\(error)" }
+        return nil
+    }
+
+    @Test("a blocked receive is answered by a later send, with the bytes sent")
+    func blockedReceive() async throws {
+        let ch = Self.channels()
+        let receiver = Task { try await ch.receive("/X0000000000000001/c", wait: true) }
+        try await eventually("the receiver waiting") { (try? await ch.stat("/X0000000000000001/c"))?.waitingReceivers == 1 }
+        _ = try await ch.send("/X0000000000000001/c", [9, 9], wait: true)
+        #expect(try await receiver.value == [9, 9])
+    }
+
+    @Test("a receive cancelled while it waits leaves the queue: the next message goes to the next receiver")
+    func cancelledReceive() async throws {
+        let ch = Self.channels()
+        let path = "/X0000000000000001/c"
+        let first = Task { try await ch.receive(path, wait: true) }
+        try await eventually("the first receiver waiting") { (try? await ch.stat(path))?.waitingReceivers == 1 }
+        first.cancel()
+        try await eventually("the cancelled receiver gone") { (try? await ch.stat(path))?.waitingReceivers == 0 }
+        let second = Task { try await ch.receive(path, wait: true) }
+        try await eventually("the second receiver waiting") { (try? await ch.stat(path))?.waitingReceivers == 1 }
+        _ = try await ch.send(path, [5], wait: true)
+        #expect(try await second.value == [5])
+        #expect((try? await first.value) == nil, "the cancelled receive got nothing")
+    }
+
+    @Test("errors name what was wrong: no such element, a message too large, a full host, a removed channel")
+    func errors() async throws {
+        let ch = Self.channels(capacity: 4, maxBuffered: 20)
+        let path = "/X0000000000000001/c"
+        #expect(await Self.code { _ = try await ch.send("/X0000000000000001/none", [1], wait: true) } == "not_found")
+        #expect(await Self.code { _ = try await ch.send(path, [UInt8](repeating: 0, count: 17), wait: true) } == "too_large")
+        _ = try await ch.send(path, [UInt8](repeating: 0, count: 16), wait: true)
+        #expect(await Self.code { _ = try await ch.send(path, [UInt8](repeating: 0, count: 8), wait: true) } == "buffers_full")
+        #expect(try await ch.receive(path, wait: false).count == 16)
+        #expect(await Self.code { _ = try await ch.receive(path, wait: false) } == "would_block")
+        let waiting = Task { try await ch.receive(path, wait: true) }
+        try await eventually("the receiver waiting") { (try? await ch.stat(path))?.waitingReceivers == 1 }
+        ch.removed(path)
+        #expect(await Self.code { _ = try await waiting.value } == "gone")
+        _ = try await ch.close(path)  // taken on again: its element is still there as far as the lookup knows
+        #expect(await Self.code { _ = try await ch.close(path) } == "closed")
+        #expect(await Self.code { _ = try await ch.send(path, [1], wait: true) } == "closed")
+    }
+}
