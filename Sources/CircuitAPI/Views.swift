@@ -358,3 +358,18 @@ public struct ChanStatView: Codable, Sendable, Equatable {
         case waitingReceivers = "waiting_receivers"
     }
 }
+
+/// The answer to `POST /v1/proc/stdin/PATH`.
+public struct StdinView: Codable, Sendable, Equatable {
+    public var path: String
+    /// Bytes written into the process's stdin.
+    public var bytes: Int
+    /// Whether stdin was closed after them.
+    public var closed: Bool
+
+    public init(path: String, bytes: Int, closed: Bool) {
+        self.path = path
+        self.bytes = bytes
+        self.closed = closed
+    }
+}

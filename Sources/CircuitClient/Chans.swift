@@ -13,17 +13,21 @@ extension CircuitClient {
 
     /// The channel at `path`, reached at its owning host's API directly (found in the membership).
     public func channel(_ path: String) async throws(CircuitClientError) -> Chan {
+        Chan(path: Self.rooted(path), through: try await owner(of: path))
+    }
+
+    /// A client of the API of the host that owns `path` (`/X<host>/...`), found in the membership.
+    public func owner(of path: String) async throws(CircuitClientError) -> CircuitClient {
         let rooted = Self.rooted(path)
-        let segments = rooted.split(separator: "/", maxSplits: 1)
-        guard let host = segments.first.map(String.init) else {
-            throw .api(.badRequest("\(path) is not under a host: a channel lives on the host that owns it"))
+        guard let host = rooted.split(separator: "/", maxSplits: 1).first.map(String.init) else {
+            throw .api(.badRequest("\(path) is not under a host"))
         }
         guard let owner = try await members(stale: true).first(where: { $0.id == host && $0.state == "alive" }) else {
             throw .api(APIError(status: 409, code: "host_not_alive", message: "host \(host), which owns \(rooted), is not alive"))
         }
         var client = CircuitClient(endpoints: [owner.clientAddress])
         client.timeout = timeout
-        return Chan(path: rooted, through: client)
+        return client
     }
 }
 

@@ -192,16 +192,18 @@ public struct CircuitClient: Sendable {
                 lastError = "\(error)"
                 continue
             }
-            let data = Data(answer.body)
-            guard answer.status == 200 else {
-                if let envelope = try? JSONDecoder().decode(ErrorEnvelope.self, from: data) {
-                    throw .api(APIError(status: answer.status, code: envelope.error.code, message: envelope.error.message))
-                }
-                throw .api(APIError(status: answer.status, code: "http_\(answer.status)", message: String(decoding: data, as: UTF8.self)))
-            }
+            guard answer.status == 200 else { throw Self.apiError(status: answer.status, body: answer.body) }
             return answer.body
         }
         throw .unreachable(endpoints: endpoints, why: lastError)
+    }
+
+    /// The error an answer other than 200 carries (its envelope, or its text).
+    static func apiError(status: Int, body: [UInt8]) -> CircuitClientError {
+        if let envelope = try? JSONDecoder().decode(ErrorEnvelope.self, from: Data(body)) {
+            return .api(APIError(status: status, code: envelope.error.code, message: envelope.error.message))
+        }
+        return .api(APIError(status: status, code: "http_\(status)", message: String(decoding: body, as: UTF8.self)))
     }
 
     /// Percent-encodes everything but unreserved characters.

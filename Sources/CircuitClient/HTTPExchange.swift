@@ -66,28 +66,40 @@ public enum HTTPExchange {
     public static func stream(
         _ uri: String, to address: String, line: @Sendable ([UInt8]) throws -> Void
     ) async throws -> (status: Int, errorBody: [UInt8]) {
+        var pending: [UInt8] = []
+        return try await streamChunks(.GET, uri, to: address) { chunk in
+            pending += chunk
+            while let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
+                let text = Array(pending[..<newline])
+                pending.removeSubrange(...newline)
+                if !text.isEmpty { try line(text) }
+            }
+        }
+    }
+
+    /// One request on a connection of its own; a 200 answer's body is handed over chunk by chunk as it comes (the
+    /// next is read only after `chunk` returns: back-pressure). Any other answer's body is returned whole.
+    public static func streamChunks(
+        _ method: HTTPMethod, _ uri: String, to address: String, body: [UInt8]? = nil,
+        chunk: ([UInt8]) async throws -> Void
+    ) async throws -> (status: Int, errorBody: [UInt8]) {
         let channel = try await connect(address, timeout: .seconds(10))
         return try await channel.executeThenClose { inbound, outbound in
-            try await send(.GET, uri, to: address, body: nil, headers: [], on: outbound)
+            try await send(method, uri, to: address, body: body, headers: [], on: outbound)
             var status = 0
-            var pending: [UInt8] = []
+            var errorBody: [UInt8] = []
             for try await part in inbound {
                 switch part {
                 case .head(let head):
                     status = Int(head.status.code)
                 case .body(var buffer):
-                    pending += buffer.readBytes(length: buffer.readableBytes) ?? []
-                    guard status == 200 else { continue }
-                    while let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
-                        let text = Array(pending[..<newline])
-                        pending.removeSubrange(...newline)
-                        if !text.isEmpty { try line(text) }
-                    }
+                    let bytes = buffer.readBytes(length: buffer.readableBytes) ?? []
+                    if status == 200 { try await chunk(bytes) } else { errorBody += bytes }
                 case .end:
-                    return (status, status == 200 ? [] : pending)
+                    return (status, errorBody)
                 }
             }
-            return (status, status == 200 ? [] : pending)
+            return (status, errorBody)
         }
     }
 

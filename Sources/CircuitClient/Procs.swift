@@ -20,6 +20,30 @@ extension CircuitClient {
         try await call("POST", "/v1/signal" + Self.rooted(path), query: ["signal": signal])
     }
 
+    /// Streams the process's `stdout` or `stderr` (one reader at a time) from its host, chunk by chunk, until the
+    /// process closes it: each chunk is asked for only after `chunk` returned. Ask the owning host (`owner(of:)`).
+    public func readOutput(
+        _ path: String, stream: String = "stdout", chunk: ([UInt8]) async throws -> Void
+    ) async throws(CircuitClientError) {
+        guard let endpoint = endpoints.first else { throw .unreachable(endpoints: [], why: "no endpoints given") }
+        let answer: (status: Int, errorBody: [UInt8])
+        do {
+            answer = try await HTTPExchange.streamChunks(.GET, "/v1/proc/\(stream)" + Self.rooted(path), to: endpoint, chunk: chunk)
+        } catch {
+            throw .unreachable(endpoints: [endpoint], why: "\(error)")
+        }
+        if answer.status != 200 { throw Self.apiError(status: answer.status, body: answer.errorBody) }
+    }
+
+    /// Writes `bytes` into the process's stdin at its host, then closes stdin unless `keepOpen`. Ask the owning
+    /// host (`owner(of:)`).
+    @discardableResult
+    public func writeStdin(_ path: String, _ bytes: [UInt8], keepOpen: Bool = false) async throws(CircuitClientError) -> StdinView {
+        try await call(
+            "POST", "/v1/proc/stdin" + Self.rooted(path), query: keepOpen ? ["open": "1"] : [:], body: Data(bytes),
+            ownConnection: true)
+    }
+
     /// Used by the owning host: reports a process's new state.
     public func reportProc(_ path: String, _ state: ProcStateView) async throws(CircuitClientError) -> WriteView {
         let body: Data

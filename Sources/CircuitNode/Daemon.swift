@@ -181,9 +181,11 @@ public final class CircuitDaemon: Sendable {
 
         let runtime = HostRuntime(config: config, hostID: folder.hostID, logger: logger)
         let router = HTTPAPI(node: node, runner: runtime.procs).router()
-        router.add(middleware: ChannelRoutes(hostID: folder.hostID, channels: runtime.channels) { host in
+        let ownerAddress: @Sendable (String) async throws -> String? = { host in
             node.service.state.read { $0.hosts[host].flatMap { $0.state == .alive ? $0.clientAddress : nil } }
-        })
+        }
+        router.add(middleware: ChannelRoutes(hostID: folder.hostID, channels: runtime.channels, ownerAddress: ownerAddress))
+        router.add(middleware: StdioRoutes(runtime: runtime, ownerAddress: ownerAddress))
         try await Self.serve(router, beside: [HostAgent(node: node), HostRuntimeService(runtime: runtime)], config: config, logger: logger)
         logger.info("shutting down: handing leadership over if leader")
         await driver.shutdown()
@@ -198,6 +200,8 @@ extension CircuitDaemon {
     static func serve(
         _ router: Router<BasicRequestContext>, beside agents: [any Service], config: NodeConfig, logger: Logger
     ) async throws {
+        // A write to the pipe of a process that has gone fails with EPIPE instead of killing the daemon.
+        signal(SIGPIPE, SIG_IGN)
         let client = try NodeConfig.address(config.clientListen, "client-listen")
         let app = Application(
             router: router,

@@ -35,6 +35,13 @@ final class ProcRunner: Sendable {
     private let started = Mutex<Set<String>>([])
     /// Held while a process is started and its start queued for report, and while a child's end is recorded.
     private let launching = Mutex<Void>(())
+    /// The standard streams of the processes this runner started, until their elements are removed; and the
+    /// requests waiting for a pending process's streams.
+    private struct Streams {
+        var ios: [String: (createRevision: UInt64, io: ProcIO)] = [:]
+        var waiters: [String: [CheckedContinuation<Void, Never>]] = [:]
+    }
+    private let streams = Mutex(Streams())
     private let reports: AsyncStream<(String, ProcStateView)>
     private let reportSink: AsyncStream<(String, ProcStateView)>.Continuation
 
@@ -54,6 +61,11 @@ final class ProcRunner: Sendable {
 
     /// The children are killed and their ends reported (for up to 3 s).
     func stop(reporter: Task<Void, Never>) async {
+        let ios = streams.withLock { s -> [ProcIO] in
+            defer { s.ios = [:] }
+            return s.ios.values.map(\.io)
+        }
+        for io in ios { io.close() }
         running.withLock { running in
             for (_, r) in running { kill(-r.pid, SIGKILL) }
         }
@@ -98,14 +110,22 @@ final class ProcRunner: Sendable {
         let pid: pid_t? = launching.withLock { _ in
             let startedAt = Self.nowMillis()
             let pid: pid_t
+            let io: ProcIO
             do {
-                pid = try Self.spawn(command)
+                (pid, io) = try Self.spawnWithPipes(command)
             } catch {
                 logger.warning("could not start a process", metadata: ["path": "\(path)", "program": "\(command.path)", "error": "\(error)"])
                 report(path, ProcStateView(phase: "exited", exitCode: 127, startedAt: startedAt, endedAt: startedAt, attempts: attempt, createRevision: createRevision))
                 return nil
             }
             running.withLock { $0[path] = Running(pid: pid, createRevision: createRevision, startedAt: startedAt) }
+            let (old, waiters) = streams.withLock { s in
+                defer { s.waiters[path] = nil }
+                let old = s.ios.updateValue((createRevision, io), forKey: path)
+                return (old, s.waiters[path] ?? [])
+            }
+            old?.io.close()
+            for w in waiters { w.resume() }
             report(path, ProcStateView(phase: "running", pid: Int64(pid), startedAt: startedAt, attempts: attempt, createRevision: createRevision))
             return pid
         }
@@ -143,6 +163,24 @@ final class ProcRunner: Sendable {
         waiter.start()
     }
 
+    /// Starts `command` with its stdin, stdout and stderr on pipes whose other ends this host holds.
+    static func spawnWithPipes(_ command: ProcCommandView) throws -> (pid_t, ProcIO) {
+        var fds: [CInt] = []
+        defer { for fd in fds { close(fd) } }  // on failure all, on success the child's ends
+        for _ in 0..<3 {
+            var pair: [CInt] = [-1, -1]
+            // Not inherited by other children: close-on-exec (and each child closes every descriptor from 3 on).
+            guard pipe(&pair) == 0 else { throw SpawnError(program: command.path, errno: errno) }
+            fds += pair
+            for fd in pair { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        }
+        // fds: stdin (read, write), stdout (read, write), stderr (read, write)
+        let pid = try spawn(command, stdio: (fds[0], fds[3], fds[5]))
+        let io = ProcIO(stdin: fds[1], stdout: fds[2], stderr: fds[4])
+        fds = [fds[0], fds[3], fds[5]]
+        return (pid, io)
+    }
+
     /// glibc's posix_spawn_file_actions_addchdir_np (2.29 and later), which the Glibc module does not export.
     private static let addChdir: (@convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, UnsafePointer<CChar>) -> Int32)? = {
         guard let symbol = dlsym(dlopen(nil, RTLD_NOW), "posix_spawn_file_actions_addchdir_np") else { return nil }
@@ -160,7 +198,7 @@ final class ProcRunner: Sendable {
     /// daemon ignores SIGTERM and SIGINT to shut down gracefully, and a child would inherit that), in a process group
     /// of its own (so a scrub can kill its children too), stdio on /dev/null, in `dir` if given, with `env` if given
     /// (else the daemon's environment).
-    static func spawn(_ command: ProcCommandView) throws -> pid_t {
+    static func spawn(_ command: ProcCommandView, stdio: (CInt, CInt, CInt)? = nil) throws -> pid_t {
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
         defer { posix_spawnattr_destroy(&attributes) }
@@ -175,9 +213,15 @@ final class ProcRunner: Sendable {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
+        if let (input, output, error) = stdio {
+            posix_spawn_file_actions_adddup2(&actions, input, 0)
+            posix_spawn_file_actions_adddup2(&actions, output, 1)
+            posix_spawn_file_actions_adddup2(&actions, error, 2)
+        } else {
+            posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+            posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+            posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
+        }
         // Nothing of the daemon's (its sockets, its log, its folder's files) leaks into the child.
         if let closeFrom = Self.addCloseFrom { _ = closeFrom(&actions, 3) }
         if let dir = command.dir, !dir.isEmpty {
@@ -224,8 +268,42 @@ final class ProcRunner: Sendable {
         logger.error("could not report a process's state before stopping", metadata: ["path": "\(path)", "phase": "\(state.phase)"])
     }
 
+    /// The streams of this host's process at `path` (created at `createRevision`); if it has not started yet, waits
+    /// up to `timeout` for it to start. Nil if this host runs no such process.
+    func io(_ path: String, createRevision: UInt64?, timeout: Duration) async -> ProcIO? {
+        func current() -> ProcIO? {
+            streams.withLock { s in
+                guard let e = s.ios[path], createRevision == nil || e.createRevision == createRevision else { return nil }
+                return e.io
+            }
+        }
+        if let io = current() { return io }
+        let waited = Task {
+            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                streams.withLock { s in s.waiters[path, default: []].append(c) }
+            }
+        }
+        let timer = Task {
+            try? await Task.sleep(for: timeout)
+            let stale = streams.withLock { s in s.waiters.removeValue(forKey: path) ?? [] }
+            for w in stale { w.resume() }
+        }
+        // A launch between the first look and the registration resumed nobody: look again.
+        if let io = current() {
+            timer.cancel()
+            let stale = streams.withLock { s in s.waiters.removeValue(forKey: path) ?? [] }
+            for w in stale { w.resume() }
+            return io
+        }
+        await waited.value
+        timer.cancel()
+        return current()
+    }
+
     /// The element was removed: its process (and its group) is killed.
     func scrubbed(_ path: String) {
+        let io = streams.withLock { $0.ios.removeValue(forKey: path) }
+        io?.io.close()
         let pid: pid_t? = running.withLock { running in
             guard let r = running[path] else { return nil }
             kill(-r.pid, SIGKILL)

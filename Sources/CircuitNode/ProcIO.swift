@@ -1,0 +1,254 @@
+import CircuitAPI
+import NIOCore
+import NIOPosix
+import Synchronization
+
+/// A process's standard streams, held by its host: the write end of its stdin pipe and the read ends of its stdout
+/// and stderr pipes, as SwiftNIO pipe channels.
+///
+/// Back-pressure all the way, and no unbounded buffer: an output stream is read from its pipe only while its buffer
+/// holds less than `ProcOutput.limit` bytes, so a process whose output nobody reads blocks once the pipe and that
+/// buffer are full (as a process writing to a full pipe does), and nothing is dropped. Stdin is written one chunk at a
+/// time, each after the last has gone into the pipe.
+///
+/// One reader of each stream at a time (another is refused, 409 `busy`); readers that come one after another each get
+/// what the last left. What a process wrote before it ended stays readable until its element is removed.
+final class ProcIO: Sendable {
+    let stdin: ProcInput
+    let stdout: ProcOutput
+    let stderr: ProcOutput
+
+    /// Takes the parent's ends of the three pipes (`stdin` to write; `stdout` and `stderr` to read).
+    init(stdin: CInt, stdout: CInt, stderr: CInt) {
+        self.stdin = ProcInput(fd: stdin)
+        self.stdout = ProcOutput(fd: stdout)
+        self.stderr = ProcOutput(fd: stderr)
+    }
+
+    /// The element is gone: every stream is closed and its readers end.
+    func close() {
+        stdin.close()
+        stdout.close()
+        stderr.close()
+    }
+
+    func output(_ name: String) -> ProcOutput? {
+        switch name {
+        case "stdout": return stdout
+        case "stderr": return stderr
+        default: return nil
+        }
+    }
+}
+
+/// The write end of a process's stdin.
+final class ProcInput: Sendable {
+    private let channel: EventLoopFuture<any Channel>
+    private struct State {
+        var busy = false
+        var closed = false
+    }
+    private let state = Mutex(State())
+
+    init(fd: CInt) {
+        let future = NIOPipeBootstrap(group: MultiThreadedEventLoopGroup.singleton).takingOwnershipOfDescriptor(output: fd)
+        future.whenFailure { _ in Glibc.close(fd) }
+        channel = future
+    }
+
+    enum Refusal: Error { case busy, closed }
+
+    /// Takes the stream for one writer; `finish` gives it back (closing stdin unless `keepOpen`).
+    func acquire() throws(Refusal) {
+        try state.withLock { s throws(Refusal) in
+            if s.closed { throw .closed }
+            if s.busy { throw .busy }
+            s.busy = true
+        }
+    }
+
+    /// Writes `bytes`; returns once they are in the pipe.
+    func write(_ bytes: ByteBuffer) async throws {
+        let channel = try await channel.get()
+        try await channel.writeAndFlush(bytes).get()
+    }
+
+    func finish(keepOpen: Bool) {
+        let close = state.withLock { s in
+            s.busy = false
+            if !keepOpen { s.closed = true }
+            return !keepOpen
+        }
+        if close { self.close() }
+    }
+
+    func close() {
+        state.withLock { $0.closed = true }
+        channel.whenSuccess { $0.close(promise: nil) }
+    }
+}
+
+/// The read end of a process's stdout or stderr, with a bounded buffer.
+final class ProcOutput: Sendable {
+    /// Bytes held beyond the pipe's own buffer while nobody reads.
+    static let limit = 64 << 10
+
+    private struct State {
+        var chunks = CircularBuffer<ByteBuffer>()
+        var bytes = 0
+        var ended = false
+        var busy = false
+        /// The pipe is not being read because the buffer is full.
+        var paused = false
+        var waiter: CheckedContinuation<Void, Never>?
+    }
+    private let state = Mutex(State())
+    private let channel: EventLoopFuture<any Channel>
+
+    init(fd: CInt) {
+        let box = Mutex<ProcOutput?>(nil)
+        let future = NIOPipeBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelOption(.autoRead, value: false)
+            .channelOption(.allowRemoteHalfClosure, value: true)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(OutputPump { box.withLock { $0 } })
+                }
+            }
+            .takingOwnershipOfDescriptor(input: fd)
+        future.whenFailure { _ in Glibc.close(fd) }
+        channel = future
+        box.withLock { $0 = self }
+        // Start reading once the pump is in place (it may have been added before `self` was in the box).
+        future.whenSuccess { $0.read() }
+    }
+
+    /// Takes the stream for one reader; `release` gives it back.
+    func acquire() -> Bool {
+        state.withLock { s in
+            if s.busy { return false }
+            s.busy = true
+            return true
+        }
+    }
+
+    func release() {
+        let waiter = state.withLock { s in
+            s.busy = false
+            defer { s.waiter = nil }
+            return s.waiter
+        }
+        waiter?.resume()
+    }
+
+    /// The next bytes, or nil once the process has closed the stream (or its element is gone) and all was read.
+    func next() async -> ByteBuffer? {
+        while true {
+            enum Step { case chunk(ByteBuffer, resume: Bool), end, wait }
+            let step: Step = state.withLock { s in
+                if let chunk = s.chunks.popFirst() {
+                    s.bytes -= chunk.readableBytes
+                    let resume = s.paused && s.bytes < Self.limit
+                    if resume { s.paused = false }
+                    return .chunk(chunk, resume: resume)
+                }
+                return s.ended ? .end : .wait
+            }
+            switch step {
+            case .chunk(let chunk, let resume):
+                if resume { channel.whenSuccess { $0.read() } }
+                return chunk
+            case .end:
+                return nil
+            case .wait:
+                if Task.isCancelled { return nil }
+                await withTaskCancellationHandler {
+                    await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                        let ready = state.withLock { s -> Bool in
+                            if !s.chunks.isEmpty || s.ended || Task.isCancelled { return true }
+                            s.waiter = c
+                            return false
+                        }
+                        if ready { c.resume() }
+                    }
+                } onCancel: {
+                    let waiter = state.withLock { s in
+                        defer { s.waiter = nil }
+                        return s.waiter
+                    }
+                    waiter?.resume()
+                }
+                if Task.isCancelled { return nil }
+            }
+        }
+    }
+
+    /// From the pump: bytes read from the pipe. True if there is room for more.
+    fileprivate func append(_ buffer: ByteBuffer) -> Bool {
+        let (waiter, more): (CheckedContinuation<Void, Never>?, Bool) = state.withLock { s in
+            s.chunks.append(buffer)
+            s.bytes += buffer.readableBytes
+            let more = s.bytes < Self.limit
+            if !more { s.paused = true }
+            defer { s.waiter = nil }
+            return (s.waiter, more)
+        }
+        waiter?.resume()
+        return more
+    }
+
+    /// From the pump: the process closed its end (or the pipe failed).
+    fileprivate func end() {
+        let waiter = state.withLock { s in
+            s.ended = true
+            defer { s.waiter = nil }
+            return s.waiter
+        }
+        waiter?.resume()
+    }
+
+    func close() {
+        end()
+        channel.whenSuccess { $0.close(promise: nil) }
+    }
+}
+
+/// Reads a pipe into its `ProcOutput` while the buffer has room (auto-read is off: each read is asked for).
+private final class OutputPump: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    let output: () -> ProcOutput?
+
+    init(_ output: @escaping () -> ProcOutput?) {
+        self.output = output
+    }
+
+    /// Whether the buffer had room after the last bytes: then the next read is asked for when this one completes.
+    private var more = true
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard let output = output() else { return }
+        more = output.append(unwrapInboundIn(data))
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if more { context.read() }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case ChannelEvent.inputClosed = event {
+            output()?.end()
+            context.close(promise: nil)
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        output()?.end()
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        output()?.end()
+        context.close(promise: nil)
+    }
+}

@@ -1,0 +1,111 @@
+import CircuitAPI
+import CircuitStateMachine
+import Foundation
+import HTTPTypes
+import Hummingbird
+import NIOCore
+
+/// A process's standard streams over HTTP, served only by the host that runs it: `GET /v1/proc/stdout/PATH` and
+/// `GET /v1/proc/stderr/PATH` stream what the process writes until it closes the stream; `POST /v1/proc/stdin/PATH`
+/// streams the request's body into its stdin, then closes stdin (unless `open=1`). Any other node answers 307 with
+/// the owning host's address: the bytes never pass through a third host.
+struct StdioRoutes: RouterMiddleware {
+    typealias Context = BasicRequestContext
+    let runtime: HostRuntime
+    /// A live host's client address.
+    let ownerAddress: @Sendable (String) async throws -> String?
+    /// How long a request for a pending process's stream waits for its start.
+    static let startWait: Duration = .seconds(10)
+
+    func handle(
+        _ request: Request, context: Context, next: (Request, Context) async throws -> Response
+    ) async throws -> Response {
+        let uri = request.uri.path
+        guard uri.hasPrefix("/v1/proc/") else { return try await next(request, context) }
+        let rest = uri.dropFirst("/v1/proc/".count)
+        guard let slash = rest.firstIndex(of: "/") else { throw APIError(status: 404, code: "not_found", message: "no such endpoint: \(uri)") }
+        let stream = String(rest[..<slash])
+        let path = String(rest[slash...])
+        guard ["stdin", "stdout", "stderr"].contains(stream) else {
+            throw APIError(status: 404, code: "not_found", message: "no such stream \(stream.debugDescription) (stdin, stdout, stderr)")
+        }
+        let expected: HTTPRequest.Method = stream == "stdin" ? .post : .get
+        guard request.method == expected else {
+            throw APIError(status: 405, code: "method_not_allowed", message: "\(stream) is \(expected.rawValue) /v1/proc/\(stream)/PATH")
+        }
+        if let error = Names.validate(path) { throw APIError.from(error) }
+        guard let owner = Names.host(of: path) else {
+            throw APIError.badRequest("\(path) is not under a host: a process runs on the host that owns it")
+        }
+        if owner != runtime.hostID { return try await redirect(request, owner: owner, path: path) }
+        let io = try await streams(path)
+        if stream == "stdin" { return try await write(request, to: io.stdin, path: path) }
+        return try read(request, io.output(stream)!, path: path, stream: stream)
+    }
+
+    /// The process's streams on this host; waits a little for a pending one to start.
+    private func streams(_ path: String) async throws -> ProcIO {
+        guard let view = try await HostRuntime.peekIfPresent(path, at: runtime.api) else { throw APIError.from(.notFound(path: path)) }
+        guard view.kind == "proc" else { throw APIError.from(.wrongKind(path: path, expected: "proc", actual: view.kind)) }
+        let wait = view.phase == "pending" ? Self.startWait : .zero
+        guard let io = await runtime.procs.io(path, createRevision: view.createRevision, timeout: wait) else {
+            throw APIError(
+                status: 409, code: "not_running",
+                message: "this host (\(runtime.hostID)) holds no streams of \(path) (phase \(view.phase ?? "?")): it was not started by this daemon")
+        }
+        return io
+    }
+
+    private func read(_ request: Request, _ output: ProcOutput, path: String, stream: String) throws -> Response {
+        guard output.acquire() else {
+            throw APIError(status: 409, code: "busy", message: "the \(stream) of \(path) is being read by another client: one reader at a time")
+        }
+        let body = ResponseBody { writer in
+            defer { output.release() }
+            do {
+                // A client that hangs up ends the read at once, even while the process writes nothing.
+                try await request.body.consumeWithCancellationOnInboundClose { _ in
+                    while let chunk = await output.next() { try await writer.write(chunk) }
+                }
+            } catch is CancellationError {
+                return
+            }
+            try await writer.finish(nil)
+        }
+        return Response(status: .ok, headers: [.contentType: "application/octet-stream", .connection: "close"], body: body)
+    }
+
+    private func write(_ request: Request, to input: ProcInput, path: String) async throws -> Response {
+        do {
+            try input.acquire()
+        } catch .busy {
+            throw APIError(status: 409, code: "busy", message: "the stdin of \(path) is being written by another client: one writer at a time")
+        } catch {
+            throw APIError(status: 409, code: "closed", message: "the stdin of \(path) is closed")
+        }
+        let keepOpen = request.uri.queryParameters.get("open") == "1"
+        var written = 0
+        do {
+            for try await chunk in request.body {
+                try await input.write(chunk)
+                written += chunk.readableBytes
+            }
+        } catch {
+            input.finish(keepOpen: false)
+            throw APIError(status: 409, code: "closed", message: "the process closed its stdin (\(path)) after \(written) bytes: \(error)")
+        }
+        input.finish(keepOpen: keepOpen)
+        return try json(StdinView(path: path, bytes: written, closed: !keepOpen))
+    }
+
+    /// 307 to the owning host's API: the client follows it and talks to that host directly.
+    private func redirect(_ request: Request, owner: String, path: String) async throws -> Response {
+        guard let address = try await ownerAddress(owner) else { throw APIError.from(.hostNotAlive(owner)) }
+        let target = "http://\(address)\(request.uri.path)" + (request.uri.query.map { "?" + $0 } ?? "")
+        let error = APIError(status: 307, code: "wrong_host", message: "\(path) runs on \(owner): ask \(address)")
+        var response = try json(ErrorEnvelope(error))
+        response.status = .temporaryRedirect
+        response.headers[.location] = target
+        return response
+    }
+}

@@ -1,0 +1,103 @@
+import CircuitAPI
+import CircuitClient
+import CircuitNode
+import CircuitTestSupport
+import Foundation
+import Synchronization
+import Testing
+
+private func apiCode(_ body: () async throws -> Void) async -> String? {
+    do { try await body() } catch {
+        if case .api(let e)? = error as? CircuitClientError { return e.code }
+        return "\(error)"
+    }
+    return nil
+}
+
+/// Everything a stream gave, collected by a reader task.
+private final class Collected: Sendable {
+    let bytes = Mutex<[UInt8]>([])
+    func add(_ chunk: [UInt8]) { bytes.withLock { $0 += chunk } }
+    var count: Int { bytes.withLock { $0.count } }
+}
+
+@Suite("Process streams", .serialized, .timeLimit(.minutes(2)))
+struct StdioDaemonTests {
+    @Test("stdin, stdout and stderr stream point to point with the owning host: cat echoes what is written, output blocks its writer while unread and loses nothing, one reader at a time, other nodes redirect, and the CLI's mkproc, stdin, stdout and waitall")
+    func streams() async throws {
+        let cluster = try daemons(3)
+        defer { cluster.stopAll(signal: SIGKILL) }
+        let leader = try await cluster.leader()
+        _ = try await cluster.allAlive()
+        let b = (leader + 1) % 3
+        let host = cluster.members[b].folder.hostID
+        var client = cluster.client(leader)
+        client.timeout = 30
+        let owner = try await client.owner(of: "/\(host)/cat")
+        #expect(owner.endpoints == [cluster.members[b].api])
+
+        // cat: what goes into stdin comes out of stdout; closing stdin ends it (exit 0).
+        _ = try await client.run("/\(host)/cat", ProcCommandView(path: "/bin/cat"))
+        let out = Collected()
+        let reader = Task { try await owner.readOutput("/\(host)/cat") { out.add($0) } }
+        try await owner.writeStdin("/\(host)/cat", Array("hello ".utf8), keepOpen: true)
+        try await eventually("the first write echoed") { out.count == 6 }
+        let closed = try await owner.writeStdin("/\(host)/cat", Array("world".utf8))
+        #expect(closed.bytes == 5 && closed.closed)
+        try await reader.value
+        #expect(out.bytes.withLock { $0 } == Array("hello world".utf8))
+        let cat = try await client.wait("/\(host)/cat")
+        #expect(cat.phase == "exited" && cat.exitCode == 0)
+        #expect(await apiCode { try await owner.writeStdin("/\(host)/cat", [1]) } == "closed")
+
+        // stderr apart from stdout; what was written before the end is still there after it.
+        _ = try await client.run("/\(host)/err", ProcCommandView(path: "/bin/sh", args: ["-c", "echo out; echo oops >&2; exit 2"]))
+        let failed = try await client.wait("/\(host)/err")
+        #expect(failed.exitCode == 2)
+        let err = Collected()
+        try await owner.readOutput("/\(host)/err", stream: "stderr") { err.add($0) }
+        #expect(err.bytes.withLock { $0 } == Array("oops\n".utf8))
+
+        // 8 MB of output nobody reads: the writer blocks on its pipe (bounded buffers); then read, all of it
+        // arrives and the process exits 0.
+        let bulk = "/\(host)/bulk"
+        _ = try await client.run(bulk, ProcCommandView(path: "/usr/bin/head", args: ["-c", "8000000", "/dev/zero"]))
+        try await eventually("the bulk writer running", timeout: .seconds(20)) { (try? await client.peek(bulk))?.phase == "running" }
+        let pid = try #require(try await client.peek(bulk).pid)
+        try await eventually("the unread writer blocked on its pipe") {
+            ((try? String(contentsOfFile: "/proc/\(pid)/wchan", encoding: .utf8)) ?? "").contains("pipe_write")
+        }
+        // A second reader while one reads is refused.
+        let total = Collected()
+        let first = Task { try await owner.readOutput(bulk) { total.add($0) } }
+        try await eventually("the first reader reading") { total.count > 0 }
+        #expect(await apiCode { try await owner.readOutput(bulk) { _ in } } == "busy")
+        try await first.value
+        #expect(total.count == 8_000_000)
+        #expect(try await client.wait(bulk).exitCode == 0)
+
+        // Other nodes do not relay the bytes: they redirect to the owner.
+        let elsewhere = try await HTTPExchange.perform(.GET, "/v1/proc/stdout\(bulk)", to: cluster.members[leader].api)
+        #expect(elsewhere.status == 307 && String(decoding: elsewhere.body, as: UTF8.self).contains(cluster.members[b].api))
+        // Bad requests: no such element, not a process.
+        #expect(await apiCode { try await owner.readOutput("/\(host)/none") { _ in } } == "not_found")
+        try await client.makeChannel("/\(host)/ch", capacity: 1)
+        #expect(await apiCode { try await owner.readOutput("/\(host)/ch") { _ in } } == "wrong_kind")
+
+        // The CLI: mkproc reads the command as JSON; stdin writes and closes; stdout copies; waitall waits.
+        let api = cluster.members[leader].api
+        let path = "/\(host)/tr"
+        let made = try await onOwnThread {
+            try runCircuit(["mkproc", "--node", api, path], input: Array(#"{"path": "/usr/bin/tr", "args": ["a-z", "A-Z"]}"#.utf8))
+        }
+        #expect(made.0 == 0, "\(made)")
+        let fed = try await onOwnThread { try runCircuit(["stdin", "--node", api, path], input: Array("shout\n".utf8)) }
+        #expect(fed.0 == 0, "\(fed)")
+        let shown = try await onOwnThread { try runCircuit(["stdout", "--node", api, path]) }
+        #expect(shown.0 == 0 && shown.1 == "SHOUT\n", "\(shown)")
+        let all = try await onOwnThread { try runCircuit(["waitall", "--node", api], input: Array("\(path)\n/\(host)/cat\n".utf8)) }
+        #expect(all.0 == 0 && all.1.split(separator: "\n").count == 2, "\(all)")
+        let bad = try await onOwnThread { try runCircuit(["mkproc", "--node", api, "/\(host)/bad"], input: Array("{not json".utf8)) }
+        #expect(bad.0 == 2 && bad.2.contains("not valid JSON"), "\(bad)")
+    }
+}
