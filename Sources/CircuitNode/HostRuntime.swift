@@ -20,7 +20,7 @@ final class HostRuntime: Sendable {
         self.hostID = hostID
         self.api = api
         self.logger = logger
-        procs = ProcRunner(hostID: hostID, api: api, logger: logger)
+        procs = ProcRunner(hostID: hostID, api: api, scrubGrace: .milliseconds(config.scrubGraceMillis), logger: logger)
         channels = Channels(maxMessageBytes: config.maxMessageBytes, maxBufferedBytes: config.maxBufferedBytes) { path in
             try await HostRuntime.peekIfPresent(path, at: api)
         }

@@ -29,6 +29,8 @@ public struct NodeConfig: Codable, Sendable, Equatable {
     public var sessionTTLMillis: UInt64 = 5000
     /// Raft's tick; heartbeats every tick, elections after 10 to 20 ticks of silence.
     public var tickMillis: Int = 50
+    /// How long a scrubbed process has between SIGTERM (to its process group) and SIGKILL.
+    public var scrubGraceMillis: Int64 = 2000
     /// The largest channel message, in bytes.
     public var maxMessageBytes: Int = 1 << 20
     /// The most bytes all of this host's channel buffers hold together.
@@ -45,6 +47,7 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         case voterReplaceAfterMillis = "voter-replace-after-ms"
         case sessionTTLMillis = "session-ttl-ms"
         case tickMillis = "tick-ms"
+        case scrubGraceMillis = "scrub-grace-ms"
         case maxMessageBytes = "max-message-bytes"
         case maxBufferedBytes = "max-buffered-bytes"
     }
@@ -65,6 +68,7 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         voterReplaceAfterMillis = try c.decodeIfPresent(UInt64.self, forKey: .voterReplaceAfterMillis) ?? d.voterReplaceAfterMillis
         sessionTTLMillis = try c.decodeIfPresent(UInt64.self, forKey: .sessionTTLMillis) ?? d.sessionTTLMillis
         tickMillis = try c.decodeIfPresent(Int.self, forKey: .tickMillis) ?? d.tickMillis
+        scrubGraceMillis = try c.decodeIfPresent(Int64.self, forKey: .scrubGraceMillis) ?? d.scrubGraceMillis
         maxMessageBytes = try c.decodeIfPresent(Int.self, forKey: .maxMessageBytes) ?? d.maxMessageBytes
         maxBufferedBytes = try c.decodeIfPresent(Int.self, forKey: .maxBufferedBytes) ?? d.maxBufferedBytes
     }

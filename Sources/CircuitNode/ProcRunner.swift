@@ -23,6 +23,8 @@ final class ProcRunner: Sendable {
     let hostID: String
     let api: String
     let logger: Logger
+    /// How long a scrubbed process has between SIGTERM and SIGKILL.
+    let scrubGrace: Duration
 
     /// A child of this runner, by element path.
     private struct Running {
@@ -45,7 +47,8 @@ final class ProcRunner: Sendable {
     private let reports: AsyncStream<(String, ProcStateView)>
     private let reportSink: AsyncStream<(String, ProcStateView)>.Continuation
 
-    init(hostID: String, api: String, logger: Logger) {
+    init(hostID: String, api: String, scrubGrace: Duration, logger: Logger) {
+        self.scrubGrace = scrubGrace
         self.hostID = hostID
         self.api = api
         self.logger = logger
@@ -301,15 +304,25 @@ final class ProcRunner: Sendable {
     }
 
     /// The element was removed: its process (and its group) is killed.
+    ///
+    /// SIGTERM goes to its process group first; whatever of the group is left after `scrubGrace` gets SIGKILL. (A
+    /// process group's id cannot be handed to a new process while the group has members, so the SIGKILL reaches
+    /// only what is left of this one.)
     func scrubbed(_ path: String) {
         let io = streams.withLock { $0.ios.removeValue(forKey: path) }
         io?.io.close()
         let pid: pid_t? = running.withLock { running in
             guard let r = running[path] else { return nil }
-            kill(-r.pid, SIGKILL)
+            kill(-r.pid, SIGTERM)
             return r.pid
         }
-        if let pid { logger.info("killed a scrubbed process", metadata: ["path": "\(path)", "pid": "\(pid)"]) }
+        guard let pid else { return }
+        logger.info("stopping a scrubbed process", metadata: ["path": "\(path)", "pid": "\(pid)"])
+        let grace = scrubGrace
+        Task {
+            try? await Task.sleep(for: grace)
+            kill(-pid, SIGKILL)
+        }
     }
 
     /// Sends `signal` to this host's process at `path` (created at `createRevision`, if given); false if this host

@@ -595,8 +595,17 @@ struct ProcessTests {
         let missing = try await client.wait("/\(member)/missing")
         #expect(missing.phase == "exited" && missing.exitCode == 127)
 
-        // A scrubbed process is killed.
-        _ = try await client.run("/\(member)/long", ProcCommandView(path: "/bin/sleep", args: ["30"]))
+        // A scrubbed process gets SIGTERM first: one that handles it ends cleanly.
+        let marker = try temporaryFolder("scrub") + "/bye"
+        _ = try await client.run(
+            "/\(member)/polite", ProcCommandView(path: "/bin/sh", args: ["-c", "trap 'echo bye > \(marker); exit 0' TERM; sleep 30 & wait"]))
+        try await eventually("the polite one running", timeout: .seconds(20)) { (try? await client.peek("/\(member)/polite"))?.phase == "running" }
+        _ = try await client.remove(element: "/\(member)/polite")
+        try await eventually("the polite one ended on TERM", timeout: .seconds(10)) {
+            (try? String(contentsOfFile: marker, encoding: .utf8)) == "bye\n"
+        }
+        // One that ignores SIGTERM is killed after the grace period (2 s by default).
+        _ = try await client.run("/\(member)/long", ProcCommandView(path: "/bin/sh", args: ["-c", "trap '' TERM; sleep 30"]))
         try await eventually("the long one running", timeout: .seconds(20)) { (try? await client.peek("/\(member)/long"))?.phase == "running" }
         let pid = try #require(try await client.peek("/\(member)/long").pid)
         _ = try await client.remove(element: "/\(member)/long")
