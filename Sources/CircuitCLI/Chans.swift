@@ -17,6 +17,33 @@ struct Mkchan: AsyncParsableCommand {
     }
 }
 
+/// `circuit mk@join` and `circuit mk@leave`: membership subscriptions, read with `circuit recv`.
+struct MkJoin: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mk@join",
+        abstract: "Create a subscription at /X<host>/name that receives every live host's path, then each host that joins (read it with recv).")
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "Where: /X<host id>/name") var path: String
+
+    func run() async throws {
+        let w = try await options.client.makeSubscription(path, events: "join")
+        try options.emit(w) { "\(w.path ?? path) created at revision \(w.revision)" }
+    }
+}
+
+struct MkLeave: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mk@leave",
+        abstract: "Create a subscription at /X<host>/name that receives the path of each host that leaves or expires (read it with recv).")
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "Where: /X<host id>/name") var path: String
+
+    func run() async throws {
+        let w = try await options.client.makeSubscription(path, events: "leave")
+        try options.emit(w) { "\(w.path ?? path) created at revision \(w.revision)" }
+    }
+}
+
 /// `circuit send`: all of standard input as one message.
 struct Send: AsyncParsableCommand {
     static let configuration = CommandConfiguration(

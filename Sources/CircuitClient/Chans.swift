@@ -11,6 +11,16 @@ extension CircuitClient {
         return try await create(path, view)
     }
 
+    /// Creates a membership subscription at `path` (under `/X<host>`): `join` gets every live host, then each host that
+    /// joins; `leave` gets each host that leaves or expires from now on. Each event is a host's path (`/X...`), read
+    /// with `channel(path).receive()`.
+    @discardableResult
+    public func makeSubscription(_ path: String, events: String) async throws(CircuitClientError) -> WriteView {
+        var view = ElementView(kind: "subscription")
+        view.events = events
+        return try await create(path, view)
+    }
+
     /// The channel at `path`, reached at its owning host's API directly (found in the membership).
     public func channel(_ path: String) async throws(CircuitClientError) -> Chan {
         Chan(path: Self.rooted(path), through: try await owner(of: path))

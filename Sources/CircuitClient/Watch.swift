@@ -6,10 +6,15 @@ extension CircuitClient {
     /// asked (the first endpoint) applies them. The stream ends with `CircuitClientError.api` (code `compacted`,
     /// naming the revision to resume from) if the history no longer reaches back, or if this watcher fell too far
     /// behind; dropping the stream closes the connection.
-    public func watch(_ path: String, from revision: UInt64? = nil) -> AsyncThrowingStream<EventView, any Error> {
+    /// `hostsOnly`: only membership events (hosts joining, leaving, changing role).
+    public func watch(
+        _ path: String, from revision: UInt64? = nil, hostsOnly: Bool = false
+    ) -> AsyncThrowingStream<EventView, any Error> {
         let (stream, continuation) = AsyncThrowingStream<EventView, any Error>.makeStream()
         let endpoint = endpoints.first ?? "127.0.0.1:7700"
-        let uri = "/v1/watch" + Self.rooted(path) + (revision.map { "?from=\($0)" } ?? "")
+        var query = revision.map { ["from=\($0)"] } ?? []
+        if hostsOnly { query.append("hosts=1") }
+        let uri = "/v1/watch" + (path == "/" ? "" : Self.rooted(path)) + (query.isEmpty ? "" : "?" + query.joined(separator: "&"))
         let task = Task {
             do {
                 let (status, errorBody) = try await HTTPExchange.stream(uri, to: endpoint) { line in

@@ -31,6 +31,8 @@ final class Channels: Sendable {
 
     private struct Entry {
         var createRevision: UInt64
+        /// A membership subscription: only the host's feed sends to it.
+        var subscription = false
         var core: ChannelCore
         var waiting: [Waiter: CheckedContinuation<Outcome, Never>] = [:]
     }
@@ -46,6 +48,8 @@ final class Channels: Sendable {
     private let state = Mutex(State())
     let maxMessageBytes: Int
     let maxBufferedBytes: Int
+    /// The events a subscription holds for its readers; more are dropped (and logged by the feed).
+    static let subscriptionCapacity = 10_000
     /// The element at a path, read linearizably; nil if there is none.
     private let lookup: @Sendable (String) async throws -> ElementView?
 
@@ -63,6 +67,7 @@ final class Channels: Sendable {
     func send(_ path: String, _ message: [UInt8], wait: Bool) async throws(APIError) -> ChanStatView {
         guard message.count <= maxMessageBytes else { throw Self.tooLarge(maxMessageBytes) }
         try await ensure(path)
+        if state.withLock({ $0.entries[path]?.subscription == true }) { throw Self.readOnly(path) }
         let outcome = await perform(path) { hostBuffered, core, waiter in
             if core.waitingReceivers == 0, core.buffered < core.capacity, hostBuffered + message.count > maxBufferedBytes {
                 return nil
@@ -90,6 +95,7 @@ final class Channels: Sendable {
     /// Closes the channel: what it holds is still delivered, then receives answer `closed`.
     func close(_ path: String) async throws(APIError) -> ChanStatView {
         try await ensure(path)
+        if state.withLock({ $0.entries[path]?.subscription == true }) { throw Self.readOnly(path) }
         let resumed: [(CheckedContinuation<Outcome, Never>, Outcome)]? = state.withLock { s in
             guard var entry = s.entries.removeValue(forKey: path) else { return nil }
             defer { s.entries[path] = entry }
@@ -107,6 +113,23 @@ final class Channels: Sendable {
     }
 
     // MARK: - What the runtime's watch says
+
+    /// From a subscription's feed: one event for its readers. False if the subscription holds all it can (the event
+    /// is dropped).
+    func deliver(_ path: String, createRevision: UInt64, _ event: [UInt8]) -> Bool {
+        let (resumed, taken) = state.withLock { s -> ([(CheckedContinuation<Outcome, Never>, Outcome)], Bool) in
+            var entry = s.entries.removeValue(forKey: path)
+                ?? Entry(createRevision: createRevision, subscription: true, core: ChannelCore(capacity: Self.subscriptionCapacity))
+            defer { s.entries[path] = entry }
+            guard entry.createRevision == createRevision else { return ([], false) }
+            let before = entry.core.bufferedBytes
+            let actions = entry.core.send(0, event, wait: false)
+            s.bufferedBytes += entry.core.bufferedBytes - before
+            return (Self.settle(actions, &entry), !actions.contains(.failed(0, .wouldBlock)))
+        }
+        for (c, o) in resumed { c.resume(returning: o) }
+        return taken
+    }
 
     /// The element at `path` was removed: its waiters fail with `gone`, its buffer goes.
     func removed(_ path: String) {
@@ -146,13 +169,15 @@ final class Channels: Sendable {
                 throw APIError(status: 503, code: "unavailable", message: "cannot read \(path) from the cluster: \(error)")
             }
             guard let view else { throw APIError.from(.notFound(path: path)) }
-            guard view.kind == "chan", let created = view.createRevision else {
+            let subscription = view.kind == "subscription"
+            guard view.kind == "chan" || subscription, let created = view.createRevision else {
                 throw APIError.from(.wrongKind(path: path, expected: "chan", actual: view.kind))
             }
+            let capacity = subscription ? Self.subscriptionCapacity : Int(view.capacity ?? 0)
             let taken = state.withLock { s in
                 guard s.removals == removals else { return false }
                 if s.entries[path] == nil {
-                    s.entries[path] = Entry(createRevision: created, core: ChannelCore(capacity: Int(view.capacity ?? 0)))
+                    s.entries[path] = Entry(createRevision: created, subscription: subscription, core: ChannelCore(capacity: capacity))
                 }
                 return true
             }
@@ -226,6 +251,10 @@ final class Channels: Sendable {
         ChanStatView(
             path: path, capacity: c.capacity, closed: c.closed, buffered: c.buffered, sends: c.sends, receives: c.receives,
             waitingSenders: c.waitingSenders, waitingReceivers: c.waitingReceivers)
+    }
+
+    static func readOnly(_ path: String) -> APIError {
+        APIError(status: 409, code: "wrong_kind", message: "\(path) is a subscription: its host sends to it, clients only receive")
     }
 
     static func tooLarge(_ limit: Int) -> APIError {

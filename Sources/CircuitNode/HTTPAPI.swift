@@ -359,34 +359,43 @@ struct HTTPAPI: Sendable {
             }
             return try await node.forward(request, to: address)
         }
+        router.get("/v1/watch") { request, _ in try watch("/", request) }
         router.get("/v1/watch/**") { request, context in
-            let path = "/" + context.parameters.getCatchAll().joined(separator: "/")
-            let from = try query(request, "from", as: UInt64.self) ?? node.service.state.read { $0.revision + 1 }
-            let stream: ReplicatedControlState.WatchStream
-            do {
-                stream = try node.service.watch(prefix: path, after: from == 0 ? 0 : from - 1)
-            } catch {
-                throw APIError(status: 410, code: "compacted", message: "\(error)")
-            }
-            let body = ResponseBody { writer in
-                do {
-                    // A client that hangs up ends the watch at once, even while no change comes to write.
-                    try await request.body.consumeWithCancellationOnInboundClose { _ in
-                        for try await event in stream { try await writer.write(try ndjsonLine(EventView(event: event))) }
-                    }
-                } catch is CancellationError {
-                    return  // the client is gone: nothing to finish
-                } catch let error as WatchError {
-                    try await writer.write(try ndjsonLine(ErrorEnvelope(APIError(status: 410, code: "compacted", message: error.description))))
-                }
-                try await writer.finish(nil)
-            }
-            return Response(status: .ok, headers: [.contentType: "application/x-ndjson"], body: body)
+            try watch("/" + context.parameters.getCatchAll().joined(separator: "/"), request)
         }
         return router
     }
 
     // MARK: - Helpers
+
+    /// A stream of JSON lines, one per change under `path` (`/`: everything) from `?from=` on; `?hosts=1`: only
+    /// membership events.
+    private func watch(_ path: String, _ request: Request) throws -> Response {
+        let from = try query(request, "from", as: UInt64.self) ?? node.service.state.read { $0.revision + 1 }
+        let hostsOnly = request.uri.queryParameters.get("hosts") == "1"
+        let stream: ReplicatedControlState.WatchStream
+        do {
+            stream = try node.service.watch(prefix: path, after: from == 0 ? 0 : from - 1)
+        } catch {
+            throw APIError(status: 410, code: "compacted", message: "\(error)")
+        }
+        let body = ResponseBody { writer in
+            do {
+                // A client that hangs up ends the watch at once, even while no change comes to write.
+                try await request.body.consumeWithCancellationOnInboundClose { _ in
+                    for try await event in stream where !hostsOnly || event.kind.isHost {
+                        try await writer.write(try ndjsonLine(EventView(event: event)))
+                    }
+                }
+            } catch is CancellationError {
+                return  // the client is gone: nothing to finish
+            } catch let error as WatchError {
+                try await writer.write(try ndjsonLine(ErrorEnvelope(APIError(status: 410, code: "compacted", message: error.description))))
+            }
+            try await writer.finish(nil)
+        }
+        return Response(status: .ok, headers: [.contentType: "application/x-ndjson"], body: body)
+    }
 
     /// The process at `path` as a view once it has ended; nil while it runs; 404 if there is none.
     static func ended(_ path: String, in state: ControlState) throws -> ElementView? {

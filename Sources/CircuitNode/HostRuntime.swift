@@ -2,8 +2,10 @@ import CircuitAPI
 import CircuitClient
 import Logging
 import ServiceLifecycle
+import Synchronization
 
-/// What this host runs for the cluster: its processes (`ProcRunner`) and its channels' buffers (`Channels`).
+/// What this host runs for the cluster: its processes (`ProcRunner`), its channels' buffers (`Channels`), and the
+/// feeds of its membership subscriptions (`@join`, `@leave`), which are read as channels.
 ///
 /// One scan and watch of the host's subtree drives both. It reads the cluster through this host's own API (a
 /// member's, or a worker's that relays), so members and workers run it alike: it takes the revision, lists the
@@ -14,6 +16,8 @@ final class HostRuntime: Sendable {
     let procs: ProcRunner
     let channels: Channels
     let logger: Logger
+    /// The feed of each subscription element on this host, by path.
+    private let feeds = Mutex<[String: (createRevision: UInt64, task: Task<Void, Never>)]>([:])
 
     init(config: NodeConfig, hostID: String, logger: Logger) {
         let api = config.advertisedClient
@@ -37,6 +41,11 @@ final class HostRuntime: Sendable {
             }
             try? await Task.sleep(for: .milliseconds(300))
         }
+        let running = feeds.withLock { f -> [Task<Void, Never>] in
+            defer { f = [:] }
+            return f.values.map(\.task)
+        }
+        for task in running { task.cancel() }
         channels.removeAll()
         await procs.stop(reporter: reporter)
     }
@@ -48,6 +57,7 @@ final class HostRuntime: Sendable {
         let listing = try await client.list(root, recursive: true)
         var procs: [String: UInt64] = [:]
         var chans: [String: UInt64] = [:]
+        var subscriptions: [String: UInt64] = [:]
         for path in listing.names {
             let full = path.hasPrefix("/") ? path : root + "/" + path
             guard let view = try await Self.peekIfPresent(full, at: api), let created = view.createRevision else { continue }
@@ -56,17 +66,91 @@ final class HostRuntime: Sendable {
                 self.procs.consider(full, view)
             } else if view.kind == "chan" {
                 chans[full] = created
+            } else if view.kind == "subscription" {
+                subscriptions[full] = created
+                chans[full] = created
+                subscribe(full, view)
             }
         }
         self.procs.keep(only: procs)
         channels.keep(only: chans)
+        for path in feeds.withLock({ f in f.filter { subscriptions[$0.key] != $0.value.createRevision }.map(\.key) }) {
+            unsubscribe(path)
+        }
         for try await event in client.watch(root, from: from) {
             if event.kind == "delete" {
                 self.procs.scrubbed(event.path)
                 channels.removed(event.path)
-            } else if event.kind == "put", let view = try await Self.peekIfPresent(event.path, at: api), view.kind == "proc" {
-                self.procs.consider(event.path, view)
+                unsubscribe(event.path)
+            } else if event.kind == "put", let view = try await Self.peekIfPresent(event.path, at: api) {
+                if view.kind == "proc" { self.procs.consider(event.path, view) }
+                if view.kind == "subscription" { subscribe(event.path, view) }
             }
+        }
+    }
+
+    // MARK: - Subscriptions
+
+    private func subscribe(_ path: String, _ view: ElementView) {
+        guard let created = view.createRevision else { return }
+        let join = view.events == "join"
+        feeds.withLock { f in
+            if f[path]?.createRevision == created { return }
+            f[path]?.task.cancel()
+            f[path] = (created, Task { await feed(path, createRevision: created, join: join) })
+        }
+    }
+
+    private func unsubscribe(_ path: String) {
+        feeds.withLock { $0.removeValue(forKey: path) }?.task.cancel()
+    }
+
+    /// Sends a subscription its events, each a host's path (`/X...`): a join subscription first gets every live host,
+    /// then each host that joins after the element was created (a host listed first and then seen joining is sent
+    /// once); a leave subscription gets each host that leaves or expires after it was created.
+    private func feed(_ path: String, createRevision: UInt64, join: Bool) async {
+        logger.debug("subscription feed starts", metadata: ["path": "\(path)", "join": "\(join)"])
+        let client = CircuitClient(endpoints: [api])
+        var sent = Set<String>()
+        func send(_ host: String) {
+            logger.debug("subscription event", metadata: ["path": "\(path)", "event": "\(host)"])
+            if !channels.deliver(path, createRevision: createRevision, Array(host.utf8)) {
+                logger.warning("a subscription holds all it can: an event was dropped", metadata: ["path": "\(path)", "event": "\(host)"])
+            }
+        }
+        var from = createRevision + 1
+        if join {
+            while !Task.isCancelled {
+                do {
+                    for host in try await client.members().filter({ $0.state == "alive" }).map({ "/" + $0.id }).sorted() {
+                        if sent.insert(host).inserted { send(host) }
+                    }
+                    break
+                } catch {
+                    try? await Task.sleep(for: .milliseconds(300))
+                }
+            }
+        }
+        while !Task.isCancelled {
+            do {
+                for try await event in client.watch("/", from: from, hostsOnly: true) {
+                    from = event.revision + 1
+                    switch (join, event.kind) {
+                    case (true, "host_joined"): if sent.insert(event.path).inserted { send(event.path) }
+                    case (true, "host_left"): sent.remove(event.path)
+                    case (false, "host_left"): send(event.path)
+                    default: break
+                    }
+                }
+            } catch {
+                if case .api(let e)? = error as? CircuitClientError, e.code == "compacted",
+                    let now = try? await client.status().revision
+                {
+                    logger.warning("a subscription's feed fell behind the history: events were missed", metadata: ["path": "\(path)"])
+                    from = now + 1
+                }
+            }
+            try? await Task.sleep(for: .milliseconds(300))
         }
     }
 

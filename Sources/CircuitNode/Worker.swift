@@ -200,7 +200,7 @@ struct WorkerRelay: RouterMiddleware {
         let path = request.uri.path
         if path == "/v1/status", request.method == .get { return try json(try await worker.status()) }
         let uri = path + (request.uri.query.map { "?" + $0 } ?? "")
-        if path.hasPrefix("/v1/watch/"), request.method == .get { return watch(uri, request: request) }
+        if path.hasPrefix("/v1/watch/") || path == "/v1/watch", request.method == .get { return watch(uri, request: request) }
         if path.hasPrefix("/v1/signal/"), request.method == .post {
             // A signal for a process of this host is delivered here; any other goes to a member, which sends it on.
             let target = String(path.dropFirst("/v1/signal".count))

@@ -159,6 +159,9 @@ public struct WatchEvent: Sendable, Hashable {
         case hostLeft = 4
         /// A live host's role changed (a learner promoted, a voter demoted).
         case hostUpdated = 5
+
+        /// A membership event (a host joined, left or changed role).
+        public var isHost: Bool { self == .hostJoined || self == .hostLeft || self == .hostUpdated }
     }
     public var revision: Revision
     public var kind: Kind

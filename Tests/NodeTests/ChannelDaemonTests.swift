@@ -105,4 +105,41 @@ struct ChannelDaemonTests {
         let empty = try await onOwnThread { try runCircuit(["recv", "--try", "--node", api, path]) }
         #expect(empty.0 == 1 && empty.2.contains("holds no message"), "\(empty)")
     }
+
+    @Test("membership subscriptions are received like channels: @join lists the live hosts, then each that joins; @leave gets each that leaves; clients cannot send to them")
+    func subscriptions() async throws {
+        let cluster = try daemons(3)
+        defer { cluster.stopAll(signal: SIGKILL) }
+        let leader = try await cluster.leader()
+        let hosts = try await cluster.allAlive().map { "/" + $0.id }.sorted()
+        let b = (leader + 1) % 3
+        let owner = cluster.members[b].folder.hostID
+        var client = cluster.client(leader)
+        client.timeout = 30
+        try await client.makeSubscription("/\(owner)/joins", events: "join")
+        try await client.makeSubscription("/\(owner)/leaves", events: "leave")
+        let joins = try await client.channel("/\(owner)/joins")
+        let leaves = try await client.channel("/\(owner)/leaves")
+        var listed: [String] = []
+        for _ in hosts { listed.append(String(decoding: try await joins.receive(), as: UTF8.self)) }
+        #expect(listed == hosts, "first every live host")
+        #expect(await code { _ = try await joins.tryReceive() } == "would_block")
+        #expect(await code { try await joins.send([1]) } == "wrong_kind", "only the host sends to a subscription")
+
+        // A worker joins, then stops (it leaves at once).
+        try cluster.add(join: cluster.members[leader].api, as: "worker")
+        try cluster.start(3)
+        let worker = "/" + cluster.members[3].folder.hostID
+        #expect(String(decoding: try await joins.receive(), as: UTF8.self) == worker)
+        let pid = try #require(cluster.members[3].process?.processIdentifier)
+        kill(pid, SIGTERM)
+        #expect(String(decoding: try await leaves.receive(), as: UTF8.self) == worker)
+
+        // The CLI: mk@join, then recv prints one host's path.
+        let api = cluster.members[leader].api
+        let made = try await onOwnThread { try runCircuit(["mk@join", "--node", api, "/\(owner)/cli"]) }
+        #expect(made.0 == 0, "\(made)")
+        let got = try await onOwnThread { try runCircuit(["recv", "--node", api, "/\(owner)/cli"]) }
+        #expect(got.0 == 0 && got.1 == hosts[0], "\(got)")
+    }
 }
