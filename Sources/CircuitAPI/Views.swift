@@ -237,7 +237,7 @@ public struct TransactionView: Codable, Sendable, Equatable {
 /// (`PUT /v1/namespace/PATH`: `kind` and the fields of that kind).
 public struct ElementView: Codable, Sendable, Equatable {
     public var path: String?
-    /// chan, proc, select, subscription, record, or none (an anchor with children only)
+    /// chan, proc, job, select, subscription, record, or none (an anchor with children only)
     public var kind: String
     public var version: UInt64?
     public var createRevision: UInt64?
@@ -255,6 +255,9 @@ public struct ElementView: Codable, Sendable, Equatable {
     public var exitCode: Int32?
     public var signal: Int32?
     public var attempts: UInt32?
+    /// job: how many placements it may have (default 3); the host of its current or last attempt.
+    public var maxAttempts: UInt32?
+    public var host: String?
     /// select: the clauses as JSON text.
     public var clauses: String?
     /// subscription: join or leave.
@@ -265,7 +268,8 @@ public struct ElementView: Codable, Sendable, Equatable {
     public init(kind: String) { self.kind = kind }
 
     public enum CodingKeys: String, CodingKey {
-        case path, kind, version, session, capacity, value, command, phase, pid, signal, attempts, clauses, events, children
+        case path, kind, version, session, capacity, value, command, phase, pid, signal, attempts, clauses, events, children, host
+        case maxAttempts = "max_attempts"
         case createRevision = "create_revision"
         case modRevision = "mod_revision"
         case exitCode = "exit_code"

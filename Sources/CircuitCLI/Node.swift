@@ -338,10 +338,11 @@ struct Peek: AsyncParsableCommand {
 /// `circuit run`: a process element; its host starts it.
 struct Run: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Start a process on a host: PATH is /X<host>/name; the host runs PROGRAM (no shell) and reports its phases.")
+        abstract: "Start a process: PATH /X<host>/name runs it on that host; PATH /jobs/name lets the leader place it, and place it again if its host is lost.")
     @OptionGroup var options: ClientOptions
     @Option(help: "Working directory on the host.") var dir: String?
     @Option(help: "An environment variable, NAME=VALUE (repeatable; none given: the daemon's environment).") var env: [String] = []
+    @Option(help: "A job (PATH under /jobs): how many hosts it may be placed on, one after another (default 3).") var attempts: UInt32?
     @Argument(help: "Where: /X<host id>/name") var path: String
     @Argument(parsing: .captureForPassthrough, help: "The program (an absolute path) and its arguments.") var command: [String]
 
@@ -353,7 +354,7 @@ struct Run: AsyncParsableCommand {
 
     func run() async throws {
         let w = try await options.client.run(
-            path, ProcCommandView(path: command[0], args: Array(command.dropFirst()), env: env, dir: dir ?? ""))
+            path, ProcCommandView(path: command[0], args: Array(command.dropFirst()), env: env, dir: dir ?? ""), maxAttempts: attempts)
         try options.emit(w) { "\(w.path ?? path) created at revision \(w.revision)" }
     }
 }

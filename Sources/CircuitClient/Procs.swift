@@ -2,10 +2,13 @@ import CircuitAPI
 import Foundation
 
 extension CircuitClient {
-    /// Creates a process element at `path` (under `/X<host>`): that host starts it and reports its phases.
-    public func run(_ path: String, _ command: ProcCommandView) async throws(CircuitClientError) -> WriteView {
-        var view = ElementView(kind: "proc")
+    /// Creates a process element at `path` (under `/X<host>`): that host starts it and reports its phases. Under
+    /// `/jobs`, a fault-tolerant job instead: the leader places it on a live host and places it again on another if
+    /// that host is lost before it ends, up to `maxAttempts` placements (at least once).
+    public func run(_ path: String, _ command: ProcCommandView, maxAttempts: UInt32? = nil) async throws(CircuitClientError) -> WriteView {
+        var view = ElementView(kind: Self.rooted(path).hasPrefix("/jobs/") ? "job" : "proc")
         view.command = command
+        view.maxAttempts = maxAttempts
         return try await create(path, view)
     }
 

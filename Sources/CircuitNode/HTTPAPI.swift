@@ -127,16 +127,23 @@ struct HTTPAPI: Sendable {
                 switch view.kind {
                 case "record": element = .record(Array((view.value ?? "").utf8))
                 case "chan": element = .chan(capacity: view.capacity ?? 0)
-                case "proc":
-                    guard let c = view.command, !c.path.isEmpty else { throw APIError.badRequest("a proc needs a command with a path") }
-                    element = .proc(ProcState(command: ProcCommand(path: c.path, args: c.args ?? [], env: c.env ?? [], dir: c.dir ?? "")))
+                case "proc", "job":
+                    guard let c = view.command, !c.path.isEmpty else { throw APIError.badRequest("a \(view.kind) needs a command with a path") }
+                    let command = ProcCommand(path: c.path, args: c.args ?? [], env: c.env ?? [], dir: c.dir ?? "")
+                    if view.kind == "proc" {
+                        element = .proc(ProcState(command: command))
+                    } else {
+                        let attempts = view.maxAttempts ?? 3
+                        guard (1...100).contains(attempts) else { throw APIError.badRequest("max_attempts is 1 to 100, not \(attempts)") }
+                        element = .job(JobState(command: command, maxAttempts: attempts))
+                    }
                 case "select": element = .select(clauses: Array((view.clauses ?? "[]").utf8))
                 case "subscription":
                     guard let kind = view.events.flatMap({ $0 == "join" ? SubscriptionKind.join : $0 == "leave" ? .leave : nil }) else {
                         throw APIError.badRequest("a subscription needs events: join or leave")
                     }
                     element = .subscription(kind)
-                default: throw APIError.badRequest("unknown kind \(view.kind.debugDescription) (record, chan, proc, select, subscription)")
+                default: throw APIError.badRequest("unknown kind \(view.kind.debugDescription) (record, chan, proc, job, select, subscription)")
                 }
                 return try await write(.create(path: path, element: element, session: view.session ?? 0, sequential: false))
             }
@@ -144,7 +151,14 @@ struct HTTPAPI: Sendable {
         router.delete("/v1/namespace/**") { request, context in
             let path = "/" + context.parameters.getCatchAll().joined(separator: "/")
             return try await leaderOr(request, context, stale: false) {
-                try await write(.delete(path: path, version: try query(request, "version", as: UInt64.self)))
+                // A job's current attempt goes with it (its host then stops the process).
+                let attempt: String? = node.service.state.read { state in
+                    guard case .job(let j)? = state.anchors[path]?.element, j.phase == .placed else { return nil }
+                    return JobKeeper.processPath(job: path, host: j.host)
+                }
+                let answer = try await write(.delete(path: path, version: try query(request, "version", as: UInt64.self)))
+                if let attempt { _ = try? await node.service.execute(.delete(path: attempt, version: nil)) }
+                return answer
             }
         }
         router.post("/v1/txn") { request, context in
@@ -400,8 +414,11 @@ struct HTTPAPI: Sendable {
     /// The process at `path` as a view once it has ended; nil while it runs; 404 if there is none.
     static func ended(_ path: String, in state: ControlState) throws -> ElementView? {
         guard let anchor = state.anchors[path], let element = anchor.element else { throw APIError.from(.notFound(path: path)) }
-        guard case .proc(let p) = element else { throw APIError.from(.wrongKind(path: path, expected: "proc", actual: element.kind)) }
-        guard p.phase == .exited || p.phase == .signaled || p.phase == .lost else { return nil }
+        switch element {
+        case .proc(let p): guard p.phase == .exited || p.phase == .signaled || p.phase == .lost else { return nil }
+        case .job(let j): guard j.ended else { return nil }
+        default: throw APIError.from(.wrongKind(path: path, expected: "proc", actual: element.kind))
+        }
         return ElementView(anchor: anchor, path: path)
     }
 
@@ -544,6 +561,14 @@ extension ElementView {
             attempts = p.attempts
         case .select(let clauses)?: self.clauses = String(decoding: clauses, as: UTF8.self)
         case .subscription(let kind)?: events = kind == .join ? "join" : "leave"
+        case .job(let j)?:
+            command = ProcCommandView(path: j.command.path, args: j.command.args, env: j.command.env, dir: j.command.dir)
+            phase = "\(j.phase)"
+            attempts = j.attempts
+            maxAttempts = j.maxAttempts
+            host = j.host.isEmpty ? nil : j.host
+            exitCode = j.exitCode
+            signal = j.signal
         case nil: break
         }
     }

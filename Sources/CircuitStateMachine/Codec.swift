@@ -82,6 +82,8 @@ extension Command {
             w.int(UInt8(9)); w.string(path); state.write(to: &w)
         case .setHostRole(let id, let role):
             w.int(UInt8(11)); w.string(id); w.int(role.rawValue)
+        case .updateJob(let path, let state):
+            w.int(UInt8(12)); w.string(path); state.write(to: &w)
         case .transaction(let ops):
             w.int(UInt8(10)); w.int(UInt32(ops.count))
             for op in ops {
@@ -155,6 +157,7 @@ extension Command {
             let rawRole: UInt8 = try r.int("role")
             guard let role = HostRole(rawValue: rawRole) else { throw .malformedCommand("host role \(rawRole)") }
             self = .setHostRole(id: id, role: role)
+        case 12: self = .updateJob(path: try r.string("path"), state: try JobState(from: &r))
         default:
             throw .malformedCommand("command tag \(tag)")
         }
@@ -170,6 +173,7 @@ extension Element {
         case .select(let clauses): w.int(UInt8(3)); w.blob(clauses)
         case .subscription(let kind): w.int(UInt8(4)); w.int(kind.rawValue)
         case .record(let value): w.int(UInt8(5)); w.blob(value)
+        case .job(let state): w.int(UInt8(6)); state.write(to: &w)
         }
     }
 
@@ -184,6 +188,7 @@ extension Element {
             guard let kind = SubscriptionKind(rawValue: raw) else { throw .malformedCommand("subscription kind \(raw)") }
             self = .subscription(kind)
         case 5: self = .record(try r.blob("value"))
+        case 6: self = .job(try JobState(from: &r))
         default: throw .malformedCommand("element tag \(tag)")
         }
     }
@@ -203,6 +208,24 @@ extension ProcState {
         self.init(
             command: command, phase: phase, pid: try r.int("pid"), exitCode: try r.int("exit code"), signal: try r.int("signal"),
             startedAt: try r.int("start time"), endedAt: try r.int("end time"), attempts: try r.int("attempts"))
+    }
+}
+
+extension JobState {
+    func write(to w: inout BinaryWriter) {
+        w.string(command.path); w.strings(command.args); w.strings(command.env); w.string(command.dir)
+        w.int(maxAttempts); w.int(phase.rawValue); w.int(attempts); w.string(host); w.int(exitCode); w.int(signal)
+    }
+
+    init(from r: inout BinaryReader) throws(ControlError) {
+        let command = ProcCommand(
+            path: try r.string("command path"), args: try r.strings("args"), env: try r.strings("env"), dir: try r.string("dir"))
+        let maxAttempts: UInt32 = try r.int("max attempts")
+        let raw: UInt8 = try r.int("job phase")
+        guard let phase = JobPhase(rawValue: raw) else { throw .malformedCommand("job phase \(raw)") }
+        self.init(
+            command: command, maxAttempts: maxAttempts, phase: phase, attempts: try r.int("attempts"), host: try r.string("host"),
+            exitCode: try r.int("exit code"), signal: try r.int("signal"))
     }
 }
 

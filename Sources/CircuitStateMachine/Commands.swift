@@ -23,6 +23,8 @@ public enum Command: Sendable, Hashable {
     case transaction([TransactionOp])
     /// A live host's role changes (the leader records a promotion or removal it made in Raft's membership).
     case setHostRole(id: String, role: HostRole)
+    /// The leader records a job's placement or end.
+    case updateJob(path: String, state: JobState)
 }
 
 /// One operation of a transaction.
@@ -63,7 +65,7 @@ public enum ControlError: Error, Sendable, Hashable, CustomStringConvertible {
         case .notFound(let path): return "\(path) holds no element"
         case .versionMismatch(let path, let expected, let actual):
             return "\(path) is at version \(actual), not \(expected)"
-        case .wrongKind(let path, let expected, let actual): return "\(path) holds a \(actual), not a \(expected)"
+        case .wrongKind(let path, let expected, let actual): return "\(path) is a \(actual), not a \(expected)"
         case .noSuchSession(let id): return "no session \(id)"
         case .noSuchHost(let id): return "no host \(id)"
         case .hostNotAlive(let id): return "host \(id) is not alive"
@@ -77,6 +79,11 @@ public enum ControlError: Error, Sendable, Hashable, CustomStringConvertible {
 public enum Names {
     /// The root of the global records, beside the hosts' subtrees.
     public static let recordsRoot = "/records"
+    /// The root of the fault-tolerant jobs, which the leader places on hosts.
+    public static let jobsRoot = "/jobs"
+
+    /// Whether `path` is below the jobs' root.
+    public static func isJob(_ path: String) -> Bool { path.hasPrefix(jobsRoot + "/") }
     public static let maxPathBytes = 1024
     public static let maxSegmentBytes = 128
     public static let maxDepth = 32
@@ -120,11 +127,11 @@ public enum Names {
             }
             i += 1
         }
-        guard segments >= 2 else { return bad("must name something below a host or \(recordsRoot)") }
+        guard segments >= 2 else { return bad("must name something below a host, \(recordsRoot) or \(jobsRoot)") }
         guard segments <= maxDepth else { return bad("deeper than \(maxDepth) segments") }
         let root = UnsafeBufferPointer(rebasing: u[1..<rootEnd])
-        if !root.elementsEqual(recordsRoot.utf8.dropFirst()) && !isHostID(root) {
-            return bad("must start with a host (X and 16 hex digits) or \(recordsRoot)")
+        if !root.elementsEqual(recordsRoot.utf8.dropFirst()) && !root.elementsEqual(jobsRoot.utf8.dropFirst()) && !isHostID(root) {
+            return bad("must start with a host (X and 16 hex digits), \(recordsRoot) or \(jobsRoot)")
         }
         return nil
     }

@@ -140,6 +140,17 @@ public struct ControlState: Sendable {
             setAnchor(key, anchor, previous: previous)
             emit(.put, path, anchor)
             return .success(.ok(revision: 0, path: path, version: anchor.version, session: anchor.session))
+        case .updateJob(let path, let state):
+            let key = AnchorTable.Key(path)
+            guard let previous = anchors[key], let element = previous.element else { return .failure(.notFound(path: path)) }
+            guard case .job = element else { return .failure(.wrongKind(path: path, expected: "job", actual: element.kind)) }
+            var anchor = previous
+            anchor.element = .job(state)
+            anchor.version += 1
+            anchor.modRevision = revision
+            setAnchor(key, anchor, previous: previous)
+            emit(.put, path, anchor)
+            return .success(.ok(revision: 0, path: path, version: anchor.version, session: anchor.session))
         case .setHostRole(let id, let role):
             guard var host = hosts[id] else { return .failure(.noSuchHost(id)) }
             guard host.state == .alive else { return .failure(.hostNotAlive(id)) }
@@ -248,12 +259,19 @@ public struct ControlState: Sendable {
     /// live session if ephemeral.
     private func checkPlacement(_ path: String, element: Element, session: SessionID) -> ControlError? {
         if let error = Names.validate(path) { return error }
+        if case .job = element, !Names.isJob(path) {
+            return .invalidName(path: path, why: "a job lives under \(Names.jobsRoot)")
+        }
         if let host = Names.host(of: path) {
             guard let h = hosts[host] else { return .noSuchHost(host) }
             guard h.state == .alive else { return .hostNotAlive(host) }
+        } else if Names.isJob(path) {
+            guard case .job = element else {
+                return .wrongKind(path: path, expected: "job: only jobs live under \(Names.jobsRoot)", actual: element.kind)
+            }
         } else if case .record = element {
         } else {
-            return .wrongKind(path: path, expected: "record", actual: element.kind)
+            return .wrongKind(path: path, expected: "record: only records live under \(Names.recordsRoot)", actual: element.kind)
         }
         if session != 0 && sessions[session] == nil { return .noSuchSession(session) }
         return nil

@@ -100,6 +100,47 @@ public struct ProcState: Sendable, Hashable {
     }
 }
 
+/// Where a fault-tolerant job is in its life.
+public enum JobPhase: UInt8, Sendable, Hashable, Codable {
+    /// Not placed yet (or its host was lost and it waits for another).
+    case pending = 1
+    /// Its current attempt is a process on `host`.
+    case placed = 2
+    /// An attempt ended: the job is done.
+    case exited = 3, signaled = 4
+    /// Every attempt's host was lost.
+    case failed = 5
+}
+
+/// A job: a process the leader places on a live host, and places again on another if that host is lost before the
+/// process ends, up to `maxAttempts` times (at least once).
+public struct JobState: Sendable, Hashable {
+    public var command: ProcCommand
+    public var maxAttempts: UInt32
+    public var phase: JobPhase
+    /// Placements so far.
+    public var attempts: UInt32
+    /// The host of the current (or last) attempt; empty before the first.
+    public var host: String
+    public var exitCode: Int32
+    public var signal: Int32
+
+    public init(
+        command: ProcCommand, maxAttempts: UInt32 = 3, phase: JobPhase = .pending, attempts: UInt32 = 0, host: String = "",
+        exitCode: Int32 = 0, signal: Int32 = 0
+    ) {
+        self.command = command
+        self.maxAttempts = maxAttempts
+        self.phase = phase
+        self.attempts = attempts
+        self.host = host
+        self.exitCode = exitCode
+        self.signal = signal
+    }
+
+    public var ended: Bool { phase == .exited || phase == .signaled || phase == .failed }
+}
+
 /// Which membership events a subscription reports.
 public enum SubscriptionKind: UInt8, Sendable, Hashable, Codable {
     case join = 1, leave = 2
@@ -114,6 +155,8 @@ public enum Element: Sendable, Hashable {
     case select(clauses: [UInt8])
     case subscription(SubscriptionKind)
     case record([UInt8])
+    /// Boxed, as a process is.
+    indirect case job(JobState)
 
     public var kind: String {
         switch self {
@@ -122,6 +165,7 @@ public enum Element: Sendable, Hashable {
         case .select: return "select"
         case .subscription: return "subscription"
         case .record: return "record"
+        case .job: return "job"
         }
     }
 }

@@ -31,12 +31,12 @@ struct OperationTests {
             ("/records/a/b-1.x_y", nil),
             ("/\(hostA)/proc/job", nil),
             ("records/a", "must start with /"),
-            ("/records", "must name something below a host or /records"),
+            ("/records", "must name something below a host, /records or /jobs"),
             ("/records//a", "has an empty segment"),
             ("/records/a/../b", "has a . or .. segment"),
             ("/records/a b", "has the character \" \"; allowed: letters, digits, . _ -"),
-            ("/elsewhere/a", "must start with a host (X and 16 hex digits) or /records"),
-            ("/XABC/a", "must start with a host (X and 16 hex digits) or /records"),
+            ("/elsewhere/a", "must start with a host (X and 16 hex digits), /records or /jobs"),
+            ("/XABC/a", "must start with a host (X and 16 hex digits), /records or /jobs"),
             ("/records/" + String(repeating: "a", count: 129), "has a segment longer than 128 bytes"),
         ] as [(String, String?)])
     func nameRules(path: String, why: String?) {
@@ -93,7 +93,7 @@ struct OperationTests {
             .create(path: "/records/p", element: .chan(capacity: 0), session: 0, sequential: false),
             .create(path: "/records/e", element: .record([]), session: 77, sequential: false))
         #expect(failure(r[0]) == .noSuchHost(hostA))
-        #expect(failure(r[1]) == .wrongKind(path: "/records/p", expected: "record", actual: "chan"))
+        #expect(failure(r[1]) == .wrongKind(path: "/records/p", expected: "record: only records live under /records", actual: "chan"))
         #expect(failure(r[2]) == .noSuchSession(77))
     }
 
@@ -123,6 +123,29 @@ struct OperationTests {
         #expect(next == .ok(revision: s.revision, path: "/records/q/item-0000000002", version: 1, session: 0))
         let restored = try? ControlState(restoring: s.snapshot())
         #expect(restored?.nextSequence(under: "/records/q") == 3, "the counter is in the snapshot")
+    }
+
+    @Test("jobs live under /jobs and only there; the leader records their placements; they survive a snapshot")
+    func jobs() throws {
+        var s = ControlState()
+        s.run(.registerHost(id: hostA, peerAddress: "p", clientAddress: "c", role: .voter, ttlMillis: 1000))
+        let spec = JobState(command: ProcCommand(path: "/bin/true"), maxAttempts: 2)
+        let r = s.run(
+            .create(path: "/jobs/build", element: .job(spec), session: 0, sequential: false),
+            .create(path: "/\(hostA)/j", element: .job(spec), session: 0, sequential: false),
+            .create(path: "/jobs/rec", element: .record([]), session: 0, sequential: false),
+            .updateJob(path: "/jobs/build", state: JobState(command: spec.command, maxAttempts: 2, phase: .placed, attempts: 1, host: hostA)),
+            .updateJob(path: "/jobs/none", state: spec))
+        #expect(ok(r[0]))
+        #expect(failure(r[1]) == .invalidName(path: "/\(hostA)/j", why: "a job lives under /jobs"))
+        #expect(failure(r[2]) == .wrongKind(path: "/jobs/rec", expected: "job: only jobs live under /jobs", actual: "record"))
+        #expect(ok(r[3]) && failure(r[4]) == .notFound(path: "/jobs/none"))
+        guard case .job(let placed)? = s.anchors["/jobs/build"]?.element else { Issue.record("no job"); return }
+        #expect(placed.phase == .placed && placed.host == hostA && placed.attempts == 1)
+        let restored = try ControlState(restoring: s.snapshot())
+        #expect(restored.anchors["/jobs/build"] == s.anchors["/jobs/build"])
+        let bytes = Command.updateJob(path: "/jobs/build", state: placed).encoded
+        #expect(try Command(decoding: bytes) == .updateJob(path: "/jobs/build", state: placed))
     }
 
     @Test("listing: children and recursive, sorted")

@@ -1,0 +1,54 @@
+import CircuitAPI
+import CircuitClient
+import CircuitNode
+import CircuitTestSupport
+import Foundation
+import Testing
+
+@Suite("Fault-tolerant jobs", .serialized, .timeLimit(.minutes(2)))
+struct JobDaemonTests {
+    @Test("a job is placed by the leader on a live host; kill -9 of that host's daemon places it again on another (attempt 2), and it ends there; the CLI runs and waits for one")
+    func relaunchedAfterHostLoss() async throws {
+        let cluster = try daemons(3, ttlMillis: 1500)
+        defer { cluster.stopAll(signal: SIGKILL) }
+        let leader = try await cluster.leader()
+        try cluster.add(join: cluster.members[leader].api, as: "worker")
+        try cluster.start(3)
+        _ = try await cluster.allAlive()
+        var client = cluster.client(leader)
+        client.timeout = 30
+
+        // The first attempt marks that it ran and then works for a minute; any later one finds the mark and ends.
+        let mark = try temporaryFolder("job") + "/ran"
+        let script = "if [ -e \(mark) ]; then exit 0; fi; touch \(mark); exec sleep 60"
+        _ = try await client.run("/jobs/work", ProcCommandView(path: "/bin/sh", args: ["-c", script]), maxAttempts: 3)
+        try await eventually("the first attempt running", timeout: .seconds(20)) {
+            guard let job = try? await client.peek("/jobs/work"), let host = job.host else { return false }
+            return (try? await client.peek("/\(host)/jobs/work"))?.phase == "running"
+        }
+        let first = try await client.peek("/jobs/work")
+        let firstHost = try #require(first.host)
+        #expect(first.phase == "placed" && first.attempts == 1)
+        let orphan = try #require(try await client.peek("/\(firstHost)/jobs/work").pid)
+        defer { kill(pid_t(orphan), SIGKILL) }
+
+        // Its host's daemon dies; its session expires; the job goes to another host.
+        let victim = try #require(cluster.members.firstIndex { $0.folder.hostID == firstHost })
+        cluster.kill9(victim)
+        var asker = cluster.client(victim == leader ? (leader + 1) % 3 : leader)
+        asker.timeout = 30
+        let ended = try await asker.wait("/jobs/work")
+        #expect(ended.phase == "exited" && ended.exitCode == 0 && ended.attempts == 2, "\(ended)")
+        #expect(ended.host != firstHost)
+
+        // The CLI: run under /jobs, then wait (exit status 0 for exit 0).
+        let api = cluster.members[victim == leader ? (leader + 1) % 3 : leader].api
+        let ran = try await onOwnThread { try runCircuit(["run", "--node", api, "--attempts", "2", "/jobs/cli", "/bin/sh", "-c", "exit 0"]) }
+        #expect(ran.0 == 0, "\(ran)")
+        let waited = try await onOwnThread { try runCircuit(["wait", "--node", api, "/jobs/cli"]) }
+        #expect(waited.0 == 0 && waited.1.contains("\"max_attempts\" : 2"), "\(waited)")
+        // A job's name lives under /jobs only.
+        let misplaced = try await onOwnThread { try runCircuit(["run", "--node", api, "/records/x", "/bin/true"]) }
+        #expect(misplaced.0 == 1 && misplaced.2.contains("is a proc, not a record: only records live under /records"), "\(misplaced)")
+    }
+}
