@@ -255,6 +255,9 @@ public struct ElementView: Codable, Sendable, Equatable {
     public var exitCode: Int32?
     public var signal: Int32?
     public var attempts: UInt32?
+    /// proc: milliseconds since the epoch, on the owning host's clock (0: not yet).
+    public var startedAt: UInt64?
+    public var endedAt: UInt64?
     /// job: how many placements it may have (default 3); the host of its current or last attempt.
     public var maxAttempts: UInt32?
     public var host: String?
@@ -270,6 +273,8 @@ public struct ElementView: Codable, Sendable, Equatable {
     public enum CodingKeys: String, CodingKey {
         case path, kind, version, session, capacity, value, command, phase, pid, signal, attempts, clauses, events, children, host
         case maxAttempts = "max_attempts"
+        case startedAt = "started_at"
+        case endedAt = "ended_at"
         case createRevision = "create_revision"
         case modRevision = "mod_revision"
         case exitCode = "exit_code"

@@ -559,6 +559,8 @@ extension ElementView {
             exitCode = p.exitCode
             signal = p.signal
             attempts = p.attempts
+            startedAt = p.startedAt
+            endedAt = p.endedAt
         case .select(let clauses)?: self.clauses = String(decoding: clauses, as: UTF8.self)
         case .subscription(let kind)?: events = kind == .join ? "join" : "leave"
         case .job(let j)?:

@@ -15,10 +15,8 @@ import Synchronization
 ///
 /// Each report names the element's create revision, so a report about an earlier process at the same path is refused
 /// (409 `stale_report`), and phases only move forward. An element this runner finds `running` that it did not
-/// start (the daemon restarted, or stopped while its child ran) is reported `lost`: children do not outlive a
-/// graceful stop, and after kill -9 of the daemon they are no longer watched.
-///
-/// Not yet: stdio streaming, adopting children across a restart, jobs placed by the leader.
+/// start is adopted if its process still runs (pid and start time match: the daemon was killed with -9 and
+/// restarted), else reported `lost`. Children do not outlive a graceful stop.
 final class ProcRunner: Sendable {
     let hostID: String
     let api: String
@@ -101,7 +99,12 @@ final class ProcRunner: Sendable {
             launch(path, command, createRevision: created, attempts: view.attempts ?? 0)
         case "running":
             guard started.withLock({ $0.insert(key).inserted }) else { return }  // ours, or already reported
-            logger.warning("a process this daemon did not start is recorded running here: reporting it lost", metadata: ["path": "\(path)"])
+            let pid = pid_t(view.pid ?? 0)
+            if pid > 0, let startedAt = view.startedAt, Self.isSame(pid, startedAt: startedAt) {
+                adopt(path, pid: pid, createRevision: created, startedAt: startedAt, attempts: view.attempts ?? 0)
+                return
+            }
+            logger.warning("a process recorded running here is gone: reporting it lost", metadata: ["path": "\(path)"])
             report(path, ProcStateView(phase: "lost", pid: view.pid ?? 0, endedAt: Self.nowMillis(), attempts: view.attempts ?? 0, createRevision: created))
         default:
             return
@@ -182,6 +185,60 @@ final class ProcRunner: Sendable {
         let io = ProcIO(stdin: fds[1], stdout: fds[2], stderr: fds[4])
         fds = [fds[0], fds[3], fds[5]]
         return (pid, io)
+    }
+
+    // MARK: - Adopting the children of an earlier run
+
+    /// Whether `pid` is the process this host started at `startedAt` (milliseconds since the epoch): it runs, it leads
+    /// its own process group (as every child started here does), and it started then (from /proc: boot time plus its
+    /// start in clock ticks; the boot time is known to the second).
+    static func isSame(_ pid: pid_t, startedAt: UInt64) -> Bool {
+        guard getpgid(pid) == pid, let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+            let close = stat.lastIndex(of: ")"),
+            let boot = (try? String(contentsOfFile: "/proc/stat", encoding: .utf8))?.split(separator: "\n")
+                .first(where: { $0.hasPrefix("btime ") }).flatMap({ UInt64($0.dropFirst(6)) })
+        else { return false }
+        // After the command's closing parenthesis: state is field 3, start time field 22.
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        guard fields.count > 19, fields[0] != "Z", let ticks = UInt64(fields[19]) else { return false }
+        let started = boot * 1000 + ticks * 1000 / UInt64(sysconf(Int32(_SC_CLK_TCK)))
+        let difference = started > startedAt ? started - startedAt : startedAt - started
+        return difference < 2500
+    }
+
+    /// glibc's pidfd_open (2.36 and later): a descriptor that becomes readable when the process ends.
+    private static let pidfdOpen: (@convention(c) (pid_t, UInt32) -> Int32)? = {
+        guard let symbol = dlsym(dlopen(nil, RTLD_NOW), "pidfd_open") else { return nil }
+        return unsafeBitCast(symbol, to: (@convention(c) (pid_t, UInt32) -> Int32).self)
+    }()
+
+    /// Takes back a process an earlier run of this daemon started (it outlived a kill -9 of the daemon): it stays
+    /// `running`, takes signals and scrubs, and when it ends it is reported `lost` with its end time — it is no longer
+    /// this daemon's child, so its exit status cannot be known. Its stdio pipes ended with the earlier run.
+    private func adopt(_ path: String, pid: pid_t, createRevision: UInt64, startedAt: UInt64, attempts: UInt32) {
+        running.withLock { $0[path] = Running(pid: pid, createRevision: createRevision, startedAt: startedAt) }
+        logger.notice("adopted a process started before this daemon restarted", metadata: ["path": "\(path)", "pid": "\(pid)"])
+        let watcher = Thread { [self] in
+            if let open = Self.pidfdOpen, case let fd = open(pid, 0), fd >= 0 {
+                var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                while poll(&poller, 1, -1) == -1 && errno == EINTR {}
+                Glibc.close(fd)
+            } else {
+                while Self.isSame(pid, startedAt: startedAt) { usleep(100_000) }
+            }
+            launching.withLock { _ in
+                let ours = running.withLock { running -> Bool in
+                    guard running[path]?.pid == pid else { return false }
+                    running[path] = nil
+                    return true
+                }
+                guard ours else { return }
+                report(path, ProcStateView(
+                    phase: "lost", pid: Int64(pid), startedAt: startedAt, endedAt: Self.nowMillis(), attempts: attempts,
+                    createRevision: createRevision))
+            }
+        }
+        watcher.start()
     }
 
     /// glibc's posix_spawn_file_actions_addchdir_np (2.29 and later), which the Glibc module does not export.

@@ -619,7 +619,9 @@ struct ProcessTests {
         let again = try await client.wait("/\(member)/again")
         #expect(again.phase == "exited" && again.exitCode == 5, "\(again)")
 
-        // kill -9 of the daemon while its process runs: restarted, it reports the process lost.
+        // kill -9 of the daemon while its process runs: restarted, it adopts the process (pid and start time match):
+        // it stays running and takes signals; once it has ended it is reported lost, its exit status having gone
+        // with the daemon that started it.
         let m = (leader + 1) % 3
         _ = try await client.run("/\(member)/orphan", ProcCommandView(path: "/bin/sleep", args: ["30"]))
         try await eventually("the orphan running", timeout: .seconds(20)) { (try? await client.peek("/\(member)/orphan"))?.phase == "running" }
@@ -627,8 +629,11 @@ struct ProcessTests {
         defer { kill(pid_t(orphanPID), SIGKILL) }
         cluster.kill9(m)
         try cluster.start(m)
+        try await eventually("the restarted daemon delivering signals to the process it adopted", timeout: .seconds(20)) {
+            (try? await client.signal("/\(member)/orphan", "TERM")) != nil
+        }
         let lost = try await client.wait("/\(member)/orphan")
-        #expect(lost.phase == "lost", "\(lost)")
+        #expect(lost.phase == "lost" && lost.pid == orphanPID && (lost.endedAt ?? 0) >= (lost.startedAt ?? 0), "\(lost)")
 
         // The CLI's wait prints the final state and exits 1 for a failed process, 0 for a good one.
         let api = cluster.members[leader].api
