@@ -58,9 +58,18 @@ public struct Chan: Sendable {
 
     /// Sends one message; returns once it is buffered or, at capacity 0, received. Waits as long as the client's
     /// `timeout`.
+    ///
+    /// First as a try-send on a kept-alive connection; only if that would block, as a waiting send on a connection of
+    /// its own (a waiting request's connection is closed after its answer). The same thing happens either way: a
+    /// try-send that succeeds is a send that did not have to wait.
     @discardableResult
     public func send(_ message: [UInt8]) async throws(CircuitClientError) -> ChanStatView {
-        try await owner.call("POST", "/v1/chan/send" + path, body: Data(message), ownConnection: true)
+        do {
+            return try await trySend(message)
+        } catch {
+            guard case .api(let e) = error, e.code == "would_block" else { throw error }
+        }
+        return try await owner.call("POST", "/v1/chan/send" + path, body: Data(message), ownConnection: true)
     }
 
     @discardableResult
@@ -68,9 +77,15 @@ public struct Chan: Sendable {
         try await owner.call("POST", "/v1/chan/send" + path, query: ["try": "1"], body: Data(message))
     }
 
-    /// Receives the next message; waits for one as long as the client's `timeout`.
+    /// Receives the next message; waits for one as long as the client's `timeout`. As `send`: a try first, then a
+    /// wait on a connection of its own.
     public func receive() async throws(CircuitClientError) -> [UInt8] {
-        try await owner.callRaw("POST", "/v1/chan/recv" + path, ownConnection: true)
+        do {
+            return try await tryReceive()
+        } catch {
+            guard case .api(let e) = error, e.code == "would_block" else { throw error }
+        }
+        return try await owner.callRaw("POST", "/v1/chan/recv" + path, ownConnection: true)
     }
 
     public func tryReceive() async throws(CircuitClientError) -> [UInt8] {

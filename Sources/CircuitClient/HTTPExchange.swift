@@ -7,10 +7,13 @@ public enum HTTPExchangeError: Error, Sendable, Equatable, CustomStringConvertib
     case connect(String)
     case timedOut(Duration)
     case closed
+    /// A kept-alive connection was found closed before the request was written: nothing was sent.
+    case stale
 
     public var description: String {
         switch self {
         case .connect(let why): return why
+        case .stale: return "the kept-alive connection was closed before the request was sent"
         case .timedOut(let d): return "no answer within \(d)"
         case .closed: return "the connection closed before the answer was complete"
         }

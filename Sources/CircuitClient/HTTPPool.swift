@@ -6,8 +6,10 @@ import NIOPosix
 /// Keep-alive HTTP/1.1 connections to one address (SwiftNIO), one request at a time on each: a follower forwarding to
 /// its leader, and clients that make many calls, reuse connections instead of opening one per request.
 ///
-/// A request is only ever sent on a connection that is open when it is taken; if the server closes it after that,
-/// the request fails (it is not sent again, since it may have been applied).
+/// A request is only ever sent on a connection that is open when it is taken. A kept-alive connection found closed
+/// before the request was written (the server closed it meanwhile) is dropped and the request goes on a new one:
+/// nothing was sent. If the connection closes after the request was written, the request fails (it is not sent
+/// again, since it may have been applied).
 public final class HTTPPool: Sendable {
     public let address: String
     private let maxIdle: Int
@@ -38,10 +40,18 @@ public final class HTTPPool: Sendable {
         while connection == nil, let candidate = idle.withLockedValue({ $0.popLast() }) {
             if candidate.channel.isActive { connection = candidate } else { candidate.channel.close(promise: nil) }
         }
-        let conn: PooledConnection
+        var conn: PooledConnection
         if let connection { conn = connection } else { conn = try await connect(timeout: timeout) }
         do {
-            let (answer, keepAlive) = try await conn.send(method, uri, host: address, body: body, headers: extra, timeout: timeout)
+            let sent: (HTTPExchange.Answer, Bool)
+            do {
+                sent = try await conn.send(method, uri, host: address, body: body, headers: extra, timeout: timeout)
+            } catch HTTPExchangeError.stale where connection != nil {
+                conn.channel.close(promise: nil)
+                conn = try await connect(timeout: timeout)
+                sent = try await conn.send(method, uri, host: address, body: body, headers: extra, timeout: timeout)
+            }
+            let (answer, keepAlive) = sent
             if keepAlive && conn.channel.isActive {
                 let kept = idle.withLockedValue { idle -> Bool in
                     guard idle.count < maxIdle else { return false }
@@ -100,13 +110,12 @@ struct PooledConnection: Sendable {
         let channel = self.channel
         let nanos = timeout.components.seconds * 1_000_000_000 + timeout.components.attoseconds / 1_000_000_000
         channel.eventLoop.execute {
-            do {
-                let collector = try channel.pipeline.syncOperations.handler(type: ResponseCollector.self)
-                collector.start(promise)
-            } catch {
-                promise.fail(error)
+            // Closed since it was taken: nothing is written, the caller may use another connection.
+            guard channel.isActive, let collector = try? channel.pipeline.syncOperations.handler(type: ResponseCollector.self) else {
+                promise.fail(HTTPExchangeError.stale)
                 return
             }
+            collector.start(promise)
             channel.write(HTTPClientRequestPart.head(head), promise: nil)
             if let body, !body.isEmpty {
                 channel.write(HTTPClientRequestPart.body(.byteBuffer(ByteBuffer(bytes: body))), promise: nil)

@@ -1,0 +1,204 @@
+import ArgumentParser
+import CircuitAPI
+import CircuitClient
+import CircuitNode
+import Foundation
+import Synchronization
+
+/// `circuit bench elements`: the circuit's elements on a 3-node cluster of real daemons on loopback: channel messages
+/// per second, bulk bytes through a channel and through a process's stdout beside raw TCP on the same machine, and the
+/// time from creating a process (or a job) to learning that it ended.
+struct ElementsBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "elements",
+        abstract: "Channel messages/s, MB/s through a channel and a process's stdout beside raw TCP, process and job latency.")
+
+    @Option(help: "Seconds measured per run.") var seconds: Double = 2
+    @Option(help: "Rounds per row; the table shows the median and the spread.") var rounds: Int = 3
+    @Option(help: "Processes and jobs timed for the latency rows.") var samples: Int = 20
+    @Option(help: "Folder for the daemons' data (default: a temporary folder, removed afterwards).") var data: String?
+
+    func run() async throws {
+        let base = data ?? temporaryDirectory("circuit-bench-elements")
+        defer { if data == nil { try? FileManager.default.removeItem(atPath: base) } }
+        let binary = URL(fileURLWithPath: CommandLine.arguments[0]).standardizedFileURL.path
+        let daemons = try DaemonProcesses(binary: binary, base: base, count: 3)
+        defer { daemons.stopAll() }
+        try daemons.startAll()
+        let leader = try await daemons.leader()
+        _ = try await daemons.allAlive()
+        var client = daemons.client(leader)
+        client.timeout = 60
+        // The elements live on a follower; the client reaches it directly.
+        let host = daemons.members[(leader + 1) % 3].folder.hostID
+        var rows: [(String, String, [Double])] = []
+        var serial = 0
+        func fresh(_ name: String) -> String {
+            serial += 1
+            return "/\(host)/bench/\(name)-\(serial)"
+        }
+
+        for (pairs, capacity) in [(1, 0), (1, 64), (16, 64)] {
+            var rates: [Double] = []
+            for _ in 0..<rounds {
+                let path = fresh("chan")
+                try await client.makeChannel(path, capacity: UInt32(capacity))
+                let chan = try await client.channel(path)
+                rates.append(try await messages(chan, pairs: pairs, size: 64) / seconds)
+            }
+            rows.append(("channel messages/s, 64 B, \(pairs) sender\(pairs == 1 ? "" : "s") and receiver\(pairs == 1 ? "" : "s"), capacity \(capacity)", "msg/s", rates))
+        }
+
+        var channelMB: [Double] = []
+        var stdoutMB: [Double] = []
+        var tcpMB: [Double] = []
+        for _ in 0..<rounds {
+            let path = fresh("bulk")
+            try await client.makeChannel(path, capacity: 4)
+            let chan = try await client.channel(path)
+            channelMB.append(try await messages(chan, pairs: 1, size: 1 << 20) * Double(1 << 20) / seconds / 1e6)
+            stdoutMB.append(try await stdout(client, fresh("out")))
+            tcpMB.append(try await onThread { try Self.rawTCP(seconds: seconds) })
+        }
+        rows.append(("channel bulk, 1 MiB messages, capacity 4", "MB/s", channelMB))
+        rows.append(("a process's stdout read by a client (head -c of /dev/zero)", "MB/s", stdoutMB))
+        rows.append(("raw TCP on loopback, one connection, 1 MiB writes (the baseline)", "MB/s", tcpMB))
+
+        var procLatency: [Double] = []
+        var jobLatency: [Double] = []
+        for _ in 0..<samples {
+            let start = ContinuousClock.now
+            let path = fresh("true")
+            _ = try await client.run(path, ProcCommandView(path: "/bin/true"))
+            _ = try await client.wait(path)
+            procLatency.append((ContinuousClock.now - start).milliseconds)
+            let jobStart = ContinuousClock.now
+            let job = "/jobs/bench-\(serial)"
+            _ = try await client.run(job, ProcCommandView(path: "/bin/true"))
+            _ = try await client.wait(job)
+            jobLatency.append((ContinuousClock.now - jobStart).milliseconds)
+        }
+        rows.append(("process /bin/true: create, start, exit, wait answered", "ms", procLatency))
+        rows.append(("job /bin/true: create, placed by the leader, start, exit, wait answered", "ms", jobLatency))
+
+        print("Elements benchmark: 3 daemons on loopback, elements on a follower, reached directly; medians of \(rounds) rounds of \(seconds) s (latency: \(samples) samples)")
+        print("")
+        print("| figure | median | spread | unit |")
+        print("|---|---:|---:|---|")
+        for (name, unit, values) in rows {
+            let sorted = values.sorted()
+            let median = sorted[sorted.count / 2]
+            print(String(format: "| %@ | %.1f | %.1f–%.1f | %@ |", name, median, sorted.first!, sorted.last!, unit))
+        }
+        let tcp = tcpMB.sorted()[tcpMB.count / 2]
+        print("")
+        print(String(format: "Channel bulk is %.2f of raw TCP; stdout %.2f.", channelMB.sorted()[channelMB.count / 2] / tcp, stdoutMB.sorted()[stdoutMB.count / 2] / tcp))
+    }
+
+    /// Messages received in `seconds` with `pairs` senders and receivers of `size`-byte messages.
+    private func messages(_ chan: Chan, pairs: Int, size: Int) async throws -> Double {
+        let message = [UInt8](repeating: 0x6d, count: size)
+        let received = Counter()
+        let deadline = ContinuousClock.now + .milliseconds(Int64(seconds * 1000))
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for _ in 0..<pairs {
+                group.addTask {
+                    while ContinuousClock.now < deadline { try await chan.send(message) }
+                }
+                group.addTask {
+                    while true {
+                        do {
+                            _ = try await chan.receive()
+                            received.add(1)
+                        } catch {
+                            if case .api(let e)? = error as? CircuitClientError, e.code == "closed" { return }
+                            throw error
+                        }
+                    }
+                }
+            }
+            // When every sender stopped, close: the receivers drain what is held, then see it closed.
+            try await group.next()
+            for _ in 1..<pairs { try await group.next() }
+            try await chan.close()
+            try await group.waitForAll()
+        }
+        return Double(received.value)
+    }
+
+    /// MB/s of a process's stdout: 1 GB of zeros, or as much as `seconds` allow.
+    private func stdout(_ client: CircuitClient, _ path: String) async throws -> Double {
+        _ = try await client.run(path, ProcCommandView(path: "/usr/bin/head", args: ["-c", "1000000000", "/dev/zero"]))
+        let owner = try await client.owner(of: path)
+        let bytes = Counter()
+        let start = ContinuousClock.now
+        let deadline = start + .milliseconds(Int64(seconds * 1000))
+        struct Enough: Error {}
+        do {
+            try await owner.readOutput(path) { chunk in
+                bytes.add(chunk.count)
+                if ContinuousClock.now > deadline { throw Enough() }
+            }
+        } catch {
+            // Stopped reading at the deadline (the reader's own error ends the stream), or failed before it.
+            guard ContinuousClock.now > deadline else { throw error }
+        }
+        let elapsed = (ContinuousClock.now - start).milliseconds / 1000
+        _ = try? await client.remove(element: path)
+        return Double(bytes.value) / elapsed / 1e6
+    }
+
+    /// MB/s of one loopback TCP connection, 1 MiB writes, plain sockets on two threads.
+    static func rawTCP(seconds: Double) throws -> Double {
+        let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(server) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(server, $0, length) } }
+        listen(server, 1)
+        _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(server, $0, &length) } }
+        let total = Counter()
+        let reader = Thread {
+            let connection = accept(server, nil, nil)
+            var buffer = [UInt8](repeating: 0, count: 1 << 20)
+            while true {
+                let n = buffer.withUnsafeMutableBytes { read(connection, $0.baseAddress, $0.count) }
+                if n <= 0 { break }
+                total.add(n)
+            }
+            close(connection)
+        }
+        reader.start()
+        let client = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        _ = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(client, $0, length) } }
+        let chunk = [UInt8](repeating: 0x74, count: 1 << 20)
+        let start = ContinuousClock.now
+        let deadline = start + .milliseconds(Int64(seconds * 1000))
+        while ContinuousClock.now < deadline {
+            var sent = 0
+            while sent < chunk.count {
+                let n = chunk.withUnsafeBytes { write(client, $0.baseAddress! + sent, $0.count - sent) }
+                guard n > 0 else { break }
+                sent += n
+            }
+        }
+        let elapsed = (ContinuousClock.now - start).milliseconds / 1000
+        close(client)
+        return Double(total.value) / elapsed / 1e6
+    }
+}
+
+private func onThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        Thread { continuation.resume(with: Result { try body() }) }.start()
+    }
+}
+
+/// A count shared by tasks or threads.
+private final class Counter: Sendable {
+    private let count = Atomic<Int>(0)
+    func add(_ n: Int) { count.add(n, ordering: .relaxed) }
+    var value: Int { count.load(ordering: .relaxed) }
+}
