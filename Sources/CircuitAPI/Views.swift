@@ -382,3 +382,55 @@ public struct StdinView: Codable, Sendable, Equatable {
         self.closed = closed
     }
 }
+
+/// One clause of a select, as written in its element (`clauses`, a JSON array of these).
+public struct SelectClauseView: Codable, Sendable, Equatable {
+    /// recv, send, wait (a process's end) or default
+    public var op: String
+    /// recv and send: the channel, `/X<host>/...`.
+    public var chan: String?
+    /// send: the message as text, or exactly as `message_base64`.
+    public var message: String?
+    public var messageBase64: String?
+    /// wait: the process (or job).
+    public var proc: String?
+
+    public init(op: String, chan: String? = nil, message: String? = nil, messageBase64: String? = nil, proc: String? = nil) {
+        self.op = op
+        self.chan = chan
+        self.message = message
+        self.messageBase64 = messageBase64
+        self.proc = proc
+    }
+
+    public enum CodingKeys: String, CodingKey {
+        case op, chan, message, proc
+        case messageBase64 = "message_base64"
+    }
+}
+
+/// What a select's wait answers: the clause that fired, and what it brought.
+public struct SelectOutcomeView: Codable, Sendable, Equatable {
+    public var clause: Int
+    public var op: String
+    public var chan: String?
+    /// recv: the message received, as text and exactly.
+    public var message: String?
+    public var messageBase64: String?
+    /// recv: the channel was closed and empty (no message).
+    public var closed: Bool?
+    /// The clause failed rather than fired: why (a send on a closed channel, a channel removed, a host gone).
+    public var error: String?
+    /// wait: the process's final state.
+    public var proc: ElementView?
+
+    public init(clause: Int, op: String) {
+        self.clause = clause
+        self.op = op
+    }
+
+    public enum CodingKeys: String, CodingKey {
+        case clause, op, chan, message, closed, error, proc
+        case messageBase64 = "message_base64"
+    }
+}

@@ -106,3 +106,39 @@ struct Stat: AsyncParsableCommand {
         }
     }
 }
+
+/// `circuit mksel` and `circuit select`: a select's clauses, then a wait for one of them.
+struct Mksel: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Create a select at /X<host>/name: CLAUSES is a JSON array of {\"op\": \"recv\"|\"send\"|\"wait\"|\"default\", \"chan\", \"message\", \"proc\"}.")
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "Where: /X<host id>/name") var path: String
+    @Argument(help: "The clauses (JSON); - reads them from standard input.") var clauses: String
+
+    func run() async throws {
+        let text = clauses == "-" ? String(decoding: FileHandle.standardInput.readDataToEndOfFile(), as: UTF8.self) : clauses
+        let parsed: [SelectClauseView]
+        do {
+            parsed = try JSONDecoder().decode([SelectClauseView].self, from: Data(text.utf8))
+        } catch {
+            throw ValidationError("the clauses are not a JSON array of {\"op\": ..., \"chan\": ...}: \(error)")
+        }
+        let w = try await options.client.makeSelect(path, clauses: parsed)
+        try options.emit(w) { "\(w.path ?? path) created at revision \(w.revision)" }
+    }
+}
+
+struct SelectWait: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "select", abstract: "Wait until exactly one clause of a select fires; print which and what it brought (JSON).")
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "The select: /X<host id>/name") var path: String
+
+    func run() async throws {
+        var client = options.client
+        client.timeout = 7 * 24 * 3600
+        let outcome = try await client.select(path)
+        try ClientOptions.printJSON(outcome)
+        if outcome.error != nil { Foundation.exit(1) }
+    }
+}

@@ -101,3 +101,20 @@ public struct Chan: Sendable {
         try await owner.call("GET", "/v1/chan/stat" + path)
     }
 }
+
+extension CircuitClient {
+    /// Creates a select at `path` (under `/X<host>`) with these clauses (docs/selects.md).
+    @discardableResult
+    public func makeSelect(_ path: String, clauses: [SelectClauseView]) async throws(CircuitClientError) -> WriteView {
+        let text: String
+        do { text = String(decoding: try JSONEncoder().encode(clauses), as: UTF8.self) } catch { throw .badAnswer("\(error)") }
+        var view = ElementView(kind: "select")
+        view.clauses = text
+        return try await create(path, view)
+    }
+
+    /// Waits, at the select's host, until exactly one of its clauses fires; answers which and what it brought.
+    public func select(_ path: String) async throws(CircuitClientError) -> SelectOutcomeView {
+        try await owner(of: path).call("POST", "/v1/select/wait" + Self.rooted(path), ownConnection: true)
+    }
+}

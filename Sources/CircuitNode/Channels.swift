@@ -29,12 +29,29 @@ final class Channels: Sendable {
         case cancelled
     }
 
+    /// A select's clause waiting in a channel here (docs/selects.md): whom to ask when it could fire.
+    struct Offer: Sendable, Hashable {
+        /// The API address of the host that runs the select.
+        var coordinator: String
+        var select: String
+        var run: String
+        var clause: Int
+        var receiving: Bool
+    }
+
     private struct Entry {
         var createRevision: UInt64
         /// A membership subscription: only the host's feed sends to it.
         var subscription = false
         var core: ChannelCore
         var waiting: [Waiter: CheckedContinuation<Outcome, Never>] = [:]
+        var offers: [Waiter: Offer] = [:]
+    }
+
+    /// What a change to a channel leaves to do outside the lock: requests to answer, selects to ask.
+    private struct Settled {
+        var resumes: [(CheckedContinuation<Outcome, Never>, Outcome)] = []
+        var asks: [(waiter: Waiter, offer: Offer, message: [UInt8]?, closed: Bool, failure: ChannelCore.Failure?)] = []
     }
 
     private struct State {
@@ -96,14 +113,14 @@ final class Channels: Sendable {
     func close(_ path: String) async throws(APIError) -> ChanStatView {
         try await ensure(path)
         if state.withLock({ $0.entries[path]?.subscription == true }) { throw Self.readOnly(path) }
-        let resumed: [(CheckedContinuation<Outcome, Never>, Outcome)]? = state.withLock { s in
-            guard var entry = s.entries.removeValue(forKey: path) else { return nil }
-            defer { s.entries[path] = entry }
-            guard let actions = entry.core.close() else { return nil }
+        var closedNow = false
+        let settled = mutate(path) { entry in
+            guard let actions = entry.core.close() else { return Settled() }
+            closedNow = true
             return Self.settle(actions, &entry)
         }
-        guard let resumed else { throw APIError(status: 409, code: "closed", message: "\(path) is already closed") }
-        for (c, o) in resumed { c.resume(returning: o) }
+        guard let settled, closedNow else { throw APIError(status: 409, code: "closed", message: "\(path) is already closed") }
+        finish(settled, path)
         return try stat(local: path)
     }
 
@@ -112,34 +129,90 @@ final class Channels: Sendable {
         return try stat(local: path)
     }
 
+    // MARK: - Selects' offers
+
+    /// A select's clause waits here: a receive (`message` nil) or a send of `message`. Answers at once; the select
+    /// is asked when the clause could fire.
+    func offer(_ path: String, _ offer: Offer, sending message: [UInt8]?) async throws(APIError) {
+        if let message, message.count > maxMessageBytes { throw Self.tooLarge(maxMessageBytes) }
+        try await ensure(path)
+        if message != nil, state.withLock({ $0.entries[path]?.subscription == true }) { throw Self.readOnly(path) }
+        let waiter = state.withLock { s in
+            defer { s.nextWaiter += 1 }
+            return s.nextWaiter
+        }
+        let settled = mutate(path) { entry in
+            entry.offers[waiter] = offer
+            let actions = message.map { entry.core.offerSend(waiter, $0) } ?? entry.core.offerReceive(waiter)
+            return Self.settle(actions, &entry)
+        }
+        guard let settled else { throw Self.error(.gone, path, sending: message != nil) }
+        finish(settled, path)
+    }
+
+    /// The select run `run` has decided: its other offers here leave.
+    func withdraw(_ path: String, run: String) {
+        let settled = mutate(path) { entry in
+            for (waiter, offer) in entry.offers where offer.run == run && entry.core.cancel(waiter) {
+                entry.offers[waiter] = nil
+            }
+            return Settled()
+        }
+        if let settled { finish(settled, path) }
+    }
+
+    /// Asks the select whether it takes the match its offer is in; then completes or undoes it.
+    private func ask(_ path: String, _ waiter: Waiter, _ offer: Offer, message: [UInt8]?, closed: Bool, failure: ChannelCore.Failure?) async {
+        var query = "run=\(offer.run)&clause=\(offer.clause)&chan=\(path)&op=\(offer.receiving ? "recv" : "send")"
+        if closed { query += "&closed=1" }
+        if let failure { query += "&failure=\(failure == .closed ? "closed" : "gone")" }
+        var accepted = false
+        if let answer = try? await HTTPPool.shared(offer.coordinator).perform(
+            .POST, "/v1/select/propose\(offer.select)?\(query)", body: message, timeout: .seconds(5)),
+            answer.status == 200
+        {
+            accepted = (try? JSONDecoder().decode([String: Bool].self, from: Data(answer.body)))?["commit"] ?? false
+        }
+        // A closed or failed clause was already taken out of the queue: there is nothing to complete or undo.
+        guard !closed, failure == nil else { return }
+        let settled = mutate(path) { entry in
+            entry.offers[waiter] = nil
+            return Self.settle(entry.core.resolve(waiter, accepted: accepted), &entry)
+        }
+        if let settled { finish(settled, path) }
+    }
+
     // MARK: - What the runtime's watch says
 
     /// From a subscription's feed: one event for its readers. False if the subscription holds all it can (the event
     /// is dropped).
     func deliver(_ path: String, createRevision: UInt64, _ event: [UInt8]) -> Bool {
-        let (resumed, taken) = state.withLock { s -> ([(CheckedContinuation<Outcome, Never>, Outcome)], Bool) in
-            var entry = s.entries.removeValue(forKey: path)
-                ?? Entry(createRevision: createRevision, subscription: true, core: ChannelCore(capacity: Self.subscriptionCapacity))
-            defer { s.entries[path] = entry }
-            guard entry.createRevision == createRevision else { return ([], false) }
-            let before = entry.core.bufferedBytes
-            let actions = entry.core.send(0, event, wait: false)
-            s.bufferedBytes += entry.core.bufferedBytes - before
-            return (Self.settle(actions, &entry), !actions.contains(.failed(0, .wouldBlock)))
+        state.withLock { s in
+            if s.entries[path] == nil {
+                s.entries[path] = Entry(
+                    createRevision: createRevision, subscription: true, core: ChannelCore(capacity: Self.subscriptionCapacity))
+            }
         }
-        for (c, o) in resumed { c.resume(returning: o) }
+        var taken = false
+        let settled = mutate(path) { entry in
+            guard entry.createRevision == createRevision else { return Settled() }
+            let actions = entry.core.send(0, event, wait: false)
+            taken = !actions.contains(.failed(0, .wouldBlock))
+            return Self.settle(actions, &entry)
+        }
+        if let settled { finish(settled, path) }
         return taken
     }
 
     /// The element at `path` was removed: its waiters fail with `gone`, its buffer goes.
     func removed(_ path: String) {
-        let resumed = state.withLock { s -> [(CheckedContinuation<Outcome, Never>, Outcome)] in
+        let settled = state.withLock { s -> Settled in
             s.removals += 1
-            guard var entry = s.entries.removeValue(forKey: path) else { return [] }
+            guard var entry = s.entries.removeValue(forKey: path) else { return Settled() }
             s.bufferedBytes -= entry.core.bufferedBytes
             return Self.settle(entry.core.remove(), &entry)
         }
-        for (c, o) in resumed { c.resume(returning: o) }
+        finish(settled, path)
     }
 
     /// After a scan of the host's subtree: the channels not present (path and create revision) were removed.
@@ -197,24 +270,20 @@ final class Channels: Sendable {
         }
         return await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Outcome, Never>) in
-                let resumed = state.withLock { s -> [(CheckedContinuation<Outcome, Never>, Outcome)] in
-                    // Out of the table while it changes: its buffers are not copied.
-                    guard var entry = s.entries.removeValue(forKey: path) else { return [(continuation, .failed(.gone))] }
-                    defer { s.entries[path] = entry }
-                    let before = entry.core.bufferedBytes
-                    guard let actions = event(s.bufferedBytes, &entry.core, waiter) else {
-                        return [(continuation, .failed(.bufferFull))]
+                let hostBuffered = state.withLock { $0.bufferedBytes }
+                let settled = mutate(path) { entry in
+                    guard let actions = event(hostBuffered, &entry.core, waiter) else {
+                        return Settled(resumes: [(continuation, .failed(.bufferFull))])
                     }
                     entry.waiting[waiter] = continuation
                     var out = Self.settle(actions, &entry)
                     // Cancelled before it was queued: the handler below found nothing to cancel.
                     if Task.isCancelled, entry.core.cancel(waiter), let c = entry.waiting.removeValue(forKey: waiter) {
-                        out.append((c, .cancelled))
+                        out.resumes.append((c, .cancelled))
                     }
-                    s.bufferedBytes += entry.core.bufferedBytes - before
                     return out
                 }
-                for (c, o) in resumed { c.resume(returning: o) }
+                finish(settled ?? Settled(resumes: [(continuation, .failed(.gone))]), path)
             }
         } onCancel: {
             let cancelled = state.withLock { s -> CheckedContinuation<Outcome, Never>? in
@@ -227,17 +296,43 @@ final class Channels: Sendable {
         }
     }
 
-    /// The continuations the actions answer, taken out of the entry.
-    private static func settle(
-        _ actions: [ChannelCore.Action], _ entry: inout Entry
-    ) -> [(CheckedContinuation<Outcome, Never>, Outcome)] {
-        actions.compactMap { action in
+    /// Changes the channel at `path` under the lock, out of the table meanwhile (its buffers are not copied),
+    /// keeping the host's count of buffered bytes. Nil if there is no such channel here.
+    private func mutate(_ path: String, _ body: (inout Entry) -> Settled) -> Settled? {
+        state.withLock { s in
+            guard var entry = s.entries.removeValue(forKey: path) else { return nil }
+            defer { s.entries[path] = entry }
+            let before = entry.core.bufferedBytes
+            let settled = body(&entry)
+            s.bufferedBytes += entry.core.bufferedBytes - before
+            return settled
+        }
+    }
+
+    /// Answers the requests and asks the selects a change left to do.
+    private func finish(_ settled: Settled, _ path: String) {
+        for (c, o) in settled.resumes { c.resume(returning: o) }
+        for a in settled.asks {
+            Task { await ask(path, a.waiter, a.offer, message: a.message, closed: a.closed, failure: a.failure) }
+        }
+    }
+
+    /// The requests the actions answer, taken out of the entry, and the selects to ask.
+    private static func settle(_ actions: [ChannelCore.Action], _ entry: inout Entry) -> Settled {
+        var out = Settled()
+        for action in actions {
             switch action {
-            case .sent(let w): return entry.waiting.removeValue(forKey: w).map { ($0, .sent) }
-            case .received(let w, let m): return entry.waiting.removeValue(forKey: w).map { ($0, .received(m)) }
-            case .failed(let w, let f): return entry.waiting.removeValue(forKey: w).map { ($0, .failed(f)) }
+            case .sent(let w): if let c = entry.waiting.removeValue(forKey: w) { out.resumes.append((c, .sent)) }
+            case .received(let w, let m): if let c = entry.waiting.removeValue(forKey: w) { out.resumes.append((c, .received(m))) }
+            case .failed(let w, let f):
+                if let c = entry.waiting.removeValue(forKey: w) { out.resumes.append((c, .failed(f))) }
+                if let offer = entry.offers.removeValue(forKey: w) { out.asks.append((w, offer, nil, false, f)) }
+            case .propose(let w, let m, let closed):
+                guard let offer = closed ? entry.offers.removeValue(forKey: w) : entry.offers[w] else { continue }
+                out.asks.append((w, offer, m, closed, nil))
             }
         }
+        return out
     }
 
     private func stat(local path: String) throws(APIError) -> ChanStatView {
@@ -299,8 +394,8 @@ struct ChannelRoutes: RouterMiddleware {
         let op = String(rest[..<slash])
         let path = String(rest[slash...])
         let expected: HTTPRequest.Method = op == "stat" ? .get : .post
-        guard ["send", "recv", "close", "stat"].contains(op) else {
-            throw APIError(status: 404, code: "not_found", message: "no such channel operation \(op.debugDescription) (send, recv, close, stat)")
+        guard ["send", "recv", "close", "stat", "offer", "withdraw"].contains(op) else {
+            throw APIError(status: 404, code: "not_found", message: "no such channel operation \(op.debugDescription) (send, recv, close, stat, offer, withdraw)")
         }
         guard request.method == expected else {
             throw APIError(status: 405, code: "method_not_allowed", message: "\(op) is \(expected.rawValue) /v1/chan/\(op)/PATH")
@@ -310,6 +405,25 @@ struct ChannelRoutes: RouterMiddleware {
             throw APIError.badRequest("\(path) is not under a host: a channel lives on the host that owns it")
         }
         let wait = request.uri.queryParameters.get("try") != "1"
+        if op == "offer" || op == "withdraw" {
+            // Between hosts, for selects: never forwarded.
+            guard owner == hostID else {
+                throw APIError(status: 503, code: "wrong_host", message: "\(path) belongs to \(owner), not to this host (\(hostID))")
+            }
+            let q = request.uri.queryParameters
+            guard let run = q.get("run").map({ String($0) }) else { throw APIError.badRequest("\(op) needs run") }
+            if op == "withdraw" {
+                channels.withdraw(path, run: run)
+                return try json(["withdrawn": true])
+            }
+            guard let clause = q.get("clause").flatMap({ Int($0) }), let coordinator = q.get("coordinator").map({ String($0) }),
+                let select = q.get("select").map({ String($0) }), let kind = q.get("op"), kind == "recv" || kind == "send"
+            else { throw APIError.badRequest("offer needs run, clause, coordinator, select and op (recv or send)") }
+            let body = try await Self.collect(request.body, upTo: channels.maxMessageBytes)
+            let offer = Channels.Offer(coordinator: coordinator, select: select, run: run, clause: clause, receiving: kind == "recv")
+            try await channels.offer(path, offer, sending: kind == "send" ? Array(buffer: body) : nil)
+            return try json(["offered": true])
+        }
         if owner != hostID { return try await forward(request, owner: owner, path: path, blocking: wait && op != "close" && op != "stat") }
         switch op {
         case "send":
@@ -334,7 +448,7 @@ struct ChannelRoutes: RouterMiddleware {
     /// Runs `operation` on the request's body; if `blocking`, cancels it when the client hangs up. Such a connection
     /// is not read again after the answer, which says so (`Connection: close`): blocking calls come on connections
     /// of their own.
-    private static func whileConnected(
+    static func whileConnected(
         _ request: Request, if blocking: Bool, _ operation: (RequestBody) async throws -> Response
     ) async throws -> Response {
         guard blocking else { return try await operation(request.body) }

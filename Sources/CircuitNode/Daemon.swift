@@ -179,13 +179,14 @@ public final class CircuitDaemon: Sendable {
             addressBook: addressBook, logger: logger)
         node.syncPeers()
 
-        let runtime = HostRuntime(config: config, hostID: folder.hostID, logger: logger)
-        let router = HTTPAPI(node: node, runner: runtime.procs).router()
         let ownerAddress: @Sendable (String) async throws -> String? = { host in
             node.service.state.read { $0.hosts[host].flatMap { $0.state == .alive ? $0.clientAddress : nil } }
         }
+        let runtime = HostRuntime(config: config, hostID: folder.hostID, logger: logger, ownerAddress: ownerAddress)
+        let router = HTTPAPI(node: node, runner: runtime.procs).router()
         router.add(middleware: ChannelRoutes(hostID: folder.hostID, channels: runtime.channels, ownerAddress: ownerAddress))
         router.add(middleware: StdioRoutes(runtime: runtime, ownerAddress: ownerAddress))
+        router.add(middleware: SelectRoutes(runtime: runtime, ownerAddress: ownerAddress))
         try await Self.serve(router, beside: [HostAgent(node: node), HostRuntimeService(runtime: runtime)], config: config, logger: logger)
         logger.info("shutting down: handing leadership over if leader")
         await driver.shutdown()

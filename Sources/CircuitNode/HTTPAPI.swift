@@ -137,7 +137,9 @@ struct HTTPAPI: Sendable {
                         guard (1...100).contains(attempts) else { throw APIError.badRequest("max_attempts is 1 to 100, not \(attempts)") }
                         element = .job(JobState(command: command, maxAttempts: attempts))
                     }
-                case "select": element = .select(clauses: Array((view.clauses ?? "[]").utf8))
+                case "select":
+                    _ = try Selects.clauses(view.clauses ?? "")
+                    element = .select(clauses: Array((view.clauses ?? "").utf8))
                 case "subscription":
                     guard let kind = view.events.flatMap({ $0 == "join" ? SubscriptionKind.join : $0 == "leave" ? .leave : nil }) else {
                         throw APIError.badRequest("a subscription needs events: join or leave")

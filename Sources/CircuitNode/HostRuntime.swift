@@ -15,16 +15,20 @@ final class HostRuntime: Sendable {
     let api: String
     let procs: ProcRunner
     let channels: Channels
+    let selects: Selects
     let logger: Logger
     /// The feed of each subscription element on this host, by path.
     private let feeds = Mutex<[String: (createRevision: UInt64, task: Task<Void, Never>)]>([:])
 
-    init(config: NodeConfig, hostID: String, logger: Logger) {
+    init(
+        config: NodeConfig, hostID: String, logger: Logger, ownerAddress: @escaping @Sendable (String) async throws -> String?
+    ) {
         let api = config.advertisedClient
         self.hostID = hostID
         self.api = api
         self.logger = logger
         procs = ProcRunner(hostID: hostID, api: api, scrubGrace: .milliseconds(config.scrubGraceMillis), logger: logger)
+        selects = Selects(hostID: hostID, api: api, ownerAddress: ownerAddress)
         channels = Channels(maxMessageBytes: config.maxMessageBytes, maxBufferedBytes: config.maxBufferedBytes) { path in
             try await HostRuntime.peekIfPresent(path, at: api)
         }

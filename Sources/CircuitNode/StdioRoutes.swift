@@ -37,7 +37,7 @@ struct StdioRoutes: RouterMiddleware {
         guard let owner = Names.host(of: path) else {
             throw APIError.badRequest("\(path) is not under a host: a process runs on the host that owns it")
         }
-        if owner != runtime.hostID { return try await redirect(request, owner: owner, path: path) }
+        if owner != runtime.hostID { return try await Self.redirect(request, owner: owner, path: path, ownerAddress: ownerAddress) }
         let io = try await streams(path)
         if stream == "stdin" { return try await write(request, to: io.stdin, path: path) }
         return try read(request, io.output(stream)!, path: path, stream: stream)
@@ -99,7 +99,9 @@ struct StdioRoutes: RouterMiddleware {
     }
 
     /// 307 to the owning host's API: the client follows it and talks to that host directly.
-    private func redirect(_ request: Request, owner: String, path: String) async throws -> Response {
+    static func redirect(
+        _ request: Request, owner: String, path: String, ownerAddress: @Sendable (String) async throws -> String?
+    ) async throws -> Response {
         guard let address = try await ownerAddress(owner) else { throw APIError.from(.hostNotAlive(owner)) }
         let target = "http://\(address)\(request.uri.path)" + (request.uri.query.map { "?" + $0 } ?? "")
         let error = APIError(status: 307, code: "wrong_host", message: "\(path) runs on \(owner): ask \(address)")

@@ -45,15 +45,16 @@ final class WorkerNode: Sendable {
 
     /// Runs the API and the agent until SIGTERM or SIGINT; then ends this host's session, so it leaves at once.
     func run() async throws {
-        let runtime = HostRuntime(config: config, hostID: folder.hostID, logger: logger)
         let router = Router()
         let ownerAddress: @Sendable (String) async throws -> String? = { [self] host in
             let answer = try await relay(.GET, "/v1/members?consistency=stale", body: nil)
             let hosts = try JSONDecoder().decode([HostView].self, from: Data(answer.body))
             return hosts.first { $0.id == host && $0.state == "alive" }?.clientAddress
         }
+        let runtime = HostRuntime(config: config, hostID: folder.hostID, logger: logger, ownerAddress: ownerAddress)
         router.add(middleware: ChannelRoutes(hostID: folder.hostID, channels: runtime.channels, ownerAddress: ownerAddress))
         router.add(middleware: StdioRoutes(runtime: runtime, ownerAddress: ownerAddress))
+        router.add(middleware: SelectRoutes(runtime: runtime, ownerAddress: ownerAddress))
         router.add(middleware: WorkerRelay(worker: self, runner: runtime.procs))
         try await CircuitDaemon.serve(
             router, beside: [WorkerAgent(worker: self), HostRuntimeService(runtime: runtime)], config: config, logger: logger)

@@ -109,6 +109,69 @@ struct ChannelCoreTests {
     }
 }
 
+@Suite("ChannelCore: a select's offers are proposed, then completed or put back")
+struct ChannelOfferTests {
+    @Test("a receive offer met by a send is proposed; accepted, the send completes and nothing else moves meanwhile")
+    func acceptedReceive() {
+        var c = ChannelCore(capacity: 0)
+        #expect(c.offerReceive(100) == [])
+        #expect(c.send(1, m1, wait: true) == [.propose(offer: 100, message: m1, closed: false)])
+        #expect(c.receive(2, wait: true) == [], "while a proposal is out, others queue")
+        #expect(c.send(3, m2, wait: true) == [])
+        #expect(c.resolve(100, accepted: true) == [.sent(1), .received(2, m2), .sent(3)])
+        #expect(c.sends == 2 && c.receives == 2)
+    }
+
+    @Test("refused, the match is undone: the message goes to the next receiver, in order, and nothing is lost")
+    func refusedReceive() {
+        var c = ChannelCore(capacity: 2)
+        _ = c.send(1, m1, wait: true)
+        _ = c.send(2, m2, wait: true)
+        #expect(c.offerReceive(100) == [.propose(offer: 100, message: m1, closed: false)])
+        #expect(c.receive(3, wait: true) == [], "the head is out on proposal: a receiver waits for it")
+        #expect(c.resolve(100, accepted: false) == [.received(3, m1)])
+        #expect(c.receive(4, wait: true) == [.received(4, m2)])
+        #expect(c.buffered == 0 && c.waitingReceivers == 0)
+    }
+
+    @Test("a send offer goes into room in the buffer once accepted, and leaves nothing if refused")
+    func sendOffer() {
+        var c = ChannelCore(capacity: 1)
+        #expect(c.offerSend(100, m1) == [.propose(offer: 100, message: nil, closed: false)])
+        #expect(c.resolve(100, accepted: true) == [])
+        #expect(c.buffered == 1)
+        var d = ChannelCore(capacity: 0)
+        _ = d.receive(1, wait: true)
+        #expect(d.offerSend(100, m2) == [.propose(offer: 100, message: nil, closed: false)])
+        #expect(d.resolve(100, accepted: false) == [])
+        #expect(d.waitingReceivers == 1, "the receiver waits on")
+        #expect(d.send(2, m3, wait: true) == [.received(1, m3), .sent(2)])
+    }
+
+    @Test("two offers never match each other; a plain waiter behind them still matches")
+    func offersDoNotPair() {
+        var c = ChannelCore(capacity: 0)
+        _ = c.offerReceive(100)
+        #expect(c.offerSend(200, m1) == [])
+        #expect(c.receive(1, wait: true) == [.propose(offer: 200, message: nil, closed: false)])
+        #expect(c.resolve(200, accepted: true) == [.received(1, m1)])
+        #expect(c.waitingReceivers == 1, "the receive offer still waits")
+    }
+
+    @Test("closing fires receive offers as closed, fails send offers, and a withdrawn offer takes nothing")
+    func closeAndWithdraw() {
+        var c = ChannelCore(capacity: 0)
+        _ = c.offerReceive(100)
+        _ = c.offerSend(200, m1)
+        #expect(c.close() == [.failed(200, .closed), .propose(offer: 100, message: nil, closed: true)])
+        var d = ChannelCore(capacity: 0)
+        _ = d.offerReceive(100)
+        let withdrawn = d.cancel(100)
+        #expect(withdrawn)
+        #expect(d.send(1, m1, wait: false) == [.failed(1, .wouldBlock)])
+    }
+}
+
 /// The shell over real tasks and continuations; the element is looked up by a closure, not over the network.
 @Suite("Channels: the owning host's shell")
 struct ChannelsTests {
