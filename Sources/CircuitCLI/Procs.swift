@@ -2,6 +2,7 @@ import ArgumentParser
 import CircuitAPI
 import CircuitClient
 import Foundation
+import Synchronization
 
 /// `circuit mkproc`: the Go circuit's verb, the command as JSON on standard input.
 struct Mkproc: AsyncParsableCommand {
@@ -97,5 +98,83 @@ struct Waitall: AsyncParsableCommand {
         encoder.outputFormatting = [.sortedKeys]
         for view in ended { print(String(decoding: try encoder.encode(view), as: UTF8.self)) }
         if ended.contains(where: { $0.phase != "exited" || $0.exitCode != 0 }) { Foundation.exit(1) }
+    }
+}
+
+/// `circuit runall`: one command on every live host, its output tagged line by line with the host.
+struct Runall: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run PROGRAM on every live host; print each line of its output as \"X<host>: line\" (stderr lines to stderr); exit 1 unless every host's run exited 0.")
+    @OptionGroup var options: ClientOptions
+    @Option(help: "Working directory on each host.") var dir: String?
+    @Option(help: "An environment variable, NAME=VALUE (repeatable; none given: each daemon's environment).") var env: [String] = []
+    @Argument(parsing: .captureForPassthrough, help: "The program (an absolute path) and its arguments.") var command: [String]
+
+    func validate() throws {
+        guard let program = command.first, program.hasPrefix("/") else { throw ValidationError("give the program as an absolute path") }
+    }
+
+    func run() async throws {
+        var waiting = options.client
+        waiting.timeout = 7 * 24 * 3600
+        let client = waiting
+        let hosts = try await client.members().filter { $0.state == "alive" }.map(\.id).sorted()
+        let run = "runall-" + String(UInt64(Date().timeIntervalSince1970 * 1000), radix: 36) + String(UInt32.random(in: 0...UInt32.max), radix: 36)
+        let cmd = ProcCommandView(path: command[0], args: Array(command.dropFirst()), env: env, dir: dir ?? "")
+        let out = TaggedOutput()
+        let results = try await withThrowingTaskGroup(of: (String, ElementView).self) { group in
+            for host in hosts {
+                group.addTask {
+                    let proc = client.makeProc(at: "/\(host)/\(run)")
+                    try await proc.start(cmd)
+                    async let stdout: Void = proc.read("stdout") { out.write(host, $0, error: false) }
+                    async let stderr: Void = proc.read("stderr") { out.write(host, $0, error: true) }
+                    _ = try? await (stdout, stderr)
+                    out.flush(host)
+                    let ended = try await proc.wait()
+                    _ = try? await proc.scrub()
+                    return (host, ended)
+                }
+            }
+            var all: [(String, ElementView)] = []
+            for try await r in group { all.append(r) }
+            return all
+        }
+        let failed = results.filter { $0.1.phase != "exited" || $0.1.exitCode != 0 }
+        for (host, view) in failed.sorted(by: { $0.0 < $1.0 }) {
+            FileHandle.standardError.write(Data("circuit: \(host): \(view.phase ?? "?") \(view.phase == "signaled" ? "by signal \(view.signal ?? 0)" : "with \(view.exitCode ?? 0)")\n".utf8))
+        }
+        if !failed.isEmpty { Foundation.exit(1) }
+    }
+}
+
+/// Lines of several hosts' output, each written whole with its host in front.
+private final class TaggedOutput: Sendable {
+    private let partial = Mutex<[String: [UInt8]]>([:])
+
+    func write(_ host: String, _ chunk: [UInt8], error: Bool) {
+        let key = host + (error ? "/err" : "/out")
+        partial.withLock { p in
+            var pending = (p[key] ?? []) + chunk
+            var lines: [[UInt8]] = []
+            while let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
+                lines.append(Array(pending[...newline]))
+                pending.removeSubrange(...newline)
+            }
+            p[key] = pending
+            // Written under the lock: lines of different hosts never interleave.
+            let handle = error ? FileHandle.standardError : FileHandle.standardOutput
+            for line in lines { handle.write(Data(Array("\(host): ".utf8) + line)) }
+        }
+    }
+
+    /// The last line of a host's output, if it had no newline.
+    func flush(_ host: String) {
+        partial.withLock { p in
+            for (suffix, handle) in [("/out", FileHandle.standardOutput), ("/err", FileHandle.standardError)] {
+                if let rest = p[host + suffix], !rest.isEmpty { handle.write(Data(Array("\(host): ".utf8) + rest + [UInt8(ascii: "\n")])) }
+                p[host + suffix] = nil
+            }
+        }
     }
 }

@@ -39,7 +39,7 @@ final class ProcRunner: Sendable {
     /// requests waiting for a pending process's streams.
     private struct Streams {
         var ios: [String: (createRevision: UInt64, io: ProcIO)] = [:]
-        var waiters: [String: [CheckedContinuation<Void, Never>]] = [:]
+        var waiters: [String: [(id: UInt64, continuation: CheckedContinuation<Void, Never>)]] = [:]
     }
     private let streams = Mutex(Streams())
     private let reports: AsyncStream<(String, ProcStateView)>
@@ -131,7 +131,7 @@ final class ProcRunner: Sendable {
                 return (old, s.waiters[path] ?? [])
             }
             old?.io.close()
-            for w in waiters { w.resume() }
+            for w in waiters { w.continuation.resume() }
             report(path, ProcStateView(phase: "running", pid: Int64(pid), startedAt: startedAt, attempts: attempt, createRevision: createRevision))
             return pid
         }
@@ -331,33 +331,32 @@ final class ProcRunner: Sendable {
     /// The streams of this host's process at `path` (created at `createRevision`); if it has not started yet, waits
     /// up to `timeout` for it to start. Nil if this host runs no such process.
     func io(_ path: String, createRevision: UInt64?, timeout: Duration) async -> ProcIO? {
-        func current() -> ProcIO? {
-            streams.withLock { s in
-                guard let e = s.ios[path], createRevision == nil || e.createRevision == createRevision else { return nil }
-                return e.io
-            }
+        func current(_ s: Streams) -> ProcIO? {
+            guard let e = s.ios[path], createRevision == nil || e.createRevision == createRevision else { return nil }
+            return e.io
         }
-        if let io = current() { return io }
-        let waited = Task {
-            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-                streams.withLock { s in s.waiters[path, default: []].append(c) }
-            }
-        }
+        if let io = streams.withLock({ current($0) }) { return io }
+        guard timeout > .zero else { return nil }
+        let id = UInt64.random(in: 1...UInt64.max)
         let timer = Task {
             try? await Task.sleep(for: timeout)
-            let stale = streams.withLock { s in s.waiters.removeValue(forKey: path) ?? [] }
-            for w in stale { w.resume() }
+            let waiter = streams.withLock { s -> CheckedContinuation<Void, Never>? in
+                guard let i = s.waiters[path]?.firstIndex(where: { $0.id == id }) else { return nil }
+                return s.waiters[path]!.remove(at: i).continuation
+            }
+            waiter?.resume()
         }
-        // A launch between the first look and the registration resumed nobody: look again.
-        if let io = current() {
-            timer.cancel()
-            let stale = streams.withLock { s in s.waiters.removeValue(forKey: path) ?? [] }
-            for w in stale { w.resume() }
-            return io
+        // Looked at and registered under one lock: a launch cannot fall between them.
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let ready = streams.withLock { s -> Bool in
+                if current(s) != nil { return true }
+                s.waiters[path, default: []].append((id, c))
+                return false
+            }
+            if ready { c.resume() }
         }
-        await waited.value
         timer.cancel()
-        return current()
+        return streams.withLock { current($0) }
     }
 
     /// The element was removed: its process (and its group) is killed.

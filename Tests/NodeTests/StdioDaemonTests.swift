@@ -97,6 +97,14 @@ struct StdioDaemonTests {
         #expect(shown.0 == 0 && shown.1 == "SHOUT\n", "\(shown)")
         let all = try await onOwnThread { try runCircuit(["waitall", "--node", api], input: Array("\(path)\n/\(host)/cat\n".utf8)) }
         #expect(all.0 == 0 && all.1.split(separator: "\n").count == 2, "\(all)")
+        // runall: every live host runs it; each line comes tagged with its host; the elements are removed after.
+        let everywhere = try await onOwnThread { try runCircuit(["runall", "--node", api, "/bin/sh", "-c", "echo hello; echo oops >&2"]) }
+        let ids = (0..<3).map { cluster.members[$0].folder.hostID }.sorted()
+        #expect(everywhere.0 == 0, "\(everywhere)")
+        #expect(everywhere.1.split(separator: "\n").map(String.init).sorted() == ids.map { "\($0): hello" }, "\(everywhere)")
+        #expect(everywhere.2.split(separator: "\n").map(String.init).sorted() == ids.map { "\($0): oops" }, "\(everywhere)")
+        let failing = try await onOwnThread { try runCircuit(["runall", "--node", api, "/bin/sh", "-c", "exit 3"]) }
+        #expect(failing.0 == 1 && failing.2.contains("exited with 3"), "\(failing)")
         let bad = try await onOwnThread { try runCircuit(["mkproc", "--node", api, "/\(host)/bad"], input: Array("{not json".utf8)) }
         #expect(bad.0 == 2 && bad.2.contains("not valid JSON"), "\(bad)")
     }
