@@ -180,14 +180,20 @@ public struct CircuitClient: Sendable {
             uri += "?" + query.sorted { $0.key < $1.key }.map { "\(Self.escape($0.key))=\(Self.escape($0.value))" }.joined(separator: "&")
         }
         var lastError = "no endpoints given"
+        let deadline = Duration.milliseconds(Int64(timeout * 1000))
+        func send(to endpoint: String) async throws -> HTTPExchange.Answer {
+            ownConnection
+                ? try await HTTPExchange.perform(HTTPMethod(rawValue: method), uri, to: endpoint, body: body.map { Array($0) }, timeout: deadline)
+                : try await HTTPPool.shared(endpoint).perform(HTTPMethod(rawValue: method), uri, body: body.map { Array($0) }, timeout: deadline)
+        }
         for endpoint in endpoints {
-            let answer: HTTPExchange.Answer
+            var answer: HTTPExchange.Answer
             do {
-                let deadline = Duration.milliseconds(Int64(timeout * 1000))
-                answer =
-                    ownConnection
-                    ? try await HTTPExchange.perform(HTTPMethod(rawValue: method), uri, to: endpoint, body: body.map { Array($0) }, timeout: deadline)
-                    : try await HTTPPool.shared(endpoint).perform(HTTPMethod(rawValue: method), uri, body: body.map { Array($0) }, timeout: deadline)
+                answer = try await send(to: endpoint)
+                // A node that does not own the element names the one that does: asked there, once.
+                if answer.status == 307, let owner = answer.location.flatMap(Self.authority) {
+                    answer = try await send(to: owner)
+                }
             } catch {
                 lastError = "\(error)"
                 continue
@@ -196,6 +202,13 @@ public struct CircuitClient: Sendable {
             return answer.body
         }
         throw .unreachable(endpoints: endpoints, why: lastError)
+    }
+
+    /// `host:port` of an `http://host:port/...` URL.
+    static func authority(_ url: String) -> String? {
+        guard url.hasPrefix("http://") else { return nil }
+        let rest = url.dropFirst("http://".count)
+        return String(rest.prefix { $0 != "/" })
     }
 
     /// The error an answer other than 200 carries (its envelope, or its text).

@@ -28,6 +28,8 @@ public enum HTTPExchange {
         public var status: Int
         public var contentType: String?
         public var body: [UInt8]
+        /// A redirect's target (`Location`).
+        public var location: String? = nil
     }
 
     /// Sends `method uri` to `address` (`host:port`) and reads the whole answer.
@@ -46,6 +48,7 @@ public enum HTTPExchange {
                         case .head(let head):
                             answer.status = Int(head.status.code)
                             answer.contentType = head.headers.first(name: "Content-Type")
+                            answer.location = head.headers.first(name: "Location")
                         case .body(var buffer):
                             answer.body += buffer.readBytes(length: buffer.readableBytes) ?? []
                         case .end:

@@ -149,6 +149,7 @@ final class ResponseCollector: ChannelInboundHandler, RemovableChannelHandler {
         case .head(let head):
             answer.status = Int(head.status.code)
             answer.contentType = head.headers.first(name: "Content-Type")
+            answer.location = head.headers.first(name: "Location")
             keepAlive = head.isKeepAlive
         case .body(var buffer):
             answer.body += buffer.readBytes(length: buffer.readableBytes) ?? []

@@ -374,9 +374,9 @@ final class Channels: Sendable {
     }
 }
 
-/// The channel API of every node and worker (`/v1/chan/{send,recv,close,stat}/PATH`). A channel's operations are
-/// served by its owning host; any other node forwards them there once, on a connection of its own (a blocking send or
-/// receive lasts as long as it must, and a client that hangs up cancels it at the owner too).
+/// The channel API of every node and worker (`/v1/chan/{send,recv,close,stat}/PATH`, and `offer` and `withdraw`
+/// between hosts for selects). A channel's operations are served by its owning host; any other node answers 307 with
+/// the owner's address, so the messages never pass through a third host.
 struct ChannelRoutes: RouterMiddleware {
     typealias Context = BasicRequestContext
     let hostID: String
@@ -424,7 +424,8 @@ struct ChannelRoutes: RouterMiddleware {
             try await channels.offer(path, offer, sending: kind == "send" ? Array(buffer: body) : nil)
             return try json(["offered": true])
         }
-        if owner != hostID { return try await forward(request, owner: owner, path: path, blocking: wait && op != "close" && op != "stat") }
+        // Point to point: any other node names the owning host (307), and the client asks it.
+        if owner != hostID { return try await StdioRoutes.redirect(request, owner: owner, path: path, ownerAddress: ownerAddress) }
         switch op {
         case "send":
             return try await Self.whileConnected(request, if: wait) { body in
@@ -465,25 +466,4 @@ struct ChannelRoutes: RouterMiddleware {
         }
     }
 
-    /// Sends the request on to the owning host, once.
-    private func forward(_ request: Request, owner: String, path: String, blocking: Bool) async throws -> Response {
-        if request.headers[HTTPAPI.forwardedHeader] != nil {
-            throw APIError(status: 503, code: "wrong_host", message: "\(path) belongs to \(owner), not to this host (\(hostID))")
-        }
-        guard let address = try await ownerAddress(owner) else { throw APIError.from(.hostNotAlive(owner)) }
-        let uri = request.uri.path + (request.uri.query.map { "?" + $0 } ?? "")
-        let method = NIOHTTP1.HTTPMethod(rawValue: request.method.rawValue)
-        return try await Self.whileConnected(request, if: blocking) { body in
-            let bytes = try await Self.collect(body, upTo: channels.maxMessageBytes)
-            let answer: HTTPExchange.Answer
-            do {
-                answer = try await HTTPExchange.perform(
-                    method, uri, to: address, body: bytes.readableBytes > 0 ? Array(buffer: bytes) : nil,
-                    headers: [(HTTPAPI.forwardedHeader.rawName, "1")], timeout: blocking ? .seconds(7 * 24 * 3600) : .seconds(10))
-            } catch {
-                throw APIError(status: 503, code: "host_unreachable", message: "cannot reach \(owner), which owns \(path), at \(address): \(error)")
-            }
-            return Response(relaying: answer)
-        }
-    }
 }

@@ -17,7 +17,7 @@ private func code(_ body: () async throws -> Void) async -> String? {
 
 @Suite("Channels between hosts", .serialized, .timeLimit(.minutes(2)))
 struct ChannelDaemonTests {
-    @Test("a channel's buffer lives on its host, member or worker: a rendezvous across three hosts, FIFO, try, close, a message too large, a receiver that hangs up takes nothing, removal fails the waiters, and the CLI's send and recv")
+    @Test("a channel's buffer lives on its host, member or worker: a rendezvous across three hosts, other nodes redirect, FIFO, try, close, a name that exists, a message too large, a receiver that hangs up takes nothing, removal fails the waiters, and the CLI's send and recv")
     func channels() async throws {
         let cluster = try daemons(3)
         defer { cluster.stopAll(signal: SIGKILL) }
@@ -33,7 +33,7 @@ struct ChannelDaemonTests {
         client.timeout = 30
 
         // Capacity 0, on host B: a try-send finds no receiver; a receive on B (found through the membership) is met
-        // by a send through host C, which forwards it to B.
+        // by a send asked of host C, which names B (307), where the client sends it.
         let r = "/\(owner)/rendezvous"
         try await client.makeChannel(r, capacity: 0)
         let direct = try await client.channel(r)
@@ -72,16 +72,23 @@ struct ChannelDaemonTests {
         #expect(await code { _ = try await queue.receive() } == "closed")
         #expect(await code { try await queue.close() } == "closed", "closing twice is an error")
 
-        // Bad input: a message over the limit, a channel that does not exist, a channel op on a process's name.
+        // Bad input: a name that exists (the error names what is there), a message over the limit, a channel that does not exist, a channel op on a process's name.
         let big = await code { try await direct.send([UInt8](repeating: 0, count: (1 << 20) + 1)) }
         #expect(big == "too_large", "\(big ?? "")")
+        var exists: APIError?
+        do { try await client.makeChannel(q, capacity: 1) } catch { if case .api(let e) = error { exists = e } }
+        #expect(exists?.code == "exists" && exists?.message == "\(q) already holds a chan")
         #expect(await code { _ = try await Chan(path: "/\(owner)/none", through: client).stat() } == "not_found")
         #expect(await code { _ = try await Chan(path: "/records/x", through: client).stat() } == "bad_request")
 
-        // A receiver that hangs up (its connection closes while it waits, here through a forwarding node) is
-        // withdrawn at the owner: the next send finds no receiver and nothing is lost.
+        // Any other node answers with where to go.
+        let elsewhere = try await HTTPExchange.perform(.POST, "/v1/chan/recv\(r)", to: cluster.members[c].api)
+        #expect(elsewhere.status == 307 && elsewhere.location == "http://\(cluster.members[b].api)/v1/chan/recv\(r)")
+
+        // A receiver that hangs up (its connection closes while it waits) is withdrawn at the owner: the next send
+        // finds no receiver and nothing is lost.
         let hungUp = try? await HTTPExchange.perform(
-            .POST, "/v1/chan/recv\(r)", to: cluster.members[c].api, timeout: .milliseconds(500))
+            .POST, "/v1/chan/recv\(r)", to: cluster.members[b].api, timeout: .milliseconds(500))
         #expect(hungUp == nil, "the receive timed out on the client's side")
         try await eventually("the hung-up receiver withdrawn at the owner") { (try? await direct.stat())?.waitingReceivers == 0 }
         #expect(await code { try await direct.trySend([7]) } == "would_block")

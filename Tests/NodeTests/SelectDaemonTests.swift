@@ -24,10 +24,16 @@ struct SelectDaemonTests {
 
         // 8 selects on host A, each waiting on both channels, while 8 distinct messages are sent, 4 to each channel,
         // all at once: both channels propose to the same selects concurrently, and some proposals are refused.
+        // Each also waits on a process that runs on (it is never the one to fire).
         let count = 8
+        _ = try await client.run("/\(b)/long", ProcCommandView(path: "/bin/sleep", args: ["60"]))
         for i in 0..<count {
             try await client.makeSelect(
-                "/\(a)/sel\(i)", clauses: [SelectClauseView(op: "recv", chan: left), SelectClauseView(op: "recv", chan: right)])
+                "/\(a)/sel\(i)",
+                clauses: [
+                    SelectClauseView(op: "recv", chan: left), SelectClauseView(op: "recv", chan: right),
+                    SelectClauseView(op: "wait", proc: "/\(b)/long"),
+                ])
         }
         let sent = (0..<count).map { "message-\($0)" }
         let outcomes = try await withThrowingTaskGroup(of: SelectOutcomeView?.self) { group in
@@ -51,6 +57,8 @@ struct SelectDaemonTests {
         for chan in [left, right] {
             try await eventually("no offer left in \(chan)") { (try? await client.channel(chan).stat())?.waitingReceivers == 0 }
         }
+
+        _ = try await client.remove(element: "/\(b)/long")
 
         // default: fires when no other clause can.
         try await client.makeSelect("/\(a)/idle", clauses: [SelectClauseView(op: "recv", chan: left), SelectClauseView(op: "default")])

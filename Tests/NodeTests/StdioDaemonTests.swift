@@ -33,7 +33,8 @@ struct StdioDaemonTests {
         let host = cluster.members[b].folder.hostID
         var client = cluster.client(leader)
         client.timeout = 30
-        let owner = try await client.owner(of: "/\(host)/cat")
+        // Started through A (the leader), read and written by a client that asked C.
+        let owner = try await cluster.client((leader + 2) % 3).owner(of: "/\(host)/cat")
         #expect(owner.endpoints == [cluster.members[b].api])
 
         // cat: what goes into stdin comes out of stdout; closing stdin ends it (exit 0).
