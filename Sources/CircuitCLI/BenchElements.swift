@@ -49,6 +49,14 @@ struct ElementsBench: AsyncParsableCommand {
             rows.append(("channel messages/s, 64 B, \(pairs) sender\(pairs == 1 ? "" : "s") and receiver\(pairs == 1 ? "" : "s"), capacity \(capacity)", "msg/s", rates))
         }
 
+        var piped: [Double] = []
+        for _ in 0..<rounds {
+            let path = fresh("piped")
+            try await client.makeChannel(path, capacity: 1024)
+            piped.append(try await pipelined(try await client.channel(path)) / seconds)
+        }
+        rows.append(("channel messages/s, 64 B, a pipelining sender (1,000 a request) and a streaming receiver, capacity 1024", "msg/s", piped))
+
         var channelMB: [Double] = []
         var stdoutMB: [Double] = []
         var tcpMB: [Double] = []
@@ -56,11 +64,11 @@ struct ElementsBench: AsyncParsableCommand {
             let path = fresh("bulk")
             try await client.makeChannel(path, capacity: 4)
             let chan = try await client.channel(path)
-            channelMB.append(try await messages(chan, pairs: 1, size: 1 << 20) * Double(1 << 20) / seconds / 1e6)
+            channelMB.append(try await pipelined(chan, size: 1 << 20, batch: 8) * Double(1 << 20) / seconds / 1e6)
             stdoutMB.append(try await stdout(client, fresh("out")))
             tcpMB.append(try await onThread { try Self.rawTCP(seconds: seconds) })
         }
-        rows.append(("channel bulk, 1 MiB messages, capacity 4", "MB/s", channelMB))
+        rows.append(("channel bulk, 1 MiB messages, capacity 4, a pipelining sender (8 a request) and a streaming receiver", "MB/s", channelMB))
         rows.append(("a process's stdout read by a client (head -c of /dev/zero)", "MB/s", stdoutMB))
         rows.append(("raw TCP on loopback, one connection, 1 MiB writes (the baseline)", "MB/s", tcpMB))
 
@@ -78,6 +86,23 @@ struct ElementsBench: AsyncParsableCommand {
             _ = try await client.wait(job)
             jobLatency.append((ContinuousClock.now - jobStart).milliseconds)
         }
+        var selectLatency: [Double] = []
+        let left = fresh("sel-left"), right = fresh("sel-right")
+        try await client.makeChannel(left, capacity: 0)
+        try await client.makeChannel(right, capacity: 0)
+        let rightChan = try await client.channel(right)
+        for i in 0..<samples {
+            let select = fresh("select")
+            try await client.makeSelect(select, clauses: [SelectClauseView(op: "recv", chan: left), SelectClauseView(op: "recv", chan: right)])
+            // A sender already waits on one of the channels: the time is the select's own, offer to commit.
+            let sender = Task { try await rightChan.send(Array("s\(i)".utf8)) }
+            try await waitUntil { (try? await rightChan.stat())?.waitingSenders == 1 }
+            let start = ContinuousClock.now
+            _ = try await client.select(select)
+            selectLatency.append((ContinuousClock.now - start).milliseconds)
+            try await sender.value
+        }
+        rows.append(("select over two channels on another host, one with a waiting sender: wait answered", "ms", selectLatency))
         rows.append(("process /bin/true: create, start, exit, wait answered", "ms", procLatency))
         rows.append(("job /bin/true: create, placed by the leader, start, exit, wait answered", "ms", jobLatency))
 
@@ -124,6 +149,35 @@ struct ElementsBench: AsyncParsableCommand {
             try await group.waitForAll()
         }
         return Double(received.value)
+    }
+
+    /// Messages received in `seconds` from one sender sending 1,000 at a time, by one receiver streaming them.
+    private func pipelined(_ chan: Chan, size: Int = 64, batch count: Int = 1000) async throws -> Double {
+        let batch = [[UInt8]](repeating: [UInt8](repeating: 0x70, count: size), count: count)
+        let received = Counter()
+        let deadline = ContinuousClock.now + .milliseconds(Int64(seconds * 1000))
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask {
+                while ContinuousClock.now < deadline { try await chan.send(contentsOf: batch) }
+                try await chan.close()
+            }
+            group.addTask {
+                while true {
+                    let n = try await chan.receive(upTo: 1_000_000) { _ in received.add(1) }
+                    if n < 1_000_000 { return }  // closed and drained
+                }
+            }
+            try await group.waitForAll()
+        }
+        return Double(received.value)
+    }
+
+    private func waitUntil(_ condition: () async -> Bool) async throws {
+        let deadline = ContinuousClock.now + .seconds(10)
+        while await !condition() {
+            guard ContinuousClock.now < deadline else { throw ValidationError("the benchmark's setup did not settle within 10 s") }
+            try await Task.sleep(for: .milliseconds(1))
+        }
     }
 
     /// MB/s of a process's stdout: 1 GB of zeros, or as much as `seconds` allow.

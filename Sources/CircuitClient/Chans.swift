@@ -69,12 +69,12 @@ public struct Chan: Sendable {
         } catch {
             guard case .api(let e) = error, e.code == "would_block" else { throw error }
         }
-        return try await owner.call("POST", "/v1/chan/send" + path, body: Data(message), ownConnection: true)
+        return try await owner.call("POST", "/v1/chan/send" + path, bytes: message, ownConnection: true)
     }
 
     @discardableResult
     public func trySend(_ message: [UInt8]) async throws(CircuitClientError) -> ChanStatView {
-        try await owner.call("POST", "/v1/chan/send" + path, query: ["try": "1"], body: Data(message))
+        try await owner.call("POST", "/v1/chan/send" + path, query: ["try": "1"], bytes: message)
     }
 
     /// Receives the next message; waits for one as long as the client's `timeout`. As `send`: a try first, then a
@@ -116,5 +116,55 @@ extension CircuitClient {
     /// Waits, at the select's host, until exactly one of its clauses fires; answers which and what it brought.
     public func select(_ path: String) async throws(CircuitClientError) -> SelectOutcomeView {
         try await owner(of: path).call("POST", "/v1/select/wait" + Self.rooted(path), ownConnection: true)
+    }
+}
+
+extension Chan {
+    /// Sends every message, in order, in one request: the host sends each after the last was taken, so the sender
+    /// does not wait a round trip per message. Answers how many were sent (all, unless it throws).
+    @discardableResult
+    public func send(contentsOf messages: [[UInt8]]) async throws(CircuitClientError) -> Int {
+        var body = [UInt8]()
+        body.reserveCapacity(messages.reduce(0) { $0 + 4 + $1.count })
+        for m in messages {
+            let n = UInt32(m.count)
+            body += [UInt8(n >> 24), UInt8((n >> 16) & 0xff), UInt8((n >> 8) & 0xff), UInt8(n & 0xff)]
+            body += m
+        }
+        let answer: [String: Int] = try await owner.call(
+            "POST", "/v1/chan/send" + path, query: ["stream": "1"], bytes: body, ownConnection: true)
+        return answer["sent"] ?? 0
+    }
+
+    /// Receives up to `count` messages in one request, each handed to `each` as it comes; fewer if the channel is
+    /// closed and empty first. Answers how many.
+    @discardableResult
+    public func receive(upTo count: Int, each: ([UInt8]) async throws -> Void) async throws(CircuitClientError) -> Int {
+        guard let endpoint = owner.endpoints.first else { throw .unreachable(endpoints: [], why: "no endpoints given") }
+        var pending: [UInt8] = []
+        var received = 0
+        let answer: (status: Int, errorBody: [UInt8])
+        do {
+            // `pending[start...]` is what is not handed over yet; it is compacted only when it is mostly spent.
+            var start = 0
+            answer = try await HTTPExchange.streamChunks(.POST, "/v1/chan/recv\(path)?stream=\(count)", to: endpoint) { chunk in
+                pending.append(contentsOf: chunk)
+                while pending.count - start >= 4 {
+                    let n = Int(pending[start]) << 24 | Int(pending[start + 1]) << 16 | Int(pending[start + 2]) << 8 | Int(pending[start + 3])
+                    guard pending.count - start - 4 >= n else { break }
+                    try await each(Array(pending[(start + 4)..<(start + 4 + n)]))
+                    received += 1
+                    start += 4 + n
+                }
+                if start > pending.count / 2 {
+                    pending.removeFirst(start)
+                    start = 0
+                }
+            }
+        } catch {
+            throw .unreachable(endpoints: [endpoint], why: "\(error)")
+        }
+        if answer.status != 200 { throw CircuitClient.apiError(status: answer.status, body: answer.errorBody) }
+        return received
     }
 }

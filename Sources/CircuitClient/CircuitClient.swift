@@ -163,7 +163,14 @@ public struct CircuitClient: Sendable {
     func call<T: Decodable>(
         _ method: String, _ path: String, query: [String: String] = [:], body: Data? = nil, ownConnection: Bool = false
     ) async throws(CircuitClientError) -> T {
-        let data = Data(try await callRaw(method, path, query: query, body: body, ownConnection: ownConnection))
+        try await call(method, path, query: query, bytes: body.map { [UInt8]($0) }, ownConnection: ownConnection)
+    }
+
+    /// The same with the body as bytes (no copy through `Data`).
+    func call<T: Decodable>(
+        _ method: String, _ path: String, query: [String: String] = [:], bytes: [UInt8]?, ownConnection: Bool = false
+    ) async throws(CircuitClientError) -> T {
+        let data = Data(try await callRaw(method, path, query: query, bytes: bytes, ownConnection: ownConnection))
         do {
             return try JSONDecoder().decode(T.self, from: data)
         } catch {
@@ -175,6 +182,12 @@ public struct CircuitClient: Sendable {
     func callRaw(
         _ method: String, _ path: String, query: [String: String] = [:], body: Data? = nil, ownConnection: Bool = false
     ) async throws(CircuitClientError) -> [UInt8] {
+        try await callRaw(method, path, query: query, bytes: body.map { [UInt8]($0) }, ownConnection: ownConnection)
+    }
+
+    func callRaw(
+        _ method: String, _ path: String, query: [String: String] = [:], bytes body: [UInt8]?, ownConnection: Bool = false
+    ) async throws(CircuitClientError) -> [UInt8] {
         var uri = path.split(separator: "/", omittingEmptySubsequences: false).map { Self.escape(String($0)) }.joined(separator: "/")
         if !query.isEmpty {
             uri += "?" + query.sorted { $0.key < $1.key }.map { "\(Self.escape($0.key))=\(Self.escape($0.value))" }.joined(separator: "&")
@@ -183,8 +196,8 @@ public struct CircuitClient: Sendable {
         let deadline = Duration.milliseconds(Int64(timeout * 1000))
         func send(to endpoint: String) async throws -> HTTPExchange.Answer {
             ownConnection
-                ? try await HTTPExchange.perform(HTTPMethod(rawValue: method), uri, to: endpoint, body: body.map { Array($0) }, timeout: deadline)
-                : try await HTTPPool.shared(endpoint).perform(HTTPMethod(rawValue: method), uri, body: body.map { Array($0) }, timeout: deadline)
+                ? try await HTTPExchange.perform(HTTPMethod(rawValue: method), uri, to: endpoint, body: body, timeout: deadline)
+                : try await HTTPPool.shared(endpoint).perform(HTTPMethod(rawValue: method), uri, body: body, timeout: deadline)
         }
         for endpoint in endpoints {
             var answer: HTTPExchange.Answer

@@ -82,6 +82,12 @@ final class Channels: Sendable {
 
     /// Sends `message`; waits (unless `wait` is false) until it is buffered or, at capacity 0, received.
     func send(_ path: String, _ message: [UInt8], wait: Bool) async throws(APIError) -> ChanStatView {
+        try await sendOne(path, message, wait: wait)
+        return try stat(local: path)
+    }
+
+    /// The same, answering nothing (for a stream of sends).
+    func sendOne(_ path: String, _ message: [UInt8], wait: Bool) async throws(APIError) {
         guard message.count <= maxMessageBytes else { throw Self.tooLarge(maxMessageBytes) }
         try await ensure(path)
         if state.withLock({ $0.entries[path]?.subscription == true }) { throw Self.readOnly(path) }
@@ -92,8 +98,9 @@ final class Channels: Sendable {
             return core.send(waiter, message, wait: wait)
         }
         switch outcome {
-        case .sent: return try stat(local: path)
-        case .received, .cancelled: throw APIError(status: 500, code: "internal", message: "a send was answered as a receive")
+        case .sent: return
+        case .cancelled: throw APIError(status: 499, code: "cancelled", message: "the send's client went away")
+        case .received: throw APIError(status: 500, code: "internal", message: "a send was answered as a receive")
         case .failed(let f): throw Self.error(f, path, sending: true)
         }
     }
@@ -427,6 +434,15 @@ struct ChannelRoutes: RouterMiddleware {
         // Point to point: any other node names the owning host (307), and the client asks it.
         if owner != hostID { return try await StdioRoutes.redirect(request, owner: owner, path: path, ownerAddress: ownerAddress) }
         switch op {
+        case "send" where request.uri.queryParameters.get("stream") == "1":
+            return try await Self.whileConnected(request, if: true) { body in
+                try json(["sent": try await sendStream(body, to: path)])
+            }
+        case "recv" where request.uri.queryParameters.get("stream") != nil:
+            guard let count = request.uri.queryParameters.get("stream").flatMap({ Int($0) }), (1...1_000_000).contains(count) else {
+                throw APIError.badRequest("stream is the number of messages to receive, 1 to 1,000,000")
+            }
+            return receiveStream(request, from: path, count: count)
         case "send":
             return try await Self.whileConnected(request, if: wait) { body in
                 let message = try await Self.collect(body, upTo: channels.maxMessageBytes)
@@ -449,6 +465,67 @@ struct ChannelRoutes: RouterMiddleware {
     /// Runs `operation` on the request's body; if `blocking`, cancels it when the client hangs up. Such a connection
     /// is not read again after the answer, which says so (`Connection: close`): blocking calls come on connections
     /// of their own.
+    /// A stream of sends: the body is messages, each a 4-byte big-endian length and its bytes, sent in order, each
+    /// after the last was taken (a waiting send holds back the rest of the body: back-pressure to the sender).
+    private func sendStream(_ body: RequestBody, to path: String) async throws -> Int {
+        var pending = ByteBuffer()
+        var sent = 0
+        for try await chunk in body {
+            pending.writeImmutableBuffer(chunk)
+            while let length = pending.getInteger(at: pending.readerIndex, as: UInt32.self) {
+                guard Int(length) <= channels.maxMessageBytes else { throw Channels.tooLarge(channels.maxMessageBytes) }
+                guard pending.readableBytes >= 4 + Int(length) else { break }
+                pending.moveReaderIndex(forwardBy: 4)
+                let message = pending.readBytes(length: Int(length))!
+                try await channels.sendOne(path, message, wait: true)
+                sent += 1
+            }
+            // Compacted only once mostly spent: moving a large message's first part at every chunk would cost more
+            // than the transfer.
+            if pending.readerIndex > pending.readableBytes { pending.discardReadBytes() }
+        }
+        guard pending.readableBytes == 0 else {
+            throw APIError.badRequest("the stream of messages ends inside a message (\(pending.readableBytes) bytes left over)")
+        }
+        return sent
+    }
+
+    /// A stream of receives: up to `count` messages, each framed as in a stream of sends, written as they come (those
+    /// already there together); it ends early when the channel is closed and empty. A client that hangs up ends it.
+    private func receiveStream(_ request: Request, from path: String, count: Int) -> Response {
+        let body = ResponseBody { writer in
+            do {
+                try await request.body.consumeWithCancellationOnInboundClose { _ in
+                    var received = 0
+                    receiving: while received < count {
+                        var frames = ByteBuffer()
+                        // The first waits; those already there come along without waiting.
+                        var wait = true
+                        while received < count, frames.readableBytes < 1 << 20 {
+                            let message: [UInt8]
+                            do {
+                                message = try await channels.receive(path, wait: wait)
+                            } catch {
+                                if (error as? APIError)?.code == "would_block" { break }
+                                if frames.readableBytes > 0 { try await writer.write(frames) }
+                                break receiving
+                            }
+                            frames.writeInteger(UInt32(message.count))
+                            frames.writeBytes(message)
+                            received += 1
+                            wait = false
+                        }
+                        try await writer.write(frames)
+                    }
+                }
+            } catch is CancellationError {
+                return
+            }
+            try await writer.finish(nil)
+        }
+        return Response(status: .ok, headers: [.contentType: "application/octet-stream", .connection: "close"], body: body)
+    }
+
     static func whileConnected(
         _ request: Request, if blocking: Bool, _ operation: (RequestBody) async throws -> Response
     ) async throws -> Response {

@@ -4,6 +4,7 @@ import CircuitNode
 import CircuitTestSupport
 import Foundation
 import NIOHTTP1
+import Synchronization
 import Testing
 
 /// The API error code a call failed with.
@@ -13,6 +14,13 @@ private func code(_ body: () async throws -> Void) async -> String? {
         return "\(error)"
     }
     return nil
+}
+
+/// Messages collected by a receiving task.
+private final class Collected: Sendable {
+    private let messages = Mutex<[[UInt8]]>([])
+    func add(_ m: [UInt8]) { messages.withLock { $0.append(m) } }
+    var all: [[UInt8]] { messages.withLock { $0 } }
 }
 
 @Suite("Channels between hosts", .serialized, .timeLimit(.minutes(2)))
@@ -98,6 +106,21 @@ struct ChannelDaemonTests {
         try await eventually("a receiver waiting") { (try? await direct.stat())?.waitingReceivers == 1 }
         _ = try await client.remove(element: r)
         #expect(await code { _ = try await waiting.value } == "gone")
+
+        // Pipelined: 2,000 messages in two requests, taken by one streaming receive through a capacity-16 channel,
+        // in order; a stream that ends inside a message is refused, naming why.
+        let piped = "/\(owner)/piped"
+        try await client.makeChannel(piped, capacity: 16)
+        let pipe = try await client.channel(piped)
+        let batch = (0..<2000).map { Array("m\($0)".utf8) }
+        let gotten = Collected()
+        let drained = Task { try await pipe.receive(upTo: 2000) { gotten.add($0) } }
+        #expect(try await pipe.send(contentsOf: Array(batch[..<1000])) == 1000)
+        #expect(try await pipe.send(contentsOf: Array(batch[1000...])) == 1000)
+        #expect(try await drained.value == 2000)
+        #expect(gotten.all == batch, "every message, in order")
+        let torn = try await HTTPExchange.perform(.POST, "/v1/chan/send\(piped)?stream=1", to: cluster.members[b].api, body: [0, 0, 0, 9, 1])
+        #expect(torn.status == 400 && String(decoding: torn.body, as: UTF8.self).contains("ends inside a message"))
 
         // The CLI: all of standard input is one message; recv writes it out as it came.
         let api = cluster.members[c].api
