@@ -23,6 +23,8 @@ final class NodeContext: Sendable {
     let logger: Logger
     /// Peer addresses known from the data folder (the bootstrap list, or what the cluster said at the join).
     let addressBook: [String: String]
+    /// Rung when a job or a job's process changed: the leader's job keeper looks at once.
+    let jobsChanged = Bell()
     private let dialing = Mutex<[NodeID: String]>([:])
 
     init(
@@ -187,7 +189,9 @@ public final class CircuitDaemon: Sendable {
         router.add(middleware: ChannelRoutes(hostID: folder.hostID, channels: runtime.channels, ownerAddress: ownerAddress))
         router.add(middleware: StdioRoutes(runtime: runtime, ownerAddress: ownerAddress))
         router.add(middleware: SelectRoutes(runtime: runtime, ownerAddress: ownerAddress))
-        try await Self.serve(router, beside: [HostAgent(node: node), HostRuntimeService(runtime: runtime)], config: config, logger: logger)
+        try await Self.serve(
+            router, beside: [HostAgent(node: node), JobAgent(node: node), HostRuntimeService(runtime: runtime)], config: config,
+            logger: logger)
         logger.info("shutting down: handing leadership over if leader")
         await driver.shutdown()
         await transport.stop()
@@ -300,7 +304,6 @@ struct HostAgent: Service {
             await node.service.expireLeases()
             if node.service.driver.status.role == .leader {
                 await keepVoters(&keeper)
-                await keepJobs()
             } else {
                 keeper = VoterKeeper(lostAfter: keeper.lostAfter)
             }
@@ -318,52 +321,6 @@ struct HostAgent: Service {
                 lastKeepAlive = .now
             }
             try await Task.sleep(for: .milliseconds(100))
-        }
-    }
-
-    /// While leader: places jobs, and places them again when their host is lost (see `JobKeeper`).
-    private func keepJobs() async {
-        let (jobs, alive, processes) = node.service.state.read { state in
-            let jobs: [(path: String, state: JobState)] = state.descendants(of: Names.jobsRoot).compactMap { path in
-                guard case .job(let j)? = state.anchors[path]?.element, !j.ended else { return nil }
-                return (path, j)
-            }
-            let alive = state.hostList.filter { $0.state == .alive }.map(\.id)
-            var processes: [String: ProcState] = [:]
-            for job in jobs {
-                for host in alive {
-                    let path = JobKeeper.processPath(job: job.path, host: host)
-                    if case .proc(let p)? = state.anchors[path]?.element { processes[path] = p }
-                }
-            }
-            return (jobs, alive, processes)
-        }
-        guard !jobs.isEmpty else { return }
-        let current = Dictionary(jobs.map { ($0.path, $0.state) }, uniquingKeysWith: { a, _ in a })
-        for action in JobKeeper.decide(jobs: jobs, alive: alive, processes: processes) {
-            do {
-                switch action {
-                case .place(let job, let host, let process, let attempt):
-                    guard var state = current[job] else { continue }
-                    if processes[process] != nil { _ = try await node.service.execute(.delete(path: process, version: nil)) }
-                    let created = try await node.service.execute(
-                        .create(path: process, element: .proc(ProcState(command: state.command, attempts: attempt - 1)), session: 0, sequential: false))
-                    if case .failed(let e) = created { throw e }
-                    state.phase = .placed
-                    state.host = host
-                    state.attempts = attempt
-                    _ = try await node.service.execute(.updateJob(path: job, state: state))
-                    node.logger.info("placed a job", metadata: ["job": "\(job)", "host": "\(host)", "attempt": "\(attempt)"])
-                case .record(let job, let state):
-                    _ = try await node.service.execute(.updateJob(path: job, state: state))
-                    if state.phase == .failed || state.phase == .pending {
-                        node.logger.warning("a job's host was lost", metadata: ["job": "\(job)", "phase": "\(state.phase)", "attempts": "\(state.attempts)"])
-                    }
-                }
-            } catch {
-                node.logger.info("could not carry out a job's placement yet", metadata: ["action": "\(action)", "error": "\(error)"])
-                return
-            }
         }
     }
 

@@ -147,7 +147,9 @@ struct HTTPAPI: Sendable {
                     element = .subscription(kind)
                 default: throw APIError.badRequest("unknown kind \(view.kind.debugDescription) (record, chan, proc, job, select, subscription)")
                 }
-                return try await write(.create(path: path, element: element, session: view.session ?? 0, sequential: false))
+                let answer = try await write(.create(path: path, element: element, session: view.session ?? 0, sequential: false))
+                if case .job = element { node.jobsChanged.ring() }
+                return answer
             }
         }
         router.delete("/v1/namespace/**") { request, context in
@@ -331,9 +333,12 @@ struct HTTPAPI: Sendable {
                     throw APIError(status: 409, code: "stale_report", message: "\(path) is \(current.phase) already; a report of \(phase) would move it back")
                 }
                 let command = current.command
-                return try await write(.updateProc(path: path, state: ProcState(
+                let answer = try await write(.updateProc(path: path, state: ProcState(
                     command: command, phase: phase, pid: view.pid, exitCode: view.exitCode, signal: view.signal,
                     startedAt: view.startedAt, endedAt: view.endedAt, attempts: view.attempts)))
+                // A job's attempt ended (or started): its job may have ended.
+                if path.dropFirst().contains("/jobs/") { node.jobsChanged.ring() }
+                return answer
             }
         }
         router.get("/v1/wait/**") { request, context in
