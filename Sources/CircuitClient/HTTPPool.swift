@@ -103,6 +103,7 @@ struct PooledConnection: Sendable {
         timeout: Duration
     ) async throws -> (HTTPExchange.Answer, Bool) {
         let promise = channel.eventLoop.makePromise(of: (HTTPExchange.Answer, Bool).self)
+        let result = channel.eventLoop.makePromise(of: EventLoopFuture<(HTTPExchange.Answer, Bool)>.self)
         var headers = HTTPHeaders([("Host", host)])
         headers.add(name: "Content-Length", value: "\(body?.count ?? 0)")
         for (name, value) in extra { headers.add(name: name, value: value) }
@@ -112,7 +113,7 @@ struct PooledConnection: Sendable {
         channel.eventLoop.execute {
             // Closed since it was taken: nothing is written, the caller may use another connection.
             guard channel.isActive, let collector = try? channel.pipeline.syncOperations.handler(type: ResponseCollector.self) else {
-                promise.fail(HTTPExchangeError.stale)
+                result.fail(HTTPExchangeError.stale)
                 return
             }
             collector.start(promise)
@@ -120,14 +121,22 @@ struct PooledConnection: Sendable {
             if let body, !body.isEmpty {
                 channel.write(HTTPClientRequestPart.body(.byteBuffer(ByteBuffer(bytes: body))), promise: nil)
             }
-            channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+            let written = channel.eventLoop.makePromise(of: Void.self)
+            let whole = NIOLoopBoundBox(false, eventLoop: channel.eventLoop)
+            written.futureResult.whenSuccess { whole.value = true }
+            channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: written)
             let timer = channel.eventLoop.scheduleTask(in: .nanoseconds(nanos)) {
                 promise.fail(HTTPExchangeError.timedOut(timeout))
                 channel.close(promise: nil)
             }
             promise.futureResult.whenComplete { _ in timer.cancel() }
+            // An answer that came before the whole request was written (a server refusing a body too large reads no
+            // further, then closes): the connection is not reused.
+            let answered = promise.futureResult.map { answer, keepAlive in (answer, keepAlive && whole.value) }
+            answered.whenComplete { _ in written.futureResult.whenFailure { _ in channel.close(promise: nil) } }
+            result.succeed(answered)
         }
-        return try await promise.futureResult.get()
+        return try await result.futureResult.flatMap { $0 }.get()
     }
 }
 

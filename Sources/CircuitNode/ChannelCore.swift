@@ -56,6 +56,9 @@ struct ChannelCore: Sendable {
     private var receivers = CircularBuffer<Waiter>()
     private var offers = Set<Waiter>()
     private var proposal: Proposal?
+    /// Plain waiters of the proposal out that gave up meanwhile (a try, or a client gone): if it is refused they
+    /// leave (`wouldBlock`) instead of going back into the queue.
+    private var leaving = Set<Waiter>()
     private(set) var sends: UInt64 = 0
     private(set) var receives: UInt64 = 0
     /// Bytes held: buffered messages (not those of waiting senders, which their requests hold).
@@ -107,6 +110,7 @@ struct ChannelCore: Sendable {
         guard let p = proposal, p.offer == offer else { return [] }
         proposal = nil
         offers.remove(offer)
+        defer { leaving.removeAll() }
         var actions: [Action] = []
         if accepted {
             switch p.to {
@@ -126,10 +130,14 @@ struct ChannelCore: Sendable {
             case .buffer:
                 buffer.prepend(p.message)
                 bufferedBytes += p.message.count
-            case .sender(let s):
-                if s != offer { senders.prepend((s, p.message)) }
+            case .sender(let s) where s != offer:
+                if leaving.contains(s) { actions.append(.failed(s, .wouldBlock)) } else { senders.prepend((s, p.message)) }
+            case .sender:
+                break
             }
-            if case .receiver(let r) = p.to, r != offer { receivers.prepend(r) }
+            if case .receiver(let r) = p.to, r != offer {
+                if leaving.contains(r) { actions.append(.failed(r, .wouldBlock)) } else { receivers.prepend(r) }
+            }
         }
         return actions + match()
     }
@@ -143,8 +151,18 @@ struct ChannelCore: Sendable {
     }
 
     /// The waiter (or offer) gave up: it leaves the queue, with its message if it was sending. False if it was not
-    /// waiting (it was already answered, or it is part of a proposal, which its select's answer settles).
+    /// waiting (it was already answered, or it is part of a proposal, which its select's answer settles: accepted,
+    /// it completes; refused, it leaves with `wouldBlock` rather than going back into the queue).
     mutating func cancel(_ waiter: Waiter) -> Bool {
+        if let p = proposal {
+            var parties: [Waiter] = []
+            if case .sender(let s) = p.from { parties.append(s) }
+            if case .receiver(let r) = p.to { parties.append(r) }
+            if parties.contains(waiter), waiter != p.offer {
+                leaving.insert(waiter)
+                return false
+            }
+        }
         if let i = receivers.firstIndex(of: waiter) {
             receivers.remove(at: i)
             offers.remove(waiter)
@@ -181,7 +199,7 @@ struct ChannelCore: Sendable {
     /// `wouldBlock` (or `closed`) — unless it is part of a proposal, which the select's answer settles.
     private mutating func settle(_ waiter: Waiter, _ actions: [Action], wait: Bool) -> [Action] {
         guard !wait, cancel(waiter) else { return actions }
-        return actions + [.failed(waiter, closed && buffer.isEmpty ? .closed : .wouldBlock)]
+        return actions + [.failed(waiter, closed && buffer.isEmpty && proposal == nil ? .closed : .wouldBlock)]
     }
 
     /// Matches waiters while no proposal is out.

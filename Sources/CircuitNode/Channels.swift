@@ -70,12 +70,17 @@ final class Channels: Sendable {
     /// The element at a path, read linearizably; nil if there is none.
     private let lookup: @Sendable (String) async throws -> ElementView?
 
+    /// A live host's client address (nil: it is not alive).
+    private let ownerAddress: @Sendable (String) async throws -> String?
+
     init(
-        maxMessageBytes: Int, maxBufferedBytes: Int, lookup: @escaping @Sendable (String) async throws -> ElementView?
+        maxMessageBytes: Int, maxBufferedBytes: Int, lookup: @escaping @Sendable (String) async throws -> ElementView?,
+        ownerAddress: @escaping @Sendable (String) async throws -> String? = { _ in nil }
     ) {
         self.maxMessageBytes = maxMessageBytes
         self.maxBufferedBytes = maxBufferedBytes
         self.lookup = lookup
+        self.ownerAddress = ownerAddress
     }
 
     // MARK: - Operations
@@ -138,9 +143,9 @@ final class Channels: Sendable {
 
     // MARK: - Selects' offers
 
-    /// A select's clause waits here: a receive (`message` nil) or a send of `message`. Answers at once; the select
-    /// is asked when the clause could fire.
-    func offer(_ path: String, _ offer: Offer, sending message: [UInt8]?) async throws(APIError) {
+    /// A select's clause waits here: a receive (`message` nil) or a send of `message`. Answers at once, and whether
+    /// the select is being asked already (the clause could fire at once); else it is asked when the clause could.
+    func offer(_ path: String, _ offer: Offer, sending message: [UInt8]?) async throws(APIError) -> Bool {
         if let message, message.count > maxMessageBytes { throw Self.tooLarge(maxMessageBytes) }
         try await ensure(path)
         if message != nil, state.withLock({ $0.entries[path]?.subscription == true }) { throw Self.readOnly(path) }
@@ -155,6 +160,7 @@ final class Channels: Sendable {
         }
         guard let settled else { throw Self.error(.gone, path, sending: message != nil) }
         finish(settled, path)
+        return settled.asks.contains { $0.waiter == waiter }
     }
 
     /// The select run `run` has decided: its other offers here leave.
@@ -173,12 +179,26 @@ final class Channels: Sendable {
         var query = "run=\(offer.run)&clause=\(offer.clause)&chan=\(path)&op=\(offer.receiving ? "recv" : "send")"
         if closed { query += "&closed=1" }
         if let failure { query += "&failure=\(failure == .closed ? "closed" : "gone")" }
+        // Asked again until it answers (the select's host remembers its decision for a minute): an answer lost on
+        // the way must not be taken for a refusal, or a message the select took would also stay here.
         var accepted = false
-        if let answer = try? await HTTPPool.shared(offer.coordinator).perform(
-            .POST, "/v1/select/propose\(offer.select)?\(query)", body: message, timeout: .seconds(5)),
-            answer.status == 200
-        {
-            accepted = (try? JSONDecoder().decode([String: Bool].self, from: Data(answer.body)))?["commit"] ?? false
+        let giveUp = ContinuousClock.now + Selects.retention
+        while true {
+            if let answer = try? await HTTPPool.shared(offer.coordinator).perform(
+                .POST, "/v1/select/propose\(offer.select)?\(query)", body: message, timeout: .seconds(5)),
+                answer.status == 200
+            {
+                accepted = (try? JSONDecoder().decode([String: Bool].self, from: Data(answer.body)))?["commit"] ?? false
+                break
+            }
+            // Refused once its host is no longer alive (its session ended: its runs ended with it), or after a minute.
+            var gone = false
+            if let host = Names.host(of: offer.select) {
+                do { gone = try await ownerAddress(host) == nil } catch {}  // not known: ask again
+            }
+            if gone { break }
+            guard ContinuousClock.now < giveUp else { break }
+            try? await Task.sleep(for: .milliseconds(200))
         }
         // A closed or failed clause was already taken out of the queue: there is nothing to complete or undo.
         guard !closed, failure == nil else { return }
@@ -202,10 +222,12 @@ final class Channels: Sendable {
         }
         var taken = false
         let settled = mutate(path) { entry in
-            guard entry.createRevision == createRevision else { return Settled() }
-            let actions = entry.core.send(0, event, wait: false)
-            taken = !actions.contains(.failed(0, .wouldBlock))
-            return Self.settle(actions, &entry)
+            // Held while there is room, counting events queued behind a proposal out (waiter 0 has no request).
+            guard entry.createRevision == createRevision,
+                entry.core.buffered + entry.core.waitingSenders < entry.core.capacity
+            else { return Settled() }
+            taken = true
+            return Self.settle(entry.core.send(0, event, wait: true), &entry)
         }
         if let settled { finish(settled, path) }
         return taken
@@ -394,12 +416,7 @@ struct ChannelRoutes: RouterMiddleware {
     func handle(
         _ request: Request, context: Context, next: (Request, Context) async throws -> Response
     ) async throws -> Response {
-        let uri = request.uri.path
-        guard uri.hasPrefix("/v1/chan/") else { return try await next(request, context) }
-        let rest = uri.dropFirst("/v1/chan/".count)
-        guard let slash = rest.firstIndex(of: "/") else { throw APIError(status: 404, code: "not_found", message: "no such endpoint: \(uri)") }
-        let op = String(rest[..<slash])
-        let path = String(rest[slash...])
+        guard let (op, path) = try StdioRoutes.operation(request, under: "/v1/chan/") else { return try await next(request, context) }
         let expected: HTTPRequest.Method = op == "stat" ? .get : .post
         guard ["send", "recv", "close", "stat", "offer", "withdraw"].contains(op) else {
             throw APIError(status: 404, code: "not_found", message: "no such channel operation \(op.debugDescription) (send, recv, close, stat, offer, withdraw)")
@@ -428,8 +445,8 @@ struct ChannelRoutes: RouterMiddleware {
             else { throw APIError.badRequest("offer needs run, clause, coordinator, select and op (recv or send)") }
             let body = try await Self.collect(request.body, upTo: channels.maxMessageBytes)
             let offer = Channels.Offer(coordinator: coordinator, select: select, run: run, clause: clause, receiving: kind == "recv")
-            try await channels.offer(path, offer, sending: kind == "send" ? Array(buffer: body) : nil)
-            return try json(["offered": true])
+            let asking = try await channels.offer(path, offer, sending: kind == "send" ? Array(buffer: body) : nil)
+            return try json(["offered": true, "proposing": asking])
         }
         // Point to point: any other node names the owning host (307), and the client asks it.
         if owner != hostID { return try await StdioRoutes.redirect(request, owner: owner, path: path, ownerAddress: ownerAddress) }

@@ -231,6 +231,12 @@ struct HTTPAPI: Sendable {
             try await leaderOr(request, context, stale: false) {
                 let view = try await decodeBody(request, as: HostView.self, what: "a host")
                 let role: HostRole = view.role == "voter" ? .voter : view.role == "learner" ? .learner : .worker
+                // A voter or learner removed from Raft may not know it yet: it does not come back by registering.
+                if role != .worker, HostID.isValid(view.id),
+                    !node.service.driver.status.membership.members.contains(HostID.nodeID(view.id))
+                {
+                    throw APIError(status: 409, code: "not_a_member", message: "\(view.id) is not in the Raft membership (it was removed): it cannot register as a \(view.role)")
+                }
                 let ttl = try query(request, "ttl_ms", as: UInt64.self) ?? 5000
                 return try await write(
                     .registerHost(id: view.id, peerAddress: view.peerAddress, clientAddress: view.clientAddress, role: role, ttlMillis: ttl))

@@ -29,9 +29,9 @@ final class HostRuntime: Sendable {
         self.logger = logger
         procs = ProcRunner(hostID: hostID, api: api, scrubGrace: .milliseconds(config.scrubGraceMillis), logger: logger)
         selects = Selects(hostID: hostID, api: api, ownerAddress: ownerAddress)
-        channels = Channels(maxMessageBytes: config.maxMessageBytes, maxBufferedBytes: config.maxBufferedBytes) { path in
-            try await HostRuntime.peekIfPresent(path, at: api)
-        }
+        channels = Channels(
+            maxMessageBytes: config.maxMessageBytes, maxBufferedBytes: config.maxBufferedBytes,
+            lookup: { path in try await HostRuntime.peekIfPresent(path, at: api) }, ownerAddress: ownerAddress)
     }
 
     /// Until cancelled: scan, then watch. On the way out the channels' waiters fail and the processes are stopped.

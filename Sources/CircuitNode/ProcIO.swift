@@ -183,6 +183,14 @@ final class ProcOutput: Sendable {
         }
     }
 
+    /// Puts back a chunk a reader took but could not pass on (its client went away): the next reader gets it first.
+    func unread(_ chunk: ByteBuffer) {
+        state.withLock { s in
+            s.chunks.prepend(chunk)
+            s.bytes += chunk.readableBytes
+        }
+    }
+
     /// From the pump: bytes read from the pipe. True if there is room for more.
     fileprivate func append(_ buffer: ByteBuffer) -> Bool {
         let (waiter, more): (CheckedContinuation<Void, Never>?, Bool) = state.withLock { s in

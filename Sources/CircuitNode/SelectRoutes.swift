@@ -15,14 +15,10 @@ struct SelectRoutes: RouterMiddleware {
     func handle(
         _ request: Request, context: Context, next: (Request, Context) async throws -> Response
     ) async throws -> Response {
-        let uri = request.uri.path
-        guard uri.hasPrefix("/v1/select/") else { return try await next(request, context) }
-        let rest = uri.dropFirst("/v1/select/".count)
-        guard let slash = rest.firstIndex(of: "/"), request.method == .post else {
-            throw APIError(status: 404, code: "not_found", message: "no such endpoint: \(request.method.rawValue) \(uri) (POST /v1/select/wait/PATH)")
+        guard let (op, path) = try StdioRoutes.operation(request, under: "/v1/select/") else { return try await next(request, context) }
+        guard request.method == .post else {
+            throw APIError(status: 405, code: "method_not_allowed", message: "\(op) is POST /v1/select/\(op)/PATH")
         }
-        let op = String(rest[..<slash])
-        let path = String(rest[slash...])
         if let error = Names.validate(path) { throw APIError.from(error) }
         switch op {
         case "wait":

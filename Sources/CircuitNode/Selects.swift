@@ -11,9 +11,11 @@ struct SelectRun: Sendable {
     private(set) var outcome: SelectOutcomeView?
     private(set) var abandoned = false
 
-    /// Whether clause `outcome.clause` fires: true only for the first, and never after the wait was abandoned.
+    /// Whether clause `outcome.clause` fires: true for the first, and again for that clause if its channel asks
+    /// again (its first answer was lost); never after the wait was abandoned.
     mutating func propose(_ outcome: SelectOutcomeView) -> Bool {
-        guard decided == nil, !abandoned else { return false }
+        if let decided { return decided == outcome.clause }
+        guard !abandoned else { return false }
         decided = outcome.clause
         self.outcome = outcome
         return true
@@ -41,6 +43,9 @@ final class Selects: Sendable {
         self.api = api
         self.ownerAddress = ownerAddress
     }
+
+    /// How long a finished run's decision is remembered for channels that ask again.
+    static let retention: Duration = .seconds(60)
 
     /// The clauses of a select element, checked: each names what is wrong with it.
     static func clauses(_ text: String) throws(APIError) -> [SelectClauseView] {
@@ -77,19 +82,31 @@ final class Selects: Sendable {
     func wait(_ path: String, clauses: [SelectClauseView]) async throws(APIError) -> SelectOutcomeView {
         let run = String(UInt64.random(in: 1...UInt64.max), radix: 16)
         runs.withLock { $0[run] = Entry() }
-        defer { runs.withLock { $0[run] = nil } }
+        defer {
+            // Kept a while after the answer: a channel whose proposal's answer was lost asks again and must hear
+            // the same.
+            Task {
+                try? await Task.sleep(for: Self.retention)
+                runs.withLock { $0[run] = nil }
+            }
+        }
         var waits: [Task<Void, Never>] = []
         defer { for w in waits { w.cancel() } }
+        // A clause whose channel is asking already could fire now: then `default` does not.
+        var ready = false
         for (i, c) in clauses.enumerated() {
             switch c.op {
             case "recv", "send":
                 let chan = c.chan!
                 let message = c.op == "send" ? (c.messageBase64.flatMap { Data(base64Encoded: $0) }.map { [UInt8]($0) } ?? Array((c.message ?? "").utf8)) : nil
-                if let why = await offer(chan, run: run, clause: i, select: path, message: message) {
+                switch await offer(chan, run: run, clause: i, select: path, message: message) {
+                case .failure(let why):
                     var failed = SelectOutcomeView(clause: i, op: c.op)
                     failed.chan = chan
-                    failed.error = why
+                    failed.error = why.description
                     _ = propose(run, failed)
+                case .success(let asking):
+                    ready = ready || asking
                 }
             case "wait":
                 let proc = c.proc!
@@ -110,7 +127,7 @@ final class Selects: Sendable {
                 break
             }
         }
-        if let d = clauses.firstIndex(where: { $0.op == "default" }) { _ = propose(run, SelectOutcomeView(clause: d, op: "default")) }
+        if !ready, let d = clauses.firstIndex(where: { $0.op == "default" }) { _ = propose(run, SelectOutcomeView(clause: d, op: "default")) }
         let outcome: SelectOutcomeView? = await withTaskCancellationHandler {
             await withCheckedContinuation { (c: CheckedContinuation<SelectOutcomeView?, Never>) in
                 let ready: SelectOutcomeView?? = runs.withLock { r in
@@ -153,21 +170,29 @@ final class Selects: Sendable {
         return accepted
     }
 
-    /// Offers a clause to its channel's host; nil if it waits there, else why it cannot.
-    private func offer(_ chan: String, run: String, clause: Int, select: String, message: [UInt8]?) async -> String? {
+    /// Offers a clause to its channel's host: whether the channel is asking already, or why it cannot wait there.
+    private func offer(
+        _ chan: String, run: String, clause: Int, select: String, message: [UInt8]?
+    ) async -> Result<Bool, OfferRefused> {
         let owner = Names.host(of: chan)!
-        guard let address = try? await ownerAddress(owner) else { return "host \(owner), which owns \(chan), is not alive" }
+        guard let address = try? await ownerAddress(owner) else { return .failure(OfferRefused("host \(owner), which owns \(chan), is not alive")) }
         let query = "run=\(run)&clause=\(clause)&coordinator=\(api)&select=\(select)&op=\(message == nil ? "recv" : "send")"
         do {
             let answer = try await HTTPPool.shared(address).perform(.POST, "/v1/chan/offer\(chan)?\(query)", body: message, timeout: .seconds(10))
             guard answer.status == 200 else {
                 let envelope = try? JSONDecoder().decode(ErrorEnvelope.self, from: Data(answer.body))
-                return envelope?.error.message ?? "HTTP \(answer.status) from \(address)"
+                return .failure(OfferRefused(envelope?.error.message ?? "HTTP \(answer.status) from \(address)"))
             }
-            return nil
+            let asking = (try? JSONDecoder().decode([String: Bool].self, from: Data(answer.body)))?["proposing"] ?? false
+            return .success(asking)
         } catch {
-            return "cannot reach \(owner) at \(address): \(error)"
+            return .failure(OfferRefused("cannot reach \(owner) at \(address): \(error)"))
         }
+    }
+
+    struct OfferRefused: Error, CustomStringConvertible {
+        var description: String
+        init(_ why: String) { description = why }
     }
 
     private func withdraw(_ chan: String, run: String) async {

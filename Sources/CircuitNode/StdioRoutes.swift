@@ -20,12 +20,7 @@ struct StdioRoutes: RouterMiddleware {
     func handle(
         _ request: Request, context: Context, next: (Request, Context) async throws -> Response
     ) async throws -> Response {
-        let uri = request.uri.path
-        guard uri.hasPrefix("/v1/proc/") else { return try await next(request, context) }
-        let rest = uri.dropFirst("/v1/proc/".count)
-        guard let slash = rest.firstIndex(of: "/") else { throw APIError(status: 404, code: "not_found", message: "no such endpoint: \(uri)") }
-        let stream = String(rest[..<slash])
-        let path = String(rest[slash...])
+        guard let (stream, path) = try Self.operation(request, under: "/v1/proc/") else { return try await next(request, context) }
         guard ["stdin", "stdout", "stderr"].contains(stream) else {
             throw APIError(status: 404, code: "not_found", message: "no such stream \(stream.debugDescription) (stdin, stdout, stderr)")
         }
@@ -65,7 +60,14 @@ struct StdioRoutes: RouterMiddleware {
             do {
                 // A client that hangs up ends the read at once, even while the process writes nothing.
                 try await request.body.consumeWithCancellationOnInboundClose { _ in
-                    while let chunk = await output.next() { try await writer.write(chunk) }
+                    while let chunk = await output.next() {
+                        do {
+                            try await writer.write(chunk)
+                        } catch {
+                            output.unread(chunk)  // the next reader gets it
+                            throw error
+                        }
+                    }
                 }
             } catch is CancellationError {
                 return
@@ -99,6 +101,15 @@ struct StdioRoutes: RouterMiddleware {
     }
 
     /// 307 to the owning host's API: the client follows it and talks to that host directly.
+    /// `/v1/<area>/OP/PATH` split into OP and PATH; nil if the request is not under `prefix`.
+    static func operation(_ request: Request, under prefix: String) throws -> (op: String, path: String)? {
+        let uri = request.uri.path
+        guard uri.hasPrefix(prefix) else { return nil }
+        let rest = uri.dropFirst(prefix.count)
+        guard let slash = rest.firstIndex(of: "/") else { throw APIError(status: 404, code: "not_found", message: "no such endpoint: \(uri)") }
+        return (String(rest[..<slash]), String(rest[slash...]))
+    }
+
     static func redirect(
         _ request: Request, owner: String, path: String, ownerAddress: @Sendable (String) async throws -> String?
     ) async throws -> Response {

@@ -130,27 +130,9 @@ public struct ControlState: Sendable {
         case .delete(let path, let version):
             return delete(path, version: version)
         case .updateProc(let path, let state):
-            let key = AnchorTable.Key(path)
-            guard let previous = anchors[key], let element = previous.element else { return .failure(.notFound(path: path)) }
-            guard case .proc = element else { return .failure(.wrongKind(path: path, expected: "proc", actual: element.kind)) }
-            var anchor = previous
-            anchor.element = .proc(state)
-            anchor.version += 1
-            anchor.modRevision = revision
-            setAnchor(key, anchor, previous: previous)
-            emit(.put, path, anchor)
-            return .success(.ok(revision: 0, path: path, version: anchor.version, session: anchor.session))
+            return replace(path, with: .proc(state))
         case .updateJob(let path, let state):
-            let key = AnchorTable.Key(path)
-            guard let previous = anchors[key], let element = previous.element else { return .failure(.notFound(path: path)) }
-            guard case .job = element else { return .failure(.wrongKind(path: path, expected: "job", actual: element.kind)) }
-            var anchor = previous
-            anchor.element = .job(state)
-            anchor.version += 1
-            anchor.modRevision = revision
-            setAnchor(key, anchor, previous: previous)
-            emit(.put, path, anchor)
-            return .success(.ok(revision: 0, path: path, version: anchor.version, session: anchor.session))
+            return replace(path, with: .job(state))
         case .setHostRole(let id, let role):
             guard var host = hosts[id] else { return .failure(.noSuchHost(id)) }
             guard host.state == .alive else { return .failure(.hostNotAlive(id)) }
@@ -227,6 +209,20 @@ public struct ControlState: Sendable {
         setAnchor(key, anchor, previous: previous)
         emit(.put, target, anchor)
         return .success(.ok(revision: 0, path: target, version: 1, session: session))
+    }
+
+    /// A new state of the element at `path`, of the same kind (a process's or a job's report).
+    private mutating func replace(_ path: String, with new: Element) -> Result<CommandResult, ControlError> {
+        let key = AnchorTable.Key(path)
+        guard let previous = anchors[key], let element = previous.element else { return .failure(.notFound(path: path)) }
+        guard element.kind == new.kind else { return .failure(.wrongKind(path: path, expected: new.kind, actual: element.kind)) }
+        var anchor = previous
+        anchor.element = new
+        anchor.version += 1
+        anchor.modRevision = revision
+        setAnchor(key, anchor, previous: previous)
+        emit(.put, path, anchor)
+        return .success(.ok(revision: 0, path: path, version: anchor.version, session: anchor.session))
     }
 
     private mutating func put(_ path: String, _ value: [UInt8], session: SessionID) -> Result<CommandResult, ControlError> {

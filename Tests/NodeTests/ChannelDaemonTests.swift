@@ -7,15 +7,6 @@ import NIOHTTP1
 import Synchronization
 import Testing
 
-/// The API error code a call failed with.
-private func code(_ body: () async throws -> Void) async -> String? {
-    do { try await body() } catch {
-        if case .api(let e)? = error as? CircuitClientError { return e.code }
-        return "\(error)"
-    }
-    return nil
-}
-
 /// Messages collected by a receiving task.
 private final class Collected: Sendable {
     private let messages = Mutex<[[UInt8]]>([])
@@ -27,13 +18,8 @@ private final class Collected: Sendable {
 struct ChannelDaemonTests {
     @Test("a channel's buffer lives on its host, member or worker: a rendezvous across three hosts, other nodes redirect, FIFO, try, close, a name that exists, a message too large, a receiver that hangs up takes nothing, removal fails the waiters, and the CLI's send and recv")
     func channels() async throws {
-        let cluster = try daemons(3)
+        let (cluster, leader) = try await daemonsWithWorker()
         defer { cluster.stopAll(signal: SIGKILL) }
-        let leader = try await cluster.leader()
-        try cluster.add(join: cluster.members[leader].api, as: "worker")
-        try cluster.start(3)
-        _ = try await cluster.allAlive()
-        try await eventually("the worker serving its API", timeout: .seconds(20)) { (try? await cluster.client(3).status()) != nil }
         let a = leader, b = (leader + 1) % 3, c = (leader + 2) % 3
         let owner = cluster.members[b].folder.hostID
         let worker = cluster.members[3].folder.hostID
@@ -49,7 +35,7 @@ struct ChannelDaemonTests {
         var viaC = cluster.client(c)
         viaC.timeout = 30
         let forwarded = Chan(path: r, through: viaC)
-        #expect(await code { try await forwarded.trySend([1]) } == "would_block")
+        #expect(await apiCode { try await forwarded.trySend([1]) } == "would_block")
         let received = Task { try await direct.receive() }
         try await eventually("the receiver waiting on B") { (try? await direct.stat())?.waitingReceivers == 1 }
         try await forwarded.send(Array("across hosts".utf8))
@@ -69,25 +55,25 @@ struct ChannelDaemonTests {
         try await client.makeChannel(q, capacity: 3)
         let queue = Chan(path: q, through: client)
         for i in 1...3 { try await queue.send([UInt8(i)]) }
-        #expect(await code { try await queue.trySend([4]) } == "would_block")
+        #expect(await apiCode { try await queue.trySend([4]) } == "would_block")
         let stat = try await queue.stat()
         #expect(stat.capacity == 3 && stat.buffered == 3 && stat.sends == 3 && !stat.closed)
         try await queue.close()
-        #expect(await code { try await queue.send([5]) } == "closed")
+        #expect(await apiCode { try await queue.send([5]) } == "closed")
         var order: [UInt8] = []
         for _ in 1...3 { order += try await queue.receive() }
         #expect(order == [1, 2, 3], "FIFO, and a closed channel delivers what it holds")
-        #expect(await code { _ = try await queue.receive() } == "closed")
-        #expect(await code { try await queue.close() } == "closed", "closing twice is an error")
+        #expect(await apiCode { _ = try await queue.receive() } == "closed")
+        #expect(await apiCode { try await queue.close() } == "closed", "closing twice is an error")
 
         // Bad input: a name that exists (the error names what is there), a message over the limit, a channel that does not exist, a channel op on a process's name.
-        let big = await code { try await direct.send([UInt8](repeating: 0, count: (1 << 20) + 1)) }
+        let big = await apiCode { try await direct.send([UInt8](repeating: 0, count: (1 << 20) + 1)) }
         #expect(big == "too_large", "\(big ?? "")")
         var exists: APIError?
         do { try await client.makeChannel(q, capacity: 1) } catch { if case .api(let e) = error { exists = e } }
         #expect(exists?.code == "exists" && exists?.message == "\(q) already holds a chan")
-        #expect(await code { _ = try await Chan(path: "/\(owner)/none", through: client).stat() } == "not_found")
-        #expect(await code { _ = try await Chan(path: "/records/x", through: client).stat() } == "bad_request")
+        #expect(await apiCode { _ = try await Chan(path: "/\(owner)/none", through: client).stat() } == "not_found")
+        #expect(await apiCode { _ = try await Chan(path: "/records/x", through: client).stat() } == "bad_request")
 
         // Any other node answers with where to go.
         let elsewhere = try await HTTPExchange.perform(.POST, "/v1/chan/recv\(r)", to: cluster.members[c].api)
@@ -99,13 +85,13 @@ struct ChannelDaemonTests {
             .POST, "/v1/chan/recv\(r)", to: cluster.members[b].api, timeout: .milliseconds(500))
         #expect(hungUp == nil, "the receive timed out on the client's side")
         try await eventually("the hung-up receiver withdrawn at the owner") { (try? await direct.stat())?.waitingReceivers == 0 }
-        #expect(await code { try await direct.trySend([7]) } == "would_block")
+        #expect(await apiCode { try await direct.trySend([7]) } == "would_block")
 
         // Removing the channel fails its waiters with gone.
         let waiting = Task { try await direct.receive() }
         try await eventually("a receiver waiting") { (try? await direct.stat())?.waitingReceivers == 1 }
         _ = try await client.remove(element: r)
-        #expect(await code { _ = try await waiting.value } == "gone")
+        #expect(await apiCode { _ = try await waiting.value } == "gone")
 
         // Pipelined: 2,000 messages in two requests, taken by one streaming receive through a capacity-16 channel,
         // in order; a stream that ends inside a message is refused, naming why.
@@ -153,8 +139,8 @@ struct ChannelDaemonTests {
         var listed: [String] = []
         for _ in hosts { listed.append(String(decoding: try await joins.receive(), as: UTF8.self)) }
         #expect(listed == hosts, "first every live host")
-        #expect(await code { _ = try await joins.tryReceive() } == "would_block")
-        #expect(await code { try await joins.send([1]) } == "wrong_kind", "only the host sends to a subscription")
+        #expect(await apiCode { _ = try await joins.tryReceive() } == "would_block")
+        #expect(await apiCode { try await joins.send([1]) } == "wrong_kind", "only the host sends to a subscription")
 
         // A worker joins, then stops (it leaves at once).
         try cluster.add(join: cluster.members[leader].api, as: "worker")

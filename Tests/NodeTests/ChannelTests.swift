@@ -158,6 +158,34 @@ struct ChannelOfferTests {
         #expect(c.waitingReceivers == 1, "the receive offer still waits")
     }
 
+    @Test("a try, or a waiter that gave up, caught in a proposal that is refused leaves instead of going back into the queue")
+    func leavingWaiters() {
+        var c = ChannelCore(capacity: 0)
+        _ = c.offerSend(100, m1)
+        // A try-receive meets the send offer: it waits for the select's answer, not for a partner.
+        #expect(c.receive(1, wait: false) == [.propose(offer: 100, message: nil, closed: false)])
+        #expect(c.resolve(100, accepted: false) == [.failed(1, .wouldBlock)])
+        #expect(c.waitingReceivers == 0, "not queued as a blocking receiver")
+        // A blocking receiver whose client goes while the proposal is out.
+        _ = c.offerSend(200, m2)
+        _ = c.receive(2, wait: true)
+        let cancelled = c.cancel(2)
+        #expect(!cancelled, "part of the proposal: the answer settles it")
+        #expect(c.resolve(200, accepted: false) == [.failed(2, .wouldBlock)])
+        #expect(c.send(3, m3, wait: false) == [.failed(3, .wouldBlock)], "nobody is left waiting to swallow a message")
+    }
+
+    @Test("a try-receive while the last message of a closed channel is out on proposal would block; it is not told closed")
+    func closedButProposing() {
+        var c = ChannelCore(capacity: 1)
+        _ = c.send(1, m1, wait: true)
+        _ = c.close()
+        #expect(c.offerReceive(100) == [.propose(offer: 100, message: m1, closed: false)])
+        #expect(c.receive(2, wait: false) == [.failed(2, .wouldBlock)])
+        #expect(c.resolve(100, accepted: false) == [])
+        #expect(c.receive(3, wait: false) == [.received(3, m1)], "the message came back, and is received")
+    }
+
     @Test("closing fires receive offers as closed, fails send offers, and a withdrawn offer takes nothing")
     func closeAndWithdraw() {
         var c = ChannelCore(capacity: 0)

@@ -16,6 +16,26 @@ func daemons(_ count: Int, ttlMillis: UInt64? = nil) throws -> DaemonProcesses {
     return cluster
 }
 
+/// Three voters and, as member 3, a worker that joined them and serves its API; answers the leader's index.
+func daemonsWithWorker(ttlMillis: UInt64? = nil) async throws -> (DaemonProcesses, leader: Int) {
+    let cluster = try daemons(3, ttlMillis: ttlMillis)
+    let leader = try await cluster.leader()
+    try cluster.add(join: cluster.members[leader].api, as: "worker")
+    try cluster.start(3)
+    _ = try await cluster.allAlive()
+    try await eventually("the worker serving its API", timeout: .seconds(20)) { (try? await cluster.client(3).status()) != nil }
+    return (cluster, leader)
+}
+
+/// The API error code a call failed with (or the error's text, if it was not the API's).
+func apiCode(_ body: () async throws -> Void) async -> String? {
+    do { try await body() } catch {
+        if case .api(let e)? = error as? CircuitClientError { return e.code }
+        return "\(error)"
+    }
+    return nil
+}
+
 /// Retries a write until it is acknowledged (a leader may be changing); returns nil if it never was.
 private func writeAcknowledged(_ client: CircuitClient, _ path: String, _ value: String) async -> WriteView? {
     let deadline = ContinuousClock.now + .seconds(10)
@@ -548,13 +568,8 @@ struct MembershipTests {
 struct ProcessTests {
     @Test("a process named under a host is run by that host, member or worker: its phases and exit code, a signal through another node, a program that does not exist, a scrub, and the CLI's wait")
     func processes() async throws {
-        let cluster = try daemons(3)
+        let (cluster, leader) = try await daemonsWithWorker()
         defer { cluster.stopAll(signal: SIGKILL) }
-        let leader = try await cluster.leader()
-        try cluster.add(join: cluster.members[leader].api, as: "worker")
-        try cluster.start(3)
-        _ = try await cluster.allAlive()
-        try await eventually("the worker serving its API", timeout: .seconds(20)) { (try? await cluster.client(3).status()) != nil }
         let member = cluster.members[(leader + 1) % 3].folder.hostID
         let worker = cluster.members[3].folder.hostID
         var client = cluster.client(leader)

@@ -9,12 +9,8 @@ import Testing
 struct JobDaemonTests {
     @Test("a job is placed by the leader on a live host; kill -9 of that host's daemon places it again on another (attempt 2), and it ends there; the CLI runs and waits for one")
     func relaunchedAfterHostLoss() async throws {
-        let cluster = try daemons(3, ttlMillis: 1500)
+        let (cluster, leader) = try await daemonsWithWorker(ttlMillis: 1500)
         defer { cluster.stopAll(signal: SIGKILL) }
-        let leader = try await cluster.leader()
-        try cluster.add(join: cluster.members[leader].api, as: "worker")
-        try cluster.start(3)
-        _ = try await cluster.allAlive()
         var client = cluster.client(leader)
         client.timeout = 30
 

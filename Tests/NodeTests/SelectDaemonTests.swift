@@ -65,6 +65,14 @@ struct SelectDaemonTests {
         let idle = try await client.select("/\(a)/idle")
         #expect(idle.clause == 1 && idle.op == "default")
 
+        // A clause that can fire at once wins over default.
+        let held = "/\(b)/held"
+        try await client.makeChannel(held, capacity: 1)
+        try await client.channel(held).send(Array("waiting".utf8))
+        try await client.makeSelect("/\(a)/ready", clauses: [SelectClauseView(op: "recv", chan: held), SelectClauseView(op: "default")])
+        let ready = try await client.select("/\(a)/ready")
+        #expect(ready.clause == 0 && ready.message == "waiting", "\(ready)")
+
         // send: its message goes to a plain receiver.
         try await client.makeSelect("/\(a)/give", clauses: [SelectClauseView(op: "send", chan: right, message: "given")])
         let receiver = Task { try await client.channel(right).receive() }

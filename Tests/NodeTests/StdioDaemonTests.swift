@@ -6,14 +6,6 @@ import Foundation
 import Synchronization
 import Testing
 
-private func apiCode(_ body: () async throws -> Void) async -> String? {
-    do { try await body() } catch {
-        if case .api(let e)? = error as? CircuitClientError { return e.code }
-        return "\(error)"
-    }
-    return nil
-}
-
 /// Everything a stream gave, collected by a reader task.
 private final class Collected: Sendable {
     let bytes = Mutex<[UInt8]>([])
