@@ -125,6 +125,8 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // The linearizability checker and, later, the chaos suite on real daemons (issue 8).
+        .testTarget(name: "ChaosTests"),
         .testTarget(
             name: "NodeTests",
             dependencies: [

@@ -1,0 +1,193 @@
+/// A linearizability checker for histories of concurrent operations: Wing and Gong's search for an order of the
+/// operations that respects real time and the model's sequential rules, with Lowe's memoisation of the states
+/// already explored (the algorithm of Knossos and Porcupine).
+///
+/// An operation whose outcome is unknown (the client timed out: "info") has no return time: it may have taken effect
+/// at any moment after its call, or never. The model says what it may have done (`Model.step` with no output).
+
+/// The sequential rules of what is being checked.
+protocol LinearizabilityModel {
+    associatedtype State: Hashable
+    associatedtype Input
+    associatedtype Output
+    var initial: State { get }
+    /// The states the operation may leave, done on `state`: empty if it could not have answered `output` there.
+    /// With `output` nil (outcome unknown), every state it may have left, including `state` if it may not have
+    /// happened at all.
+    func step(_ state: State, _ input: Input, _ output: Output?) -> [State]
+}
+
+/// One operation of a history.
+struct Operation<Input, Output> {
+    var client: Int
+    var input: Input
+    /// nil: unknown (it may or may not have taken effect).
+    var output: Output?
+    /// Monotonic times of the call and of the return (nil: it never returned).
+    var call: UInt64
+    var returned: UInt64?
+}
+
+enum LinearizabilityResult: Equatable {
+    case linearizable
+    /// No order exists. `stuck`: the indexes of the operations that could not be placed after the longest order
+    /// found (`placed` operations long) — where to look.
+    case violation(placed: Int, stuck: [Int])
+}
+
+struct LinearizabilityChecker<Model: LinearizabilityModel> {
+    let model: Model
+
+    func check(_ history: [Operation<Model.Input, Model.Output>]) -> LinearizabilityResult {
+        let n = history.count
+        if n == 0 { return .linearizable }
+        // Events in time order, a call before a return at the same time (so they count as overlapping).
+        var events: [HistoryEvent] = []
+        for (i, op) in history.enumerated() {
+            events.append(HistoryEvent(op: i, isCall: true, time: op.call))
+            events.append(HistoryEvent(op: i, isCall: false, time: op.returned ?? UInt64.max))
+        }
+        events.sort { ($0.time, $0.isCall ? 0 : 1, $0.op) < ($1.time, $1.isCall ? 0 : 1, $1.op) }
+        // A doubly linked list over the events (index 0 is a head sentinel), with each call's return.
+        let count = events.count + 1
+        var next = Array(1...count)
+        var prev = Array(-1..<(count - 1))
+        next[count - 1] = -1
+        var returnOf = [Int](repeating: 0, count: n)
+        for (k, e) in events.enumerated() where !e.isCall { returnOf[e.op] = k + 1 }
+        func lift(_ call: Int) {
+            for node in [call, returnOf[events[call - 1].op]] {
+                next[prev[node]] = next[node]
+                if next[node] >= 0 { prev[next[node]] = prev[node] }
+            }
+        }
+        func unlift(_ call: Int) {
+            for node in [returnOf[events[call - 1].op], call] {
+                next[prev[node]] = node
+                if next[node] >= 0 { prev[next[node]] = node }
+            }
+        }
+
+        var placed = Bits(count: n)
+        var state = model.initial
+        var seen: Set<Memo> = []
+        // A frame: the call placed, the state before it, the other states it may have left (to try on backtracking).
+        var stack: [(call: Int, before: Model.State, others: [Model.State])] = []
+        var best = (placed: 0, stuck: [Int]())
+        var entry = next[0]
+
+        func tryPlace(_ call: Int, _ candidates: [Model.State], before: Model.State) -> Bool {
+            var rest = candidates
+            while let candidate = rest.first {
+                rest.removeFirst()
+                var bits = placed
+                bits.insert(events[call - 1].op)
+                if seen.insert(Memo(placed: bits, state: candidate)).inserted {
+                    stack.append((call, before, rest))
+                    placed = bits
+                    state = candidate
+                    lift(call)
+                    return true
+                }
+            }
+            return false
+        }
+
+        while next[0] >= 0 {
+            if entry >= 0 && events[entry - 1].isCall {
+                let op = history[events[entry - 1].op]
+                if tryPlace(entry, model.step(state, op.input, op.output), before: state) {
+                    entry = next[0]
+                } else {
+                    entry = next[entry]
+                }
+                continue
+            }
+            // A return (or the end) before anything more could be placed: undo the last placement.
+            if stack.count > best.placed || best.stuck.isEmpty {
+                var stuck: [Int] = []
+                var e = next[0]
+                while e >= 0 {
+                    if events[e - 1].isCall { stuck.append(events[e - 1].op) } else { break }
+                    e = next[e]
+                }
+                if stack.count >= best.placed { best = (stack.count, stuck) }
+            }
+            guard let frame = stack.popLast() else { return .violation(placed: best.placed, stuck: best.stuck) }
+            unlift(frame.call)
+            placed.remove(events[frame.call - 1].op)
+            state = frame.before
+            if tryPlace(frame.call, frame.others, before: frame.before) {
+                entry = next[0]
+            } else {
+                entry = next[frame.call]
+            }
+        }
+        return .linearizable
+    }
+
+    private struct Memo: Hashable {
+        var placed: Bits
+        var state: Model.State
+    }
+}
+
+/// An operation's call or return, at its time.
+struct HistoryEvent {
+    var op: Int
+    var isCall: Bool
+    var time: UInt64
+}
+
+/// A set of operation indexes as bits.
+struct Bits: Hashable {
+    private var words: [UInt64]
+    init(count: Int) { words = [UInt64](repeating: 0, count: (count + 63) / 64) }
+    mutating func insert(_ i: Int) { words[i / 64] |= 1 << UInt64(i % 64) }
+    mutating func remove(_ i: Int) { words[i / 64] &= ~(1 << UInt64(i % 64)) }
+}
+
+/// A register holding a value (nil: absent), with versions as the cluster's records have: read, write,
+/// compare-and-set on the version.
+struct RegisterModel: LinearizabilityModel {
+    struct State: Hashable {
+        var value: String?
+        var version: UInt64
+    }
+    enum Input {
+        case read
+        case write(String)
+        /// Sets `value` only if the record is at `version` (0: absent).
+        case compareAndSet(version: UInt64, value: String)
+    }
+    enum Output: Equatable {
+        /// A read's answer: the value and its version.
+        case value(String?, version: UInt64)
+        /// A write's or a successful compare-and-set's new version.
+        case ok(version: UInt64)
+        case mismatch
+    }
+
+    var initial: State { State(value: nil, version: 0) }
+
+    func step(_ s: State, _ input: Input, _ output: Output?) -> [State] {
+        switch input {
+        case .read:
+            guard let output else { return [s] }
+            return output == .value(s.value, version: s.version) ? [s] : []
+        case .write(let v):
+            let after = State(value: v, version: s.version + 1)
+            guard let output else { return [after, s] }
+            return output == .ok(version: after.version) ? [after] : []
+        case .compareAndSet(let version, let v):
+            let applies = s.version == version
+            let after = State(value: v, version: s.version + 1)
+            guard let output else { return applies ? [after, s] : [s] }
+            switch output {
+            case .ok(let n): return applies && n == after.version ? [after] : []
+            case .mismatch: return applies ? [] : [s]
+            case .value: return []
+            }
+        }
+    }
+}

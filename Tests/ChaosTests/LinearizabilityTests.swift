@@ -1,0 +1,92 @@
+import Testing
+
+/// Histories with known answers, including the classic ones of the Knossos and Porcupine test suites.
+@Suite("The linearizability checker")
+struct LinearizabilityTests {
+    typealias Op = Operation<RegisterModel.Input, RegisterModel.Output>
+    let checker = LinearizabilityChecker(model: RegisterModel())
+
+    func op(_ client: Int, _ input: RegisterModel.Input, _ output: RegisterModel.Output?, _ call: UInt64, _ returned: UInt64?) -> Op {
+        Op(client: client, input: input, output: output, call: call, returned: returned)
+    }
+
+    @Test("a sequential history that follows the rules is linearizable; one that reads a value never written is not")
+    func sequential() {
+        let good = [op(0, .write("a"), .ok(version: 1), 0, 1), op(0, .read, .value("a", version: 1), 2, 3)]
+        #expect(checker.check(good) == .linearizable)
+        let bad = [op(0, .write("a"), .ok(version: 1), 0, 1), op(0, .read, .value("b", version: 1), 2, 3)]
+        #expect(checker.check(bad) == .violation(placed: 1, stuck: [1]))
+    }
+
+    @Test("concurrent operations may take effect in either order; a read after both returned must see the later")
+    func concurrent() {
+        // Two overlapping writes, then a read that sees "a": "b" took effect first.
+        let h = [
+            op(0, .write("a"), .ok(version: 2), 0, 10), op(1, .write("b"), .ok(version: 1), 1, 9),
+            op(2, .read, .value("a", version: 2), 11, 12),
+        ]
+        #expect(checker.check(h) == .linearizable)
+        // A stale read: after a write returned, a later read sees the older state.
+        let stale = [
+            op(0, .write("a"), .ok(version: 1), 0, 1), op(1, .write("b"), .ok(version: 2), 2, 3),
+            op(2, .read, .value("a", version: 1), 4, 5),
+        ]
+        if case .linearizable = checker.check(stale) { Issue.record("a stale read passed") }
+    }
+
+    @Test("an operation of unknown outcome may have happened, at any time after its call, or not at all")
+    func unknownOutcome() {
+        // The write timed out; a later read sees it: fine. Another later read does not: also fine, if it came first.
+        let seen = [op(0, .write("a"), nil, 0, nil), op(1, .read, .value("a", version: 1), 5, 6)]
+        #expect(checker.check(seen) == .linearizable)
+        let unseen = [op(0, .write("a"), nil, 0, nil), op(1, .read, .value(nil, version: 0), 5, 6)]
+        #expect(checker.check(unseen) == .linearizable)
+        // But once a read saw it, a later read cannot miss it.
+        let flicker = [
+            op(0, .write("a"), nil, 0, nil), op(1, .read, .value("a", version: 1), 5, 6), op(1, .read, .value(nil, version: 0), 7, 8),
+        ]
+        if case .linearizable = checker.check(flicker) { Issue.record("a value that appeared and vanished passed") }
+    }
+
+    @Test("compare-and-set: two that race at the same version cannot both succeed")
+    func compareAndSet() {
+        let both = [
+            op(0, .compareAndSet(version: 0, value: "a"), .ok(version: 1), 0, 5),
+            op(1, .compareAndSet(version: 0, value: "b"), .ok(version: 1), 1, 6),
+        ]
+        if case .linearizable = checker.check(both) { Issue.record("two compare-and-sets at version 0 both succeeded") }
+        let one = [
+            op(0, .compareAndSet(version: 0, value: "a"), .ok(version: 1), 0, 5),
+            op(1, .compareAndSet(version: 0, value: "b"), .mismatch, 1, 6),
+            op(2, .read, .value("a", version: 1), 7, 8),
+        ]
+        #expect(checker.check(one) == .linearizable)
+    }
+
+    @Test("a long history of many clients is checked quickly thanks to the memo (a generated linearizable run, then one corrupted read)")
+    func longHistory() {
+        // A generated run: 8 clients, each op overlapping its neighbours, applied in call order.
+        var state = RegisterModel().initial
+        var h: [Op] = []
+        var time: UInt64 = 0
+        for i in 0..<400 {
+            let client = i % 8
+            let input: RegisterModel.Input = i % 3 == 0 ? .read : .write("v\(i)")
+            let output: RegisterModel.Output
+            switch input {
+            case .read: output = .value(state.value, version: state.version)
+            case .write(let v):
+                state = RegisterModel.State(value: v, version: state.version + 1)
+                output = .ok(version: state.version)
+            case .compareAndSet: output = .mismatch
+            }
+            // Called just before the previous op returned; returned just after the next is called.
+            h.append(op(client, input, output, time, time + 3))
+            time += 2
+        }
+        #expect(checker.check(h) == .linearizable)
+        var corrupted = h
+        corrupted[300].output = .value("never written", version: 1)
+        if case .linearizable = checker.check(corrupted) { Issue.record("a corrupted read passed") }
+    }
+}
