@@ -126,7 +126,10 @@ let package = Package(
             ]
         ),
         // The linearizability checker and, later, the chaos suite on real daemons (issue 8).
-        .testTarget(name: "ChaosTests"),
+        .testTarget(
+            name: "ChaosTests",
+            dependencies: ["CircuitNode", "CircuitClient", "CircuitAPI", "CircuitTestSupport"]
+        ),
         .testTarget(
             name: "NodeTests",
             dependencies: [

@@ -113,6 +113,7 @@ struct PooledConnection: Sendable {
         channel.eventLoop.execute {
             // Closed since it was taken: nothing is written, the caller may use another connection.
             guard channel.isActive, let collector = try? channel.pipeline.syncOperations.handler(type: ResponseCollector.self) else {
+                promise.fail(HTTPExchangeError.stale)
                 result.fail(HTTPExchangeError.stale)
                 return
             }

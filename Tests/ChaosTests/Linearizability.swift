@@ -139,6 +139,8 @@ struct HistoryEvent {
     var time: UInt64
 }
 
+extension Operation: Sendable where Input: Sendable, Output: Sendable {}
+
 /// A set of operation indexes as bits.
 struct Bits: Hashable {
     private var words: [UInt64]
@@ -150,17 +152,17 @@ struct Bits: Hashable {
 /// A register holding a value (nil: absent), with versions as the cluster's records have: read, write,
 /// compare-and-set on the version.
 struct RegisterModel: LinearizabilityModel {
-    struct State: Hashable {
+    struct State: Hashable, Sendable {
         var value: String?
         var version: UInt64
     }
-    enum Input {
+    enum Input: Sendable {
         case read
         case write(String)
         /// Sets `value` only if the record is at `version` (0: absent).
         case compareAndSet(version: UInt64, value: String)
     }
-    enum Output: Equatable {
+    enum Output: Equatable, Sendable {
         /// A read's answer: the value and its version.
         case value(String?, version: UInt64)
         /// A write's or a successful compare-and-set's new version.
