@@ -157,18 +157,22 @@ public enum DaemonProcessesError: Error, CustomStringConvertible {
     }
 }
 
-/// A loopback port the kernel says is free now.
+/// A loopback port that is free now, below the ephemeral range.
 public func freePort() throws -> Int {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    defer { close(fd) }
-    var address = sockaddr_in()
-    address.sin_family = sa_family_t(AF_INET)
-    address.sin_addr.s_addr = inet_addr("127.0.0.1")
-    address.sin_port = 0
-    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-    let bound = withUnsafeMutablePointer(to: &address) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
+    // Below the kernel's ephemeral range (32768 and up here): a port the kernel hands out with bind(0) can be taken
+    // by any outgoing connection before the daemon binds it; one of these only by an explicit bind.
+    for _ in 0..<200 {
+        let port = Int.random(in: 10_000..<32_000)
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = UInt16(port).bigEndian
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
+        }
+        if bound { return port }
     }
-    guard bound else { throw DaemonProcessesError.noPort }
-    return Int(UInt16(bigEndian: address.sin_port))
+    throw DaemonProcessesError.noPort
 }

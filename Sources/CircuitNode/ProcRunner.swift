@@ -106,6 +106,13 @@ final class ProcRunner: Sendable {
             }
             logger.warning("a process recorded running here is gone: reporting it lost", metadata: ["path": "\(path)"])
             report(path, ProcStateView(phase: "lost", pid: view.pid ?? 0, endedAt: Self.nowMillis(), attempts: view.attempts ?? 0, createRevision: created))
+        case "lost":
+            // The cluster gave this host up for dead meanwhile (its session expired) and may have run the work
+            // elsewhere: a child of ours still running for that element is stopped.
+            if running.withLock({ $0[path]?.createRevision == created }) {
+                logger.warning("a process of this host was declared lost while it ran (this host's session expired): stopping it", metadata: ["path": "\(path)"])
+                scrubbed(path)
+            }
         default:
             return
         }

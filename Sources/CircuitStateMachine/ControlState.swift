@@ -172,7 +172,18 @@ public struct ControlState: Sendable {
         {
             host.state = hostState
             hosts[host.id] = host
-            for path in descendants(of: "/" + host.id).reversed() { removeElement(path) }
+            // A host that left on its own stopped its processes: its subtree goes. A host that died leaves its
+            // processes `lost` (their last state kept, for whoever waits on them) and the rest of its subtree goes.
+            for path in descendants(of: "/" + host.id).reversed() {
+                if hostState == .expired, case .proc(var p)? = anchors[path]?.element {
+                    if p.phase == .pending || p.phase == .running {
+                        p.phase = .lost
+                        _ = replace(path, with: .proc(p))
+                    }
+                    continue
+                }
+                removeElement(path)
+            }
             pending.append(WatchEvent(revision: revision, kind: .hostLeft, path: "/" + host.id, version: 0, element: nil))
         }
     }

@@ -7,7 +7,7 @@ import Testing
 
 @Suite("Fault-tolerant jobs", .serialized, .timeLimit(.minutes(2)))
 struct JobDaemonTests {
-    @Test("a job is placed by the leader on a live host; kill -9 of that host's daemon places it again on another (attempt 2), and it ends there; the CLI runs and waits for one")
+    @Test("a job is placed by the leader on a live host; kill -9 of that host's daemon places it again on another (attempt 2), and it ends there; the dead host's process is lost; the CLI runs and waits for one")
     func relaunchedAfterHostLoss() async throws {
         let (cluster, leader) = try await daemonsWithWorker(ttlMillis: 1500)
         defer { cluster.stopAll(signal: SIGKILL) }
@@ -36,6 +36,9 @@ struct JobDaemonTests {
         let ended = try await asker.wait("/jobs/work")
         #expect(ended.phase == "exited" && ended.exitCode == 0 && ended.attempts == 2, "\(ended)")
         #expect(ended.host != firstHost)
+        // The dead host's process stays, lost, for whoever waits on it.
+        #expect(try await asker.peek("/\(firstHost)/jobs/work").phase == "lost")
+        #expect(try await asker.wait("/\(firstHost)/jobs/work").phase == "lost")
 
         // The CLI: run under /jobs, then wait (exit status 0 for exit 0).
         let api = cluster.members[victim == leader ? (leader + 1) % 3 : leader].api

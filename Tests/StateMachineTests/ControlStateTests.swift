@@ -201,10 +201,13 @@ struct OperationTests {
         #expect(end.events.map(\.path) == ["/records/svc/web-1"])
         #expect(end.events.allSatisfy { $0.revision == before + 1 })
         #expect(s.anchors["/records/svc/durable"] != nil)
+        s.run(.create(path: "/\(hostA)/chan", element: .chan(capacity: 1), session: 0, sequential: false))
         let hostEnd = s.apply(.endSession(id: hostSession, expired: true), index: s.appliedIndex + 1)
-        #expect(hostEnd.events.map(\.kind) == [.delete, .hostLeft])
+        #expect(hostEnd.events.map(\.kind) == [.put, .delete, .hostLeft], "its process lost, its channel gone")
         #expect(s.hosts[hostA]?.state == .expired)
-        #expect(s.descendants(of: "/\(hostA)").isEmpty)
+        #expect(s.descendants(of: "/\(hostA)") == ["/\(hostA)/job"], "a dead host's process stays, lost")
+        guard case .proc(let lost)? = s.anchors["/\(hostA)/job"]?.element else { Issue.record("no process"); return }
+        #expect(lost.phase == .lost)
         let late = s.run(.create(path: "/\(hostA)/x", element: .chan(capacity: 1), session: 0, sequential: false))[0]
         #expect(failure(late) == .hostNotAlive(hostA))
     }

@@ -104,8 +104,16 @@ struct PropertyTests {
                 for (path, anchor) in s.anchors {
                     // No ephemeral element outlives its session.
                     if anchor.session != 0 { #expect(s.sessions[anchor.session] != nil, "\(path) outlived session \(anchor.session)") }
-                    // Elements under a host exist only while it is alive.
-                    if anchor.element != nil, let host = Names.host(of: path) { #expect(s.hosts[host]?.state == .alive) }
+                    // Elements under a host exist only while it is alive, but for the processes of a host that died,
+                    // kept as they ended (lost, if they had not).
+                    if let element = anchor.element, let host = Names.host(of: path), s.hosts[host]?.state != .alive {
+                        guard case .proc(let p) = element else {
+                            Issue.record("\(path) outlived its host")
+                            continue
+                        }
+                        #expect(p.phase == .lost || p.phase == .exited || p.phase == .signaled, "\(path) is \(p.phase) under a dead host")
+                        #expect(s.hosts[host]?.state == .expired, "a host that left takes its processes with it")
+                    }
                     // The tree is consistent: every anchor is listed by its parent, and holds something.
                     let cut = String(path[..<path.lastIndex(of: "/")!])
                     let parent = cut.isEmpty ? "/" : cut
