@@ -324,7 +324,7 @@ final class ProcRunner: Sendable {
                 _ = try await client.reportProc(path, state)
                 return
             } catch {
-                if case .api(let e) = error, ["not_found", "wrong_kind", "stale_report"].contains(e.code) { return }
+                if case .api(let e) = error, ["not_found", "wrong_kind", "stale_report", "host_not_alive"].contains(e.code) { return }
                 attempts += 1
                 if attempts % 50 == 1 {
                     logger.info("retrying a process's report", metadata: ["path": "\(path)", "phase": "\(state.phase)", "error": "\(error)"])

@@ -130,6 +130,8 @@ public struct ControlState: Sendable {
         case .delete(let path, let version):
             return delete(path, version: version)
         case .updateProc(let path, let state):
+            // A dead host's processes are lost for good: a late report from it changes nothing.
+            if let host = Names.host(of: path), hosts[host]?.state != .alive { return .failure(.hostNotAlive(host)) }
             return replace(path, with: .proc(state))
         case .updateJob(let path, let state):
             return replace(path, with: .job(state))
