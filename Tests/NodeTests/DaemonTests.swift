@@ -19,12 +19,17 @@ func daemons(_ count: Int, ttlMillis: UInt64? = nil) throws -> DaemonProcesses {
 /// Three voters and, as member 3, a worker that joined them and serves its API; answers the leader's index.
 func daemonsWithWorker(ttlMillis: UInt64? = nil) async throws -> (DaemonProcesses, leader: Int) {
     let cluster = try daemons(3, ttlMillis: ttlMillis)
-    let leader = try await cluster.leader()
-    try cluster.add(join: cluster.members[leader].api, as: "worker")
-    try cluster.start(3)
-    _ = try await cluster.allAlive()
-    try await eventually("the worker serving its API", timeout: .seconds(20)) { (try? await cluster.client(3).status()) != nil }
-    return (cluster, leader)
+    do {
+        let leader = try await cluster.leader()
+        try cluster.add(join: cluster.members[leader].api, as: "worker")
+        try cluster.start(3)
+        _ = try await cluster.allAlive()
+        try await eventually("the worker serving its API", timeout: .seconds(20)) { (try? await cluster.client(3).status()) != nil }
+        return (cluster, leader)
+    } catch {
+        cluster.stopAll(signal: SIGKILL)  // the caller never got it to stop
+        throw error
+    }
 }
 
 /// The API error code a call failed with (or the error's text, if it was not the API's).
