@@ -13,7 +13,7 @@ struct Mkchan: AsyncParsableCommand {
 
     func run() async throws {
         let w = try await options.client.makeChannel(path, capacity: capacity)
-        try options.emit(w) { "\(w.path ?? path) created at revision \(w.revision)" }
+        try options.emitCreated(w, path)
     }
 }
 
@@ -27,7 +27,7 @@ struct MkJoin: AsyncParsableCommand {
 
     func run() async throws {
         let w = try await options.client.makeSubscription(path, events: "join")
-        try options.emit(w) { "\(w.path ?? path) created at revision \(w.revision)" }
+        try options.emitCreated(w, path)
     }
 }
 
@@ -40,7 +40,7 @@ struct MkLeave: AsyncParsableCommand {
 
     func run() async throws {
         let w = try await options.client.makeSubscription(path, events: "leave")
-        try options.emit(w) { "\(w.path ?? path) created at revision \(w.revision)" }
+        try options.emitCreated(w, path)
     }
 }
 
@@ -124,7 +124,7 @@ struct Mksel: AsyncParsableCommand {
             throw ValidationError("the clauses are not a JSON array of {\"op\": ..., \"chan\": ...}: \(error)")
         }
         let w = try await options.client.makeSelect(path, clauses: parsed)
-        try options.emit(w) { "\(w.path ?? path) created at revision \(w.revision)" }
+        try options.emitCreated(w, path)
     }
 }
 

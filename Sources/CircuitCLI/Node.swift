@@ -121,6 +121,11 @@ struct ClientOptions: ParsableArguments {
         print(String(decoding: try encoder.encode(value), as: UTF8.self))
     }
 
+    /// A create's answer: its JSON, or the line saying what was created where.
+    func emitCreated(_ w: WriteView, _ path: String) throws {
+        try emit(w) { "\(w.path ?? path) created at revision \(w.revision)" }
+    }
+
     func emit<T: Encodable>(_ value: T, human: () -> String) throws {
         if json {
             try Self.printJSON(value)
@@ -355,7 +360,7 @@ struct Run: AsyncParsableCommand {
     func run() async throws {
         let w = try await options.client.run(
             path, ProcCommandView(path: command[0], args: Array(command.dropFirst()), env: env, dir: dir ?? ""), maxAttempts: attempts)
-        try options.emit(w) { "\(w.path ?? path) created at revision \(w.revision)" }
+        try options.emitCreated(w, path)
     }
 }
 

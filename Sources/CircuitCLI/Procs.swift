@@ -20,7 +20,7 @@ struct Mkproc: AsyncParsableCommand {
             throw ValidationError("the command on standard input is not valid JSON of the form {\"path\": \"/bin/ls\", \"args\": [\"-l\"]}: \(error)")
         }
         let w = try await options.client.run(path, command)
-        try options.emit(w) { "\(w.path ?? path) created at revision \(w.revision)" }
+        try options.emitCreated(w, path)
     }
 }
 

@@ -64,12 +64,10 @@ public struct Chan: Sendable {
     /// try-send that succeeds is a send that did not have to wait.
     @discardableResult
     public func send(_ message: [UInt8]) async throws(CircuitClientError) -> ChanStatView {
-        do {
-            return try await trySend(message)
-        } catch {
-            guard case .api(let e) = error, e.code == "would_block" else { throw error }
+        try await Self.tryFirst { () async throws(CircuitClientError) in try await trySend(message) } then: {
+            () async throws(CircuitClientError) in
+            try await owner.call("POST", "/v1/chan/send" + path, bytes: message, ownConnection: true)
         }
-        return try await owner.call("POST", "/v1/chan/send" + path, bytes: message, ownConnection: true)
     }
 
     @discardableResult
@@ -80,12 +78,22 @@ public struct Chan: Sendable {
     /// Receives the next message; waits for one as long as the client's `timeout`. As `send`: a try first, then a
     /// wait on a connection of its own.
     public func receive() async throws(CircuitClientError) -> [UInt8] {
+        try await Self.tryFirst { () async throws(CircuitClientError) in try await tryReceive() } then: {
+            () async throws(CircuitClientError) in
+            try await owner.callRaw("POST", "/v1/chan/recv" + path, ownConnection: true)
+        }
+    }
+
+    /// `attempt` (a try-operation); only if it would block, `wait` (the waiting one, on a connection of its own).
+    private static func tryFirst<T>(
+        _ attempt: () async throws(CircuitClientError) -> T, then wait: () async throws(CircuitClientError) -> T
+    ) async throws(CircuitClientError) -> T {
         do {
-            return try await tryReceive()
+            return try await attempt()
         } catch {
             guard case .api(let e) = error, e.code == "would_block" else { throw error }
         }
-        return try await owner.callRaw("POST", "/v1/chan/recv" + path, ownConnection: true)
+        return try await wait()
     }
 
     public func tryReceive() async throws(CircuitClientError) -> [UInt8] {

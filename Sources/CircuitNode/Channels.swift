@@ -94,8 +94,7 @@ final class Channels: Sendable {
     /// The same, answering nothing (for a stream of sends).
     func sendOne(_ path: String, _ message: [UInt8], wait: Bool) async throws(APIError) {
         guard message.count <= maxMessageBytes else { throw Self.tooLarge(maxMessageBytes) }
-        try await ensure(path)
-        if state.withLock({ $0.entries[path]?.subscription == true }) { throw Self.readOnly(path) }
+        try await ensureWritable(path)
         let outcome = await perform(path) { hostBuffered, core, waiter in
             if core.waitingReceivers == 0, core.buffered < core.capacity, hostBuffered + message.count > maxBufferedBytes {
                 return nil
@@ -123,10 +122,9 @@ final class Channels: Sendable {
 
     /// Closes the channel: what it holds is still delivered, then receives answer `closed`.
     func close(_ path: String) async throws(APIError) -> ChanStatView {
-        try await ensure(path)
-        if state.withLock({ $0.entries[path]?.subscription == true }) { throw Self.readOnly(path) }
+        try await ensureWritable(path)
         var closedNow = false
-        let settled = mutate(path) { entry in
+        let settled = mutate(path) { entry, _ in
             guard let actions = entry.core.close() else { return Settled() }
             closedNow = true
             return Self.settle(actions, &entry)
@@ -147,13 +145,12 @@ final class Channels: Sendable {
     /// the select is being asked already (the clause could fire at once); else it is asked when the clause could.
     func offer(_ path: String, _ offer: Offer, sending message: [UInt8]?) async throws(APIError) -> Bool {
         if let message, message.count > maxMessageBytes { throw Self.tooLarge(maxMessageBytes) }
-        try await ensure(path)
-        if message != nil, state.withLock({ $0.entries[path]?.subscription == true }) { throw Self.readOnly(path) }
+        if message != nil { try await ensureWritable(path) } else { try await ensure(path) }
         let waiter = state.withLock { s in
             defer { s.nextWaiter += 1 }
             return s.nextWaiter
         }
-        let settled = mutate(path) { entry in
+        let settled = mutate(path) { entry, _ in
             entry.offers[waiter] = offer
             let actions = message.map { entry.core.offerSend(waiter, $0) } ?? entry.core.offerReceive(waiter)
             return Self.settle(actions, &entry)
@@ -165,7 +162,7 @@ final class Channels: Sendable {
 
     /// The select run `run` has decided: its other offers here leave.
     func withdraw(_ path: String, run: String) {
-        let settled = mutate(path) { entry in
+        let settled = mutate(path) { entry, _ in
             for (waiter, offer) in entry.offers where offer.run == run && entry.core.cancel(waiter) {
                 entry.offers[waiter] = nil
             }
@@ -202,7 +199,7 @@ final class Channels: Sendable {
         }
         // A closed or failed clause was already taken out of the queue: there is nothing to complete or undo.
         guard !closed, failure == nil else { return }
-        let settled = mutate(path) { entry in
+        let settled = mutate(path) { entry, _ in
             entry.offers[waiter] = nil
             return Self.settle(entry.core.resolve(waiter, accepted: accepted), &entry)
         }
@@ -221,7 +218,7 @@ final class Channels: Sendable {
             }
         }
         var taken = false
-        let settled = mutate(path) { entry in
+        let settled = mutate(path) { entry, _ in
             // Held while there is room, counting events queued behind a proposal out (waiter 0 has no request).
             guard entry.createRevision == createRevision,
                 entry.core.buffered + entry.core.waitingSenders < entry.core.capacity
@@ -256,6 +253,12 @@ final class Channels: Sendable {
     }
 
     // MARK: - The shell
+
+    /// The same, for an operation that sends or closes: a subscription is sent to by its host only.
+    private func ensureWritable(_ path: String) async throws(APIError) {
+        try await ensure(path)
+        if state.withLock({ $0.entries[path]?.subscription == true }) { throw Self.readOnly(path) }
+    }
 
     /// Takes the channel on at its first use here: reads its element (again if a removal happened meanwhile).
     private func ensure(_ path: String) async throws(APIError) {
@@ -299,8 +302,7 @@ final class Channels: Sendable {
         }
         return await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Outcome, Never>) in
-                let hostBuffered = state.withLock { $0.bufferedBytes }
-                let settled = mutate(path) { entry in
+                let settled = mutate(path) { entry, hostBuffered in
                     guard let actions = event(hostBuffered, &entry.core, waiter) else {
                         return Settled(resumes: [(continuation, .failed(.bufferFull))])
                     }
@@ -327,12 +329,13 @@ final class Channels: Sendable {
 
     /// Changes the channel at `path` under the lock, out of the table meanwhile (its buffers are not copied),
     /// keeping the host's count of buffered bytes. Nil if there is no such channel here.
-    private func mutate(_ path: String, _ body: (inout Entry) -> Settled) -> Settled? {
+    /// `body` also gets the bytes all of this host's channels hold, read under the same lock.
+    private func mutate(_ path: String, _ body: (inout Entry, _ hostBuffered: Int) -> Settled) -> Settled? {
         state.withLock { s in
             guard var entry = s.entries.removeValue(forKey: path) else { return nil }
             defer { s.entries[path] = entry }
             let before = entry.core.bufferedBytes
-            let settled = body(&entry)
+            let settled = body(&entry, s.bufferedBytes)
             s.bufferedBytes += entry.core.bufferedBytes - before
             return settled
         }
@@ -416,7 +419,7 @@ struct ChannelRoutes: RouterMiddleware {
     func handle(
         _ request: Request, context: Context, next: (Request, Context) async throws -> Response
     ) async throws -> Response {
-        guard let (op, path) = try StdioRoutes.operation(request, under: "/v1/chan/") else { return try await next(request, context) }
+        guard let (op, path) = try OwnerRouting.operation(request, under: "/v1/chan/") else { return try await next(request, context) }
         let expected: HTTPRequest.Method = op == "stat" ? .get : .post
         guard ["send", "recv", "close", "stat", "offer", "withdraw"].contains(op) else {
             throw APIError(status: 404, code: "not_found", message: "no such channel operation \(op.debugDescription) (send, recv, close, stat, offer, withdraw)")
@@ -443,16 +446,16 @@ struct ChannelRoutes: RouterMiddleware {
             guard let clause = q.get("clause").flatMap({ Int($0) }), let coordinator = q.get("coordinator").map({ String($0) }),
                 let select = q.get("select").map({ String($0) }), let kind = q.get("op"), kind == "recv" || kind == "send"
             else { throw APIError.badRequest("offer needs run, clause, coordinator, select and op (recv or send)") }
-            let body = try await Self.collect(request.body, upTo: channels.maxMessageBytes)
+            let body = try await OwnerRouting.collect(request.body, upTo: channels.maxMessageBytes)
             let offer = Channels.Offer(coordinator: coordinator, select: select, run: run, clause: clause, receiving: kind == "recv")
             let asking = try await channels.offer(path, offer, sending: kind == "send" ? Array(buffer: body) : nil)
             return try json(["offered": true, "proposing": asking])
         }
         // Point to point: any other node names the owning host (307), and the client asks it.
-        if owner != hostID { return try await StdioRoutes.redirect(request, owner: owner, path: path, ownerAddress: ownerAddress) }
+        if owner != hostID { return try await OwnerRouting.redirect(request, owner: owner, path: path, ownerAddress: ownerAddress) }
         switch op {
         case "send" where request.uri.queryParameters.get("stream") == "1":
-            return try await Self.whileConnected(request, if: true) { body in
+            return try await OwnerRouting.whileConnected(request, if: true) { body in
                 try json(["sent": try await sendStream(body, to: path)])
             }
         case "recv" where request.uri.queryParameters.get("stream") != nil:
@@ -461,12 +464,12 @@ struct ChannelRoutes: RouterMiddleware {
             }
             return receiveStream(request, from: path, count: count)
         case "send":
-            return try await Self.whileConnected(request, if: wait) { body in
-                let message = try await Self.collect(body, upTo: channels.maxMessageBytes)
+            return try await OwnerRouting.whileConnected(request, if: wait) { body in
+                let message = try await OwnerRouting.collect(body, upTo: channels.maxMessageBytes)
                 return try json(try await channels.send(path, Array(buffer: message), wait: wait))
             }
         case "recv":
-            return try await Self.whileConnected(request, if: wait) { _ in
+            return try await OwnerRouting.whileConnected(request, if: wait) { _ in
                 let message = try await channels.receive(path, wait: wait)
                 return Response(
                     status: .ok, headers: [.contentType: "application/octet-stream"],
@@ -479,9 +482,6 @@ struct ChannelRoutes: RouterMiddleware {
         }
     }
 
-    /// Runs `operation` on the request's body; if `blocking`, cancels it when the client hangs up. Such a connection
-    /// is not read again after the answer, which says so (`Connection: close`): blocking calls come on connections
-    /// of their own.
     /// A stream of sends: the body is messages, each a 4-byte big-endian length and its bytes, sent in order, each
     /// after the last was taken (a waiting send holds back the rest of the body: back-pressure to the sender).
     private func sendStream(_ body: RequestBody, to path: String) async throws -> Int {
@@ -541,23 +541,6 @@ struct ChannelRoutes: RouterMiddleware {
             try await writer.finish(nil)
         }
         return Response(status: .ok, headers: [.contentType: "application/octet-stream", .connection: "close"], body: body)
-    }
-
-    static func whileConnected(
-        _ request: Request, if blocking: Bool, _ operation: (RequestBody) async throws -> Response
-    ) async throws -> Response {
-        guard blocking else { return try await operation(request.body) }
-        var response = try await request.body.consumeWithCancellationOnInboundClose(operation)
-        response.headers[.connection] = "close"
-        return response
-    }
-
-    private static func collect(_ body: RequestBody, upTo limit: Int) async throws -> ByteBuffer {
-        do {
-            return try await body.collect(upTo: limit)
-        } catch is NIOTooManyBytesError {
-            throw Channels.tooLarge(limit)
-        }
     }
 
 }

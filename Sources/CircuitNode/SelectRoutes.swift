@@ -15,7 +15,7 @@ struct SelectRoutes: RouterMiddleware {
     func handle(
         _ request: Request, context: Context, next: (Request, Context) async throws -> Response
     ) async throws -> Response {
-        guard let (op, path) = try StdioRoutes.operation(request, under: "/v1/select/") else { return try await next(request, context) }
+        guard let (op, path) = try OwnerRouting.operation(request, under: "/v1/select/") else { return try await next(request, context) }
         guard request.method == .post else {
             throw APIError(status: 405, code: "method_not_allowed", message: "\(op) is POST /v1/select/\(op)/PATH")
         }
@@ -24,12 +24,12 @@ struct SelectRoutes: RouterMiddleware {
         case "wait":
             guard let owner = Names.host(of: path) else { throw APIError.badRequest("\(path) is not under a host: a select lives on a host") }
             if owner != runtime.hostID {
-                return try await StdioRoutes.redirect(request, owner: owner, path: path, ownerAddress: ownerAddress)
+                return try await OwnerRouting.redirect(request, owner: owner, path: path, ownerAddress: ownerAddress)
             }
             guard let view = try await HostRuntime.peekIfPresent(path, at: runtime.api) else { throw APIError.from(.notFound(path: path)) }
             guard view.kind == "select" else { throw APIError.from(.wrongKind(path: path, expected: "select", actual: view.kind)) }
             let clauses = try Selects.clauses(view.clauses ?? "")
-            return try await ChannelRoutes.whileConnected(request, if: true) { _ in
+            return try await OwnerRouting.whileConnected(request, if: true) { _ in
                 try json(try await runtime.selects.wait(path, clauses: clauses))
             }
         case "propose":

@@ -20,7 +20,7 @@ struct StdioRoutes: RouterMiddleware {
     func handle(
         _ request: Request, context: Context, next: (Request, Context) async throws -> Response
     ) async throws -> Response {
-        guard let (stream, path) = try Self.operation(request, under: "/v1/proc/") else { return try await next(request, context) }
+        guard let (stream, path) = try OwnerRouting.operation(request, under: "/v1/proc/") else { return try await next(request, context) }
         guard ["stdin", "stdout", "stderr"].contains(stream) else {
             throw APIError(status: 404, code: "not_found", message: "no such stream \(stream.debugDescription) (stdin, stdout, stderr)")
         }
@@ -32,7 +32,7 @@ struct StdioRoutes: RouterMiddleware {
         guard let owner = Names.host(of: path) else {
             throw APIError.badRequest("\(path) is not under a host: a process runs on the host that owns it")
         }
-        if owner != runtime.hostID { return try await Self.redirect(request, owner: owner, path: path, ownerAddress: ownerAddress) }
+        if owner != runtime.hostID { return try await OwnerRouting.redirect(request, owner: owner, path: path, ownerAddress: ownerAddress) }
         let io = try await streams(path)
         if stream == "stdin" { return try await write(request, to: io.stdin, path: path) }
         return try read(request, io.output(stream)!, path: path, stream: stream)
@@ -98,27 +98,5 @@ struct StdioRoutes: RouterMiddleware {
         }
         input.finish(keepOpen: keepOpen)
         return try json(StdinView(path: path, bytes: written, closed: !keepOpen))
-    }
-
-    /// 307 to the owning host's API: the client follows it and talks to that host directly.
-    /// `/v1/<area>/OP/PATH` split into OP and PATH; nil if the request is not under `prefix`.
-    static func operation(_ request: Request, under prefix: String) throws -> (op: String, path: String)? {
-        let uri = request.uri.path
-        guard uri.hasPrefix(prefix) else { return nil }
-        let rest = uri.dropFirst(prefix.count)
-        guard let slash = rest.firstIndex(of: "/") else { throw APIError(status: 404, code: "not_found", message: "no such endpoint: \(uri)") }
-        return (String(rest[..<slash]), String(rest[slash...]))
-    }
-
-    static func redirect(
-        _ request: Request, owner: String, path: String, ownerAddress: @Sendable (String) async throws -> String?
-    ) async throws -> Response {
-        guard let address = try await ownerAddress(owner) else { throw APIError.from(.hostNotAlive(owner)) }
-        let target = "http://\(address)\(request.uri.path)" + (request.uri.query.map { "?" + $0 } ?? "")
-        let error = APIError(status: 307, code: "wrong_host", message: "\(path) runs on \(owner): ask \(address)")
-        var response = try json(ErrorEnvelope(error))
-        response.status = .temporaryRedirect
-        response.headers[.location] = target
-        return response
     }
 }
