@@ -33,7 +33,7 @@ struct APIBench: AsyncParsableCommand {
         let base = data ?? temporaryDirectory("circuit-bench-api")
         defer { if data == nil { try? FileManager.default.removeItem(atPath: base) } }
         let binary = URL(fileURLWithPath: CommandLine.arguments[0]).standardizedFileURL.path
-        let daemons = try DaemonProcesses(binary: binary, base: base, count: 3)
+        let daemons = try DaemonProcesses(binary: binary, base: base, count: 3, portRange: cliPortRange)
         defer { daemons.stopAll() }
         try daemons.startAll()
         _ = try await daemons.leader()

@@ -22,7 +22,7 @@ struct ElementsBench: AsyncParsableCommand {
         let base = data ?? temporaryDirectory("circuit-bench-elements")
         defer { if data == nil { try? FileManager.default.removeItem(atPath: base) } }
         let binary = URL(fileURLWithPath: CommandLine.arguments[0]).standardizedFileURL.path
-        let daemons = try DaemonProcesses(binary: binary, base: base, count: 3)
+        let daemons = try DaemonProcesses(binary: binary, base: base, count: 3, portRange: cliPortRange)
         defer { daemons.stopAll() }
         try daemons.startAll()
         let leader = try await daemons.leader()

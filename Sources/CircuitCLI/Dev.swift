@@ -19,7 +19,7 @@ struct Dev: AsyncParsableCommand {
         guard (1...7).contains(nodes) else { throw ValidationError("--nodes must be 1 to 7") }
         let base = data ?? temporaryDirectory("circuit-dev")
         let binary = URL(fileURLWithPath: CommandLine.arguments[0]).standardizedFileURL.path
-        let daemons = try DaemonProcesses(binary: binary, base: base, count: nodes, basePort: basePort)
+        let daemons = try DaemonProcesses(binary: binary, base: base, count: nodes, basePort: basePort, portRange: cliPortRange)
         defer {
             daemons.stopAll()
             print("stopped \(nodes) daemons; data left in \(base)")

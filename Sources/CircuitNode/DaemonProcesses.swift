@@ -1,6 +1,7 @@
 import CircuitAPI
 import CircuitClient
 import Foundation
+import Synchronization
 
 /// Circuit daemons run as child processes on loopback, each with its own data folder: what `circuit dev`,
 /// `circuit bench api` and the multi-process tests run.
@@ -24,15 +25,24 @@ public final class DaemonProcesses: @unchecked Sendable {
     public var voterReplaceAfterMillis: UInt64?
     public private(set) var members: [Member] = []
 
+    /// Free ports are chosen from this range.
+    public let portRange: Range<Int>
+
     /// Makes `count` data folders under `base` and chooses ports: `basePort + i` for the APIs and
-    /// `basePort + 100 + i` for the peers, or ports the kernel hands out if `basePort` is 0.
-    public init(binary: String, base: String, count: Int, basePort: Int = 0, sessionTTLMillis: UInt64? = nil) throws {
+    /// `basePort + 100 + i` for the peers, or free ports from `portRange` if `basePort` is 0. Tests use the default
+    /// range, the CLI's own clusters (`circuit dev`, benches) `cliPortRange`: a cluster a test starts through the CLI
+    /// cannot pick a port the test process picked at the same moment.
+    public init(
+        binary: String, base: String, count: Int, basePort: Int = 0, portRange: Range<Int> = testPortRange,
+        sessionTTLMillis: UInt64? = nil
+    ) throws {
         self.binary = binary
         self.base = base
+        self.portRange = portRange
         self.sessionTTLMillis = sessionTTLMillis
         for i in 0..<count {
-            let api = basePort == 0 ? try freePort() : basePort + i
-            let peer = basePort == 0 ? try freePort() : basePort + 100 + i
+            let api = basePort == 0 ? try freePort(in: portRange) : basePort + i
+            let peer = basePort == 0 ? try freePort(in: portRange) : basePort + 100 + i
             members.append(
                 Member(
                     folder: try DataFolder(path: "\(base)/node\(i + 1)"), peer: "127.0.0.1:\(peer)", api: "127.0.0.1:\(api)",
@@ -44,8 +54,8 @@ public final class DaemonProcesses: @unchecked Sendable {
     public func add(join contact: String, as role: String = "learner") throws {
         members.append(
             Member(
-                folder: try DataFolder(path: "\(base)/node\(members.count + 1)"), peer: "127.0.0.1:\(try freePort())",
-                api: "127.0.0.1:\(try freePort())", join: contact, joinAs: role))
+                folder: try DataFolder(path: "\(base)/node\(members.count + 1)"), peer: "127.0.0.1:\(try freePort(in: portRange))",
+                api: "127.0.0.1:\(try freePort(in: portRange))", join: contact, joinAs: role))
     }
 
     public var bootstrap: String {
@@ -96,17 +106,21 @@ public final class DaemonProcesses: @unchecked Sendable {
         }
     }
 
-    /// The member every running daemon names as leader, once they agree.
+    /// The member every running daemon names as leader, once they agree. Fails at once if a daemon has exited, and
+    /// at the deadline with what each daemon said and the end of its log.
     public func leader(timeout: Duration = .seconds(30)) async throws -> Int {
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
+        var said: [Int: String] = [:]
         while clock.now < deadline {
-            var named: Set<String> = []
+            try checkRunning()
+            said = [:]
             for (i, m) in members.enumerated() where m.process != nil {
                 var c = client(i)
                 c.timeout = 2
-                named.insert((try? await c.status())?.leader ?? "?")
+                do { said[i] = try await c.status().leader ?? "none" } catch { said[i] = "\(error)" }
             }
+            let named = Set(said.values)
             if named.count == 1, let id = named.first, let i = members.firstIndex(where: { $0.folder.hostID == id }),
                 members[i].process != nil
             {
@@ -114,7 +128,27 @@ public final class DaemonProcesses: @unchecked Sendable {
             }
             try await Task.sleep(for: .milliseconds(10))
         }
-        throw DaemonProcessesError.noLeader(base, timeout)
+        let report = said.keys.sorted().map { "member \($0) names \(said[$0] ?? "?")" }.joined(separator: "; ")
+        throw DaemonProcessesError.noLeader(base, timeout, report + "\n" + logTails())
+    }
+
+    /// Throws if a daemon started by this object has exited on its own.
+    public func checkRunning() throws {
+        for (i, m) in members.enumerated() {
+            if let p = m.process, !p.isRunning {
+                throw DaemonProcessesError.exited(i, p.terminationStatus, logTail(i))
+            }
+        }
+    }
+
+    /// The last lines of member `i`'s log.
+    public func logTail(_ i: Int, lines: Int = 12) -> String {
+        let text = (try? String(contentsOfFile: "\(members[i].folder.path)/daemon.log", encoding: .utf8)) ?? ""
+        return text.split(separator: "\n", omittingEmptySubsequences: false).suffix(lines).joined(separator: "\n")
+    }
+
+    private func logTails() -> String {
+        members.indices.map { "--- member \($0) (\(members[$0].folder.hostID)):\n\(logTail($0))" }.joined(separator: "\n")
     }
 
     /// Waits until every running member is registered and alive; answers the membership.
@@ -128,9 +162,10 @@ public final class DaemonProcesses: @unchecked Sendable {
             {
                 return hosts
             }
+            try checkRunning()
             try await Task.sleep(for: .milliseconds(20))
         }
-        throw DaemonProcessesError.notAlive(base, timeout)
+        throw DaemonProcessesError.notAlive(base, timeout, logTails())
     }
 
     /// Resident memory of member `i`, from /proc.
@@ -144,25 +179,38 @@ public final class DaemonProcesses: @unchecked Sendable {
 }
 
 public enum DaemonProcessesError: Error, CustomStringConvertible {
-    case noLeader(String, Duration)
-    case notAlive(String, Duration)
+    case noLeader(String, Duration, String)
+    case notAlive(String, Duration, String)
+    case exited(Int, Int32, String)
     case noPort
 
     public var description: String {
         switch self {
-        case .noLeader(let base, let t): return "the daemons agreed on no leader within \(t); see the logs under \(base)"
-        case .notAlive(let base, let t): return "not every daemon registered within \(t); see the logs under \(base)"
+        case .noLeader(let base, let t, let report):
+            return "the daemons agreed on no leader within \(t); logs under \(base): \(report)"
+        case .notAlive(let base, let t, let tails):
+            return "not every daemon registered within \(t); logs under \(base):\n\(tails)"
+        case .exited(let i, let status, let tail): return "daemon \(i) exited with status \(status); its log ends:\n\(tail)"
         case .noPort: return "no free port"
         }
     }
 }
 
-/// A loopback port that is free now, below the ephemeral range.
-public func freePort() throws -> Int {
-    // Below the kernel's ephemeral range (32768 and up here): a port the kernel hands out with bind(0) can be taken
-    // by any outgoing connection before the daemon binds it; one of these only by an explicit bind.
+/// Ports this process has handed out: two daemons started by one test process never get the same port, even when
+/// neither has bound it yet.
+private let portsHandedOut = Mutex<Set<Int>>([])
+
+/// Ports for the daemons tests start; below the kernel's ephemeral range (32768 and up here): a port the kernel hands
+/// out with bind(0) can be taken by any outgoing connection before the daemon binds it, one of these only by an
+/// explicit bind.
+public let testPortRange = 10_000..<22_000
+/// Ports for the clusters the CLI starts itself.
+public let cliPortRange = 22_000..<32_000
+
+/// A loopback port that is free now and that this process has not handed out before.
+public func freePort(in range: Range<Int> = testPortRange) throws -> Int {
     for _ in 0..<200 {
-        let port = Int.random(in: 10_000..<32_000)
+        let port = Int.random(in: range)
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         defer { close(fd) }
         var address = sockaddr_in()
@@ -172,7 +220,7 @@ public func freePort() throws -> Int {
         let bound = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
         }
-        if bound { return port }
+        if bound, portsHandedOut.withLock({ $0.insert(port).inserted }) { return port }
     }
     throw DaemonProcessesError.noPort
 }

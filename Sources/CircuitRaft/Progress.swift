@@ -18,8 +18,12 @@ struct Progress: Sendable, Hashable {
     var probeSent = false
     /// Last index of each append in flight, oldest first (replicate state).
     var inflight: [UInt64] = []
-    /// Heard from since the last CheckQuorum round.
-    var recentActive = false
+    /// Leader ticks since this follower last answered (saturating; `Int.max`: never since this leader took over).
+    var silentTicks = Int.max
+
+    /// Answered within the last `ticks` ticks. A sliding window, not a round that is cleared: a check made just after
+    /// a CheckQuorum round must not find a follower that answered a moment ago inactive.
+    func heard(within ticks: Int) -> Bool { silentTicks < ticks }
     /// `match` when the previous heartbeat answer came: no change across rounds means an append was lost.
     var matchAtLastHeartbeat: UInt64 = 0
     /// Consecutive heartbeat rounds with `match` stuck below the leader's log.

@@ -121,6 +121,7 @@ public struct Raft: Sendable {
         case .leader:
             heartbeatElapsed += 1
             electionElapsed += 1
+            for id in peers where progress[id]!.silentTicks < Int.max { progress[id]!.silentTicks += 1 }
             if leadTransferee != .none {
                 transferElapsed += 1
                 if transferElapsed >= config.electionTicks { leadTransferee = .none }  // gave up: keep leading
@@ -128,12 +129,14 @@ public struct Raft: Sendable {
             if electionElapsed >= config.electionTicks {
                 electionElapsed = 0
                 if config.checkQuorum {
-                    let active = membership.voters.filter { $0 == config.id || progress[$0]?.recentActive == true }.count
+                    // Heard since the previous round: within this round's ticks, or in answer to the round's last tick.
+                    let active = membership.voters.filter {
+                        $0 == config.id || progress[$0]?.heard(within: config.electionTicks + 1) == true
+                    }.count
                     if active < quorum {
                         becomeFollower(term: term, leader: .none)
                         return
                     }
-                    for id in peers { progress[id]!.recentActive = false }
                 }
             }
             if heartbeatElapsed >= config.heartbeatTicks {
@@ -218,7 +221,7 @@ public struct Raft: Sendable {
         if case .promote(let id) = change, let pr = progress[id] {
             // Caught up, and heard from within the current election timeout: a learner this leader cannot reach
             // would stall every commit once it counts toward the quorum.
-            guard pr.recentActive else { return .failure(.learnerLagging(id: id, match: pr.match, last: log.lastIndex)) }
+            guard pr.heard(within: config.electionTicks) else { return .failure(.learnerLagging(id: id, match: pr.match, last: log.lastIndex)) }
             if pr.match + config.promotionLag < log.lastIndex {
                 return .failure(.learnerLagging(id: id, match: pr.match, last: log.lastIndex))
             }
@@ -573,7 +576,7 @@ public struct Raft: Sendable {
 
     private mutating func handleAppendResponse(_ m: Message) {
         guard progress[m.from] != nil else { return }
-        progress[m.from]!.recentActive = true
+        progress[m.from]!.silentTicks = 0
         if m.reject {
             let hint =
                 m.logTerm > 0 ? log.lastIndex(atOrBefore: m.rejectHint, withTermAtMost: m.logTerm) : m.rejectHint
@@ -621,7 +624,7 @@ public struct Raft: Sendable {
 
     private mutating func handleHeartbeatResponse(_ m: Message) {
         guard var pr = progress[m.from] else { return }
-        pr.recentActive = true
+        pr.silentTicks = 0
         pr.probeSent = false
         if pr.match < log.lastIndex && pr.state == .replicate && pr.match == pr.matchAtLastHeartbeat {
             // A follower that made no progress for several heartbeat rounds in replicate state has lost an append

@@ -103,6 +103,23 @@ struct MembershipRules {
         #expect(h.change(1, .promote(4)) == nil)
     }
 
+    @Test("a learner that answered a tick ago is promotable at every tick, CheckQuorum's round boundaries included")
+    func answeringLearnerAlwaysPromotable() throws {
+        var h = try Harness(3)
+        h.elect(1)
+        try h.addFreshNode(4)
+        #expect(h.change(1, .addLearner(4)) == nil)
+        for step in 0..<(3 * h[1].config.electionTicks) {
+            h.tick(1, times: 1)
+            var trial = h.nodes[1]!  // a copy: the trial proposal changes nothing here
+            if case .failure(let refusal) = trial.proposeConfChange(.promote(4)) {
+                Issue.record("refused at tick \(step): \(refusal)")
+            }
+            #expect(h[1].role == .leader)
+            h.stabilize()
+        }
+    }
+
     @Test("with a voter down, a learner promoted in its place commits and the leader keeps leading through CheckQuorum")
     func promoteWithVoterDown() throws {
         var h = try Harness(3)
