@@ -61,6 +61,7 @@ let package = Package(
                 "CircuitTransport",
                 "CircuitAPI",
                 "CircuitClient",
+                "CircuitFS",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -68,6 +69,25 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // libfuse3 from the system (Debian: libfuse3-dev), with a shim for what its header writes as macros.
+        .systemLibrary(
+            name: "CFuse3",
+            pkgConfig: "fuse3",
+            providers: [.apt(["libfuse3-dev"])]
+        ),
+        // The file-system interface (`circuit mount`): the slides' layout over the client library, served through
+        // libfuse's low-level API.
+        .target(
+            name: "CircuitFS",
+            dependencies: [
+                "CFuse3",
+                "CircuitAPI",
+                "CircuitClient",
+                "CircuitStateMachine",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
         // The wire types of the HTTP/JSON API, shared by the daemon and its clients.
@@ -89,12 +109,14 @@ let package = Package(
         .executableTarget(
             name: "CircuitCLI",
             dependencies: [
+                "CircuitFS",
                 "CircuitRaft",
                 "CircuitStateMachine",
                 "CircuitNode",
                 "CircuitClient",
                 "CircuitAPI",
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -133,6 +155,7 @@ let package = Package(
         .testTarget(
             name: "NodeTests",
             dependencies: [
+                "CircuitFS",
                 "CircuitNode",
                 "CircuitClient",
                 "CircuitAPI",

@@ -434,3 +434,43 @@ public struct SelectOutcomeView: Codable, Sendable, Equatable {
         case messageBase64 = "message_base64"
     }
 }
+
+/// Facts about one host and its daemon (`GET /v1/sys`), as the mount's `sys/` files show them.
+public struct SysView: Codable, Sendable, Equatable {
+    public var host: String
+    /// leader, follower, candidate, preCandidate, or worker.
+    public var role: String
+    public var term: UInt64
+    public var leader: String?
+    public var cpus: Int
+    public var memoryBytes: UInt64
+    public var memoryAvailableBytes: UInt64
+    /// The load averages over 1, 5 and 15 minutes.
+    public var load: [Double]
+    /// The daemon's process id and how long it has run.
+    public var pid: Int32
+    public var uptimeSeconds: Double
+
+    public init(
+        host: String, role: String, term: UInt64, leader: String?, cpus: Int, memoryBytes: UInt64,
+        memoryAvailableBytes: UInt64, load: [Double], pid: Int32, uptimeSeconds: Double
+    ) {
+        self.host = host
+        self.role = role
+        self.term = term
+        self.leader = leader
+        self.cpus = cpus
+        self.memoryBytes = memoryBytes
+        self.memoryAvailableBytes = memoryAvailableBytes
+        self.load = load
+        self.pid = pid
+        self.uptimeSeconds = uptimeSeconds
+    }
+
+    public enum CodingKeys: String, CodingKey {
+        case host, role, term, leader, cpus, load, pid
+        case memoryBytes = "memory_bytes"
+        case memoryAvailableBytes = "memory_available_bytes"
+        case uptimeSeconds = "uptime_seconds"
+    }
+}

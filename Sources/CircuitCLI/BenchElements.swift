@@ -100,7 +100,7 @@ struct ElementsBench: AsyncParsableCommand {
             let start = ContinuousClock.now
             _ = try await client.select(select)
             selectLatency.append((ContinuousClock.now - start).milliseconds)
-            try await sender.value
+            _ = try await sender.value
         }
         rows.append(("select over two channels on another host, one with a waiting sender: wait answered", "ms", selectLatency))
         rows.append(("process /bin/true: create, start, exit, wait answered", "ms", procLatency))
@@ -120,18 +120,7 @@ struct ElementsBench: AsyncParsableCommand {
 
         print("Elements benchmark: 3 daemons on loopback, elements on a follower, reached directly; medians of \(rounds) rounds of \(seconds) s (latency: \(samples) samples)")
         print("")
-        print("| figure | median | spread (p99 for latencies) | unit |")
-        print("|---|---:|---:|---|")
-        for (name, unit, values) in rows {
-            let sorted = values.sorted()
-            let median = sorted[sorted.count / 2]
-            if unit == "ms" {
-                let p99 = sorted[min(sorted.count - 1, Int((Double(sorted.count) * 0.99).rounded(.up)) - 1)]
-                print(String(format: "| %@ | %.1f | %.1f–%.1f (p99 %.1f) | %@ |", name, median, sorted.first!, sorted.last!, p99, unit))
-            } else {
-                print(String(format: "| %@ | %.1f | %.1f–%.1f | %@ |", name, median, sorted.first!, sorted.last!, unit))
-            }
-        }
+        printMedianTable(rows)
         let tcp = tcpMB.sorted()[tcpMB.count / 2]
         print("")
         print(String(format: "Channel bulk is %.2f of raw TCP; stdout %.2f.", channelMB.sorted()[channelMB.count / 2] / tcp, stdoutMB.sorted()[stdoutMB.count / 2] / tcp))
@@ -261,14 +250,34 @@ struct ElementsBench: AsyncParsableCommand {
     }
 }
 
-private func onThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+/// Rows of figures as a Markdown table: the median of each row's values and their spread (with p99 for latencies,
+/// in ms).
+func printMedianTable(_ rows: [(String, String, [Double])]) {
+    print("| figure | median | spread (p99 for latencies) | unit |")
+    print("|---|---:|---:|---|")
+    for (name, unit, values) in rows {
+        let sorted = values.sorted()
+        let median = sorted[sorted.count / 2]
+        if unit == "ms" {
+            let p99 = sorted[min(sorted.count - 1, Int((Double(sorted.count) * 0.99).rounded(.up)) - 1)]
+            print(String(format: "| %@ | %.1f | %.1f–%.1f (p99 %.1f) | %@ |", name, median, sorted.first!, sorted.last!, p99, unit))
+        } else {
+            print(String(format: "| %@ | %.1f | %.1f–%.1f | %@ |", name, median, sorted.first!, sorted.last!, unit))
+        }
+    }
+}
+
+/// The median of `values`.
+func median(_ values: [Double]) -> Double { values.sorted()[values.count / 2] }
+
+func onThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
     try await withCheckedThrowingContinuation { continuation in
         Thread { continuation.resume(with: Result { try body() }) }.start()
     }
 }
 
 /// A count shared by tasks or threads.
-private final class Counter: Sendable {
+final class Counter: Sendable {
     private let count = Atomic<Int>(0)
     func add(_ n: Int) { count.add(n, ordering: .relaxed) }
     var value: Int { count.load(ordering: .relaxed) }

@@ -58,6 +58,7 @@ struct DaemonOptions: ParsableArguments {
     @Option(help: "Milliseconds a voter may be lost before the leader replaces it with a caught-up learner (0: never).")
     var voterReplaceAfterMs: UInt64?
     @Option(help: "Milliseconds a host's session lives without a keep-alive.") var sessionTtlMs: UInt64?
+    @Option(help: "Mount the cluster as a file system at this directory while the daemon runs.") var mount: String?
 
     func runDaemon(global: GlobalOptions) async throws {
         var settings = try config.map { try NodeConfig(tomlFile: $0) } ?? NodeConfig()
@@ -71,6 +72,7 @@ struct DaemonOptions: ParsableArguments {
         if let joinAs { settings.joinAs = joinAs }
         if let voterReplaceAfterMs { settings.voterReplaceAfterMillis = voterReplaceAfterMs }
         if let sessionTtlMs { settings.sessionTTLMillis = sessionTtlMs }
+        if let mount { settings.mount = mount }
         var global = global
         if global.logLevel == .warning { global.logLevel = .info }
         try await CircuitDaemon(config: settings, logger: global.makeLogger("circuit")).run()

@@ -38,6 +38,9 @@ public struct CircuitClient: Sendable {
 
     public func status() async throws(CircuitClientError) -> StatusView { try await call("GET", "/v1/status") }
 
+    /// Facts about the host this client speaks to (its CPUs, memory, load) and its daemon.
+    public func sys() async throws(CircuitClientError) -> SysView { try await call("GET", "/v1/sys") }
+
     public func members(stale: Bool = false) async throws(CircuitClientError) -> [HostView] {
         try await call("GET", "/v1/members", query: stale ? ["consistency": "stale"] : [:])
     }
@@ -101,7 +104,8 @@ public struct CircuitClient: Sendable {
         var query: [String: String] = [:]
         if recursive { query["recursive"] = "1" }
         if stale { query["consistency"] = "stale" }
-        return try await call("GET", "/v1/ls" + Self.rooted(path), query: query)
+        let rooted = Self.rooted(path)
+        return try await call("GET", "/v1/ls" + (rooted == "/" ? "" : rooted), query: query)
     }
 
     /// Applies every operation, in order, as one revision, or none (`transaction_failed` names the one that failed).
@@ -229,7 +233,8 @@ public struct CircuitClient: Sendable {
         if let envelope = try? JSONDecoder().decode(ErrorEnvelope.self, from: Data(body)) {
             return .api(APIError(status: status, code: envelope.error.code, message: envelope.error.message))
         }
-        return .api(APIError(status: status, code: "http_\(status)", message: String(decoding: body, as: UTF8.self)))
+        let text = String(decoding: body, as: UTF8.self)
+        return .api(APIError(status: status, code: "http_\(status)", message: text.isEmpty ? "the node answered HTTP \(status)" : text))
     }
 
     /// Percent-encodes everything but unreserved characters.

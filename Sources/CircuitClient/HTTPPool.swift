@@ -137,7 +137,13 @@ struct PooledConnection: Sendable {
             answered.whenComplete { _ in written.futureResult.whenFailure { _ in channel.close(promise: nil) } }
             result.succeed(answered)
         }
-        return try await result.futureResult.flatMap { $0 }.get()
+        // A caller that gives up (its task is cancelled) hangs up: the server sees the connection close and withdraws
+        // a waiting operation.
+        return try await withTaskCancellationHandler {
+            try await result.futureResult.flatMap { $0 }.get()
+        } onCancel: {
+            channel.close(promise: nil)
+        }
     }
 }
 

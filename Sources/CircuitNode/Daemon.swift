@@ -1,4 +1,5 @@
 import CircuitAPI
+import CircuitFS
 import CircuitRaft
 import CircuitStateMachine
 import CircuitTransport
@@ -215,13 +216,20 @@ extension CircuitDaemon {
             logger: logger)
         let group = ServiceGroup(
             configuration: .init(
-                services: [.init(service: app)] + agents.map { .init(service: $0) }, gracefulShutdownSignals: [.sigterm, .sigint],
+                services: [.init(service: app)] + (agents + mountService(config, logger: logger)).map { .init(service: $0) },
+                gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         do {
             try await group.run()
         } catch {
             logger.error("stopping after an error", metadata: ["error": "\(error)"])
         }
+    }
+
+    /// The file system mounted at the config's `mount`, answering through this daemon's own API.
+    static func mountService(_ config: NodeConfig, logger: Logger) -> [any Service] {
+        guard let mountpoint = config.mount else { return [] }
+        return [MountService(mountpoint: mountpoint, node: config.advertisedClient, logger: logger)]
     }
 
     /// `id@address` lines.

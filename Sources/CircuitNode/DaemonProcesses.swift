@@ -23,6 +23,8 @@ public final class DaemonProcesses: @unchecked Sendable {
     public let sessionTTLMillis: UInt64?
     /// Passed as `--voter-replace-after-ms` (nil: the daemon's default).
     public var voterReplaceAfterMillis: UInt64?
+    /// Members that mount the cluster as a file system while they run (`--mount DIR`), by index.
+    public var mounts: [Int: String] = [:]
     public private(set) var members: [Member] = []
 
     /// Free ports are chosen from this range.
@@ -77,6 +79,7 @@ public final class DaemonProcesses: @unchecked Sendable {
             (m.join.map { ["join", $0] } ?? ["start"]) + ["--data", m.folder.path, "--peer-listen", m.peer, "--client-listen", m.api]
             + (sessionTTLMillis.map { ["--session-ttl-ms", "\($0)"] } ?? [])
             + (voterReplaceAfterMillis.map { ["--voter-replace-after-ms", "\($0)"] } ?? [])
+            + (mounts[i].map { ["--mount", $0] } ?? [])
             + (m.join == nil ? ["--bootstrap", bootstrap] : ["--join-as", m.joinAs])
         let log = "\(m.folder.path)/daemon.log"
         if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil) }

@@ -50,6 +50,7 @@ struct HTTPAPI: Sendable {
     func router() -> Router<BasicRequestContext> {
         let router = Router()
         router.get("/v1/status") { _, _ in try json(node.status()) }
+        router.get("/v1/sys") { _, _ in try json(HostFacts.view(of: node.status())) }
         router.get("/v1/members") { request, context in
             try await leaderOr(request, context, stale: isStale(request)) {
                 try json(try await node.service.read(consistency(request)) { state in state.hostList.map(HostView.init) })
@@ -191,15 +192,9 @@ struct HTTPAPI: Sendable {
                 return try await write(.transaction(ops))
             }
         }
+        router.get("/v1/ls") { request, context in try await list("/", request, context) }
         router.get("/v1/ls/**") { request, context in
-            let path = "/" + context.parameters.getCatchAll().joined(separator: "/")
-            let recursive = request.uri.queryParameters.get("recursive").map { $0 == "1" || $0 == "true" } ?? false
-            return try await leaderOr(request, context, stale: isStale(request)) {
-                let names: [String] = try await node.service.read(consistency(request)) { state in
-                    recursive ? state.descendants(of: path) : state.children(of: path)
-                }
-                return try json(ListingView(path: path, names: names))
-            }
+            try await list("/" + context.parameters.getCatchAll().joined(separator: "/"), request, context)
         }
         router.post("/v1/sessions") { request, context in
             try await leaderOr(request, context, stale: false) {
@@ -501,6 +496,17 @@ struct HTTPAPI: Sendable {
             return try JSONDecoder().decode(T.self, from: Data(buffer: body))
         } catch {
             throw APIError.badRequest("the body is not \(what): \(error)")
+        }
+    }
+
+    /// `GET /v1/ls/PATH`: the names under `path`, or with `recursive` every path below it holding an element.
+    private func list(_ path: String, _ request: Request, _ context: BasicRequestContext) async throws -> Response {
+        let recursive = request.uri.queryParameters.get("recursive").map { $0 == "1" || $0 == "true" } ?? false
+        return try await leaderOr(request, context, stale: isStale(request)) {
+            let names: [String] = try await node.service.read(consistency(request)) { state in
+                recursive ? state.descendants(of: path) : state.children(of: path)
+            }
+            return try json(ListingView(path: path, names: names))
         }
     }
 

@@ -35,6 +35,8 @@ public struct NodeConfig: Codable, Sendable, Equatable {
     public var maxMessageBytes: Int = 1 << 20
     /// The most bytes all of this host's channel buffers hold together.
     public var maxBufferedBytes: Int = 256 << 20
+    /// Mount the cluster as a file system here while the daemon runs (`circuit mount`'s layout); nil: no mount.
+    public var mount: String?
 
     enum CodingKeys: String, CodingKey {
         case data
@@ -50,6 +52,7 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         case scrubGraceMillis = "scrub-grace-ms"
         case maxMessageBytes = "max-message-bytes"
         case maxBufferedBytes = "max-buffered-bytes"
+        case mount
     }
 
     public init() {}
@@ -71,6 +74,7 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         scrubGraceMillis = try c.decodeIfPresent(Int64.self, forKey: .scrubGraceMillis) ?? d.scrubGraceMillis
         maxMessageBytes = try c.decodeIfPresent(Int.self, forKey: .maxMessageBytes) ?? d.maxMessageBytes
         maxBufferedBytes = try c.decodeIfPresent(Int.self, forKey: .maxBufferedBytes) ?? d.maxBufferedBytes
+        mount = try c.decodeIfPresent(String.self, forKey: .mount)
     }
 
     /// Reads a TOML file; an unknown key or a wrong type is an error naming it.

@@ -419,3 +419,10 @@ struct SpawnError: Error, CustomStringConvertible {
     var description: String { "cannot start \(program): \(String(cString: strerror(errno)))" }
 }
 
+
+/// Starts `path` with `arguments` as the runner starts a process element (signals at their defaults and none
+/// blocked, a process group of its own), with its stdio on the given descriptors; answers its pid. For tools and
+/// tests that must start a child whose signals work whatever the caller blocks.
+public func spawnClean(_ path: String, _ arguments: [String], stdio: (CInt, CInt, CInt)) throws -> pid_t {
+    try ProcRunner.spawn(ProcCommandView(path: path, args: arguments), stdio: stdio)
+}

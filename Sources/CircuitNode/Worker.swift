@@ -200,6 +200,7 @@ struct WorkerRelay: RouterMiddleware {
     ) async throws -> Response {
         let path = request.uri.path
         if path == "/v1/status", request.method == .get { return try json(try await worker.status()) }
+        if path == "/v1/sys", request.method == .get { return try json(HostFacts.view(of: try await worker.status())) }
         let uri = path + (request.uri.query.map { "?" + $0 } ?? "")
         if path.hasPrefix("/v1/watch/") || path == "/v1/watch", request.method == .get { return watch(uri, request: request) }
         if path.hasPrefix("/v1/signal/"), request.method == .post {

@@ -102,7 +102,7 @@ struct ChaosTests {
                 log.fault("restart (SIGTERM, then start)")
                 guard let pid = cluster.members[target].process?.processIdentifier else { continue }
                 kill(pid, SIGTERM)
-                let stopped = try? await eventually("a graceful stop", timeout: .seconds(10)) {
+                let stopped: Void? = try? await eventually("a graceful stop", timeout: .seconds(10)) {
                     !(cluster.members[target].process?.isRunning ?? false)
                 }
                 if stopped == nil { log.fault("a graceful stop that took over 10 s (then kill -9)") }

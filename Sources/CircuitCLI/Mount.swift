@@ -1,0 +1,25 @@
+import ArgumentParser
+import CircuitFS
+import Foundation
+import Logging
+import ServiceLifecycle
+
+/// `circuit mount DIR`: the cluster as a file system (the slides' layout; `cat DIR/help`). Serves until SIGTERM or
+/// SIGINT, then unmounts.
+struct Mount: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Mount the cluster as a file system at DIR (default /circuit) until SIGTERM or SIGINT.")
+    @OptionGroup var options: ClientOptions
+    @OptionGroup var global: GlobalOptions
+    @Argument(help: "Where to mount.") var directory: String = "/circuit"
+
+    func run() async throws {
+        let logger = global.makeLogger("circuit.mount")
+        guard let node = options.client.endpoints.first else { throw ValidationError("no node to speak to") }
+        let service = MountService(mountpoint: directory, node: node, logger: logger)
+        let group = ServiceGroup(
+            configuration: .init(
+                services: [.init(service: service)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        try await group.run()
+    }
+}

@@ -1,0 +1,37 @@
+import CircuitClient
+import Foundation
+import Logging
+import ServiceLifecycle
+
+/// The mount as a service: mounts at `run()` on a thread of its own (libfuse's loop blocks), unmounts on graceful
+/// shutdown (SIGTERM, SIGINT) and returns once the mount is gone. A mount that fails ends the service with the error.
+public struct MountService: Service {
+    public let mount: FuseMount
+
+    /// A mount at `mountpoint` answering through the API of `node` (`host:port`).
+    public init(mountpoint: String, node: String, logger: Logger) {
+        let fs = CircuitFileSystem(client: CircuitClient(endpoints: [node]), logger: logger)
+        self.mount = FuseMount(mountpoint: mountpoint, fs: fs, logger: logger)
+    }
+
+    public func run() async throws {
+        let mount = self.mount
+        let ended: Result<Void, FuseMountError> = await withGracefulShutdownHandler {
+            await withCheckedContinuation { (done: CheckedContinuation<Result<Void, FuseMountError>, Never>) in
+                let thread = Thread {
+                    do throws(FuseMountError) {
+                        try mount.run()
+                        done.resume(returning: .success(()))
+                    } catch {
+                        done.resume(returning: .failure(error))
+                    }
+                }
+                thread.name = "fuse"
+                thread.start()
+            }
+        } onGracefulShutdown: {
+            mount.shutdown()
+        }
+        try ended.get()
+    }
+}
