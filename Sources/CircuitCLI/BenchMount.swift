@@ -102,7 +102,7 @@ struct MountBench: AsyncParsableCommand {
         print("")
         print(String(format: "Process latency, mount / CLI: %.2f; mount / library: %.2f. Channel through the mount / library: 64 B %.2f, 1 MiB %.2f.",
             median(viaMount) / median(viaCLI), median(viaMount) / median(viaLibrary),
-            median(rows[4].2) / median(rows[5].2), median(rows[6].2) / median(rows[7].2)))
+            median(rows[3].2) / median(rows[4].2), median(rows[5].2) / median(rows[6].2)))
     }
 
     /// mkdir, write the command to run, read waitexit to its end; milliseconds.
@@ -142,11 +142,14 @@ struct MountBench: AsyncParsableCommand {
         let message = [UInt8](repeating: 0x61, count: size)
         let end = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
         let received = Counter()
+        let receiverDone = Counter()
+        // The sender goes on until the receiver has stopped (a receive begun just before the end gets its message);
+        // its last send may then wait for room, which the drain below makes.
         async let sender: Void = onThread {
-            // Until the receiver has stopped: then a last send may wait on a full channel; the channel is dropped.
-            while ContinuousClock.now < end { try writeFile("\(dir)/send", message) }
+            while receiverDone.value == 0 { try writeFile("\(dir)/send", message) }
         }
         try await onThread {
+            defer { receiverDone.add(1) }
             while ContinuousClock.now < end {
                 let got = try readFile("\(dir)/recv")
                 guard got.count == size else { throw ValidationError("received \(got.count) bytes, not \(size)") }
@@ -154,7 +157,11 @@ struct MountBench: AsyncParsableCommand {
             }
         }
         // Drain so the sender's last send returns.
-        let drain = Task { while !Task.isCancelled { _ = try? await onThread { try readFile("\(dir)/tryrecv") } } }
+        let drain = Task {
+            while !Task.isCancelled {
+                if (try? await onThread({ try readFile("\(dir)/tryrecv") })) == nil { try? await Task.sleep(for: .milliseconds(1)) }
+            }
+        }
         try await sender
         drain.cancel()
         return received.value
@@ -163,16 +170,28 @@ struct MountBench: AsyncParsableCommand {
     static func throughLibrary(_ chan: Chan, size: Int, seconds: Double) async throws -> Int {
         let message = [UInt8](repeating: 0x61, count: size)
         let end = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
+        let receiverDone = Counter()
         async let sender: Void = {
-            while ContinuousClock.now < end { try await chan.send(message) }
+            do {
+                while receiverDone.value == 0 { try await chan.send(message) }
+            } catch {
+                throw error
+            }
         }()
         var received = 0
         while ContinuousClock.now < end {
             guard try await chan.receive().count == size else { throw ValidationError("a short message") }
             received += 1
         }
-        while (try? await chan.tryReceive()) != nil {}
+        receiverDone.add(1)
+        // Drain until the sender's last send has returned (it may be waiting for room).
+        let drain = Task {
+            while !Task.isCancelled {
+                if (try? await chan.tryReceive()) == nil { try? await Task.sleep(for: .milliseconds(1)) }
+            }
+        }
         try await sender
+        drain.cancel()
         return received
     }
 }

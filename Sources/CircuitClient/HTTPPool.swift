@@ -138,11 +138,16 @@ struct PooledConnection: Sendable {
             result.succeed(answered)
         }
         // A caller that gives up (its task is cancelled) hangs up: the server sees the connection close and withdraws
-        // a waiting operation.
+        // a waiting operation. Only while the answer has not come (decided on the event loop, where the answer is
+        // taken): a connection whose exchange is over may be back in the pool, in use by another request.
+        let answering = NIOLockedValueBox(true)
+        promise.futureResult.whenComplete { _ in answering.withLockedValue { $0 = false } }
         return try await withTaskCancellationHandler {
             try await result.futureResult.flatMap { $0 }.get()
         } onCancel: {
-            channel.close(promise: nil)
+            channel.eventLoop.execute {
+                if answering.withLockedValue({ $0 }) { channel.close(promise: nil) }
+            }
         }
     }
 }

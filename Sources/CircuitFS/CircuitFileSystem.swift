@@ -26,6 +26,8 @@ public final class CircuitFileSystem: Sendable {
         var recordDirs: Set<String> = []
         /// The last failure under each element, by element path.
         var errors: [String: String] = [:]
+        /// The live hosts as last read, and when (read again after `hostsMaxAge`).
+        var hosts: (views: [HostView], at: ContinuousClock.Instant)?
         /// The last outcome of each select this mount waited for, by path.
         var outcomes: [String: SelectOutcomeView] = [:]
     }
@@ -249,8 +251,24 @@ public final class CircuitFileSystem: Sendable {
         }
     }
 
+    /// How long a read of the live hosts is used: every path resolution and every data operation needs the hosts
+    /// (which exist, and where their APIs are), and a host that comes or goes is seen this much later at most.
+    static let hostsMaxAge: Duration = .milliseconds(500)
+
     func liveHosts() async throws(FSError) -> [HostView] {
-        do { return try await client.members(stale: true).filter { $0.state == "alive" } } catch { throw FSError(error) }
+        let now = ContinuousClock.now
+        if let cached = state.withLock({ $0.hosts }), now - cached.at < Self.hostsMaxAge { return cached.views }
+        let views: [HostView]
+        do { views = try await client.members(stale: true).filter { $0.state == "alive" } } catch { throw FSError(error) }
+        state.withLock { $0.hosts = (views, now) }
+        return views
+    }
+
+    /// The channel at `path`, spoken to at its host directly; `waiting`: for an operation that may wait long.
+    func chan(_ path: String, waiting: Bool) async throws(FSError) -> Chan {
+        var host = try await hostClient(String(path.dropFirst().prefix(17)))
+        if waiting { host.timeout = self.waiting.timeout }
+        return Chan(path: path, through: host)
     }
 
     /// A client of the API of `host`.

@@ -14,8 +14,7 @@ public final class FuseMount: Sendable {
     public let mountpoint: String
     let fs: CircuitFileSystem
     let logger: Logger
-    /// How long the kernel may keep what a lookup or getattr answered about nodes that can change (hosts, elements,
-    /// records): 0, so every path resolution asks again; the layout's fixed nodes are kept a second.
+    /// How long the kernel may keep what a lookup or getattr answered.
     static let fixedTimeout = 1.0
 
     private struct Session: @unchecked Sendable { let pointer: OpaquePointer }
@@ -221,12 +220,10 @@ enum FuseOperations {
         return st
     }
 
-    static func timeout(_ node: FSNode) -> Double {
-        switch node {
-        case .host, .element, .recordDir, .record: return 0
-        default: return FuseMount.fixedTimeout
-        }
-    }
+    /// How long the kernel keeps a name or attributes: a second for every node. A host, element or record removed
+    /// elsewhere may still resolve here for that long; every operation on it then fails as the cluster says
+    /// (ENOENT), and what this mount removes it forgets at once.
+    static func timeout(_ node: FSNode) -> Double { FuseMount.fixedTimeout }
 
     static func replyEntry(_ req: Request, _ m: FuseMount, _ node: FSNode) {
         let inode = m.fs.lookUp(node)

@@ -144,9 +144,9 @@ actor OpenFile {
             case (.chan, "cap"):
                 guard let capacity = try await fs.client.peek(path).capacity else { return [] }
                 return Array("\(capacity)\n".utf8)
-            case (.chan, "stat"): return try json(try await fs.client.channel(path).stat())
-            case (.chan, "recv"): return try await fs.waiting.channel(path).receive()
-            case (.chan, "tryrecv"): return try await fs.client.channel(path).tryReceive()
+            case (.chan, "stat"): return try json(try await (try await fs.chan(path, waiting: false)).stat())
+            case (.chan, "recv"): return try await (try await fs.chan(path, waiting: true)).receive()
+            case (.chan, "tryrecv"): return try await (try await fs.chan(path, waiting: false)).tryReceive()
             case (.select, "select"): return Array((try await fs.client.peek(path).clauses ?? "").utf8) + [10]
             case (.select, "wait"):
                 let outcome = try await fs.waiting.select(path)
@@ -241,7 +241,8 @@ actor OpenFile {
     }
 
     private func commit(_ path: String, _ kind: ElementKind, _ file: String, _ bytes: [UInt8]) async throws(FSError) {
-        let text = String(decoding: bytes, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        // Only for the short files (cap, signal): a message may be megabytes.
+        var text: String { String(decoding: bytes, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) }
         do {
             switch (kind, file) {
             case (.proc, "run"):
@@ -265,13 +266,13 @@ actor OpenFile {
                 fs.created(path)
             case (.chan, "send"):
                 try notPending(path, "cap")
-                _ = try await fs.waiting.channel(path).send(bytes)
+                _ = try await (try await fs.chan(path, waiting: true)).send(bytes)
             case (.chan, "trysend"):
                 try notPending(path, "cap")
-                _ = try await fs.client.channel(path).trySend(bytes)
+                _ = try await (try await fs.chan(path, waiting: false)).trySend(bytes)
             case (.chan, "close"):
                 try notPending(path, "cap")
-                _ = try await fs.client.channel(path).close()
+                _ = try await (try await fs.chan(path, waiting: false)).close()
             case (.select, "select"):
                 guard fs.isPending(path) else { throw FSError(EBUSY, "select: the clauses of \(path) are already set") }
                 let clauses: [SelectClauseView]
