@@ -231,6 +231,23 @@ public final class CircuitFileSystem: Sendable {
         return e
     }
 
+    /// Any error of an operation under the element at `path`, noted in its `error` file and answered as an FSError
+    /// (an operation whose request was interrupted answers EINTR).
+    func failure(_ path: String, any error: any Error) -> FSError {
+        let e: FSError
+        if Task.isCancelled {
+            e = FSError(EINTR, "interrupted")
+        } else if let error = error as? FSError {
+            e = error
+        } else if let error = error as? CircuitClientError {
+            e = FSError(error)
+        } else {
+            e = FSError(EIO, "\(error)")
+        }
+        record(path, e.message)
+        return e
+    }
+
     func record(_ path: String, _ message: String) {
         state.withLock { $0.errors[path] = message }
         logger.debug("mount: \(path): \(message)")

@@ -242,14 +242,22 @@ enum FuseOperations {
 
     static func name(_ pointer: UnsafePointer<CChar>?) -> String { pointer.map { String(cString: $0) } ?? "" }
 
-    static let lookup: @convention(c) (fuse_req_t?, fuse_ino_t, UnsafePointer<CChar>?) -> Void = { raw, parent, namePointer in
+    /// An operation on the entry `name` of the directory `parent`, answered from a task by `answer`.
+    static func inDirectory(
+        _ raw: fuse_req_t?, _ parent: fuse_ino_t, _ namePointer: UnsafePointer<CChar>?,
+        _ answer: @escaping @Sendable (Request, FuseMount, FSNode, String) async throws -> Void
+    ) {
         let req = Request(raw: raw)
         let m = mount(raw)
         let name = name(namePointer)
         guard let dir = m.fs.node(parent) else { return replyError(req, FSError(ENOENT, "stale directory")) }
         m.serve(req) {
-            do { replyEntry(req, m, try await m.fs.lookup(dir, name)) } catch { replyError(req, error) }
+            do { try await answer(req, m, dir, name) } catch { replyError(req, error) }
         }
+    }
+
+    static let lookup: @convention(c) (fuse_req_t?, fuse_ino_t, UnsafePointer<CChar>?) -> Void = { raw, parent, name in
+        inDirectory(raw, parent, name) { req, m, dir, name in replyEntry(req, m, try await m.fs.lookup(dir, name)) }
     }
 
     static let forget: @convention(c) (fuse_req_t?, fuse_ino_t, UInt64) -> Void = { raw, inode, count in
@@ -280,43 +288,21 @@ enum FuseOperations {
             fuse_reply_attr(raw, &st, 0)
         }
 
-    static let mkdir: @convention(c) (fuse_req_t?, fuse_ino_t, UnsafePointer<CChar>?, mode_t) -> Void = { raw, parent, namePointer, _ in
-        let req = Request(raw: raw)
-        let m = mount(raw)
-        let name = name(namePointer)
-        guard let dir = m.fs.node(parent) else { return replyError(req, FSError(ENOENT, "stale directory")) }
-        m.serve(req) {
-            do { replyEntry(req, m, try await m.fs.makeDirectory(dir, name)) } catch { replyError(req, error) }
+    static let mkdir: @convention(c) (fuse_req_t?, fuse_ino_t, UnsafePointer<CChar>?, mode_t) -> Void = { raw, parent, name, _ in
+        inDirectory(raw, parent, name) { req, m, dir, name in replyEntry(req, m, try await m.fs.makeDirectory(dir, name)) }
+    }
+
+    static let rmdir: @convention(c) (fuse_req_t?, fuse_ino_t, UnsafePointer<CChar>?) -> Void = { raw, parent, name in
+        inDirectory(raw, parent, name) { req, m, dir, name in
+            try await m.fs.removeDirectory(dir, name)
+            fuse_reply_err(req.raw, 0)
         }
     }
 
-    static let rmdir: @convention(c) (fuse_req_t?, fuse_ino_t, UnsafePointer<CChar>?) -> Void = { raw, parent, namePointer in
-        let req = Request(raw: raw)
-        let m = mount(raw)
-        let name = name(namePointer)
-        guard let dir = m.fs.node(parent) else { return replyError(req, FSError(ENOENT, "stale directory")) }
-        m.serve(req) {
-            do {
-                try await m.fs.removeDirectory(dir, name)
-                fuse_reply_err(req.raw, 0)
-            } catch {
-                replyError(req, error)
-            }
-        }
-    }
-
-    static let unlink: @convention(c) (fuse_req_t?, fuse_ino_t, UnsafePointer<CChar>?) -> Void = { raw, parent, namePointer in
-        let req = Request(raw: raw)
-        let m = mount(raw)
-        let name = name(namePointer)
-        guard let dir = m.fs.node(parent) else { return replyError(req, FSError(ENOENT, "stale directory")) }
-        m.serve(req) {
-            do {
-                try await m.fs.unlink(dir, name)
-                fuse_reply_err(req.raw, 0)
-            } catch {
-                replyError(req, error)
-            }
+    static let unlink: @convention(c) (fuse_req_t?, fuse_ino_t, UnsafePointer<CChar>?) -> Void = { raw, parent, name in
+        inDirectory(raw, parent, name) { req, m, dir, name in
+            try await m.fs.unlink(dir, name)
+            fuse_reply_err(req.raw, 0)
         }
     }
 

@@ -68,12 +68,8 @@ actor OpenFile {
                         guard await buffer.put(chunk) else { throw CancellationError() }
                     }
                     await buffer.finish(nil)
-                } catch let error as FSError {
-                    await buffer.finish(error)
-                } catch let error as CircuitClientError {
-                    await buffer.finish(fs.failure(path, error))
                 } catch {
-                    await buffer.finish(FSError(EIO, "\(error)"))
+                    await buffer.finish(fs.failure(path, any: error))
                 }
             }
             output = (buffer, producer)
@@ -165,12 +161,8 @@ actor OpenFile {
             default:
                 throw FSError(EACCES, "\(file) is not for reading")
             }
-        } catch let error as CircuitClientError {
-            throw fs.failure(path, error)
-        } catch let error as FSError {
-            throw error
         } catch {
-            throw FSError(EIO, "\(error)")
+            throw fs.failure(path, any: error)
         }
     }
 
@@ -190,13 +182,8 @@ actor OpenFile {
                 var waiting = owner
                 waiting.timeout = fs.waiting.timeout
                 _ = try await waiting.writeStdin(path, bytes, keepOpen: true)
-            } catch let error as FSError {
-                fs.record(path, error.message)
-                throw error
-            } catch let error as CircuitClientError {
-                throw fs.failure(path, error)
             } catch {
-                throw FSError(EIO, "\(error)")
+                throw fs.failure(path, any: error)
             }
             stdinUsed = true
             return bytes.count
@@ -289,13 +276,8 @@ actor OpenFile {
             default:
                 throw FSError(EACCES, "\(file) is not for writing")
             }
-        } catch let error as FSError {
-            fs.record(path, error.message)
-            throw error
-        } catch let error as CircuitClientError {
-            throw fs.failure(path, error)
         } catch {
-            throw FSError(EIO, "\(error)")
+            throw fs.failure(path, any: error)
         }
     }
 
