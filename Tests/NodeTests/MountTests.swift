@@ -227,6 +227,23 @@ struct MountTests {
         }
         #expect(try await sh("cat \(m1)/\(a)/dc/select/sarah/message").out == "hola\n")
 
+        // abort removes the select; close closes a channel (a receive on it, closed and empty, fails with EPIPE);
+        // a process's stderr.
+        #expect(try await sh("echo x > \(m1)/\(a)/dc/select/sarah/abort && ls \(m2)/\(a)/dc/select").out == "")
+        let closing = try await sh(
+            """
+            cd \(m1)/\(b)/dc/chan && mkdir closing && echo 1 > closing/cap && echo last > closing/send &&
+            echo close >> closing/close && cat closing/recv && grep '"closed" : true' closing/stat && cat closing/recv
+            """)
+        #expect(closing.out.hasPrefix("last\n") && closing.out.contains("closed"), "\(closing)")
+        #expect(closing.status != 0 && closing.err.contains("Broken pipe"), "\(closing)")
+        let stderr = try await sh(
+            """
+            cd \(m1)/\(b)/dc/proc && mkdir oops && echo '{"path": "/bin/sh", "args": ["-c", "echo oops >&2"]}' > oops/run &&
+            cat oops/stderr && cat oops/stdout
+            """)
+        #expect(stderr.status == 0 && stderr.out == "oops\n", "\(stderr)")
+
         // Records: a file per record, a directory per segment; written through one mount, read through the other.
         let records = try await sh("mkdir -p \(m1)/records/app && echo one > \(m1)/records/app/cfg && cat \(m2)/records/app/cfg")
         #expect(records.out == "one\n", "\(records)")
