@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// A bounded buffer between a producer (a process's output streamed from its host) and a reader (FUSE reads): the
 /// producer waits while `limit` bytes are unread, the reader while nothing is. Ends with the producer's `finish`, or
 /// when the reader `cancel`s (the producer's next `put` answers false).
@@ -7,7 +11,8 @@ actor ByteStreamBuffer {
     private var ended = false
     private var failure: FSError?
     private var cancelled = false
-    private var reader: CheckedContinuation<Void, Never>?
+    /// Readers waiting for bytes (reads of one file may overlap).
+    private var readers: [CheckedContinuation<Void, Never>] = []
     private var writer: CheckedContinuation<Void, Never>?
     let limit: Int
 
@@ -35,9 +40,17 @@ actor ByteStreamBuffer {
         wakeReader()
     }
 
-    /// Up to `max` bytes, waiting for some; empty at the end.
+    /// Up to `max` bytes, waiting for some; empty at the end. A reader whose task is cancelled (its request was
+    /// interrupted) stops waiting with EINTR.
     func take(max: Int) async throws(FSError) -> [UInt8] {
-        while unread == 0 && !ended && !cancelled { await withCheckedContinuation { reader = $0 } }
+        while unread == 0 && !ended && !cancelled {
+            if Task.isCancelled { throw FSError(EINTR, "interrupted") }
+            await withTaskCancellationHandler {
+                await withCheckedContinuation { readers.append($0) }
+            } onCancel: {
+                Task { await self.wakeReader() }
+            }
+        }
         if unread == 0 {
             if let failure { throw failure }
             return []
@@ -63,9 +76,8 @@ actor ByteStreamBuffer {
     }
 
     private func wakeReader() {
-        if let r = reader {
-            reader = nil
-            r.resume()
-        }
+        let waiting = readers
+        readers = []
+        for r in waiting { r.resume() }
     }
 }

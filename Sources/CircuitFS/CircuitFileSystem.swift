@@ -94,7 +94,7 @@ public final class CircuitFileSystem: Sendable {
             entries.append(("records", .recordDir(FSNode.recordsRoot)))
             for host in try await liveHosts() { entries.append((host.id, .host(host.id))) }
         case .kindDir(let host, let kind):
-            let pending = state.withLock { s in s.pending.filter { $0.value == kind }.map(\.key) }
+            let pending = state.withLock { s in s.pending.filter { $0.value == kind && $0.key.hasPrefix("/\(host)/") }.map(\.key) }
             var names = Set(pending.map { String($0.dropFirst(host.count + 2)) })
             for (name, peeked) in try await children(of: "/\(host)") where peeked == .element(kind) { names.insert(name) }
             entries += names.sorted().map { ($0, .element(host, kind, $0)) }
@@ -132,13 +132,20 @@ public final class CircuitFileSystem: Sendable {
         }
         let path = "/\(host)/\(name)"
         if let problem = Names.validate(path) { throw FSError(EINVAL, "\(problem)") }
-        if state.withLock({ $0.pending[path] != nil }) { throw FSError(EEXIST, "\(path) is already made here") }
-        switch try await peek(path) {
-        case .missing: break
-        case .element(let k): throw FSError(EEXIST, "\(path) exists: a \(k.rawValue)")
-        default: throw FSError(EEXIST, "\(path) exists")
+        // Reserved here first, so two mkdirs of one name on this mount cannot both succeed.
+        guard state.withLock({ s in s.pending[path] == nil ? { s.pending[path] = kind; return true }() : false }) else {
+            throw FSError(EEXIST, "\(path) is already made here")
         }
-        state.withLock { $0.pending[path] = kind }
+        let peeked: PeekedKind
+        do { peeked = try await peek(path) } catch {
+            state.withLock { _ = $0.pending.removeValue(forKey: path) }
+            throw error
+        }
+        guard peeked == .missing else {
+            state.withLock { _ = $0.pending.removeValue(forKey: path) }
+            if case .element(let k) = peeked { throw FSError(EEXIST, "\(path) exists: a \(k.rawValue)") }
+            throw FSError(EEXIST, "\(path) exists")
+        }
         return .element(host, kind, name)
     }
 

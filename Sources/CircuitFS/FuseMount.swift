@@ -20,7 +20,9 @@ public final class FuseMount: Sendable {
     private struct Session: @unchecked Sendable { let pointer: OpaquePointer }
     private struct Shared {
         var session: Session?
-        var unmounted = false
+        /// shutdown() was called.
+        var stopping = false
+        var didUnmount = false
         var mounted = false
         /// Directory listings by open directory handle.
         var listings: [UInt64: [(String, FSNode)]] = [:]
@@ -29,6 +31,8 @@ public final class FuseMount: Sendable {
         var tasks: [UInt64: Task<Void, Never>] = [:]
         /// Tasks that ended before they were put in `tasks`.
         var finished: Set<UInt64> = []
+        /// Requests interrupted before their task was put in `tasks`.
+        var interruptedEarly: Set<UInt64> = []
         var nextTask: UInt64 = 1
     }
     private let shared = Mutex(Shared())
@@ -66,34 +70,55 @@ public final class FuseMount: Sendable {
         let stopNow = shared.withLock { s -> Bool in
             s.session = Session(pointer: session)
             s.mounted = true
-            return s.unmounted  // shut down before we got here
+            return s.stopping  // shut down before we got here
         }
         logger.info("mounted", metadata: ["mountpoint": "\(mountpoint)"])
         if !stopNow { _ = circuit_fuse_session_loop_mt(session, 16) }
-        // The loop has ended: unmount unless shutdown() did, then destroy here, on this thread, once.
-        shared.withLock { s in
-            if !s.unmounted {
-                s.unmounted = true
+        // The loop has ended. Requests still being answered are cancelled (they answer EINTR) and waited for: a reply
+        // needs the session. Then unmount unless shutdown() did, and destroy here, on this thread, once.
+        for task in shared.withLock({ Array($0.tasks.values) }) { task.cancel() }
+        let deadline = ContinuousClock.now + .seconds(5)
+        while !shared.withLock({ $0.tasks.isEmpty }) && ContinuousClock.now < deadline { usleep(10_000) }
+        let drained = shared.withLock { s -> Bool in
+            if !s.didUnmount {
+                s.didUnmount = true
                 fuse_session_unmount(session)
             }
             s.session = nil
             s.mounted = false
-            for task in s.tasks.values { task.cancel() }
+            return s.tasks.isEmpty
         }
-        fuse_session_destroy(session)
+        if drained {
+            fuse_session_destroy(session)
+        } else {
+            logger.warning("requests still unanswered 5 s after the mount ended: the session is left undestroyed")
+        }
         logger.info("unmounted", metadata: ["mountpoint": "\(mountpoint)"])
     }
 
-    /// Ends the session and unmounts; `run()` returns soon after. Any thread; more than once is harmless.
+    /// Cancels the requests being answered (a blocked read answers EINTR; a request that comes now is cancelled at
+    /// once), waits up to 2 s for their replies, then ends the session and unmounts; `run()` returns soon after.
+    /// Replies go out before the unmount, which closes the device. Any thread; more than once is harmless.
     public func shutdown() {
-        shared.withLock { s in
-            guard !s.unmounted else { return }
-            s.unmounted = true
-            if let session = s.session?.pointer {
+        let tasks = shared.withLock { s -> [Task<Void, Never>]? in
+            guard !s.stopping else { return nil }
+            s.stopping = true
+            return Array(s.tasks.values)
+        }
+        guard let tasks else { return }
+        for task in tasks { task.cancel() }
+        let thread = Thread { [self] in
+            let deadline = ContinuousClock.now + .seconds(2)
+            while !shared.withLock({ $0.tasks.isEmpty }) && ContinuousClock.now < deadline { usleep(5_000) }
+            shared.withLock { s in
+                guard let session = s.session?.pointer, !s.didUnmount else { return }
                 fuse_session_exit(session)
+                s.didUnmount = true
                 fuse_session_unmount(session)
             }
         }
+        thread.name = "fuse-shutdown"
+        thread.start()
     }
 
     /// Makes the mount point if it is missing; detaches a stale FUSE mount left there by a process that died (its
@@ -105,7 +130,19 @@ public final class FuseMount: Sendable {
             if error == ENOTCONN || error == ECONNABORTED {
                 logger.warning("a stale mount was left at \(mountpoint): detaching it")
                 if umount2(mountpoint, Int32(MNT_DETACH)) != 0 {
-                    throw .failed("cannot detach the stale mount at \(mountpoint): \(String(cString: strerror(errno)))")
+                    // Not root: fusermount3 (setuid) detaches a FUSE mount of the same user.
+                    let why = String(cString: strerror(errno))
+                    let fusermount = Process()
+                    fusermount.executableURL = URL(fileURLWithPath: "/usr/bin/fusermount3")
+                    fusermount.arguments = ["-uz", mountpoint]
+                    var detached = false
+                    if (try? fusermount.run()) != nil {
+                        fusermount.waitUntilExit()
+                        detached = fusermount.terminationStatus == 0
+                    }
+                    guard detached else {
+                        throw .failed("cannot detach the stale mount at \(mountpoint): \(why)")
+                    }
                 }
             } else if error == ENOENT {
                 if mkdir(mountpoint, 0o755) != 0 && errno != EEXIST {
@@ -134,13 +171,20 @@ public final class FuseMount: Sendable {
                 if s.tasks.removeValue(forKey: id) == nil { s.finished.insert(id) }
             }
         }
-        shared.withLock { s in
+        let cancel = shared.withLock { s -> Bool in
             if s.finished.remove(id) == nil { s.tasks[id] = task }
+            return s.interruptedEarly.remove(id) != nil || s.stopping
         }
+        if cancel { task.cancel() }
     }
 
     fileprivate func interrupt(_ id: UInt64) {
-        shared.withLock { $0.tasks[id] }?.cancel()
+        let task = shared.withLock { s -> Task<Void, Never>? in
+            if let task = s.tasks[id] { return task }
+            s.interruptedEarly.insert(id)  // libfuse calls at once for a request interrupted before it was served
+            return nil
+        }
+        task?.cancel()
     }
 
     fileprivate func openDirectory() -> UInt64 {

@@ -16,7 +16,7 @@ public struct MountService: Service {
 
     public func run() async throws {
         let mount = self.mount
-        let ended: Result<Void, FuseMountError> = await withGracefulShutdownHandler {
+        let ended: Result<Void, FuseMountError> = await withTaskCancellationOrGracefulShutdownHandler {
             await withCheckedContinuation { (done: CheckedContinuation<Result<Void, FuseMountError>, Never>) in
                 let thread = Thread {
                     do throws(FuseMountError) {
@@ -29,9 +29,12 @@ public struct MountService: Service {
                 thread.name = "fuse"
                 thread.start()
             }
-        } onGracefulShutdown: {
+        } onCancelOrGracefulShutdown: {
             mount.shutdown()
         }
-        try ended.get()
+        if case .failure(let error) = ended {
+            mount.logger.error("the mount at \(mount.mountpoint) failed: \(error)")
+            throw error
+        }
     }
 }

@@ -11,18 +11,21 @@ import Foundation
 /// - stdout and stderr: read as a stream from the process's host, with back-pressure.
 actor OpenFile {
     let node: FSNode
-    unowned let fs: CircuitFileSystem
+    let fs: CircuitFileSystem
     private var content: Task<[UInt8], any Error>?
     private var written: [UInt8] = []
-    /// Something to hand over at the next flush (a created record is, even if empty).
-    private var dirty: Bool
+    /// Something to hand over at the next flush.
+    private var dirty = false
+    /// A record created by this open and not written: it is made empty when the file is released (not at every
+    /// flush: the shell's redirections flush a file more than once).
+    private var createdEmpty: Bool
     private var stdinUsed = false
     private var output: (buffer: ByteStreamBuffer, producer: Task<Void, Never>)?
 
     init(node: FSNode, fs: CircuitFileSystem, created: Bool) {
         self.node = node
         self.fs = fs
-        self.dirty = created
+        self.createdEmpty = created
     }
 
     /// Writes larger than this are refused (a message, a command, a record).
@@ -193,6 +196,7 @@ actor OpenFile {
         }
         written += bytes
         dirty = true
+        createdEmpty = false
         if isComplete() { try await flush() }
         return bytes.count
     }
@@ -299,6 +303,7 @@ actor OpenFile {
 
     func release() async {
         content?.cancel()
+        if createdEmpty, case .record(let path) = node { _ = try? await fs.client.put(path, []) }
         if let output {
             await output.buffer.cancel()
             output.producer.cancel()

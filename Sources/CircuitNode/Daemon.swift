@@ -216,7 +216,11 @@ extension CircuitDaemon {
             logger: logger)
         let group = ServiceGroup(
             configuration: .init(
-                services: [.init(service: app)] + (agents + mountService(config, logger: logger)).map { .init(service: $0) },
+                services: [.init(service: app)] + agents.map { .init(service: $0) }
+                    // A mount that fails or is unmounted from outside is logged; the daemon goes on.
+                    + mountService(config, logger: logger).map {
+                        .init(service: $0, successTerminationBehavior: .ignore, failureTerminationBehavior: .ignore)
+                    },
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         do {

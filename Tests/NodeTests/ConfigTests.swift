@@ -43,6 +43,10 @@ struct ConfigTests {
         let role = error("join-as = \"boss\"\n")
         #expect(role?.contains("join-as: \"boss\" is neither learner nor worker") == true, "\(role ?? "no error")")
         #expect(error("join-as = \"worker\"\nvoter-replace-after-ms = 0\n") == nil)
+        #expect(error("mount = 3\n") != nil)
+        try "mount = \"/circuit\"\n".write(toFile: "\(dir)/m.toml", atomically: true, encoding: .utf8)
+        #expect(try NodeConfig(tomlFile: "\(dir)/m.toml").mount == "/circuit")
+        #expect(NodeConfig().mount == nil, "no mount unless asked for")
     }
 
     @Test("a data folder keeps its host id, and only one daemon may hold it")

@@ -55,8 +55,12 @@ private final class Cluster: @unchecked Sendable {
     func stopAll() { for id in Array(services.keys) { stop(id) } }
 
     func leader() async throws -> ControlService {
-        try await waitFor("a leader") { services.values.contains { $0.driver.status.role == .leader } }
-        return services.values.first { $0.driver.status.role == .leader }!
+        var found: ControlService?
+        try await waitFor("a leader") {
+            found = services.values.first { $0.driver.status.role == .leader }
+            return found != nil
+        }
+        return try #require(found)
     }
 
     func followers(of leader: ControlService) -> [ControlService] {

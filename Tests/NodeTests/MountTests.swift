@@ -212,6 +212,19 @@ struct MountTests {
             (try? String(contentsOfFile: "\(tmp)/got", encoding: .utf8)) == "Hello, world!\n"
         }
 
+        // A read blocked on one mount holds up nothing else on that mount.
+        let blocked = try await sh(
+            """
+            cd \(m1)/\(b)/dc/chan && mkdir waiting && echo 0 > waiting/cap &&
+            (cat waiting/recv > \(tmp)/waiting &) && until grep -q '"waiting_receivers" : 1' waiting/stat; do sleep 0.02; done &&
+            ls \(m1)/\(b)/dc/chan > /dev/null && cat \(m1)/\(b)/sys/cpus > /dev/null && cat \(m1)/help > /dev/null &&
+            echo released > waiting/send
+            """)
+        #expect(blocked.status == 0, "\(blocked)")
+        try await eventually("the blocked reader to get its message") {
+            (try? String(contentsOfFile: "\(tmp)/waiting", encoding: .utf8)) == "released\n"
+        }
+
         // A select on host A over two channels on host B: wait reports the clause that fired; message gives its bytes.
         let select = try await sh(
             """
@@ -287,6 +300,18 @@ struct MountTests {
             """)
         #expect(ended.status == 0 && ended.out.contains("\"signal\" : 9"), "\(ended)")
         #expect(!ended.out.contains("sleeper\n"), "\(ended)")
+
+        // The daemon that mounts (the config's `mount`) unmounts when it stops gracefully, with a reader blocked.
+        let stuck = Task { try await sh("cat \(m2)/\(b)/dc/chan/waiting/recv", timeout: .seconds(30)) }
+        try await eventually("the reader to wait") {
+            ((try? await sh("cat \(m1)/\(b)/dc/chan/waiting/stat").out) ?? "").contains("\"waiting_receivers\" : 1")
+        }
+        guard let daemon = cluster.members[2].process else { return }
+        kill(daemon.processIdentifier, SIGTERM)
+        let interrupted = try await stuck.value
+        #expect(interrupted.status != 0, "the blocked reader was answered: \(interrupted)")
+        try await eventually("the daemon to stop", timeout: .seconds(20)) { !daemon.isRunning }
+        #expect(!isMounted(m2), "the daemon's mount is gone")
     }
 
     @Test("SIGTERM unmounts cleanly; a mount left by a killed process is cleaned up by the next; a reader blocked on a host that dies fails with EIO, and a reader interrupted leaves no receiver behind")

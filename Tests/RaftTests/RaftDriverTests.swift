@@ -71,8 +71,8 @@ struct RaftDriverTests {
         let drivers = try makeCluster(dir, ids: [1, 2, 3], transport: transport)
         defer { for d in drivers.values { d.stop() } }
         try await waitFor("a leader") { drivers.values.contains { $0.status.role == .leader } }
-        let leader = drivers.values.first { $0.status.role == .leader }!
-        let follower = drivers.values.first { $0.status.role != .leader }!
+        let leader = try #require(drivers.values.first { $0.status.role == .leader })
+        let follower = try #require(drivers.values.first { $0.status.role != .leader })
 
         let answers = try await withThrowingTaskGroup(of: UInt64.self) { group in
             for i in 0..<50 {
@@ -102,7 +102,7 @@ struct RaftDriverTests {
         var drivers = try makeCluster(dir, ids: [1, 2, 3], transport: transport)
         defer { for d in drivers.values { d.stop() } }
         try await waitFor("a leader") { drivers.values.contains { $0.status.role == .leader } }
-        let first = drivers.values.first { $0.status.role == .leader }!
+        let first = try #require(drivers.values.first { $0.status.role == .leader })
         for i in 0..<20 { _ = try await first.propose(Array("a\(i)".utf8)) }
         let committedBefore = first.status.commitIndex
 
@@ -110,7 +110,7 @@ struct RaftDriverTests {
         first.stop()
         drivers.removeValue(forKey: first.id)
         try await waitFor("a new leader") { drivers.values.contains { $0.status.role == .leader } }
-        let second = drivers.values.first { $0.status.role == .leader }!
+        let second = try #require(drivers.values.first { $0.status.role == .leader })
         #expect(second.status.term > 1)
         for i in 0..<20 { _ = try await second.propose(Array("b\(i)".utf8)) }
         #expect(second.status.commitIndex > committedBefore)
@@ -159,26 +159,35 @@ struct RaftDriverTests {
         for id in [NodeID(1), 2, 3] { drivers[id] = try start(id, voters: [1, 2, 3]) }
         defer { for d in drivers.values { d.stop() } }
         func leader() -> RaftDriver? { drivers.values.first { $0.status.role == .leader && $0.status.running } }
+        /// The leader, waited for (leadership may be between holders at the moment of a single look).
+        func leading() async throws -> RaftDriver {
+            var found: RaftDriver?
+            try await waitFor("a leader") {
+                found = leader()
+                return found != nil
+            }
+            return try #require(found)
+        }
         try await waitFor("a leader") { leader() != nil }
-        for i in 0..<100 { _ = try await leader()!.propose(Array("e\(i)".utf8)) }
+        for i in 0..<100 { _ = try await leading().propose(Array("e\(i)".utf8)) }
         try await waitFor("a snapshot on every node") { drivers.values.allSatisfy { $0.status.snapshotIndex > 0 } }
 
         // A fresh learner joins: the entries it needs are compacted away, so it gets the snapshot, then the tail.
         drivers[4] = try start(4, voters: [])
-        try await leader()!.changeMembership(.addLearner(4))
-        _ = try await leader()!.propose(Array("after".utf8))
-        let target = leader()!.status.commitIndex
+        try await leading().changeMembership(.addLearner(4))
+        _ = try await leading().propose(Array("after".utf8))
+        let target = (try await leading()).status.commitIndex
         try await waitFor("the learner to catch up") { drivers[4]!.status.appliedIndex >= target }
         #expect(drivers[4]!.status.snapshotsInstalled >= 1, "the learner started from a streamed snapshot")
-        let reference = machines[leader()!.id]!.applied
+        let reference = machines[(try await leading()).id]!.applied
         #expect(machines[4]!.applied == Array(reference.prefix(machines[4]!.applied.count)))
         #expect(machines[4]!.applied.count >= 101)
 
         // Promote it, remove node 3, move leadership to it.
-        try await leader()!.changeMembership(.promote(4))
-        try await leader()!.changeMembership(.remove(3))
-        #expect(leader()!.status.membership == Membership(voters: [1, 2, 4]))
-        let to = try await leader()!.transferLeadership(to: 4)
+        try await leading().changeMembership(.promote(4))
+        try await leading().changeMembership(.remove(3))
+        #expect((try await leading()).status.membership == Membership(voters: [1, 2, 4]))
+        let to = try await leading().transferLeadership(to: 4)
         #expect(to == 4)
         try await waitFor("node 4 to lead") { drivers[4]!.status.role == .leader }
         _ = try await drivers[4]!.propose(Array("led by 4".utf8))
@@ -220,7 +229,7 @@ struct RaftDriverTests {
         try await waitFor("a successor", timeout: .milliseconds(900)) {
             drivers.values.contains { $0.status.role == .leader && $0.status.running }
         }
-        let successor = drivers.values.first { $0.status.role == .leader && $0.status.running }!
+        let successor = try #require(drivers.values.first { $0.status.role == .leader && $0.status.running })
         #expect(successor.status.term == term + 1)
     }
 

@@ -165,6 +165,15 @@ struct TCPRaftTests {
             for n in nodes.values { n.driver.stop() }
         }
         func leader() -> Node? { nodes.values.first { $0.driver.status.role == .leader && $0.driver.status.running } }
+        /// The leader, waited for (leadership may be between holders at the moment of a single look).
+        func leading() async throws -> Node {
+            var found: Node?
+            try await waitFor("a leader") {
+                found = leader()
+                return found != nil
+            }
+            return try #require(found)
+        }
         try await waitFor("a leader") { leader() != nil }
         for i in 0..<50 { try await proposeThroughAnyLeader(Array("v\(i)".utf8), leader) }
         try await waitFor("every node to apply 50") { nodes.values.allSatisfy { $0.machine.count >= 50 } }
@@ -185,10 +194,10 @@ struct TCPRaftTests {
         try await raw.closeFuture.get()
 
         // Kill the leader: the other two carry on over TCP.
-        let old = leader()!
+        let old = try await leading()
         old.driver.stop()
         await old.transport.stop()
-        try await waitFor("a new leader") { leader() != nil && leader()! !== old }
+        try await waitFor("a new leader") { leader().map { $0 !== old } ?? false }
         for i in 0..<20 { try await proposeThroughAnyLeader(Array("w\(i)".utf8), leader) }
         let survivors = nodes.values.filter { $0 !== old }
         try await waitFor("the survivors to apply 70") { survivors.allSatisfy { $0.machine.count >= 70 } }
@@ -207,14 +216,23 @@ struct TCPRaftTests {
         }
         defer { for n in nodes.values { n.driver.stop() } }
         func leader() -> Node? { nodes.values.first { $0.driver.status.role == .leader } }
+        /// The leader, waited for (leadership may be between holders at the moment of a single look).
+        func leading() async throws -> Node {
+            var found: Node?
+            try await waitFor("a leader") {
+                found = leader()
+                return found != nil
+            }
+            return try #require(found)
+        }
         try await waitFor("a leader") { leader() != nil }
         for i in 0..<100 { try await proposeThroughAnyLeader(Array("v\(i)".utf8), leader) }
         try await waitFor("the voters to compact") { nodes.filter { $0.key != 4 }.allSatisfy { $0.value.driver.status.snapshotIndex > 0 } }
-        try await leader()!.driver.changeMembership(.addLearner(4))
-        let target = leader()!.driver.status.commitIndex
+        try await leading().driver.changeMembership(.addLearner(4))
+        let target = (try await leading()).driver.status.commitIndex
         try await waitFor("the learner to catch up") { nodes[4]!.driver.status.appliedIndex >= target }
         #expect(nodes[4]!.driver.status.snapshotsInstalled >= 1)
-        #expect(nodes[4]!.machine.count == leader()!.machine.count)
+        #expect(nodes[4]!.machine.count == (try await leading()).machine.count)
         for n in nodes.values { await n.transport.stop() }
         try await group.shutdownGracefully()
     }
