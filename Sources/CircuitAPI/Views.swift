@@ -237,7 +237,7 @@ public struct TransactionView: Codable, Sendable, Equatable {
 /// (`PUT /v1/namespace/PATH`: `kind` and the fields of that kind).
 public struct ElementView: Codable, Sendable, Equatable {
     public var path: String?
-    /// chan, proc, job, select, subscription, record, or none (an anchor with children only)
+    /// chan, proc, job, select, subscription, record, reserved, or none (an anchor with children only)
     public var kind: String
     public var version: UInt64?
     public var createRevision: UInt64?
@@ -265,6 +265,8 @@ public struct ElementView: Codable, Sendable, Equatable {
     public var clauses: String?
     /// subscription: join or leave.
     public var events: String?
+    /// reserved: the kind the name is taken for (proc, chan or select), until that element is created there.
+    public var reserves: String?
     /// The names of the anchor's children.
     public var children: [String]?
 
@@ -272,6 +274,7 @@ public struct ElementView: Codable, Sendable, Equatable {
 
     public enum CodingKeys: String, CodingKey {
         case path, kind, version, session, capacity, value, command, phase, pid, signal, attempts, clauses, events, children, host
+        case reserves
         case maxAttempts = "max_attempts"
         case startedAt = "started_at"
         case endedAt = "ended_at"

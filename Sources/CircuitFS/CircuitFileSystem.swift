@@ -20,8 +20,6 @@ public final class CircuitFileSystem: Sendable {
         var inodes = InodeTable()
         var handles: [UInt64: OpenFile] = [:]
         var nextHandle: UInt64 = 1
-        /// Element directories made with mkdir and not yet given what creates them, by element path.
-        var pending: [String: ElementKind] = [:]
         /// Directories made with mkdir under records/ that hold no record yet (this mount's only), by path.
         var recordDirs: Set<String> = []
         /// The last failure under each element, by element path.
@@ -67,11 +65,7 @@ public final class CircuitFileSystem: Sendable {
             return .host(name)
         case .kindDir(let host, let kind):
             let path = "/\(host)/\(name)"
-            if let pending = state.withLock({ $0.pending[path] }) {
-                guard pending == kind else { throw FSError(ENOENT, "\(path) is a \(pending.rawValue)") }
-                return .element(host, kind, name)
-            }
-            guard case .element(kind) = try await peek(path) else { throw FSError(ENOENT, "no \(kind.rawValue) \(path)") }
+            guard try await peek(path).isElement(kind) else { throw FSError(ENOENT, "no \(kind.rawValue) \(path)") }
             return .element(host, kind, name)
         case .recordDir(let dir):
             let path = dir + "/" + name
@@ -94,10 +88,9 @@ public final class CircuitFileSystem: Sendable {
             entries.append(("records", .recordDir(FSNode.recordsRoot)))
             for host in try await liveHosts() { entries.append((host.id, .host(host.id))) }
         case .kindDir(let host, let kind):
-            let pending = state.withLock { s in s.pending.filter { $0.value == kind && $0.key.hasPrefix("/\(host)/") }.map(\.key) }
-            var names = Set(pending.map { String($0.dropFirst(host.count + 2)) })
-            for (name, peeked) in try await children(of: "/\(host)") where peeked == .element(kind) { names.insert(name) }
-            entries += names.sorted().map { ($0, .element(host, kind, $0)) }
+            for (name, peeked) in try await children(of: "/\(host)") where peeked.isElement(kind) {
+                entries.append((name, .element(host, kind, name)))
+            }
         case .recordDir(let path):
             let made = state.withLock { s in s.recordDirs.filter { $0.hasPrefix(path + "/") && !$0.dropFirst(path.count + 1).contains("/") } }
             let listed = try await children(of: path)
@@ -130,22 +123,12 @@ public final class CircuitFileSystem: Sendable {
         guard case .kindDir(let host, let kind) = parent else {
             throw FSError(EPERM, "directories are made only under dc/proc, dc/chan, dc/select and records")
         }
+        // The name is taken through Raft at once (a reservation every mount sees); writing run, cap or select makes
+        // the element there.
         let path = "/\(host)/\(name)"
-        if let problem = Names.validate(path) { throw FSError(EINVAL, "\(problem)") }
-        // Reserved here first, so two mkdirs of one name on this mount cannot both succeed.
-        guard state.withLock({ s in s.pending[path] == nil ? { s.pending[path] = kind; return true }() : false }) else {
-            throw FSError(EEXIST, "\(path) is already made here")
-        }
-        let peeked: PeekedKind
-        do { peeked = try await peek(path) } catch {
-            state.withLock { _ = $0.pending.removeValue(forKey: path) }
-            throw error
-        }
-        guard peeked == .missing else {
-            state.withLock { _ = $0.pending.removeValue(forKey: path) }
-            if case .element(let k) = peeked { throw FSError(EEXIST, "\(path) exists: a \(k.rawValue)") }
-            throw FSError(EEXIST, "\(path) exists")
-        }
+        var reservation = ElementView(kind: "reserved")
+        reservation.reserves = kind.rawValue
+        do { _ = try await client.create(path, reservation) } catch { throw FSError(error) }
         return .element(host, kind, name)
     }
 
@@ -159,10 +142,11 @@ public final class CircuitFileSystem: Sendable {
         }
         guard case .kindDir(let host, let kind) = parent else { throw FSError(EPERM, "only elements are removed with rmdir") }
         let path = "/\(host)/\(name)"
-        if state.withLock({ $0.pending.removeValue(forKey: path) }) != nil { return }
         let element: ElementView
         do { element = try await client.peek(path) } catch { throw FSError(error) }
-        guard element.kind == kind.rawValue else { throw FSError(ENOENT, "no \(kind.rawValue) \(path)") }
+        guard PeekedKind(kind: element.kind, reserves: element.reserves).isElement(kind) else {
+            throw FSError(ENOENT, "no \(kind.rawValue) \(path)")
+        }
         if kind == .proc, let phase = element.phase, phase == "pending" || phase == "running" {
             let message = "\(path) is \(phase): signal it first (echo KILL > signal), or scrub it with the CLI"
             record(path, message)
@@ -265,12 +249,15 @@ public final class CircuitFileSystem: Sendable {
 
     func lastError(_ path: String) -> String { state.withLock { $0.errors[path] } ?? "" }
 
-    func isPending(_ path: String) -> Bool { state.withLock { $0.pending[path] != nil } }
+    /// Whether the name at `path` is only reserved (made by mkdir, not yet given run, cap or select).
+    func isReserved(_ path: String) async -> Bool {
+        if case .reserved = (try? await peek(path)) ?? .missing { return true }
+        return false
+    }
 
     /// The element was created in the cluster: it is no longer only this mount's.
     func created(_ path: String) {
         state.withLock { s in
-            s.pending[path] = nil
             s.errors[path] = nil
         }
     }
@@ -307,7 +294,8 @@ public final class CircuitFileSystem: Sendable {
 
     func peek(_ path: String) async throws(FSError) -> PeekedKind {
         do {
-            return PeekedKind(kind: try await client.peek(path).kind)
+            let view = try await client.peek(path)
+            return PeekedKind(kind: view.kind, reserves: view.reserves)
         } catch {
             if case .api(let e) = error, e.code == "not_found" { return .missing }
             throw FSError(error)

@@ -33,9 +33,8 @@ enum FSHelp {
     }
 
     static let dc = """
-        The elements of this host, one directory per kind. `mkdir KIND/NAME` makes a directory for the element
-        /X<host>/NAME, visible on this mount until it is given what it needs: then the cluster creates it (its name
-        through Raft) and every mount sees it.
+        The elements of this host, one directory per kind. `mkdir KIND/NAME` takes the name /X<host>/NAME through
+        Raft at once (a reservation every mount sees); giving the element what it needs makes it there.
 
         proc/NAME     a process: write its command to `run`
         chan/NAME     a channel: write its capacity to `cap`

@@ -125,14 +125,17 @@ public enum FSNode: Sendable, Hashable {
 /// What an element's path in the namespace peeked as.
 public enum PeekedKind: Sendable, Equatable {
     case element(ElementKind)
+    /// A name taken (by mkdir) for an element of this kind, not made yet.
+    case reserved(ElementKind)
     case record
     /// An anchor that only has children.
     case directory
     case other
     case missing
 
-    public init(kind: String) {
+    public init(kind: String, reserves: String? = nil) {
         switch kind {
+        case "reserved": self = reserves.flatMap(ElementKind.init(rawValue:)).map { .reserved($0) } ?? .other
         case "proc": self = .element(.proc)
         case "chan": self = .element(.chan)
         case "select": self = .element(.select)
@@ -141,4 +144,7 @@ public enum PeekedKind: Sendable, Equatable {
         default: self = .other
         }
     }
+
+    /// An element of `kind`, made or only reserved.
+    public func isElement(_ kind: ElementKind) -> Bool { self == .element(kind) || self == .reserved(kind) }
 }

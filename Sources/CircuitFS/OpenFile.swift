@@ -124,12 +124,6 @@ actor OpenFile {
             let text = fs.lastError(path)
             return Array((text.isEmpty ? "" : text + "\n").utf8)
         }
-        if fs.isPending(path) {
-            let needs = kind == .proc ? "run" : kind == .chan ? "cap" : "select"
-            if file == "stat" { return Array("{\"phase\":\"unmade\",\"needs\":\"\(needs)\"}\n".utf8) }
-            if file == needs || file == "env" { return [] }
-            throw FSError(EINVAL, "\(path) is not made yet: write \(needs) first")
-        }
         do {
             switch (kind, file) {
             case (.proc, "stat"), (.select, "stat"): return try json(try await fs.client.peek(path))
@@ -165,8 +159,27 @@ actor OpenFile {
                 throw FSError(EACCES, "\(file) is not for reading")
             }
         } catch {
+            // Only reserved (made by mkdir, not given run, cap or select yet)? Then say so.
+            if error is CircuitClientError, !Task.isCancelled, await fs.isReserved(path) {
+                if file == "stat", let view = try? await fs.client.peek(path) { return try json(view) }
+                throw fs.failure(path, any: Self.notMade(path, kind))
+            }
             throw fs.failure(path, any: error)
         }
+    }
+
+    /// Makes an element that is made once: the name already holding it is EBUSY with `already`.
+    private func once(_ already: String, _ make: () async throws(CircuitClientError) -> Void) async throws(FSError) {
+        do {
+            try await make()
+        } catch {
+            if case .api(let e) = error, e.code == "exists" { throw FSError(EBUSY, already) }
+            throw FSError(error)
+        }
+    }
+
+    private static func notMade(_ path: String, _ kind: ElementKind) -> FSError {
+        FSError(EINVAL, "\(path) is not made yet: write \(kind == .proc ? "run" : kind == .chan ? "cap" : "select") first")
     }
 
     private static func json<T: Encodable>(_ value: T) throws(FSError) -> [UInt8] {
@@ -249,44 +262,42 @@ actor OpenFile {
                 guard !text.isEmpty else { throw FSError(EINVAL, "signal: write a signal's name or number") }
                 _ = try await fs.client.signal(path, text)
             case (.chan, "cap"):
-                guard fs.isPending(path) else { throw FSError(EBUSY, "cap: the capacity of \(path) is already set") }
                 guard let capacity = UInt32(text) else {
                     throw FSError(EINVAL, "cap: \(text.debugDescription) is not a capacity (0 or more)")
                 }
-                _ = try await fs.client.makeChannel(path, capacity: capacity)
+                try await once("cap: the capacity of \(path) is already set") {
+                    () async throws(CircuitClientError) in _ = try await fs.client.makeChannel(path, capacity: capacity)
+                }
                 fs.created(path)
             case (.chan, "send"):
-                try notPending(path, "cap")
                 _ = try await (try await fs.chan(path, waiting: true)).send(bytes)
             case (.chan, "trysend"):
-                try notPending(path, "cap")
                 _ = try await (try await fs.chan(path, waiting: false)).trySend(bytes)
             case (.chan, "close"):
-                try notPending(path, "cap")
                 _ = try await (try await fs.chan(path, waiting: false)).close()
             case (.select, "select"):
-                guard fs.isPending(path) else { throw FSError(EBUSY, "select: the clauses of \(path) are already set") }
                 let clauses: [SelectClauseView]
                 do {
                     clauses = try JSONDecoder().decode([SelectClauseView].self, from: Data(bytes))
                 } catch {
                     throw FSError(EINVAL, "select: not a JSON array of clauses: \(Self.reason(error))")
                 }
-                _ = try await fs.client.makeSelect(path, clauses: clauses)
+                try await once("select: the clauses of \(path) are already set") {
+                    () async throws(CircuitClientError) in _ = try await fs.client.makeSelect(path, clauses: clauses)
+                }
                 fs.created(path)
             case (.select, "abort"):
-                try notPending(path, "select")
                 _ = try await fs.client.remove(element: path)
             default:
                 throw FSError(EACCES, "\(file) is not for writing")
             }
         } catch {
+            // The cluster refused it because the name is only reserved? Say what to write first.
+            if error is CircuitClientError, !Task.isCancelled, file != "abort", await fs.isReserved(path) {
+                throw fs.failure(path, any: Self.notMade(path, kind))
+            }
             throw fs.failure(path, any: error)
         }
-    }
-
-    private func notPending(_ path: String, _ needs: String) throws(FSError) {
-        if fs.isPending(path) { throw FSError(EINVAL, "\(path) is not made yet: write \(needs) first") }
     }
 
     private static func reason(_ error: any Error) -> String {

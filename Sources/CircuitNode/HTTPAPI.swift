@@ -146,7 +146,14 @@ struct HTTPAPI: Sendable {
                         throw APIError.badRequest("a subscription needs events: join or leave")
                     }
                     element = .subscription(kind)
-                default: throw APIError.badRequest("unknown kind \(view.kind.debugDescription) (record, chan, proc, job, select, subscription)")
+                case "reserved":
+                    guard let kind = view.reserves, Element.reservable.contains(kind) else {
+                        throw APIError.badRequest("a reservation needs reserves: proc, chan or select")
+                    }
+                    element = .reserved(kind)
+                default:
+                    throw APIError.badRequest(
+                        "unknown kind \(view.kind.debugDescription) (record, chan, proc, job, select, subscription, reserved)")
                 }
                 let answer = try await write(.create(path: path, element: element, session: view.session ?? 0, sequential: false))
                 if case .job = element { node.jobsChanged.ring() }
@@ -582,6 +589,7 @@ extension ElementView {
             endedAt = p.endedAt
         case .select(let clauses)?: self.clauses = String(decoding: clauses, as: UTF8.self)
         case .subscription(let kind)?: events = kind == .join ? "join" : "leave"
+        case .reserved(let kind)?: reserves = kind
         case .job(let j)?:
             command = ProcCommandView(path: j.command.path, args: j.command.args, env: j.command.env, dir: j.command.dir)
             phase = "\(j.phase)"

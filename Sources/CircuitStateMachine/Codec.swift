@@ -174,6 +174,7 @@ extension Element {
         case .subscription(let kind): w.int(UInt8(4)); w.int(kind.rawValue)
         case .record(let value): w.int(UInt8(5)); w.blob(value)
         case .job(let state): w.int(UInt8(6)); state.write(to: &w)
+        case .reserved(let kind): w.int(UInt8(7)); w.string(kind)
         }
     }
 
@@ -189,6 +190,7 @@ extension Element {
             self = .subscription(kind)
         case 5: self = .record(try r.blob("value"))
         case 6: self = .job(try JobState(from: &r))
+        case 7: self = .reserved(try r.string("reserved kind"))
         default: throw .malformedCommand("element tag \(tag)")
         }
     }

@@ -211,7 +211,12 @@ public struct ControlState: Sendable {
         }
         let key = AnchorTable.Key(target)
         let previous = anchors[key]
-        if let existing = previous?.element { return .failure(.exists(path: target, kind: existing.kind)) }
+        if let existing = previous?.element {
+            // A reservation for this kind is made into the element; anything else at the name is in the way.
+            guard case .reserved(let kind) = existing, kind == element.kind else {
+                return .failure(.exists(path: target, kind: existing.kind))
+            }
+        }
         if previous == nil { ensureAncestors(of: target) }  // an existing anchor has its ancestors
         var anchor = previous ?? Anchor()
         anchor.element = element
@@ -268,6 +273,12 @@ public struct ControlState: Sendable {
     /// live session if ephemeral.
     private func checkPlacement(_ path: String, element: Element, session: SessionID) -> ControlError? {
         if let error = Names.validate(path) { return error }
+        if case .reserved(let kind) = element {
+            guard Element.reservable.contains(kind) else {
+                return .wrongKind(path: path, expected: "a reservation for proc, chan or select", actual: kind)
+            }
+            guard Names.host(of: path) != nil else { return .invalidName(path: path, why: "a reservation lives under a host") }
+        }
         if case .job = element, !Names.isJob(path) {
             return .invalidName(path: path, why: "a job lives under \(Names.jobsRoot)")
         }

@@ -157,6 +157,12 @@ public enum Element: Sendable, Hashable {
     case record([UInt8])
     /// Boxed, as a process is.
     indirect case job(JobState)
+    /// A name taken for an element of this kind (proc, chan or select) that is not made yet: what the file system's
+    /// `mkdir` creates. Creating that kind at the name replaces it; nothing runs or holds a buffer for it.
+    case reserved(String)
+
+    /// The kinds a reservation may be for.
+    public static let reservable: Set<String> = ["proc", "chan", "select"]
 
     public var kind: String {
         switch self {
@@ -166,6 +172,7 @@ public enum Element: Sendable, Hashable {
         case .subscription: return "subscription"
         case .record: return "record"
         case .job: return "job"
+        case .reserved: return "reserved"
         }
     }
 }

@@ -173,6 +173,16 @@ struct MountTests {
         #expect(raft.out.hasPrefix("leader ") || raft.out.hasPrefix("follower "), "\(raft)")
         #expect(try await sh("cat \(m1)/help \(m1)/\(b)/help \(m1)/\(b)/dc/help").out.contains("mkdir"))
 
+        // mkdir takes the name through Raft: the other mount sees it at once, as reserved, and cannot take it too.
+        let reserved = try await sh(
+            """
+            mkdir \(m1)/\(b)/dc/chan/seen && ls \(m2)/\(b)/dc/chan && cat \(m2)/\(b)/dc/chan/seen/stat &&
+            mkdir \(m2)/\(b)/dc/proc/seen
+            """)
+        #expect(reserved.out.hasPrefix("seen\n") && reserved.out.contains("\"reserves\" : \"chan\""), "\(reserved)")
+        #expect(reserved.status != 0 && reserved.err.contains("File exists"), "\(reserved)")
+        #expect(try await sh("rmdir \(m2)/\(b)/dc/chan/seen && ls \(m1)/\(b)/dc/chan").out == "")
+
         // Process (slides): mkdir pippi; the run JSON for /bin/ls -a /; cat waitexit; seen from the other mount.
         let pippi = try await sh(
             """

@@ -85,6 +85,33 @@ struct OperationTests {
         #expect(failure(r[4]) == .versionMismatch(path: "/records/new", expected: 0, actual: 1))
     }
 
+    @Test("a name reserved for a kind is made into that kind's element and nothing else; reservations live under hosts")
+    func reservations() {
+        var s = ControlState()
+        s.run(.registerHost(id: hostA, peerAddress: "p", clientAddress: "c", role: .voter, ttlMillis: 5000))
+        let r = s.run(
+            .create(path: "/\(hostA)/c", element: .reserved("chan"), session: 0, sequential: false),
+            .create(path: "/\(hostA)/c", element: .reserved("chan"), session: 0, sequential: false),
+            .create(path: "/\(hostA)/c", element: .select(clauses: []), session: 0, sequential: false),
+            .create(path: "/\(hostA)/c", element: .chan(capacity: 2), session: 0, sequential: false),
+            .create(path: "/\(hostA)/c", element: .chan(capacity: 2), session: 0, sequential: false),
+            .create(path: "/\(hostA)/r", element: .reserved("record"), session: 0, sequential: false),
+            .create(path: "/records/x", element: .reserved("chan"), session: 0, sequential: false))
+        #expect(ok(r[0]))
+        #expect(failure(r[1]) == .exists(path: "/\(hostA)/c", kind: "reserved"))
+        #expect(failure(r[2]) == .exists(path: "/\(hostA)/c", kind: "reserved"))  // reserved for a chan, not a select
+        #expect(ok(r[3]))
+        #expect(s.anchors["/\(hostA)/c"]?.element == .chan(capacity: 2))
+        #expect(s.anchors["/\(hostA)/c"]?.version == 1)
+        #expect(failure(r[4]) == .exists(path: "/\(hostA)/c", kind: "chan"))
+        #expect(failure(r[5]) == .wrongKind(path: "/\(hostA)/r", expected: "a reservation for proc, chan or select", actual: "record"))
+        #expect(failure(r[6]) == .invalidName(path: "/records/x", why: "a reservation lives under a host"))
+        // A reservation goes with its host, as channels do.
+        s.run(.create(path: "/\(hostA)/p", element: .reserved("proc"), session: 0, sequential: false))
+        s.run(.leaveHost(id: hostA))
+        #expect(s.anchors["/\(hostA)/p"]?.element == nil)
+    }
+
     @Test("elements live under a live host; only records live under /records")
     func placement() {
         var s = ControlState()

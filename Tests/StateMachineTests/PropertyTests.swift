@@ -19,7 +19,7 @@ func commands(from seeds: [Int]) -> [Command] {
         case 2: out.append(.leaveHost(id: hosts[n % 2]))
         case 3: out.append(.grantSession(owner: "client", ttlMillis: 50))
         case 4: out.append(.endSession(id: session, expired: n % 2 == 0))
-        case 5: out.append(.create(path: path, element: n % 3 == 0 ? .chan(capacity: 2) : .record(value), session: n % 2 == 0 ? session : 0, sequential: path.hasSuffix("-")))
+        case 5: out.append(.create(path: path, element: n % 7 == 0 ? .reserved("proc") : n % 3 == 0 ? .chan(capacity: 2) : .record(value), session: n % 2 == 0 ? session : 0, sequential: path.hasSuffix("-")))
         case 6, 7: out.append(.put(path: path, value: value, session: n % 3 == 0 ? session : 0))
         case 8: out.append(.compareAndSet(path: path, version: UInt64(n % 3), value: value))
         case 9, 10: out.append(.delete(path: path, version: n % 2 == 0 ? nil : UInt64(n % 3)))
