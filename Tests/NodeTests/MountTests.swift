@@ -289,6 +289,10 @@ struct MountTests {
             ("mkdir \(dc)/proc/sleeper && echo '{\"path\": \"/bin/sleep\", \"args\": [\"60\"]}' > \(dc)/proc/sleeper/run && rmdir \(dc)/proc/sleeper",
              "Device or resource busy", "proc/sleeper", "signal it first"),  // pending or running
             ("echo NOPE > \(dc)/proc/sleeper/signal", "Invalid argument", "proc/sleeper", "unknown signal"),
+            ("mkdir \(dc)/chan/wordy && echo many > \(dc)/chan/wordy/cap", "Invalid argument", "chan/wordy", "is not a capacity"),
+            ("mkdir \(m1)/\(b)/dc/select/sel && echo '{\"op\": \"recv\"}' > \(m1)/\(b)/dc/select/sel/select", "Invalid argument",
+             "select/sel", "not a JSON array of clauses"),
+            ("cat \(dc)/proc/pippi/../../chan/nocap/recv", "Invalid argument", "chan/nocap", "write cap first"),
             ("ls \(m1)/X0000000000000000", "No such file or directory", nil, nil),
             ("ls \(dc)/proc/nothing", "No such file or directory", nil, nil),
             ("echo x > \(dc)/proc/pippi/stdout", "Permission denied", nil, nil),
