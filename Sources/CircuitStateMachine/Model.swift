@@ -158,8 +158,9 @@ public enum Element: Sendable, Hashable {
     /// Boxed, as a process is.
     indirect case job(JobState)
     /// A name taken for an element of this kind (proc, chan or select) that is not made yet: what the file system's
-    /// `mkdir` creates. Creating that kind at the name replaces it; nothing runs or holds a buffer for it.
-    case reserved(String)
+    /// `mkdir` creates. Creating that kind at the name replaces it; nothing runs or holds a buffer for it. Boxed, so
+    /// that every element stays the size of a pointer and a tag.
+    indirect case reserved(String)
 
     /// The kinds a reservation may be for.
     public static let reservable: Set<String> = ["proc", "chan", "select"]
