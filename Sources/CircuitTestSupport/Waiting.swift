@@ -17,6 +17,17 @@ public func waitFor(_ what: String, timeout: Duration = .seconds(10), _ conditio
     }
 }
 
+/// Polls `find` until it answers something, and answers that (one look per poll: what it finds cannot change
+/// between the check and the use, as a leader between holders can); throws after `timeout`.
+public func waitForSome<T>(_ what: String, timeout: Duration = .seconds(10), _ find: () -> T?) async throws -> T {
+    var found: T?
+    try await waitFor(what, timeout: timeout) {
+        found = find()
+        return found != nil
+    }
+    return found!
+}
+
 /// A new, empty temporary folder.
 public func temporaryFolder(_ prefix: String) throws -> String {
     let dir = FileManager.default.temporaryDirectory.appendingPathComponent("\(prefix)-\(UUID().uuidString.prefix(8))")

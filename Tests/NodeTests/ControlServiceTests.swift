@@ -55,12 +55,7 @@ private final class Cluster: @unchecked Sendable {
     func stopAll() { for id in Array(services.keys) { stop(id) } }
 
     func leader() async throws -> ControlService {
-        var found: ControlService?
-        try await waitFor("a leader") {
-            found = services.values.first { $0.driver.status.role == .leader }
-            return found != nil
-        }
-        return try #require(found)
+        try await waitForSome("a leader") { services.values.first { $0.driver.status.role == .leader } }
     }
 
     func followers(of leader: ControlService) -> [ControlService] {

@@ -159,15 +159,7 @@ struct RaftDriverTests {
         for id in [NodeID(1), 2, 3] { drivers[id] = try start(id, voters: [1, 2, 3]) }
         defer { for d in drivers.values { d.stop() } }
         func leader() -> RaftDriver? { drivers.values.first { $0.status.role == .leader && $0.status.running } }
-        /// The leader, waited for (leadership may be between holders at the moment of a single look).
-        func leading() async throws -> RaftDriver {
-            var found: RaftDriver?
-            try await waitFor("a leader") {
-                found = leader()
-                return found != nil
-            }
-            return try #require(found)
-        }
+        func leading() async throws -> RaftDriver { try await waitForSome("a leader", leader) }
         try await waitFor("a leader") { leader() != nil }
         for i in 0..<100 { _ = try await leading().propose(Array("e\(i)".utf8)) }
         try await waitFor("a snapshot on every node") { drivers.values.allSatisfy { $0.status.snapshotIndex > 0 } }

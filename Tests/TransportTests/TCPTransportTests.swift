@@ -165,15 +165,7 @@ struct TCPRaftTests {
             for n in nodes.values { n.driver.stop() }
         }
         func leader() -> Node? { nodes.values.first { $0.driver.status.role == .leader && $0.driver.status.running } }
-        /// The leader, waited for (leadership may be between holders at the moment of a single look).
-        func leading() async throws -> Node {
-            var found: Node?
-            try await waitFor("a leader") {
-                found = leader()
-                return found != nil
-            }
-            return try #require(found)
-        }
+        func leading() async throws -> Node { try await waitForSome("a leader", leader) }
         try await waitFor("a leader") { leader() != nil }
         for i in 0..<50 { try await proposeThroughAnyLeader(Array("v\(i)".utf8), leader) }
         try await waitFor("every node to apply 50") { nodes.values.allSatisfy { $0.machine.count >= 50 } }
@@ -216,15 +208,7 @@ struct TCPRaftTests {
         }
         defer { for n in nodes.values { n.driver.stop() } }
         func leader() -> Node? { nodes.values.first { $0.driver.status.role == .leader } }
-        /// The leader, waited for (leadership may be between holders at the moment of a single look).
-        func leading() async throws -> Node {
-            var found: Node?
-            try await waitFor("a leader") {
-                found = leader()
-                return found != nil
-            }
-            return try #require(found)
-        }
+        func leading() async throws -> Node { try await waitForSome("a leader", leader) }
         try await waitFor("a leader") { leader() != nil }
         for i in 0..<100 { try await proposeThroughAnyLeader(Array("v\(i)".utf8), leader) }
         try await waitFor("the voters to compact") { nodes.filter { $0.key != 4 }.allSatisfy { $0.value.driver.status.snapshotIndex > 0 } }
