@@ -110,7 +110,7 @@ public final class CircuitFileSystem: Sendable {
         return entries
     }
 
-    /// `mkdir`: an element directory (pending until it is given what creates it).
+    /// `mkdir`: an element's name, reserved in the cluster; or a directory of records, on this mount.
     public func makeDirectory(_ parent: FSNode, _ name: String) async throws(FSError) -> FSNode {
         if case .recordDir(let dir) = parent {
             let path = dir + "/" + name
@@ -144,7 +144,7 @@ public final class CircuitFileSystem: Sendable {
         let path = "/\(host)/\(name)"
         let element: ElementView
         do { element = try await client.peek(path) } catch { throw FSError(error) }
-        guard PeekedKind(kind: element.kind, reserves: element.reserves).isElement(kind) else {
+        guard PeekedKind(element).isElement(kind) else {
             throw FSError(ENOENT, "no \(kind.rawValue) \(path)")
         }
         if kind == .proc, let phase = element.phase, phase == "pending" || phase == "running" {
@@ -152,7 +152,7 @@ public final class CircuitFileSystem: Sendable {
             record(path, message)
             throw FSError(EBUSY, message)
         }
-        do { _ = try await client.remove(element: path) } catch { throw failure(path, error) }
+        do { _ = try await client.remove(element: path) } catch { throw failure(path, any: error) }
         state.withLock { s in
             s.errors[path] = nil
             s.outcomes[path] = nil
@@ -215,13 +215,6 @@ public final class CircuitFileSystem: Sendable {
 
     // MARK: - What handles use
 
-    /// Notes a failure under the element at `path` (its `error` file) and answers it as an FSError.
-    func failure(_ path: String, _ error: CircuitClientError) -> FSError {
-        let e = FSError(error)
-        record(path, e.message)
-        return e
-    }
-
     /// Any error of an operation under the element at `path`, noted in its `error` file and answered as an FSError
     /// (an operation whose request was interrupted answers EINTR).
     func failure(_ path: String, any error: any Error) -> FSError {
@@ -249,13 +242,13 @@ public final class CircuitFileSystem: Sendable {
 
     func lastError(_ path: String) -> String { state.withLock { $0.errors[path] } ?? "" }
 
-    /// Whether the name at `path` is only reserved (made by mkdir, not yet given run, cap or select).
-    func isReserved(_ path: String) async -> Bool {
-        if case .reserved = (try? await peek(path)) ?? .missing { return true }
-        return false
+    /// The reservation at `path`, if the name is only reserved (made by mkdir, not yet given run, cap or select).
+    func reservation(_ path: String) async -> ElementView? {
+        guard let view = try? await client.peek(path), case .reserved = PeekedKind(view) else { return nil }
+        return view
     }
 
-    /// The element was created in the cluster: it is no longer only this mount's.
+    /// The element was made: the failures of its reservation are history.
     func created(_ path: String) {
         state.withLock { s in
             s.errors[path] = nil
@@ -277,25 +270,22 @@ public final class CircuitFileSystem: Sendable {
 
     /// The channel at `path`, spoken to at its host directly; `waiting`: for an operation that may wait long.
     func chan(_ path: String, waiting: Bool) async throws(FSError) -> Chan {
-        var host = try await hostClient(String(path.dropFirst().prefix(17)))
-        if waiting { host.timeout = self.waiting.timeout }
-        return Chan(path: path, through: host)
+        Chan(path: path, through: try await hostClient(Names.host(of: path) ?? "", waiting: waiting))
     }
 
-    /// A client of the API of `host`.
-    func hostClient(_ host: String) async throws(FSError) -> CircuitClient {
+    /// A client of the API of `host` (from the live hosts, as last read); `waiting`: with the timeout of `waiting`.
+    func hostClient(_ host: String, waiting: Bool = false) async throws(FSError) -> CircuitClient {
         guard let view = try await liveHosts().first(where: { $0.id == host }) else {
             throw FSError(EHOSTDOWN, "host \(host) is not alive")
         }
         var c = CircuitClient(endpoints: [view.clientAddress])
-        c.timeout = client.timeout
+        c.timeout = waiting ? self.waiting.timeout : client.timeout
         return c
     }
 
     func peek(_ path: String) async throws(FSError) -> PeekedKind {
         do {
-            let view = try await client.peek(path)
-            return PeekedKind(kind: view.kind, reserves: view.reserves)
+            return PeekedKind(try await client.peek(path))
         } catch {
             if case .api(let e) = error, e.code == "not_found" { return .missing }
             throw FSError(error)

@@ -51,7 +51,7 @@ enum FSHelp {
                   "dir": "/tmp"}; the host starts it. Read: the command.
         waitexit  a read blocks until the process ends, then gives its final state as JSON (phase exited, signaled or
                   lost; exit_code; signal)
-        stdin     what is written goes to the process's standard input; closing the file closes it
+        stdin     what is written goes to the process's standard input; closing the file after a write closes it
         stdout    its standard output, read as it comes (one reader at a time); ends when the process closes it
         stderr    its standard error, likewise
         signal    write a signal's name (TERM, KILL, INT, HUP, ...) or number, and a newline, to send it to the process

@@ -1,3 +1,4 @@
+import CircuitAPI
 import CircuitStateMachine
 
 /// The mount's layout, as in the slides: what each path of the file system is, with no I/O.
@@ -144,6 +145,9 @@ public enum PeekedKind: Sendable, Equatable {
         default: self = .other
         }
     }
+
+    /// What a peek answered.
+    public init(_ view: ElementView) { self.init(kind: view.kind, reserves: view.reserves) }
 
     /// An element of `kind`, made or only reserved.
     public func isElement(_ kind: ElementKind) -> Bool { self == .element(kind) || self == .reserved(kind) }

@@ -23,7 +23,6 @@ public final class FuseMount: Sendable {
         /// shutdown() was called.
         var stopping = false
         var didUnmount = false
-        var mounted = false
         /// Directory listings by open directory handle.
         var listings: [UInt64: [(String, FSNode)]] = [:]
         var nextDirectory: UInt64 = 1
@@ -43,7 +42,7 @@ public final class FuseMount: Sendable {
         self.logger = logger
     }
 
-    public var isMounted: Bool { shared.withLock { $0.mounted } }
+    public var isMounted: Bool { shared.withLock { $0.session != nil } }
 
     /// Mounts and serves until shut down or unmounted. Cleans up a stale mount (a mount process that died) first.
     public func run() throws(FuseMountError) {
@@ -69,7 +68,6 @@ public final class FuseMount: Sendable {
         }
         let stopNow = shared.withLock { s -> Bool in
             s.session = Session(pointer: session)
-            s.mounted = true
             return s.stopping  // shut down before we got here
         }
         logger.info("mounted", metadata: ["mountpoint": "\(mountpoint)"])
@@ -77,15 +75,13 @@ public final class FuseMount: Sendable {
         // The loop has ended. Requests still being answered are cancelled (they answer EINTR) and waited for: a reply
         // needs the session. Then unmount unless shutdown() did, and destroy here, on this thread, once.
         for task in shared.withLock({ Array($0.tasks.values) }) { task.cancel() }
-        let deadline = ContinuousClock.now + .seconds(5)
-        while !shared.withLock({ $0.tasks.isEmpty }) && ContinuousClock.now < deadline { usleep(10_000) }
+        waitForAnswers(upTo: .seconds(5))
         let drained = shared.withLock { s -> Bool in
             if !s.didUnmount {
                 s.didUnmount = true
                 fuse_session_unmount(session)
             }
             s.session = nil
-            s.mounted = false
             return s.tasks.isEmpty
         }
         if drained {
@@ -108,8 +104,7 @@ public final class FuseMount: Sendable {
         guard let tasks else { return }
         for task in tasks { task.cancel() }
         let thread = Thread { [self] in
-            let deadline = ContinuousClock.now + .seconds(2)
-            while !shared.withLock({ $0.tasks.isEmpty }) && ContinuousClock.now < deadline { usleep(5_000) }
+            waitForAnswers(upTo: .seconds(2))
             shared.withLock { s in
                 guard let session = s.session?.pointer, !s.didUnmount else { return }
                 fuse_session_exit(session)
@@ -119,6 +114,13 @@ public final class FuseMount: Sendable {
         }
         thread.name = "fuse-shutdown"
         thread.start()
+    }
+
+    /// Blocks the calling thread (never a task's) until every request being served has been answered, or `limit`
+    /// has passed.
+    private func waitForAnswers(upTo limit: Duration) {
+        let deadline = ContinuousClock.now + limit
+        while !shared.withLock({ $0.tasks.isEmpty }) && ContinuousClock.now < deadline { usleep(5_000) }
     }
 
     /// Makes the mount point if it is missing; detaches a stale FUSE mount left there by a process that died (its
@@ -264,19 +266,22 @@ enum FuseOperations {
         return st
     }
 
-    /// How long the kernel keeps a name or attributes: a second for every node. A host, element or record removed
-    /// elsewhere may still resolve here for that long; every operation on it then fails as the cluster says
-    /// (ENOENT), and what this mount removes it forgets at once.
-    static func timeout(_ node: FSNode) -> Double { FuseMount.fixedTimeout }
-
-    static func replyEntry(_ req: Request, _ m: FuseMount, _ node: FSNode) {
-        let inode = m.fs.lookUp(node)
+    /// What the kernel is told of `node` at `inode` in a lookup, mkdir or create. It keeps names and attributes a
+    /// second: a host, element or record removed elsewhere may still resolve here for that long; every operation on
+    /// it then fails as the cluster says (ENOENT), and what this mount removes it forgets at once.
+    static func entry(_ node: FSNode, _ inode: UInt64) -> fuse_entry_param {
         var entry = fuse_entry_param()
         entry.ino = inode
         entry.generation = 1
         entry.attr = attributes(node, inode)
-        entry.attr_timeout = timeout(node)
-        entry.entry_timeout = timeout(node)
+        entry.attr_timeout = FuseMount.fixedTimeout
+        entry.entry_timeout = FuseMount.fixedTimeout
+        return entry
+    }
+
+    static func replyEntry(_ req: Request, _ m: FuseMount, _ node: FSNode) {
+        let inode = m.fs.lookUp(node)
+        var entry = entry(node, inode)
         if fuse_reply_entry(req.raw, &entry) != 0 { m.fs.forget(inode, count: 1) }
     }
 
@@ -320,7 +325,7 @@ enum FuseOperations {
         raw, inode, _ in
         guard let node = mount(raw).fs.node(inode) else { return replyError(Request(raw: raw), FSError(ENOENT, "stale")) }
         var st = attributes(node, inode)
-        fuse_reply_attr(raw, &st, timeout(node))
+        fuse_reply_attr(raw, &st, FuseMount.fixedTimeout)
     }
 
     /// Truncation and times are accepted and change nothing (the files hold no bytes of their own).
@@ -359,10 +364,7 @@ enum FuseOperations {
             do {
                 let (node, handle) = try m.fs.create(dir, name(namePointer))
                 let inode = m.fs.lookUp(node)
-                var entry = fuse_entry_param()
-                entry.ino = inode
-                entry.generation = 1
-                entry.attr = attributes(node, inode)
+                var entry = entry(node, inode)
                 circuit_fuse_set_direct_io(fi, handle)
                 if fuse_reply_create(raw, &entry, fi) != 0 {
                     m.fs.forget(inode, count: 1)

@@ -7,7 +7,7 @@ import Foundation
 ///   (which may block, as `waitexit` does) and later reads take it by offset;
 /// - a file written whole (run, send, cap, select, signal, a record, ...): writes collect, and `flush` (every close of
 ///   the file) hands what was written to the cluster; its failure is close's errno;
-/// - stdin: each write goes to the process at once; the last close closes its stdin;
+/// - stdin: each write goes to the process at once; closing the file after a write closes the process's stdin;
 /// - stdout and stderr: read as a stream from the process's host, with back-pressure.
 actor OpenFile {
     let node: FSNode
@@ -35,7 +35,7 @@ actor OpenFile {
 
     func read(offset: Int, size: Int) async throws(FSError) -> [UInt8] {
         if case .elementFile(let host, _, let name, let file) = node, file == "stdout" || file == "stderr" {
-            return try await readOutput(path: "/\(host)/\(name)", stream: file, size: size)
+            return try await readOutput(host: host, path: "/\(host)/\(name)", stream: file, size: size)
         }
         let task: Task<[UInt8], any Error>
         if let content {
@@ -60,14 +60,13 @@ actor OpenFile {
         return Array(bytes[offset..<min(bytes.count, offset + size)])
     }
 
-    private func readOutput(path: String, stream: String, size: Int) async throws(FSError) -> [UInt8] {
+    private func readOutput(host: String, path: String, stream: String, size: Int) async throws(FSError) -> [UInt8] {
         if output == nil {
             let buffer = ByteStreamBuffer()
             let fs = self.fs
             let producer = Task {
                 do {
-                    let host = try await fs.hostClient(String(path.dropFirst().prefix(17)))
-                    try await host.readOutput(path, stream: stream) { chunk in
+                    try await fs.hostClient(host).readOutput(path, stream: stream) { chunk in
                         guard await buffer.put(chunk) else { throw CancellationError() }
                     }
                     await buffer.finish(nil)
@@ -160,8 +159,8 @@ actor OpenFile {
             }
         } catch {
             // Only reserved (made by mkdir, not given run, cap or select yet)? Then say so.
-            if error is CircuitClientError, !Task.isCancelled, await fs.isReserved(path) {
-                if file == "stat", let view = try? await fs.client.peek(path) { return try json(view) }
+            if error is CircuitClientError, !Task.isCancelled, let reservation = await fs.reservation(path) {
+                if file == "stat" { return try json(reservation) }
                 throw fs.failure(path, any: Self.notMade(path, kind))
             }
             throw fs.failure(path, any: error)
@@ -194,10 +193,7 @@ actor OpenFile {
         if case .elementFile(let host, .proc, let name, "stdin") = node {
             let path = "/\(host)/\(name)"
             do {
-                let owner = try await fs.hostClient(host)
-                var waiting = owner
-                waiting.timeout = fs.waiting.timeout
-                _ = try await waiting.writeStdin(path, bytes, keepOpen: true)
+                _ = try await fs.hostClient(host, waiting: true).writeStdin(path, bytes, keepOpen: true)
             } catch {
                 throw fs.failure(path, any: error)
             }
@@ -293,7 +289,7 @@ actor OpenFile {
             }
         } catch {
             // The cluster refused it because the name is only reserved? Say what to write first.
-            if error is CircuitClientError, !Task.isCancelled, file != "abort", await fs.isReserved(path) {
+            if error is CircuitClientError, !Task.isCancelled, file != "abort", await fs.reservation(path) != nil {
                 throw fs.failure(path, any: Self.notMade(path, kind))
             }
             throw fs.failure(path, any: error)

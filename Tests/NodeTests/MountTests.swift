@@ -111,6 +111,18 @@ func isMounted(_ dir: String) -> Bool {
     return mounts.split(separator: "\n").contains { $0.split(separator: " ").dropFirst().first.map(String.init) == dir }
 }
 
+/// `circuit mount DIR` through the API at `node`, started; its log goes to `log` (default: nowhere).
+func startMount(_ dir: String, node: String, log: String? = nil) throws -> Process {
+    let mount = Process()
+    mount.executableURL = URL(fileURLWithPath: try #require(circuitBinary()))
+    mount.arguments = ["mount", dir, "--node", node]
+    if let log { _ = FileManager.default.createFile(atPath: log, contents: nil) }
+    mount.standardError = log.flatMap { FileHandle(forWritingAtPath: $0) } ?? FileHandle.nullDevice
+    mount.standardOutput = FileHandle.nullDevice
+    try mount.run()
+    return mount
+}
+
 /// Three daemons; member 2 mounts the cluster at its `mount` setting, and a `circuit mount` process mounts it through
 /// member 0. Answers the cluster, the two mount points and the mount process.
 func mountedCluster() async throws -> (DaemonProcesses, String, String, Process) {
@@ -120,16 +132,11 @@ func mountedCluster() async throws -> (DaemonProcesses, String, String, Process)
     let viaCLI = "\(base)/m0", viaConfig = "\(base)/m2"
     cluster.mounts[2] = viaConfig
     try cluster.startAll()
-    let mount = Process()
+    var mount: Process?
     do {
         _ = try await cluster.leader()
         _ = try await cluster.allAlive()
-        mount.executableURL = URL(fileURLWithPath: binary)
-        mount.arguments = ["mount", viaCLI, "--node", cluster.members[0].api]
-        _ = FileManager.default.createFile(atPath: "\(base)/mount.log", contents: nil)
-        mount.standardError = FileHandle(forWritingAtPath: "\(base)/mount.log")
-        mount.standardOutput = FileHandle.nullDevice
-        try mount.run()
+        mount = try startMount(viaCLI, node: cluster.members[0].api, log: "\(base)/mount.log")
         try await eventually("both mounts to list the three hosts", timeout: .seconds(20)) {
             for dir in [viaCLI, viaConfig] {
                 let names = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
@@ -137,9 +144,9 @@ func mountedCluster() async throws -> (DaemonProcesses, String, String, Process)
             }
             return true
         }
-        return (cluster, viaCLI, viaConfig, mount)
+        return (cluster, viaCLI, viaConfig, try #require(mount))
     } catch {
-        if mount.isRunning { kill(mount.processIdentifier, SIGKILL) }
+        if let mount, mount.isRunning { kill(mount.processIdentifier, SIGKILL) }
         cluster.stopAll(signal: SIGKILL)
         for dir in [viaCLI, viaConfig] { umount2(dir, Int32(MNT_DETACH)) }
         throw error
@@ -357,12 +364,7 @@ struct MountTests {
         #expect(!isMounted(m1))
 
         // kill -9 leaves a dead mount (ENOTCONN); the next mount detaches it and serves.
-        let binary = try #require(circuitBinary())
-        let second = Process()
-        second.executableURL = URL(fileURLWithPath: binary)
-        second.arguments = ["mount", m1, "--node", cluster.members[0].api]
-        second.standardError = FileHandle.nullDevice
-        try second.run()
+        let second = try startMount(m1, node: cluster.members[0].api)
         try await eventually("the second mount", timeout: .seconds(10)) {
             ((try? FileManager.default.contentsOfDirectory(atPath: m1)) ?? []).contains(b)
         }
@@ -370,11 +372,7 @@ struct MountTests {
         second.waitUntilExit()
         let dead = try await sh("ls \(m1)")
         #expect(dead.err.contains("Transport endpoint is not connected"), "\(dead)")
-        let third = Process()
-        third.executableURL = URL(fileURLWithPath: binary)
-        third.arguments = ["mount", m1, "--node", cluster.members[0].api]
-        third.standardError = FileHandle.nullDevice
-        try third.run()
+        let third = try startMount(m1, node: cluster.members[0].api)
         defer {
             kill(third.processIdentifier, SIGTERM)
             third.waitUntilExit()
