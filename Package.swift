@@ -147,10 +147,10 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        // The linearizability checker and, later, the chaos suite on real daemons (issue 8).
+        // The linearizability checker and the chaos suite on real daemons.
         .testTarget(
             name: "ChaosTests",
-            dependencies: ["CircuitNode", "CircuitClient", "CircuitAPI", "CircuitTestSupport"]
+            dependencies: ["CircuitNode", "CircuitClient", "CircuitAPI", "CircuitStateMachine", "CircuitTestSupport"]
         ),
         .testTarget(
             name: "NodeTests",

@@ -7,8 +7,11 @@ import NIOHTTP1
 public enum CircuitClientError: Error, Sendable, Equatable, CustomStringConvertible {
     /// The cluster answered with an error.
     case api(APIError)
-    /// No endpoint could be reached.
+    /// No endpoint could be reached: the request was sent to none of them (a write did not happen).
     case unreachable(endpoints: [String], why: String)
+    /// A write was sent to `endpoint` and no answer came (a timeout, a connection lost): it may or may not have
+    /// taken effect. It is not sent again to another endpoint, which could apply it twice.
+    case noAnswer(endpoint: String, why: String)
     /// The answer was not what the API documents.
     case badAnswer(String)
 
@@ -17,6 +20,8 @@ public enum CircuitClientError: Error, Sendable, Equatable, CustomStringConverti
         case .api(let e): return e.message
         case .unreachable(let endpoints, let why):
             return "cannot reach the cluster at \(endpoints.joined(separator: ", ")): \(why)"
+        case .noAnswer(let endpoint, let why):
+            return "no answer from \(endpoint), so the request may or may not have taken effect: \(why)"
         case .badAnswer(let why): return "unexpected answer from the cluster: \(why)"
         }
     }
@@ -40,6 +45,9 @@ public struct CircuitClient: Sendable {
 
     /// Facts about the host this client speaks to (its CPUs, memory, load) and its daemon.
     public func sys() async throws(CircuitClientError) -> SysView { try await call("GET", "/v1/sys") }
+
+    /// The bytes of the replicated state this node has applied (its snapshot, which holds the applied index).
+    public func stateSnapshot() async throws(CircuitClientError) -> [UInt8] { try await callRaw("GET", "/v1/debug/state") }
 
     public func members(stale: Bool = false) async throws(CircuitClientError) -> [HostView] {
         try await call("GET", "/v1/members", query: stale ? ["consistency": "stale"] : [:])
@@ -212,6 +220,10 @@ public struct CircuitClient: Sendable {
                     answer = try await send(to: owner)
                 }
             } catch {
+                // Not sent, or only a read: the next endpoint may answer.
+                guard (error as? HTTPExchangeError)?.requestNotSent == true || method == "GET" else {
+                    throw .noAnswer(endpoint: endpoint, why: "\(error)")
+                }
                 lastError = "\(error)"
                 continue
             }

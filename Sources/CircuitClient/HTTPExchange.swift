@@ -10,6 +10,14 @@ public enum HTTPExchangeError: Error, Sendable, Equatable, CustomStringConvertib
     /// A kept-alive connection was found closed before the request was written: nothing was sent.
     case stale
 
+    /// The request never left: no connection, or a kept-alive one closed before it was written.
+    public var requestNotSent: Bool {
+        switch self {
+        case .connect, .stale: return true
+        case .timedOut, .closed: return false
+        }
+    }
+
     public var description: String {
         switch self {
         case .connect(let why): return why

@@ -22,7 +22,7 @@ public struct FSError: Error, Sendable, Equatable, CustomStringConvertible {
     public init(_ error: CircuitClientError) {
         switch error {
         case .api(let e): self.init(Self.errno(forCode: e.code), e.message)
-        case .unreachable: self.init(EIO, error.description)
+        case .unreachable, .noAnswer: self.init(EIO, error.description)
         case .badAnswer: self.init(EIO, error.description)
         }
     }

@@ -98,8 +98,13 @@ final class NodeContext: Sendable {
                 NIOHTTP1.HTTPMethod(rawValue: request.method.rawValue), uri,
                 body: body.readableBytes > 0 ? Array(buffer: body) : nil,
                 headers: [(HTTPAPI.forwardedHeader.rawName, "1")])
-        } catch {
+        } catch let error as HTTPExchangeError where error.requestNotSent {
             throw APIError(status: 503, code: "leader_unreachable", message: "could not reach the leader at \(address): \(error)")
+        } catch {
+            // Sent, and no answer came back: the leader may have applied it.
+            throw APIError(
+                status: 503, code: "outcome_unknown",
+                message: "the leader at \(address) did not answer the forwarded request, which may or may not have been applied: \(error)")
         }
         return Response(relaying: answer)
     }
@@ -191,7 +196,9 @@ public final class CircuitDaemon: Sendable {
         router.add(middleware: StdioRoutes(runtime: runtime, ownerAddress: ownerAddress))
         router.add(middleware: SelectRoutes(runtime: runtime, ownerAddress: ownerAddress))
         try await Self.serve(
-            router, beside: [HostAgent(node: node), JobAgent(node: node), HostRuntimeService(runtime: runtime)], config: config,
+            router,
+            beside: [HostAgent(node: node), JobAgent(node: node), HostRuntimeService(runtime: runtime), WatchCloser(state: node.service.state)],
+            config: config,
             logger: logger)
         logger.info("shutting down: handing leadership over if leader")
         await driver.shutdown()
@@ -214,21 +221,27 @@ extension CircuitDaemon {
             configuration: .init(address: .hostname(client.host, port: client.port), serverName: "circuit"),
             onServerRunning: { _ in logger.info("API listening", metadata: ["address": "\(client.host):\(client.port)"]) },
             logger: logger)
-        let group = ServiceGroup(
-            configuration: .init(
-                services: [.init(service: app)] + agents.map { .init(service: $0) }
-                    // A mount that fails or is unmounted from outside is logged; the daemon goes on.
-                    + mountService(config, logger: logger).map {
-                        .init(service: $0, successTerminationBehavior: .ignore, failureTerminationBehavior: .ignore)
-                    },
-                gracefulShutdownSignals: [.sigterm, .sigint],
-                logger: logger))
+        var configuration = ServiceGroupConfiguration(
+            services: [.init(service: app)] + agents.map { .init(service: $0) }
+                // A mount that fails or is unmounted from outside is logged; the daemon goes on.
+                + mountService(config, logger: logger).map {
+                    .init(service: $0, successTerminationBehavior: .ignore, failureTerminationBehavior: .ignore)
+                },
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger)
+        // The server waits for requests in flight; a long poll (a receive on an empty channel, a wait on a process
+        // that runs on) could hold a graceful stop for ever: after this, they are cancelled.
+        configuration.maximumGracefulShutdownDuration = gracefulStopLimit
+        let group = ServiceGroup(configuration: configuration)
         do {
             try await group.run()
         } catch {
             logger.error("stopping after an error", metadata: ["error": "\(error)"])
         }
     }
+
+    /// How long a graceful stop waits for requests in flight before it cancels them.
+    static let gracefulStopLimit: Duration = .seconds(5)
 
     /// The file system mounted at the config's `mount`, answering through this daemon's own API.
     static func mountService(_ config: NodeConfig, logger: Logger) -> [any Service] {
@@ -260,7 +273,7 @@ extension CircuitDaemon {
                 } catch {
                     let transient: Bool
                     switch error {
-                    case .unreachable: transient = true
+                    case .unreachable, .noAnswer: transient = true
                     case .api(let e): transient = e.statusCode == 503
                     case .badAnswer: transient = false
                     }
@@ -298,6 +311,18 @@ extension CircuitDaemon {
 /// The host's own part in the membership: it registers itself (through its own API, which forwards to the leader)
 /// and keeps its session alive; while this node leads, it also expires the sessions of hosts and clients that went
 /// silent.
+/// At a graceful stop, ends the watches this node serves, which never end on their own and would hold up the API
+/// server's stop. The service group stops its services in the reverse of their order, so this one, listed after the
+/// server, goes first.
+struct WatchCloser: Service {
+    let state: ReplicatedControlState
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        state.endWatches()
+    }
+}
+
 struct HostAgent: Service {
     let node: NodeContext
 

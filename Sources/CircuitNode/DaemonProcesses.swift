@@ -25,6 +25,9 @@ public final class DaemonProcesses: @unchecked Sendable {
     public var voterReplaceAfterMillis: UInt64?
     /// Members that mount the cluster as a file system while they run (`--mount DIR`), by index.
     public var mounts: [Int: String] = [:]
+    /// Members that run in a network namespace of their own (`ip netns exec NAME circuit ...`, the same process), by
+    /// index: the chaos tests' partitions.
+    public var namespaces: [Int: String] = [:]
     public private(set) var members: [Member] = []
 
     /// Free ports are chosen from this range.
@@ -33,10 +36,11 @@ public final class DaemonProcesses: @unchecked Sendable {
     /// Makes `count` data folders under `base` and chooses ports: `basePort + i` for the APIs and
     /// `basePort + 100 + i` for the peers, or free ports from `portRange` if `basePort` is 0. Tests use the default
     /// range, the CLI's own clusters (`circuit dev`, benches) `cliPortRange`: a cluster a test starts through the CLI
-    /// cannot pick a port the test process picked at the same moment.
+    /// cannot pick a port the test process picked at the same moment. Member `i` listens on `addresses[i]`
+    /// (loopback if none is given).
     public init(
         binary: String, base: String, count: Int, basePort: Int = 0, portRange: Range<Int> = testPortRange,
-        sessionTTLMillis: UInt64? = nil
+        sessionTTLMillis: UInt64? = nil, addresses: [String] = []
     ) throws {
         self.binary = binary
         self.base = base
@@ -45,9 +49,10 @@ public final class DaemonProcesses: @unchecked Sendable {
         for i in 0..<count {
             let api = basePort == 0 ? try freePort(in: portRange) : basePort + i
             let peer = basePort == 0 ? try freePort(in: portRange) : basePort + 100 + i
+            let address = i < addresses.count ? addresses[i] : "127.0.0.1"
             members.append(
                 Member(
-                    folder: try DataFolder(path: "\(base)/node\(i + 1)"), peer: "127.0.0.1:\(peer)", api: "127.0.0.1:\(api)",
+                    folder: try DataFolder(path: "\(base)/node\(i + 1)"), peer: "\(address):\(peer)", api: "\(address):\(api)",
                     join: nil, joinAs: "learner"))
         }
     }
@@ -72,11 +77,13 @@ public final class DaemonProcesses: @unchecked Sendable {
     public func start(_ i: Int) throws {
         let m = members[i]
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: binary)
+        // `ip netns exec` enters the namespace and execs the daemon: the process is the daemon itself.
+        process.executableURL = URL(fileURLWithPath: namespaces[i] == nil ? binary : "/usr/sbin/ip")
         // A joiner runs `circuit join ADDRESS` (the operator's verb; `start --join` is the same), the others
         // `circuit start`.
         process.arguments =
-            (m.join.map { ["join", $0] } ?? ["start"]) + ["--data", m.folder.path, "--peer-listen", m.peer, "--client-listen", m.api]
+            (namespaces[i].map { ["netns", "exec", $0, binary] } ?? [])
+            + (m.join.map { ["join", $0] } ?? ["start"]) + ["--data", m.folder.path, "--peer-listen", m.peer, "--client-listen", m.api]
             + (sessionTTLMillis.map { ["--session-ttl-ms", "\($0)"] } ?? [])
             + (voterReplaceAfterMillis.map { ["--voter-replace-after-ms", "\($0)"] } ?? [])
             + (mounts[i].map { ["--mount", $0] } ?? [])

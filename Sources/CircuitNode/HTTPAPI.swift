@@ -51,6 +51,13 @@ struct HTTPAPI: Sendable {
         let router = Router()
         router.get("/v1/status") { _, _ in try json(node.status()) }
         router.get("/v1/sys") { _, _ in try json(HostFacts.view(of: node.status())) }
+        // The whole replicated state this node has applied, as the bytes of its snapshot (equal states, equal bytes;
+        // the applied index is inside): what the chaos tests compare across replicas.
+        router.get("/v1/debug/state") { _, _ in
+            Response(
+                status: .ok, headers: [.contentType: "application/octet-stream"],
+                body: .init(byteBuffer: ByteBuffer(bytes: node.service.state.read { $0.snapshot() })))
+        }
         router.get("/v1/members") { request, context in
             try await leaderOr(request, context, stale: isStale(request)) {
                 try json(try await node.service.read(consistency(request)) { state in state.hostList.map(HostView.init) })

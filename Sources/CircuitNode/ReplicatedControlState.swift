@@ -23,6 +23,8 @@ public final class ReplicatedControlState: RaftStateMachine, Sendable {
         var state: ControlState
         var watchers: [UInt64: Watcher] = [:]
         var nextWatcher: UInt64 = 1
+        /// Set by `endWatches`: the node is stopping, and a new watch ends at once.
+        var watchesEnded = false
     }
 
     private let inner: Mutex<Inner>
@@ -114,6 +116,7 @@ public final class ReplicatedControlState: RaftStateMachine, Sendable {
             continuation.finish()
             throw error
         case .success(let id):
+            if inner.withLock({ $0.watchesEnded }) { endWatches() }
             continuation.onTermination = { [weak self] _ in
                 _ = self?.inner.withLock { $0.watchers.removeValue(forKey: id) }
             }
@@ -124,6 +127,18 @@ public final class ReplicatedControlState: RaftStateMachine, Sendable {
     /// How many watches are open.
     public var watcherCount: Int { inner.withLock { $0.watchers.count } }
 
+    /// Ends every watch, and every one opened from now on, as delivered so far: the node is stopping, and a watch,
+    /// which never ends on its own, would hold up the API server's graceful stop. Each watcher goes on at another
+    /// node from the revision after the last it got.
+    public func endWatches() {
+        let open = inner.withLock { inner in
+            inner.watchesEnded = true
+            defer { inner.watchers = [:] }
+            return inner.watchers.values.map(\.continuation)
+        }
+        for continuation in open { continuation.finish() }
+    }
+
     // MARK: - Delivery (under the lock)
 
     /// Gives `events` to every watcher whose prefix they fall under; returns the watchers that fell behind, removed,
@@ -131,11 +146,14 @@ public final class ReplicatedControlState: RaftStateMachine, Sendable {
     private static func deliver(_ events: [WatchEvent], in inner: inout Inner) -> [(WatchStream.Continuation, Revision)] {
         var ended: [(WatchStream.Continuation, Revision)] = []
         for (id, watcher) in inner.watchers {
-            for event in events where matches(event.path, prefix: watcher.prefix) && !yield(event, to: id, in: &inner) {
+            // A watch opened from a revision this replica had not reached yet (it was behind, or replaying its log
+            // after a restart) gets nothing before that revision.
+            for event in events
+            where event.revision > watcher.delivered && matches(event.path, prefix: watcher.prefix) && !yield(event, to: id, in: &inner) {
                 ended.append((watcher.continuation, event.revision))
                 break
             }
-            inner.watchers[id]?.delivered = events.last!.revision
+            inner.watchers[id]?.delivered = max(watcher.delivered, events.last!.revision)
         }
         return ended
     }

@@ -1,163 +1,154 @@
 import CircuitAPI
 import CircuitClient
 import CircuitNode
+import CircuitStateMachine
 import CircuitTestSupport
 import Foundation
 import Synchronization
 import Testing
 
-/// What one chaos run did: operations by kind and outcome, faults by kind.
-final class ChaosLog: Sendable {
-    private let state = Mutex<(ops: [String: Int], faults: [String: Int])>(([:], [:]))
-    func op(_ kind: String) { state.withLock { $0.ops[kind, default: 0] += 1 } }
-    func fault(_ kind: String) { state.withLock { $0.faults[kind, default: 0] += 1 } }
-    var summary: String {
-        state.withLock { s in
-            "operations: " + s.ops.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
-                + "; faults: " + s.faults.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
-        }
-    }
+/// How long the nemesis runs (`CHAOS_SECONDS`; 45 in CI) and its seed (`CHAOS_SEED`; random, printed).
+enum ChaosSettings {
+    static let environment = ProcessInfo.processInfo.environment
+    static let seconds = Double(environment["CHAOS_SECONDS"] ?? "") ?? 45
+    static let seed = UInt64(environment["CHAOS_SEED"] ?? "") ?? UInt64.random(in: 1...1_000_000)
+    /// The run, then up to a few minutes of recovery and checking.
+    static let timeLimit = Int(seconds / 60) + 6
+    /// A session's time to live, and what an ephemeral record may outlive it by (see `ephemeralsExpire`).
+    static let sessionTTL: UInt64 = 2000
+    static let expiryBound: UInt64 = 3000
+    /// After the nemesis stops and every fault is healed, a write must succeed within this.
+    static let recoveryBound: Duration = .seconds(20)
 }
 
-/// Each record's history, as the clients saw it.
-final class Histories: Sendable {
-    typealias Op = Operation<RegisterModel.Input, RegisterModel.Output>
-    private let byKey = Mutex<[String: [Op]]>([:])
-    func add(_ key: String, _ op: Op) { byKey.withLock { $0[key, default: []].append(op) } }
-    var all: [String: [Op]] { byKey.withLock { $0 } }
-}
-
-func nowNanos() -> UInt64 { DispatchTime.now().uptimeNanoseconds }
-
-/// Real daemons on loopback (each its own process, its own SQLite files), clients through the HTTP API, and a nemesis
-/// of kill -9, restarts and SIGSTOP pauses; then every record's history must be linearizable. Mode: loopback with
-/// process faults (no network namespaces yet, so no partitions). Runs only when `CHAOS_SECONDS` (the length of the
-/// run) is set; `CHAOS_SEED` replays one; the summary is printed.
-@Suite(
-    "Chaos on real daemons", .serialized, .timeLimit(.minutes(5)),
-    // Not in CI yet: with many operations of unknown outcome (timeouts during pauses) the checker's search can grow
-    // for minutes. CHAOS_SECONDS=N runs it.
-    .enabled(if: ProcessInfo.processInfo.environment["CHAOS_SECONDS"] != nil))
+/// Five real daemons, each its own process with its own SQLite files and, where the machine allows (root, iproute2,
+/// nftables), its own network namespace and address, so partitions drop real packets. Ten clients go through the
+/// HTTP API; two keep sessions with ephemeral records; three watch membership. The nemesis runs two loops at once, so
+/// faults overlap: processes (kill -9 of the leader or of any node, then restart; SIGSTOP pauses longer than an
+/// election; graceful restarts; rolling restarts; a full-cluster kill -9 and restart) and the network
+/// (majority/minority partitions with the leader on either side, a bridge, a leader that cannot send). Then every
+/// check must hold; see `ChaosRun.check`.
+@Suite("Chaos on real daemons", .serialized, .timeLimit(.minutes(ChaosSettings.timeLimit)))
 struct ChaosTests {
-    @Test("10 clients read, write and compare-and-set 3 records on 5 daemons through kill -9, restarts and pauses: every history is linearizable and the replicas agree at the end")
-    func killsAndPauses() async throws {
-        let seconds = Double(ProcessInfo.processInfo.environment["CHAOS_SECONDS"] ?? "") ?? 15
-        let seed = UInt64(ProcessInfo.processInfo.environment["CHAOS_SEED"] ?? "") ?? UInt64.random(in: 1...1_000_000)
-        var random = SeededRandom(seed: seed)
+    @Test("10 clients, sessions and membership watchers on 5 daemons through kills, pauses, restarts and partitions: histories linearizable, no acknowledged write lost, no sequential name twice, ephemerals expire in bound, one membership order, replicas byte-identical")
+    func chaos() async throws {
         let binary = try #require(circuitBinary(), "the circuit executable was not built next to the tests")
-        let cluster = try DaemonProcesses(binary: binary, base: try temporaryFolder("chaos"), count: 5, sessionTTLMillis: 3000)
+        let (network, mode) = ChaosNetwork.make(count: 5)
+        defer { network?.remove() }
+        let cluster = try DaemonProcesses(
+            binary: binary, base: try temporaryFolder("chaos"), count: 5, sessionTTLMillis: 3000,
+            addresses: network?.addresses ?? [])
+        if let network { for i in 0..<5 { cluster.namespaces[i] = network.namespaces[i] } }
         try cluster.startAll()
         defer { cluster.stopAll(signal: SIGKILL) }
         _ = try await cluster.leader()
         _ = try await cluster.allAlive()
-        let log = ChaosLog()
-        let histories = Histories()
-        let keys = ["k0", "k1", "k2"]
-        let apis = cluster.apis
-        let deadline = ContinuousClock.now + .milliseconds(Int64(seconds * 1000))
+        let run = ChaosRun(cluster: cluster, network: network, mode: mode, seed: ChaosSettings.seed)
+        try await run.go(seconds: ChaosSettings.seconds)
+        run.report()
+    }
+}
 
-        // The clients.
-        let clients = Task {
-            await withTaskGroup(of: Void.self) { group in
-                for c in 0..<10 {
-                    group.addTask {
-                        var r = SeededRandom(seed: seed &+ UInt64(c) &* 7919)
-                        var n = 0
-                        while ContinuousClock.now < deadline {
-                            n += 1
-                            var client = CircuitClient(endpoints: [apis[Int(r.next() % UInt64(apis.count))]])
-                            client.timeout = 2
-                            let key = keys[Int(r.next() % 3)]
-                            await Self.operate(client, key, kind: Int(r.next() % 3), value: "c\(c)-\(n)", guess: r.next() % 4,
-                                               histories: histories, log: log)
-                        }
-                    }
-                }
-            }
-        }
+/// One run: its clients, its nemesis, what they saw, and the checks.
+final class ChaosRun: @unchecked Sendable {
+    let cluster: DaemonProcesses
+    let network: ChaosNetwork?
+    let mode: String
+    let seed: UInt64
+    let log = ChaosLog()
+    let registers = Histories()
+    /// Clients use three records at a time, new ones every `generation` (as Jepsen's independent keys do): each
+    /// history stays short, and so does the checker's search, which grows with the operations of unknown outcome
+    /// that overlap.
+    let generation: UInt64 = 3_000_000_000
+    /// Sequential names acknowledged: name → value.
+    let sequential = Mutex<[String: String]>([:])
+    /// Per ephemeral record: the return time of its session's last acknowledged keep-alive, and the reads after it
+    /// (call time, present).
+    let ephemerals = Mutex<[String: (lastKeepAlive: UInt64, reads: [(call: UInt64, present: Bool)])]>([:])
+    /// What each membership watcher saw, in order.
+    let membership = Mutex<[[EventView]]>([[], [], []])
+    var recovery: Duration = .zero
+    var checkTime: Duration = .zero
+    var slowestCheck = ""
 
-        // The nemesis: one fault at a time, each healed before the next.
-        let runStart = ContinuousClock.now
-        defer { print("chaos: the run took \(ContinuousClock.now - runStart) until checked") }
-        var down: Set<Int> = []
-        while ContinuousClock.now < deadline - .seconds(2) {
-            try await Task.sleep(for: .milliseconds(300 + Int64(random.next() % 700)))
-            let leaderIndex = try? await cluster.leader(timeout: .seconds(5))
-            let target = random.next() % 2 == 0 ? (leaderIndex ?? 0) : Int(random.next() % 5)
-            switch random.next() % 3 {
-            case 0:
-                log.fault(target == leaderIndex ? "kill -9 of the leader" : "kill -9")
-                cluster.kill9(target)
-                down.insert(target)
-                try await Task.sleep(for: .milliseconds(500 + Int64(random.next() % 1000)))
-                try cluster.start(target)
-                down.remove(target)
-            case 1:
-                guard let pid = cluster.members[target].process?.processIdentifier else { continue }
-                log.fault(target == leaderIndex ? "pause of the leader (1.5 s, longer than an election)" : "pause (1.5 s)")
-                kill(pid, SIGSTOP)
-                try await Task.sleep(for: .milliseconds(1500))
-                kill(pid, SIGCONT)
-            default:
-                log.fault("restart (SIGTERM, then start)")
-                guard let pid = cluster.members[target].process?.processIdentifier else { continue }
-                kill(pid, SIGTERM)
-                let stopped: Void? = try? await eventually("a graceful stop", timeout: .seconds(10)) {
-                    !(cluster.members[target].process?.isRunning ?? false)
-                }
-                if stopped == nil { log.fault("a graceful stop that took over 10 s (then kill -9)") }
-                cluster.kill9(target)  // reaps and forgets it (SIGKILL if it still runs)
-                try cluster.start(target)
-            }
-        }
-        print("chaos: nemesis done after \(ContinuousClock.now - runStart)")
-        await clients.value
-        print("chaos: clients done after \(ContinuousClock.now - runStart)")
-        for i in down { try cluster.start(i) }
-
-        // Healed: the cluster answers within a bound, and a final linearizable read of each record joins its history.
-        let healed = ContinuousClock.now
-        _ = try await cluster.leader(timeout: .seconds(30))
-        var reader = cluster.live
-        reader.timeout = 5
-        for key in keys {
-            try await eventually("a final read of \(key)", timeout: .seconds(30)) {
-                await Self.operate(reader, key, kind: 0, value: "", guess: 0, histories: histories, log: log, mustAnswer: true)
-            }
-        }
-        let recovery = ContinuousClock.now - healed
-
-        // Every history linearizable.
-        let checkStart = ContinuousClock.now
-        defer { print("chaos: the histories were checked in \(ContinuousClock.now - checkStart)") }
-        let checker = LinearizabilityChecker(model: RegisterModel())
-        for (key, history) in histories.all.sorted(by: { $0.key < $1.key }) {
-            let result = checker.check(history)
-            if case .violation(let placed, let stuck) = result {
-                let window = stuck.map { history[$0] }.map { "client \($0.client) \($0.input) -> \(String(describing: $0.output)) [\($0.call)..\($0.returned.map(String.init) ?? "?")]" }
-                Issue.record("\(key) is not linearizable (seed \(seed)): \(placed) of \(history.count) placed; stuck at: \(window.joined(separator: "; "))")
-            }
-        }
-        // The replicas agree: each node's own (stale) read of each record, once they have applied the same revision.
-        try await eventually("every node to apply the same revision", timeout: .seconds(30)) {
-            var revisions: Set<UInt64> = []
-            for i in 0..<5 { revisions.insert((try? await cluster.client(i).status())?.revision ?? 0) }
-            return revisions.count == 1
-        }
-        for key in keys {
-            var seen: Set<String> = []
-            for i in 0..<5 { seen.insert((try? await cluster.client(i).get("/records/chaos/\(key)", stale: true)).map { "\($0.value)@\($0.version)" } ?? "absent") }
-            #expect(seen.count == 1, "replicas disagree on \(key): \(seen)")
-        }
-        print("chaos (seed \(seed), \(seconds) s, mode: loopback, process faults): \(log.summary); recovered in \(recovery)")
+    init(cluster: DaemonProcesses, network: ChaosNetwork?, mode: String, seed: UInt64) {
+        self.cluster = cluster
+        self.network = network
+        self.mode = mode
+        self.seed = seed
     }
 
-    /// One operation, recorded with its outcome. True if it got a definite answer.
+    func go(seconds: Double) async throws {
+        let deadline = ContinuousClock.now + .milliseconds(Int64(seconds * 1000))
+        let apis = cluster.apis
+        let watchFrom = (try await cluster.live.status().revision) + 1
+        let watchers = (0..<3).map { w in Task { await self.watchMembership(w, from: watchFrom, apis: apis) } }
+        defer { for w in watchers { w.cancel() } }
+        await withThrowingTaskGroup(of: Void.self) { group in
+            for c in 0..<10 { group.addTask { await self.client(c, apis: apis, until: deadline) } }
+            for s in 0..<2 { group.addTask { await self.sessionClient(s, apis: apis, until: deadline) } }
+            group.addTask { try await self.processNemesis(until: deadline) }
+            if network != nil { group.addTask { try await self.networkNemesis(until: deadline) } }
+            do {
+                try await group.waitForAll()
+            } catch {
+                log.violation("the nemesis failed: \(error)")
+            }
+        }
+        // Heal everything, then the cluster must serve a write within the bound.
+        try network?.heal()
+        for i in cluster.members.indices where cluster.members[i].process == nil { try cluster.start(i) }
+        for i in cluster.members.indices { if let p = cluster.members[i].process { kill(p.processIdentifier, SIGCONT) } }
+        let healed = ContinuousClock.now
+        var writer = cluster.live
+        writer.timeout = 2
+        let recovered: Void? = try? await eventually("a write after healing", timeout: ChaosSettings.recoveryBound) {
+            (try? await writer.put("/records/chaos/recovered", Array("yes".utf8))) != nil
+        }
+        recovery = ContinuousClock.now - healed
+        if recovered == nil { log.violation("no write succeeded within \(ChaosSettings.recoveryBound) of healing") }
+        try await check(watchers: watchers)
+    }
+
+    // MARK: - Clients
+
+    /// Reads, writes and compare-and-sets of the registers, sequential creates, and membership queries, on any node.
+    func client(_ c: Int, apis: [String], until deadline: ContinuousClock.Instant) async {
+        var r = SeededRandom(seed: seed &+ UInt64(c) &* 7919)
+        var n = 0
+        var failedLast = false
+        while ContinuousClock.now < deadline {
+            n += 1
+            var client = CircuitClient(endpoints: [apis[Int(r.next() % UInt64(apis.count))]])
+            client.timeout = 2
+            if n > 1, failedLast { try? await Task.sleep(for: .milliseconds(50)) }  // no busy loop while down
+            failedLast = false
+            switch r.next() % 20 {
+            case 0..<14:
+                let key = "g\((nowNanos() - log.start) / generation)-k\(r.next() % 3)"
+                failedLast = await !register(client, key, kind: Int(r.next() % 3), value: "c\(c)-\(n)", guess: r.next() % 4)
+            case 14..<17:
+                failedLast = await !createSequential(client, value: "c\(c)-\(n)")
+            default:
+                do {
+                    let hosts = try await client.members()
+                    let known = Set(cluster.members.map(\.folder.hostID))
+                    if let stranger = hosts.first(where: { !known.contains($0.id) }) {
+                        log.violation("a membership query named a host never started: \(stranger.id)")
+                    }
+                    log.op("members ok")
+                } catch {
+                    log.op(Self.definitelyNot(error) ? "members fail" : "members info")
+                    failedLast = true
+                }
+            }
+        }
+    }
+
+    /// One register operation, recorded with its outcome. True if it got a definite answer.
     @discardableResult
-    static func operate(
-        _ client: CircuitClient, _ key: String, kind: Int, value: String, guess: UInt64, histories: Histories, log: ChaosLog,
-        mustAnswer: Bool = false
-    ) async -> Bool {
+    func register(_ client: CircuitClient, _ key: String, kind: Int, value: String, guess: UInt64, final: Bool = false) async -> Bool {
         let path = "/records/chaos/\(key)"
         let input: RegisterModel.Input
         switch kind {
@@ -168,16 +159,16 @@ struct ChaosTests {
             let current = (try? await client.get(path, stale: true))?.version ?? 0
             input = .compareAndSet(version: current > guess ? current - guess : 0, value: value)
         }
+        let name = ["read", "write", "cas"][kind]
         let call = nowNanos()
-        var output: RegisterModel.Output?
+        let output: RegisterModel.Output
         do {
             switch input {
             case .read:
                 do {
                     let r = try await client.get(path)
                     output = .value(r.value, version: r.version)
-                } catch {
-                    guard case .api(let e) = error, e.code == "not_found" else { throw error }
+                } catch .api(let e) where e.code == "not_found" {
                     output = .value(nil, version: 0)
                 }
             case .write(let v):
@@ -185,39 +176,410 @@ struct ChaosTests {
             case .compareAndSet(let version, let v):
                 do {
                     output = .ok(version: try await client.put(path, Array(v.utf8), version: version).version)
-                } catch {
-                    guard case .api(let e) = error, e.code == "version_mismatch" else { throw error }
+                } catch .api(let e) where e.code == "version_mismatch" {
                     output = .mismatch
                 }
             }
         } catch {
-            let kindName = kind == 0 ? "read" : kind == 1 ? "write" : "cas"
-            if case .api(let e)? = error as? CircuitClientError, e.code == "no_leader" {
-                log.op("\(kindName) fail")
+            if Self.definitelyNot(error) {
+                log.op("\(name) fail")
                 return false  // definitely not done: not part of the history
             }
-            log.op("\(kindName) info")
-            if mustAnswer { return false }
-            // It may have taken effect at any time from its call on, or never (a read changes nothing: left out).
-            if kind != 0 { histories.add(key, Operation(client: 0, input: input, output: nil, call: call, returned: nil)) }
+            log.op("\(name) info")
+            // It may have taken effect at any time from its call on, or never. A read changes nothing: left out.
+            if kind != 0 && !final { registers.add(key, Operation(client: 0, input: input, output: nil, call: call, returned: nil)) }
             return false
         }
-        let returned = nowNanos()
-        log.op(kind == 0 ? "read ok" : kind == 1 ? "write ok" : "cas ok")
-        histories.add(key, Operation(client: 0, input: input, output: output, call: call, returned: returned))
+        registers.add(key, Operation(client: 0, input: input, output: output, call: call, returned: nowNanos()))
+        log.op("\(name) ok")
         return true
+    }
+
+    @discardableResult
+    func createSequential(_ client: CircuitClient, value: String) async -> Bool {
+        do {
+            let answer = try await client.createSequential("/records/chaos/seq/n-", Array(value.utf8))
+            guard let name = answer.path else {
+                log.violation("a sequential create answered no name")
+                return true
+            }
+            let earlier = sequential.withLock { names in
+                defer { names[name] = names[name] ?? value }
+                return names[name]
+            }
+            if let earlier { log.violation("sequential name \(name) issued twice: to \(earlier) and to \(value)") }
+            log.op("sequential ok")
+            return true
+        } catch {
+            log.op(Self.definitelyNot(error) ? "sequential fail" : "sequential info")
+            return false
+        }
+    }
+
+    /// Sessions, each with an ephemeral record: granted, kept alive a while, then left to expire while reads watch
+    /// the record go.
+    func sessionClient(_ s: Int, apis: [String], until deadline: ContinuousClock.Instant) async {
+        var r = SeededRandom(seed: seed &+ 1_000_003 &* UInt64(s + 1))
+        while ContinuousClock.now < deadline {
+            var client = CircuitClient(endpoints: apis.shuffled(using: &r))
+            client.timeout = 2
+            guard let session = try? await client.grantSession(ttlMillis: ChaosSettings.sessionTTL, owner: "chaos\(s)") else {
+                log.op("session grant failed")
+                try? await Task.sleep(for: .milliseconds(200))
+                continue
+            }
+            let path = "/records/chaos/eph/s\(session)"
+            do {
+                try await client.put(path, Array("alive".utf8), session: session)
+            } catch {
+                log.op("ephemeral put failed")
+                continue  // the session expires on its own
+            }
+            var last = nowNanos()
+            let keepFor = ContinuousClock.now + .milliseconds(Int64(300 + r.next() % 1700))
+            while ContinuousClock.now < keepFor {
+                try? await Task.sleep(for: .milliseconds(300))
+                if (try? await client.keepAlive(session)) != nil { last = nowNanos() }
+            }
+            ephemerals.withLock { $0[path] = (last, []) }
+            log.op("session kept then left")
+            // Read until it is gone (or long past any bound: the check reports it).
+            let giveUp = ContinuousClock.now + .seconds(30)
+            while ContinuousClock.now < giveUp {
+                let call = nowNanos()
+                var present: Bool?
+                do {
+                    _ = try await client.get(path)
+                    present = true
+                } catch .api(let e) where e.code == "not_found" {
+                    present = false
+                } catch {}
+                if let present { ephemerals.withLock { $0[path]?.reads.append((call, present)) } }
+                if present == false { break }
+                try? await Task.sleep(for: .milliseconds(100))
+            }
+        }
+    }
+
+    /// Membership events from one node's watch; when that node goes, the next one's, from the last revision seen
+    /// (a revision may carry several events, and a watch may have been cut between them: those already seen are
+    /// skipped).
+    func watchMembership(_ w: Int, from: UInt64, apis: [String]) async {
+        var resume = from
+        var seenOfResume = 0
+        var attempt = w
+        while !Task.isCancelled {
+            let client = CircuitClient(endpoints: [apis[(attempt * 2) % apis.count]])
+            var skip = seenOfResume
+            do {
+                for try await event in client.watch("/", from: resume, hostsOnly: true) {
+                    if event.revision == resume && skip > 0 {
+                        skip -= 1
+                        continue
+                    }
+                    membership.withLock { $0[w].append(event) }
+                    if event.revision == resume {
+                        seenOfResume += 1
+                    } else {
+                        resume = event.revision
+                        seenOfResume = 1
+                    }
+                }
+            } catch {}
+            attempt += 1
+            try? await Task.sleep(for: .milliseconds(100))
+        }
+    }
+
+    /// An error that says the operation was not done (nothing was proposed), as opposed to a timeout or a lost
+    /// connection, after which it may have been.
+    static func definitelyNot(_ error: CircuitClientError) -> Bool {
+        switch error {
+        case .api(let e): return ["no_leader", "leader_unreachable", "not_found", "no_such_session", "bad_request"].contains(e.code)
+        case .unreachable: return true  // sent to no node
+        case .noAnswer, .badAnswer: return false
+        }
+    }
+
+    // MARK: - The nemesis
+
+    /// Kills, pauses and restarts, one at a time in this loop (the network loop overlaps them).
+    func processNemesis(until deadline: ContinuousClock.Instant) async throws {
+        var r = SeededRandom(seed: seed)
+        while ContinuousClock.now < deadline - .seconds(2) {
+            try await Task.sleep(for: .milliseconds(Int64(300 + r.next() % 700)))
+            let leader = await currentLeader()
+            let target = r.next() % 2 == 0 ? (leader ?? 0) : Int(r.next() % 5)
+            let who = target == leader ? "the leader (\(target))" : "member \(target)"
+            switch r.next() % 20 {
+            case 0..<7:
+                let f = log.fault(target == leader ? "kill -9 of the leader" : "kill -9", who)
+                cluster.kill9(target)
+                try await Task.sleep(for: .milliseconds(Int64(500 + r.next() % 1000)))
+                try cluster.start(target)
+                log.healed(f)
+            case 7..<13:
+                guard let pid = cluster.members[target].process?.processIdentifier else { continue }
+                let f = log.fault(target == leader ? "pause of the leader" : "pause", "\(who), 1.5 s (an election is 1 s)")
+                kill(pid, SIGSTOP)
+                try await Task.sleep(for: .milliseconds(1500))
+                kill(pid, SIGCONT)
+                log.healed(f)
+            case 13..<17:
+                let f = log.fault("graceful restart", who)
+                await restart(target)
+                log.healed(f)
+            case 17..<19:
+                let f = log.fault("rolling restart", "each member in turn, SIGTERM then start")
+                for i in cluster.members.indices {
+                    await restart(i)
+                    await waitAnswers(i)
+                }
+                log.healed(f)
+            default:
+                let f = log.fault("full-cluster restart", "kill -9 of all five, then start")
+                for i in cluster.members.indices { cluster.kill9(i) }
+                for i in cluster.members.indices { try cluster.start(i) }
+                log.healed(f)
+            }
+        }
+    }
+
+    /// Partitions, each healed after 1 to 3 s.
+    func networkNemesis(until deadline: ContinuousClock.Instant) async throws {
+        guard let network else { return }
+        var r = SeededRandom(seed: seed &* 31 &+ 17)
+        while ContinuousClock.now < deadline - .seconds(2) {
+            try await Task.sleep(for: .milliseconds(Int64(500 + r.next() % 1000)))
+            let leader = await currentLeader()
+            var order = Array(0..<5).shuffled(using: &r)
+            let cuts: Set<ChaosNetwork.Pair>
+            let f: Int
+            switch r.next() % 4 {
+            case 0:
+                // The leader (if any) on the minority side.
+                if let leader, let at = order.firstIndex(of: leader) { order.swapAt(0, at) }
+                let (minority, majority) = (Array(order[..<2]), Array(order[2...]))
+                cuts = ChaosNetwork.between(minority, majority)
+                f = log.fault("partition, leader in the minority", "\(minority) | \(majority)")
+            case 1:
+                let (minority, majority) = (Array(order[..<2]), Array(order[2...]))
+                cuts = ChaosNetwork.between(minority, majority)
+                f = log.fault("partition", "\(minority) | \(majority)")
+            case 2:
+                // A bridge: order[2] sees both sides, which do not see each other.
+                let (left, right) = ([order[0], order[1]], [order[3], order[4]])
+                cuts = ChaosNetwork.between(left, right)
+                f = log.fault("bridge", "\(left) | \(order[2]) | \(right)")
+            default:
+                // One way: the leader's packets to every other member are dropped; it still hears them.
+                let from = leader ?? order[0]
+                cuts = Set(order.filter { $0 != from }.map { ChaosNetwork.Pair(from: from, to: $0) })
+                f = log.fault("one-way, the leader cannot send", "\(from) → all dropped")
+            }
+            try network.set(cuts)
+            try await Task.sleep(for: .milliseconds(Int64(1000 + r.next() % 2000)))
+            try network.heal()
+            log.healed(f)
+        }
+    }
+
+    func currentLeader() async -> Int? {
+        for i in cluster.members.indices.shuffled() where cluster.members[i].process != nil {
+            var c = cluster.client(i)
+            c.timeout = 0.5
+            if let id = try? await c.status().leader, let at = cluster.members.firstIndex(where: { $0.folder.hostID == id }) {
+                return at
+            }
+        }
+        return nil
+    }
+
+    /// SIGTERM (the daemon hands leadership over and stops), then start again; kill -9 if it takes over 10 s.
+    func restart(_ i: Int) async {
+        if let pid = cluster.members[i].process?.processIdentifier {
+            kill(pid, SIGCONT)
+            kill(pid, SIGTERM)
+            let stopped: Void? = try? await eventually("a graceful stop", timeout: .seconds(10)) {
+                !(self.cluster.members[i].process?.isRunning ?? false)
+            }
+            if stopped == nil {
+                log.op("graceful stop over 10 s (then kill -9)")
+                if ChaosSettings.environment["CHAOS_VERBOSE"] != nil {
+                    FileHandle.standardError.write(Data("chaos: member \(i) took over 10 s to stop at \(log.seconds(nowNanos())); its log: \(cluster.members[i].folder.path)/daemon.log\n".utf8))
+                }
+            }
+        }
+        cluster.kill9(i)  // reaps it (SIGKILL if it still runs)
+        try? cluster.start(i)
+    }
+
+    func waitAnswers(_ i: Int) async {
+        var c = cluster.client(i)
+        c.timeout = 1
+        _ = try? await eventually("member \(i) answers", timeout: .seconds(10)) { (try? await c.status()) != nil }
+    }
+
+    // MARK: - Checks
+
+    /// Every check; each failure is a violation, and any violation fails the run with the seed and the schedule.
+    func check(watchers: [Task<Void, Never>]) async throws {
+        let start = ContinuousClock.now
+        defer { checkTime = ContinuousClock.now - start }
+        var reader = cluster.live
+        reader.timeout = 5
+        // 1. Every register's history, with a final read of each, is linearizable.
+        for key in registers.all.keys.sorted() {
+            let read: Void? = try? await eventually("a final read of \(key)", timeout: .seconds(30)) {
+                await self.register(reader, key, kind: 0, value: "", guess: 0, final: true)
+            }
+            if read == nil { log.violation("no final read of \(key) within 30 s") }
+        }
+        let checker = LinearizabilityChecker(model: RegisterModel())
+        let histories = registers.all
+        log.figure("register histories", "\(histories.count)")
+        var slowest: (Duration, String) = (.zero, "")
+        for (key, history) in histories.sorted(by: { $0.key < $1.key }) {
+            let started = ContinuousClock.now
+            let history = RegisterModel.resolveUnknowns(history)
+            let result = checker.check(history)
+            let took = ContinuousClock.now - started
+            let unknown = history.filter { $0.output == nil }.count
+            if took > slowest.0 { slowest = (took, "\(key): \(history.count) operations, \(unknown) of unknown outcome") }
+            if case .undecided(let explored) = result {
+                log.violation("\(key) could not be checked: the search gave up after \(explored) states (\(history.count) operations, \(unknown) of unknown outcome)")
+            }
+            if case .violation(let placed, let stuck) = result {
+                let window = stuck.map { history[$0] }.map { op in
+                    "\(op.input) -> \(op.output.map { "\($0)" } ?? "unknown") [\(log.seconds(op.call)) … \(op.returned.map(log.seconds) ?? "never")]"
+                }
+                log.violation(
+                    "\(key) is not linearizable: \(placed) of \(history.count) operations placed; none of these could come next:\n    "
+                        + window.joined(separator: "\n    "))
+            }
+        }
+        slowestCheck = "\(slowest.0) for \(slowest.1)"
+        // 2. Every acknowledged sequential create is there with its value (and none was named twice: as they came).
+        for (name, value) in sequential.withLock({ $0 }).sorted(by: { $0.key < $1.key }) {
+            var got: String??
+            _ = try? await eventually("a read of \(name)", timeout: .seconds(30)) {
+                got = await Self.read(reader, name)
+                return got != nil
+            }
+            if got != .some(value) {
+                log.violation("acknowledged sequential create \(name) = \(value) reads back as \(got.map { $0 ?? "absent" } ?? "no answer in 30 s")")
+            }
+        }
+        // 3. No ephemeral record was seen after its session's TTL plus the bound, counted from the last keep-alive or
+        // from the last fault healed (a new leader gives every session a full TTL), and every one is gone by now.
+        for (path, seen) in ephemerals.withLock({ $0 }) {
+            for read in seen.reads where read.present {
+                let from = max(seen.lastKeepAlive, log.lastDisturbance(atOrBefore: read.call) ?? 0)
+                let late = Int64(read.call) - Int64(from) - Int64((ChaosSettings.sessionTTL + ChaosSettings.expiryBound) * 1_000_000)
+                if late > 0 {
+                    log.violation("\(path) was still there \(late / 1_000_000) ms past its session's TTL plus \(ChaosSettings.expiryBound) ms (read at \(log.seconds(read.call)))")
+                }
+            }
+            let gone: Void? = try? await eventually("\(path) to expire", timeout: .seconds(30)) {
+                await Self.read(reader, path) == .some(nil)
+            }
+            if gone == nil { log.violation("\(path) outlived its session by over 30 s after healing") }
+        }
+        // 4. Every membership watcher saw the same events in the same order: wherever two saw a revision, they saw
+        // the same event, and none skipped a revision another saw within its span.
+        let finalRevision = (try? await reader.status().revision) ?? 0
+        let lastEvent = membership.withLock { $0.flatMap { $0.map(\.revision) }.filter { $0 <= finalRevision }.max() ?? 0 }
+        _ = try? await eventually("the membership watchers to catch up", timeout: .seconds(20)) {
+            self.membership.withLock { $0.allSatisfy { ($0.last?.revision ?? 0) >= lastEvent } }
+        }
+        for w in watchers { w.cancel() }
+        let seen = membership.withLock { $0 }
+        // Each watcher's events by revision (a revision may carry several, e.g. a host that leaves and rejoins).
+        var union: [UInt64: [EventView]] = [:]
+        for (w, events) in seen.enumerated() {
+            for (a, b) in zip(events, events.dropFirst()) where a.revision > b.revision {
+                log.violation("membership watcher \(w) saw revision \(b.revision) after \(a.revision)")
+            }
+            for (revision, those) in Dictionary(grouping: events, by: \.revision) {
+                if let other = union[revision], other != those {
+                    log.violation("membership watchers disagree at revision \(revision): \(other) vs \(those)")
+                }
+                union[revision] = those
+            }
+        }
+        for (w, events) in seen.enumerated() {
+            guard let first = events.first?.revision, let last = events.last?.revision else { continue }
+            let mine = Set(events.map(\.revision))
+            for r in union.keys where r > first && r < last && !mine.contains(r) {
+                log.violation("membership watcher \(w) skipped revision \(r) (\(union[r]!))")
+            }
+        }
+        if union.isEmpty && !log.faultCounts.isEmpty { log.violation("the membership watchers saw no event through the faults") }
+        log.figure("membership events seen", "\(union.values.map(\.count).reduce(0, +)) in \(union.count) revisions (by \(seen.map { "\($0.count)" }.joined(separator: ", ")))")
+        // 5. Every replica's applied state is byte-identical once they have applied the same index.
+        try await replicasAgree()
+        let violations = log.violations
+        if !violations.isEmpty {
+            Issue.record(
+                """
+                chaos found \(violations.count) violation(s) (seed \(seed), mode: \(mode)); replay the nemesis's choices with CHAOS_SEED=\(seed)
+                \(violations.joined(separator: "\n"))
+                the nemesis's schedule:
+                \(log.schedule)
+                """)
+        }
+    }
+
+    /// A record's value (`.some(nil)`: absent), or nil if the cluster did not answer.
+    static func read(_ client: CircuitClient, _ path: String) async -> String?? {
+        do {
+            return .some(try await client.get(path).value)
+        } catch .api(let e) where e.code == "not_found" {
+            return .some(nil)
+        } catch {
+            return nil
+        }
+    }
+
+    func replicasAgree() async throws {
+        var snapshots: [UInt64: [Int: [UInt8]]] = [:]
+        let agreed: Void? = try? await eventually("every replica's state at one applied index", timeout: .seconds(30)) {
+            for i in self.cluster.members.indices {
+                var c = self.cluster.client(i)
+                c.timeout = 2
+                guard let bytes = try? await c.stateSnapshot(), let state = try? ControlState(restoring: bytes) else { continue }
+                snapshots[state.appliedIndex, default: [:]][i] = bytes
+            }
+            return snapshots.values.contains { $0.count == self.cluster.members.count }
+        }
+        guard agreed != nil else {
+            log.violation("the replicas did not reach one applied index within 30 s: \(snapshots.mapValues { $0.keys.sorted() })")
+            return
+        }
+        for (index, byMember) in snapshots.sorted(by: { $0.key < $1.key }) where Set(byMember.values).count > 1 {
+            log.violation("replicas differ at applied index \(index): \(byMember.mapValues(\.count)) bytes")
+        }
+        let common = snapshots.filter { $0.value.count == cluster.members.count }.keys.max() ?? 0
+        log.figure("replicas byte-identical at applied index", "\(common)")
+    }
+
+    func report() {
+        print(
+            """
+            chaos summary (seed \(seed), \(ChaosSettings.seconds) s of nemesis, mode: \(mode))
+              operations: \(log.operations)
+              faults: \(log.faultCounts)
+              \(log.figures)
+              violations: \(log.violations.count)
+              recovered \(recovery) after healing; checked in \(checkTime) (the slowest history: \(slowestCheck))
+            """)
     }
 }
 
-/// A small seeded generator (splitmix64): a run is replayed with `CHAOS_SEED`.
-struct SeededRandom {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
+/// Each register's history, as the clients saw it.
+final class Histories: Sendable {
+    typealias Op = Operation<RegisterModel.Input, RegisterModel.Output>
+    private let byKey = Mutex<[String: [Op]]>([:])
+    func add(_ key: String, _ op: Op) { byKey.withLock { $0[key, default: []].append(op) } }
+    var all: [String: [Op]] { byKey.withLock { $0 } }
 }

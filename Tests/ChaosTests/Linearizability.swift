@@ -12,8 +12,10 @@ protocol LinearizabilityModel {
     associatedtype Output
     var initial: State { get }
     /// The states the operation may leave, done on `state`: empty if it could not have answered `output` there.
-    /// With `output` nil (outcome unknown), every state it may have left, including `state` if it may not have
-    /// happened at all.
+    /// With `output` nil (outcome unknown), the states it may have left if it took effect and changed something.
+    /// That it never happened (or happened and changed nothing) the checker always tries: such an operation is
+    /// simply never placed, so a model must not answer `state` itself for it (each place it could be put would be a
+    /// new branch of the search, 2^k of them for k such operations).
     func step(_ state: State, _ input: Input, _ output: Output?) -> [State]
 }
 
@@ -33,10 +35,14 @@ enum LinearizabilityResult: Equatable {
     /// No order exists. `stuck`: the indexes of the operations that could not be placed after the longest order
     /// found (`placed` operations long) — where to look.
     case violation(placed: Int, stuck: [Int])
+    /// The search gave up after `explored` states (the checker's budget): neither proven nor refuted.
+    case undecided(explored: Int)
 }
 
 struct LinearizabilityChecker<Model: LinearizabilityModel> {
     let model: Model
+    /// The most states the search may remember before it gives up (`undecided`) rather than grow without bound.
+    var budget = 5_000_000
 
     func check(_ history: [Operation<Model.Input, Model.Output>]) -> LinearizabilityResult {
         let n = history.count
@@ -68,6 +74,9 @@ struct LinearizabilityChecker<Model: LinearizabilityModel> {
             }
         }
 
+        // Done once every operation with an answer is placed; one of unknown outcome may stay out (never happened).
+        let answered = history.filter { $0.output != nil }.count
+        var placedAnswered = 0
         var placed = Bits(count: n)
         var state = model.initial
         var seen: Set<Memo> = []
@@ -83,7 +92,9 @@ struct LinearizabilityChecker<Model: LinearizabilityModel> {
                 var bits = placed
                 bits.insert(events[call - 1].op)
                 if seen.insert(Memo(placed: bits, state: candidate)).inserted {
+                    if seen.count > budget { return false }
                     stack.append((call, before, rest))
+                    if history[events[call - 1].op].output != nil { placedAnswered += 1 }
                     placed = bits
                     state = candidate
                     lift(call)
@@ -93,7 +104,8 @@ struct LinearizabilityChecker<Model: LinearizabilityModel> {
             return false
         }
 
-        while next[0] >= 0 {
+        while placedAnswered < answered {
+            if seen.count > budget { return .undecided(explored: seen.count) }
             if entry >= 0 && events[entry - 1].isCall {
                 let op = history[events[entry - 1].op]
                 if tryPlace(entry, model.step(state, op.input, op.output), before: state) {
@@ -116,6 +128,7 @@ struct LinearizabilityChecker<Model: LinearizabilityModel> {
             guard let frame = stack.popLast() else { return .violation(placed: best.placed, stuck: best.stuck) }
             unlift(frame.call)
             placed.remove(events[frame.call - 1].op)
+            if history[events[frame.call - 1].op].output != nil { placedAnswered -= 1 }
             state = frame.before
             if tryPlace(frame.call, frame.others, before: frame.before) {
                 entry = next[0]
@@ -175,21 +188,64 @@ struct RegisterModel: LinearizabilityModel {
     func step(_ s: State, _ input: Input, _ output: Output?) -> [State] {
         switch input {
         case .read:
-            guard let output else { return [s] }
+            guard let output else { return [] }  // a read changes nothing
             return output == .value(s.value, version: s.version) ? [s] : []
         case .write(let v):
             let after = State(value: v, version: s.version + 1)
-            guard let output else { return [after, s] }
+            guard let output else { return [after] }
             return output == .ok(version: after.version) ? [after] : []
         case .compareAndSet(let version, let v):
             let applies = s.version == version
             let after = State(value: v, version: s.version + 1)
-            guard let output else { return applies ? [after, s] : [s] }
+            guard let output else { return applies ? [after] : [] }
             switch output {
             case .ok(let n): return applies && n == after.version ? [after] : []
             case .mismatch: return applies ? [] : [s]
             case .value: return []
             }
+        }
+    }
+}
+
+extension RegisterModel {
+    /// What a history proves about its own operations of unknown outcome, given that every write carries a value
+    /// no other write carries: a write (or compare-and-set) whose value a read saw took effect, and made the version
+    /// that read saw; and if every version up to the highest any answer names is made by a known write, no other
+    /// write of unknown outcome took effect before the last of them (one that took effect after it constrains
+    /// nothing, as if it never happened), so those are left out. Only sound for histories whose written values are
+    /// unique; the answer is linearizable exactly when the history is, and is much cheaper to search.
+    static func resolveUnknowns(_ history: [Operation<Input, Output>]) -> [Operation<Input, Output>] {
+        var seenAt: [String: Set<UInt64>] = [:]
+        var highest: UInt64 = 0
+        var made: Set<UInt64> = []
+        for op in history {
+            switch op.output {
+            case .value(let v, let version)?:
+                if let v { seenAt[v, default: []].insert(version) }
+                highest = max(highest, version)
+            case .ok(let version)?:
+                made.insert(version)
+                highest = max(highest, version)
+            default: break
+            }
+        }
+        var resolved = history
+        for (i, op) in history.enumerated() where op.output == nil {
+            guard let value = op.input.written, let versions = seenAt[value], versions.count == 1, let v = versions.first else { continue }
+            resolved[i].output = .ok(version: v)
+            made.insert(v)
+        }
+        let gaps = highest == 0 ? false : (1...highest).contains { !made.contains($0) }
+        return gaps ? resolved : resolved.filter { $0.output != nil }
+    }
+}
+
+extension RegisterModel.Input {
+    /// The value a write or compare-and-set writes.
+    var written: String? {
+        switch self {
+        case .read: return nil
+        case .write(let v), .compareAndSet(_, let v): return v
         }
     }
 }

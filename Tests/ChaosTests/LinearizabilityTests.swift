@@ -48,6 +48,58 @@ struct LinearizabilityTests {
         if case .linearizable = checker.check(flicker) { Issue.record("a value that appeared and vanished passed") }
     }
 
+    @Test("an unknown write that a later version counts must have happened, in time: before the write that answered the next version")
+    func unknownWriteCounted() {
+        let counted = [op(0, .write("a"), nil, 0, nil), op(1, .write("b"), .ok(version: 2), 5, 6), op(2, .read, .value("b", version: 2), 7, 8)]
+        #expect(checker.check(counted) == .linearizable)
+        // Called only after the version-2 write returned, it cannot be the first write.
+        let late = [op(1, .write("b"), .ok(version: 2), 0, 1), op(0, .write("a"), nil, 5, nil)]
+        if case .linearizable = checker.check(late) { Issue.record("a version was answered before the write that made room for it") }
+    }
+
+    @Test("many operations of unknown outcome that change nothing (compare-and-sets that cannot apply) do not blow the search up", .timeLimit(.minutes(1)))
+    func manyUnknownNoOps() {
+        // 64 timed-out compare-and-sets at a version never reached, all still pending at the end, among 600 answered
+        // writes and reads: placing each no-op anywhere would be 2^64 branches.
+        var h: [Op] = []
+        var version: UInt64 = 0
+        var time: UInt64 = 0
+        for i in 0..<600 {
+            if i % 10 == 0 { h.append(op(9, .compareAndSet(version: 1_000_000, value: "x\(i)"), nil, time, nil)) }
+            if i % 2 == 0 {
+                version += 1
+                h.append(op(i % 8, .write("v\(i)"), .ok(version: version), time, time + 3))
+            } else {
+                h.append(op(i % 8, .read, .value("v\(i - 1)", version: version), time + 1, time + 4))
+            }
+            time += 5
+        }
+        #expect(checker.check(h) == .linearizable)
+    }
+
+    @Test("unknown outcomes resolved from the history itself: a write a read saw took effect at the version seen; with no version unaccounted for, the rest are left out; and a resolved history fails exactly when the original does")
+    func resolvingUnknowns() {
+        let seen = [
+            op(0, .write("a"), nil, 0, nil), op(1, .compareAndSet(version: 7, value: "x"), nil, 1, nil),
+            op(2, .read, .value("a", version: 1), 5, 6), op(3, .write("b"), .ok(version: 2), 7, 8),
+        ]
+        let resolved = RegisterModel.resolveUnknowns(seen)
+        #expect(resolved.count == 3)
+        #expect(resolved[0].output == .ok(version: 1))
+        #expect(checker.check(resolved) == .linearizable)
+        // A version no known write made: the unknown ones stay, for the search to place.
+        let gap = [op(0, .write("a"), nil, 0, nil), op(1, .write("z"), nil, 0, nil), op(3, .write("b"), .ok(version: 2), 7, 8)]
+        #expect(RegisterModel.resolveUnknowns(gap).count == 3)
+        #expect(checker.check(RegisterModel.resolveUnknowns(gap)) == .linearizable)
+        // Seen before it was called: still a violation once resolved.
+        let early = [op(2, .read, .value("a", version: 1), 0, 1), op(0, .write("a"), nil, 5, nil)]
+        if case .linearizable = checker.check(RegisterModel.resolveUnknowns(early)) { Issue.record("a value read before its write was called passed") }
+        if case .linearizable = checker.check(early) { Issue.record("the unresolved history passed too") }
+        // An acknowledged write lost: a later read sees the version before it.
+        let lost = [op(0, .write("a"), .ok(version: 1), 0, 1), op(1, .write("b"), nil, 2, nil), op(2, .read, .value(nil, version: 0), 5, 6)]
+        if case .linearizable = checker.check(RegisterModel.resolveUnknowns(lost)) { Issue.record("a lost write passed") }
+    }
+
     @Test("compare-and-set: two that race at the same version cannot both succeed")
     func compareAndSet() {
         let both = [

@@ -224,6 +224,20 @@ struct WatchTests {
         #expect(state.watcherCount == 0)
     }
 
+    @Test("a watch from a revision this replica has not reached (behind, or replaying its log after a restart) starts there, not before; endWatches ends every watch, and any opened after")
+    func watchFromTheFuture() async throws {
+        let state = ReplicatedControlState()
+        let stream = try state.watch(prefix: "/", after: 3)
+        for i in 1...5 { _ = apply(state, .put(path: "/records/k\(i)", value: [], session: 0), at: UInt64(i)) }
+        state.endWatches()
+        var seen: [Revision] = []
+        for try await event in stream { seen.append(event.revision) }
+        #expect(seen == [4, 5])
+        var later = try state.watch(prefix: "/", after: 5).makeAsyncIterator()
+        #expect(try await later.next() == nil)
+        #expect(state.watcherCount == 0)
+    }
+
     @Test("a watch filters by prefix and ends when dropped")
     func prefixes() async throws {
         let state = ReplicatedControlState()

@@ -292,6 +292,21 @@ struct WatchTransactionTests {
         #expect(status == 0, "\(err)")
         let lines = out.split(separator: "\n")
         #expect(lines.count == 3 && lines[0].contains("/records/w/a") && lines[0].contains("put"), "\(out)")
+
+        // A watch held open does not hold up a graceful stop: SIGTERM ends the stream and the daemon exits well
+        // within the 5 s after which requests in flight are cancelled anyway.
+        let open = client.watch("/records/w")
+        let ended = Task { () -> Bool in
+            do { for try await _ in open {} } catch {}
+            return true
+        }
+        try await client.put("/records/w/e", [])  // the watch is registered by the time a later write returns
+        let process = try #require(cluster.members[0].process)
+        let stopping = ContinuousClock.now
+        kill(process.processIdentifier, SIGTERM)
+        try await eventually("the daemon to stop", timeout: .seconds(4)) { !process.isRunning }
+        #expect(await ended.value)
+        #expect(ContinuousClock.now - stopping < .seconds(4))
     }
 }
 
