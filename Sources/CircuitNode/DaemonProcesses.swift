@@ -65,6 +65,15 @@ public final class DaemonProcesses: @unchecked Sendable {
                 api: "127.0.0.1:\(try freePort(in: portRange))", join: contact, joinAs: role))
     }
 
+    /// Member `i` becomes a new host: stopped (kill -9), then a fresh data folder (a new host id) at the same
+    /// addresses, that joins through `contact` as `role` when started. A machine re-imaged and added again.
+    public func replace(_ i: Int, join contact: String, as role: String = "learner") throws {
+        kill9(i)
+        members[i] = Member(
+            folder: try DataFolder(path: "\(base)/node\(i + 1)-\(UUID().uuidString.prefix(8))"), peer: members[i].peer,
+            api: members[i].api, join: contact, joinAs: role)
+    }
+
     public var bootstrap: String {
         members.filter { $0.join == nil }.map { "\($0.folder.hostID)@\($0.peer)" }.joined(separator: ",")
     }

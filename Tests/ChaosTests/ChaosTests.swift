@@ -61,6 +61,10 @@ final class ChaosRun: @unchecked Sendable {
     /// history stays short, and so does the checker's search, which grows with the operations of unknown outcome
     /// that overlap.
     let generation: UInt64 = 3_000_000_000
+    /// Each name's history of creates and removes.
+    let names = Mutex<[String: [Operation<NameModel.Input, NameModel.Output>]]>([:])
+    /// Every host id any member ever had (a member removed and added again comes back as a new host).
+    let everStarted: Mutex<Set<String>>
     /// Sequential names acknowledged: name → value.
     let sequential = Mutex<[String: String]>([:])
     /// Per ephemeral record: the return time of its session's last acknowledged keep-alive, and the reads after it
@@ -68,6 +72,9 @@ final class ChaosRun: @unchecked Sendable {
     let ephemerals = Mutex<[String: (lastKeepAlive: UInt64, reads: [(call: UInt64, present: Bool)])]>([:])
     /// What each membership watcher saw, in order.
     let membership = Mutex<[[EventView]]>([[], [], []])
+    /// Each host departure (its revision): the host, and the earliest time a watcher received it, by which it had
+    /// certainly happened.
+    let departures = Mutex<[UInt64: (host: String, seenAt: UInt64)]>([:])
     var recovery: Duration = .zero
     var checkTime: Duration = .zero
     var slowestCheck = ""
@@ -77,6 +84,7 @@ final class ChaosRun: @unchecked Sendable {
         self.network = network
         self.mode = mode
         self.seed = seed
+        self.everStarted = Mutex(Set(cluster.members.map(\.folder.hostID)))
     }
 
     func go(seconds: Double) async throws {
@@ -128,12 +136,14 @@ final class ChaosRun: @unchecked Sendable {
             case 0..<14:
                 let key = "g\((nowNanos() - log.start) / generation)-k\(r.next() % 3)"
                 failedLast = await !register(client, key, kind: Int(r.next() % 3), value: "c\(c)-\(n)", guess: r.next() % 4)
-            case 14..<17:
+            case 14..<16:
                 failedLast = await !createSequential(client, value: "c\(c)-\(n)")
+            case 16..<18:
+                failedLast = await !name(client, r.next() % 2 == 0 ? .create : .remove, slot: r.next())
             default:
                 do {
                     let hosts = try await client.members()
-                    let known = Set(cluster.members.map(\.folder.hostID))
+                    let known = everStarted.withLock { $0 }
                     if let stranger = hosts.first(where: { !known.contains($0.id) }) {
                         log.violation("a membership query named a host never started: \(stranger.id)")
                     }
@@ -193,6 +203,39 @@ final class ChaosRun: @unchecked Sendable {
         registers.add(key, Operation(client: 0, input: input, output: output, call: call, returned: nowNanos()))
         log.op("\(name) ok")
         return true
+    }
+
+    /// Creates or removes a channel's name, one of two per generation under the host of one member. True if it got a
+    /// definite answer.
+    func name(_ client: CircuitClient, _ input: NameModel.Input, slot: UInt64) async -> Bool {
+        let generation = (nowNanos() - log.start) / generation
+        let host = cluster.members[Int((generation &+ slot % 2) % UInt64(cluster.members.count))].folder.hostID
+        let path = "/\(host)/chaos/g\(generation)-n\(slot % 2)"
+        let what = input == .create ? "create name" : "remove name"
+        let call = nowNanos()
+        let output: NameModel.Output?
+        do {
+            switch input {
+            case .create:
+                var view = ElementView(kind: "chan")
+                view.capacity = 1
+                try await client.create(path, view)
+            case .remove:
+                try await client.remove(element: path)
+            }
+            output = .ok
+        } catch .api(let e) where (input == .create && e.code == "exists") || (input == .remove && e.code == "not_found") {
+            output = .refused
+        } catch {
+            if Self.definitelyNot(error) {
+                log.op("\(what) fail")
+                return false
+            }
+            output = nil
+        }
+        names.withLock { $0[path, default: []].append(Operation(client: 0, input: input, output: output, call: call, returned: output == nil ? nil : nowNanos())) }
+        log.op("\(what) \(output == nil ? "info" : "ok")")
+        return output != nil
     }
 
     @discardableResult
@@ -278,6 +321,10 @@ final class ChaosRun: @unchecked Sendable {
                         continue
                     }
                     membership.withLock { $0[w].append(event) }
+                    if event.kind == "host_left" {
+                        let at = nowNanos()
+                        departures.withLock { $0[event.revision] = (String(event.path.dropFirst()), min(at, $0[event.revision]?.seenAt ?? at)) }
+                    }
                     if event.revision == resume {
                         seenOfResume += 1
                     } else {
@@ -295,7 +342,9 @@ final class ChaosRun: @unchecked Sendable {
     /// connection, after which it may have been.
     static func definitelyNot(_ error: CircuitClientError) -> Bool {
         switch error {
-        case .api(let e): return ["no_leader", "leader_unreachable", "not_found", "no_such_session", "bad_request"].contains(e.code)
+        case .api(let e):
+            return ["no_leader", "leader_unreachable", "not_found", "no_such_session", "no_such_host", "host_not_alive", "bad_request"]
+                .contains(e.code)
         case .unreachable: return true  // sent to no node
         case .noAnswer, .badAnswer: return false
         }
@@ -311,7 +360,7 @@ final class ChaosRun: @unchecked Sendable {
             let leader = await currentLeader()
             let target = r.next() % 2 == 0 ? (leader ?? 0) : Int(r.next() % 5)
             let who = target == leader ? "the leader (\(target))" : "member \(target)"
-            switch r.next() % 20 {
+            switch r.next() % 22 {
             case 0..<7:
                 let f = log.fault(target == leader ? "kill -9 of the leader" : "kill -9", who)
                 cluster.kill9(target)
@@ -336,10 +385,14 @@ final class ChaosRun: @unchecked Sendable {
                     await waitAnswers(i)
                 }
                 log.healed(f)
-            default:
+            case 19:
                 let f = log.fault("full-cluster restart", "kill -9 of all five, then start")
                 for i in cluster.members.indices { cluster.kill9(i) }
                 for i in cluster.members.indices { try cluster.start(i) }
+                log.healed(f)
+            default:
+                let f = log.fault("voter removed and re-added", "\(who) removed, wiped, joined as a new host, promoted")
+                try await removeAndReAdd(target)
                 log.healed(f)
             }
         }
@@ -382,6 +435,31 @@ final class ChaosRun: @unchecked Sendable {
             try network.heal()
             log.healed(f)
         }
+    }
+
+    /// Removes member `i`'s host from Raft's membership while the clients run, then brings the member back as a new
+    /// host (a wiped data folder) that joins as a learner and is promoted to voter.
+    func removeAndReAdd(_ i: Int) async throws {
+        let old = cluster.members[i].folder.hostID
+        var others = CircuitClient(endpoints: cluster.members.indices.filter { $0 != i }.map { cluster.members[$0].api })
+        others.timeout = 3
+        let removed: Void? = try? await eventually("the removal of \(old)", timeout: .seconds(15)) {
+            await (try? others.remove(old)) != nil
+        }
+        guard removed != nil else {
+            log.op("voter removal not done in 15 s")
+            return
+        }
+        try cluster.replace(i, join: cluster.members[(i + 1) % cluster.members.count].api)
+        let new = cluster.members[i].folder.hostID
+        everStarted.withLock { _ = $0.insert(new) }
+        try cluster.start(i)
+        let promoted: Void? = try? await eventually("the promotion of \(new)", timeout: .seconds(30)) {
+            if await (try? others.promote(new)) != nil { return true }
+            try? await Task.sleep(for: .milliseconds(200))
+            return false
+        }
+        if promoted == nil { log.op("re-added voter not promoted in 30 s") }
     }
 
     func currentLeader() async -> Int? {
@@ -459,6 +537,27 @@ final class ChaosRun: @unchecked Sendable {
             }
         }
         slowestCheck = "\(slowest.0) for \(slowest.1)"
+        // A host that leaves takes its subtree with it, names included: a history is only checked if its host's
+        // every departure was seen before the history's first call (and so happened before it).
+        let nameChecker = LinearizabilityChecker(model: NameModel())
+        let left = departures.withLock { $0.values }
+        let nameHistories = names.withLock { $0 }.filter { path, history in
+            let host = String(path.dropFirst().prefix { $0 != "/" })
+            let firstCall = history.map(\.call).min() ?? 0
+            return !left.contains { $0.host == host && $0.seenAt >= firstCall }
+        }
+        log.figure("name histories", "\(nameHistories.count) checked of \(names.withLock { $0.count }) (the others' host left meanwhile)")
+        for (path, history) in nameHistories.sorted(by: { $0.key < $1.key }) {
+            switch nameChecker.check(history) {
+            case .linearizable: break
+            case .undecided(let explored): log.violation("\(path) could not be checked: the search gave up after \(explored) states")
+            case .violation(let placed, let stuck):
+                let window = stuck.map { history[$0] }.map { op in
+                    "\(op.input) -> \(op.output.map { "\($0)" } ?? "unknown") [\(log.seconds(op.call)) … \(op.returned.map(log.seconds) ?? "never")]"
+                }
+                log.violation("the name \(path) is not linearizable: \(placed) of \(history.count) placed; none of these could come next:\n    " + window.joined(separator: "\n    "))
+            }
+        }
         // 2. Every acknowledged sequential create is there with its value (and none was named twice: as they came).
         for (name, value) in sequential.withLock({ $0 }).sorted(by: { $0.key < $1.key }) {
             var got: String??

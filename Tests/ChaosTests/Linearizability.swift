@@ -249,3 +249,28 @@ extension RegisterModel.Input {
         }
     }
 }
+
+/// A name that is made and removed (an element of the namespace, a channel here): create fails if it exists, remove
+/// if it does not.
+struct NameModel: LinearizabilityModel {
+    enum Input: Sendable {
+        case create
+        case remove
+    }
+    enum Output: Equatable, Sendable {
+        case ok
+        /// create: it existed; remove: it did not.
+        case refused
+    }
+
+    var initial: Bool { false }
+
+    func step(_ exists: Bool, _ input: Input, _ output: Output?) -> [Bool] {
+        let applies = input == .create ? !exists : exists
+        guard let output else { return applies ? [!exists] : [] }
+        switch output {
+        case .ok: return applies ? [!exists] : []
+        case .refused: return applies ? [] : [exists]
+        }
+    }
+}

@@ -100,6 +100,23 @@ struct LinearizabilityTests {
         if case .linearizable = checker.check(RegisterModel.resolveUnknowns(lost)) { Issue.record("a lost write passed") }
     }
 
+    @Test("names: two creates that race cannot both succeed; a remove of what a create made, seen by a later create")
+    func names() {
+        let checker = LinearizabilityChecker(model: NameModel())
+        typealias N = Operation<NameModel.Input, NameModel.Output>
+        let both = [N(client: 0, input: .create, output: .ok, call: 0, returned: 5), N(client: 1, input: .create, output: .ok, call: 1, returned: 6)]
+        if case .linearizable = checker.check(both) { Issue.record("a name was made twice") }
+        let cycle = [
+            N(client: 0, input: .create, output: .ok, call: 0, returned: 1), N(client: 1, input: .create, output: .refused, call: 2, returned: 3),
+            N(client: 2, input: .remove, output: nil, call: 4, returned: nil), N(client: 1, input: .create, output: .ok, call: 6, returned: 7),
+        ]
+        #expect(checker.check(cycle) == .linearizable)
+        var lost = cycle
+        lost[2].output = .refused
+        lost[2].returned = 5
+        if case .linearizable = checker.check(lost) { Issue.record("a create succeeded on a name that was never removed") }
+    }
+
     @Test("compare-and-set: two that race at the same version cannot both succeed")
     func compareAndSet() {
         let both = [
