@@ -197,7 +197,7 @@ public final class CircuitDaemon: Sendable {
         router.add(middleware: SelectRoutes(runtime: runtime, ownerAddress: ownerAddress))
         try await Self.serve(
             router,
-            beside: [HostAgent(node: node), JobAgent(node: node), HostRuntimeService(runtime: runtime), WatchCloser(state: node.service.state)],
+            beside: [HostAgent(node: node), JobAgent(node: node), HostRuntimeService(runtime: runtime), WatchCloser(state: node.service.state, logger: logger)],
             config: config,
             logger: logger)
         logger.info("shutting down: handing leadership over if leader")
@@ -232,6 +232,8 @@ extension CircuitDaemon {
         // The server waits for requests in flight; a long poll (a receive on an empty channel, a wait on a process
         // that runs on) could hold a graceful stop for ever: after this, they are cancelled.
         configuration.maximumGracefulShutdownDuration = gracefulStopLimit
+        // And a service that does not end when cancelled is left behind after this: a stop is bounded.
+        configuration.maximumCancellationDuration = .seconds(2)
         let group = ServiceGroup(configuration: configuration)
         do {
             try await group.run()
@@ -308,21 +310,23 @@ extension CircuitDaemon {
     }
 }
 
-/// The host's own part in the membership: it registers itself (through its own API, which forwards to the leader)
-/// and keeps its session alive; while this node leads, it also expires the sessions of hosts and clients that went
-/// silent.
 /// At a graceful stop, ends the watches this node serves, which never end on their own and would hold up the API
 /// server's stop. The service group stops its services in the reverse of their order, so this one, listed after the
-/// server, goes first.
+/// server, is stopped before it.
 struct WatchCloser: Service {
     let state: ReplicatedControlState
+    let logger: Logger
 
     func run() async throws {
         try? await gracefulShutdown()
+        logger.info("stopping gracefully: requests in flight have 5 s", metadata: ["watches_ended": "\(state.watcherCount)"])
         state.endWatches()
     }
 }
 
+/// The host's own part in the membership: it registers itself (through its own API, which forwards to the leader)
+/// and keeps its session alive; while this node leads, it also expires the sessions of hosts and clients that went
+/// silent.
 struct HostAgent: Service {
     let node: NodeContext
 

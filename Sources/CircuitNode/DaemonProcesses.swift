@@ -28,7 +28,9 @@ public final class DaemonProcesses: @unchecked Sendable {
     /// Members that run in a network namespace of their own (`ip netns exec NAME circuit ...`, the same process), by
     /// index: the chaos tests' partitions.
     public var namespaces: [Int: String] = [:]
-    public private(set) var members: [Member] = []
+    /// The members, as they are now (a copy: safe to read while a nemesis restarts or replaces them).
+    public var members: [Member] { table.withLock { $0 } }
+    private let table = Mutex<[Member]>([])
 
     /// Free ports are chosen from this range.
     public let portRange: Range<Int>
@@ -50,28 +52,30 @@ public final class DaemonProcesses: @unchecked Sendable {
             let api = basePort == 0 ? try freePort(in: portRange) : basePort + i
             let peer = basePort == 0 ? try freePort(in: portRange) : basePort + 100 + i
             let address = i < addresses.count ? addresses[i] : "127.0.0.1"
-            members.append(
-                Member(
-                    folder: try DataFolder(path: "\(base)/node\(i + 1)"), peer: "\(address):\(peer)", api: "\(address):\(api)",
-                    join: nil, joinAs: "learner"))
+            let member = Member(
+                folder: try DataFolder(path: "\(base)/node\(i + 1)"), peer: "\(address):\(peer)", api: "\(address):\(api)",
+                join: nil, joinAs: "learner")
+            table.withLock { $0.append(member) }
         }
     }
 
     /// A new host that joins through `contact` (any member's API) when started, as a `learner` or a `worker`.
     public func add(join contact: String, as role: String = "learner") throws {
-        members.append(
-            Member(
-                folder: try DataFolder(path: "\(base)/node\(members.count + 1)"), peer: "127.0.0.1:\(try freePort(in: portRange))",
-                api: "127.0.0.1:\(try freePort(in: portRange))", join: contact, joinAs: role))
+        let member = Member(
+            folder: try DataFolder(path: "\(base)/node\(members.count + 1)"), peer: "127.0.0.1:\(try freePort(in: portRange))",
+            api: "127.0.0.1:\(try freePort(in: portRange))", join: contact, joinAs: role)
+        table.withLock { $0.append(member) }
     }
 
     /// Member `i` becomes a new host: stopped (kill -9), then a fresh data folder (a new host id) at the same
     /// addresses, that joins through `contact` as `role` when started. A machine re-imaged and added again.
     public func replace(_ i: Int, join contact: String, as role: String = "learner") throws {
         kill9(i)
-        members[i] = Member(
-            folder: try DataFolder(path: "\(base)/node\(i + 1)-\(UUID().uuidString.prefix(8))"), peer: members[i].peer,
-            api: members[i].api, join: contact, joinAs: role)
+        let old = members[i]
+        let member = Member(
+            folder: try DataFolder(path: "\(base)/node\(i + 1)-\(UUID().uuidString.prefix(8))"), peer: old.peer, api: old.api,
+            join: contact, joinAs: role)
+        table.withLock { $0[i] = member }
     }
 
     public var bootstrap: String {
@@ -104,7 +108,7 @@ public final class DaemonProcesses: @unchecked Sendable {
         process.standardError = handle
         process.standardOutput = FileHandle.nullDevice
         try process.run()
-        members[i].process = process
+        table.withLock { $0[i].process = process }
     }
 
     public func startAll() throws { for i in members.indices { try start(i) } }
@@ -113,7 +117,7 @@ public final class DaemonProcesses: @unchecked Sendable {
         guard let p = members[i].process else { return }
         kill(p.processIdentifier, SIGKILL)
         p.waitUntilExit()
-        members[i].process = nil
+        table.withLock { $0[i].process = nil }
     }
 
     /// Sends `signal` to every running daemon (SIGTERM: each hands leadership over and stops) and waits for them.
@@ -121,7 +125,7 @@ public final class DaemonProcesses: @unchecked Sendable {
         for m in members { if let p = m.process, p.isRunning { kill(p.processIdentifier, signal) } }
         for i in members.indices {
             members[i].process?.waitUntilExit()
-            members[i].process = nil
+            table.withLock { $0[i].process = nil }
         }
     }
 

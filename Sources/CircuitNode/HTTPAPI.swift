@@ -54,9 +54,10 @@ struct HTTPAPI: Sendable {
         // The whole replicated state this node has applied, as the bytes of its snapshot (equal states, equal bytes;
         // the applied index is inside): what the chaos tests compare across replicas.
         router.get("/v1/debug/state") { _, _ in
-            Response(
-                status: .ok, headers: [.contentType: "application/octet-stream"],
-                body: .init(byteBuffer: ByteBuffer(bytes: node.service.state.read { $0.snapshot() })))
+            // A copy is taken under the lock (the apply thread needs it); the bytes are written outside.
+            let copy = node.service.state.read { $0 }
+            return Response(
+                status: .ok, headers: [.contentType: "application/octet-stream"], body: .init(byteBuffer: ByteBuffer(bytes: copy.snapshot())))
         }
         router.get("/v1/members") { request, context in
             try await leaderOr(request, context, stale: isStale(request)) {
@@ -307,7 +308,10 @@ struct HTTPAPI: Sendable {
                         break
                     }
                     guard ContinuousClock.now < deadline else {
-                        throw APIError(status: 503, code: "no_leader", message: "removed from Raft; no leader recorded the departure yet: retry")
+                        // Not no_leader, which says nothing was done: the removal from Raft was.
+                        throw APIError(
+                            status: 503, code: "departure_pending",
+                            message: "removed from Raft; no leader recorded the departure in the membership yet: retry")
                     }
                     try await Task.sleep(for: .milliseconds(20))
                 }

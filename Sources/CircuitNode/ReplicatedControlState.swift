@@ -74,7 +74,8 @@ public final class ReplicatedControlState: RaftStateMachine, Sendable {
                         ended.append((watcher.continuation, event.revision))
                         break
                     }
-                    inner.watchers[id]?.delivered = restored.revision
+                    // A watch opened from a revision beyond the snapshot still starts there.
+                    inner.watchers[id]?.delivered = max(watcher.delivered, restored.revision)
                 case .failure(.compacted(let from)):
                     inner.watchers[id] = nil
                     ended.append((watcher.continuation, from))

@@ -98,12 +98,14 @@ final class WorkerNode: Sendable {
                     continue
                 }
                 return answer
-            } catch HTTPExchangeError.connect {
+            } catch let error as HTTPExchangeError where error.requestNotSent {
                 forgetLeader(address)
             } catch {
                 forgetLeader(address)
                 guard retryable else {
-                    throw APIError(status: 503, code: "member_unreachable", message: "the member at \(address) did not answer: \(error)")
+                    throw APIError(
+                        status: 503, code: "outcome_unknown",
+                        message: "the member at \(address) did not answer, so the request may or may not have been applied: \(error)")
                 }
             }
         }

@@ -89,9 +89,9 @@ final class ChaosNetwork: @unchecked Sendable {
 
     func heal() throws { try set([]) }
 
-    /// Removes the namespaces (which kills nothing: the daemons are stopped first) and the bridge.
+    /// Removes the namespaces (killing whatever still runs in them) and the bridge.
     func remove() {
-        for ns in namespaces { _ = try? Self.run("ip", "netns", "del", ns) }
+        for ns in namespaces { Self.removeNamespace(ns) }
         _ = try? Self.run("ip", "link", "del", "\(prefix)br")
     }
 
@@ -101,10 +101,17 @@ final class ChaosNetwork: @unchecked Sendable {
         for name in names where name.hasPrefix("cc") {
             let digits = name.dropFirst(2).prefix { $0.isNumber }
             if let pid = Int(digits), pid != Int(getpid()), kill(pid_t(pid), 0) != 0 {
-                _ = try? run("ip", "netns", "del", name)
+                removeNamespace(name)
                 _ = try? run("ip", "link", "del", "cc\(digits)br")
             }
         }
+    }
+
+    /// Kills what still runs in the namespace (deleting it would not), then deletes it.
+    private static func removeNamespace(_ name: String) {
+        let pids = (try? run("ip", "netns", "pids", name)) ?? ""
+        for pid in pids.split(separator: "\n").compactMap({ Int32($0) }) { kill(pid, SIGKILL) }
+        _ = try? run("ip", "netns", "del", name)
     }
 
     struct CommandFailed: Error, CustomStringConvertible {

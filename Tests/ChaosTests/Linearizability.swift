@@ -210,10 +210,11 @@ struct RegisterModel: LinearizabilityModel {
 extension RegisterModel {
     /// What a history proves about its own operations of unknown outcome, given that every write carries a value
     /// no other write carries: a write (or compare-and-set) whose value a read saw took effect, and made the version
-    /// that read saw; and if every version up to the highest any answer names is made by a known write, no other
-    /// write of unknown outcome took effect before the last of them (one that took effect after it constrains
-    /// nothing, as if it never happened), so those are left out. Only sound for histories whose written values are
-    /// unique; the answer is linearizable exactly when the history is, and is much cheaper to search.
+    /// that read saw. And if the history ends with a read called after every other answered operation returned, and
+    /// every version up to the highest any answer names is made by a known write, no other write of unknown outcome
+    /// took effect before that read (one that took effect after it constrains nothing, as if it never happened), so
+    /// those are left out. Only sound for histories whose written values are unique; the answer is linearizable
+    /// exactly when the history is, and is much cheaper to search.
     static func resolveUnknowns(_ history: [Operation<Input, Output>]) -> [Operation<Input, Output>] {
         var seenAt: [String: Set<UInt64>] = [:]
         var highest: UInt64 = 0
@@ -236,7 +237,12 @@ extension RegisterModel {
             made.insert(v)
         }
         let gaps = highest == 0 ? false : (1...highest).contains { !made.contains($0) }
-        return gaps ? resolved : resolved.filter { $0.output != nil }
+        let answered = history.indices.filter { history[$0].output != nil }
+        let finalRead = answered.contains { r in
+            guard case .value? = history[r].output else { return false }
+            return answered.allSatisfy { $0 == r || (history[$0].returned ?? .max) <= history[r].call }
+        }
+        return gaps || !finalRead ? resolved : resolved.filter { $0.output != nil }
     }
 }
 

@@ -82,14 +82,26 @@ struct LinearizabilityTests {
         let seen = [
             op(0, .write("a"), nil, 0, nil), op(1, .compareAndSet(version: 7, value: "x"), nil, 1, nil),
             op(2, .read, .value("a", version: 1), 5, 6), op(3, .write("b"), .ok(version: 2), 7, 8),
+            op(4, .read, .value("b", version: 2), 9, 10),
         ]
         let resolved = RegisterModel.resolveUnknowns(seen)
-        #expect(resolved.count == 3)
+        #expect(resolved.count == 4)
         #expect(resolved[0].output == .ok(version: 1))
         #expect(checker.check(resolved) == .linearizable)
+        // Without a final read, an unknown write may be what a later answer needs: it stays. (W a ok 1; W b unknown;
+        // a compare-and-set at version 1 refused: only if b took effect first.)
+        let noFinalRead = [
+            op(0, .write("a"), .ok(version: 1), 0, 1), op(1, .write("b"), nil, 2, nil),
+            op(2, .compareAndSet(version: 1, value: "c"), .mismatch, 5, 6),
+        ]
+        #expect(RegisterModel.resolveUnknowns(noFinalRead).count == 3)
+        #expect(checker.check(RegisterModel.resolveUnknowns(noFinalRead)) == .linearizable)
         // A version no known write made: the unknown ones stay, for the search to place.
-        let gap = [op(0, .write("a"), nil, 0, nil), op(1, .write("z"), nil, 0, nil), op(3, .write("b"), .ok(version: 2), 7, 8)]
-        #expect(RegisterModel.resolveUnknowns(gap).count == 3)
+        let gap = [
+            op(0, .write("a"), nil, 0, nil), op(1, .write("z"), nil, 0, nil), op(3, .write("b"), .ok(version: 2), 7, 8),
+            op(4, .read, .value("b", version: 2), 9, 10),
+        ]
+        #expect(RegisterModel.resolveUnknowns(gap).count == 4)
         #expect(checker.check(RegisterModel.resolveUnknowns(gap)) == .linearizable)
         // Seen before it was called: still a violation once resolved.
         let early = [op(2, .read, .value("a", version: 1), 0, 1), op(0, .write("a"), nil, 5, nil)]

@@ -236,6 +236,19 @@ struct WatchTests {
         var later = try state.watch(prefix: "/", after: 5).makeAsyncIterator()
         #expect(try await later.next() == nil)
         #expect(state.watcherCount == 0)
+
+        // The same when the replica catches up through a snapshot older than the watch's revision (a wiped voter
+        // added again): the restore does not move the watch back.
+        let source = ReplicatedControlState()
+        for i in 1...3 { _ = apply(source, .put(path: "/records/k\(i)", value: [], session: 0), at: UInt64(i)) }
+        let replica = ReplicatedControlState()
+        let watching = try replica.watch(prefix: "/", after: 5)
+        try replica.restore(try source.snapshot()())
+        for i in 4...7 { _ = apply(replica, .put(path: "/records/k\(i)", value: [], session: 0), at: UInt64(i)) }
+        replica.endWatches()
+        var got: [Revision] = []
+        for try await event in watching { got.append(event.revision) }
+        #expect(got == [6, 7])
     }
 
     @Test("a watch filters by prefix and ends when dropped")

@@ -3,6 +3,7 @@ import CircuitClient
 import CircuitNode
 import CircuitTestSupport
 import Foundation
+import Synchronization
 import Testing
 
 
@@ -295,18 +296,18 @@ struct WatchTransactionTests {
 
         // A watch held open does not hold up a graceful stop: SIGTERM ends the stream and the daemon exits well
         // within the 5 s after which requests in flight are cancelled anyway.
-        let open = client.watch("/records/w")
-        let ended = Task { () -> Bool in
-            do { for try await _ in open {} } catch {}
-            return true
+        let open = client.watch("/records/w", from: from)
+        let received = Mutex(0)
+        let ended = Task {
+            do { for try await _ in open { received.withLock { $0 += 1 } } } catch {}
         }
-        try await client.put("/records/w/e", [])  // the watch is registered by the time a later write returns
+        try await waitFor("the watch to deliver its first event (it is open)") { received.withLock { $0 } > 0 }
         let process = try #require(cluster.members[0].process)
         let stopping = ContinuousClock.now
         kill(process.processIdentifier, SIGTERM)
         try await eventually("the daemon to stop", timeout: .seconds(4)) { !process.isRunning }
-        #expect(await ended.value)
         #expect(ContinuousClock.now - stopping < .seconds(4))
+        try await withDeadline("the watch to end", timeout: .seconds(2)) { await ended.value }
     }
 }
 
