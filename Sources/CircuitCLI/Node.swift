@@ -59,6 +59,7 @@ struct DaemonOptions: ParsableArguments {
     var voterReplaceAfterMs: UInt64?
     @Option(help: "Milliseconds a host's session lives without a keep-alive.") var sessionTtlMs: UInt64?
     @Option(help: "Mount the cluster as a file system at this directory while the daemon runs.") var mount: String?
+    @Flag(help: .hidden) var testFaults = false
 
     func runDaemon(global: GlobalOptions) async throws {
         var settings = try config.map { try NodeConfig(tomlFile: $0) } ?? NodeConfig()
@@ -73,6 +74,7 @@ struct DaemonOptions: ParsableArguments {
         if let voterReplaceAfterMs { settings.voterReplaceAfterMillis = voterReplaceAfterMs }
         if let sessionTtlMs { settings.sessionTTLMillis = sessionTtlMs }
         if let mount { settings.mount = mount }
+        if testFaults { settings.testFaults = true }
         var global = global
         if global.logLevel == .warning { global.logLevel = .info }
         try await CircuitDaemon(config: settings, logger: global.makeLogger("circuit")).run()

@@ -7,7 +7,8 @@ import NIOHTTP1
 public enum CircuitClientError: Error, Sendable, Equatable, CustomStringConvertible {
     /// The cluster answered with an error.
     case api(APIError)
-    /// No endpoint could be reached: the request was sent to none of them (a write did not happen).
+    /// No endpoint could be reached, or none answered a read. A write that fails so was sent to none of them: it did
+    /// not happen. (A stream that breaks midway, a watch or a receive, fails so too.)
     case unreachable(endpoints: [String], why: String)
     /// A write was sent to `endpoint` and no answer came (a timeout, a connection lost): it may or may not have
     /// taken effect. It is not sent again to another endpoint, which could apply it twice.
@@ -45,6 +46,14 @@ public struct CircuitClient: Sendable {
 
     /// Facts about the host this client speaks to (its CPUs, memory, load) and its daemon.
     public func sys() async throws(CircuitClientError) -> SysView { try await call("GET", "/v1/sys") }
+
+    /// Tests only (a daemon started with `--test-faults`): this node drops its Raft traffic to the hosts `to` and from
+    /// the hosts `from`; empty sets heal.
+    public func cut(to: [String], from: [String]) async throws(CircuitClientError) {
+        let body: Data
+        do { body = try JSONEncoder().encode(["to": to, "from": from]) } catch { throw .badAnswer("\(error)") }
+        let _: [String: Bool] = try await call("PUT", "/v1/debug/cut", body: body)
+    }
 
     /// The bytes of the replicated state this node has applied (its snapshot, which holds the applied index).
     public func stateSnapshot() async throws(CircuitClientError) -> [UInt8] { try await callRaw("GET", "/v1/debug/state") }

@@ -28,6 +28,8 @@ public final class DaemonProcesses: @unchecked Sendable {
     /// Members that run in a network namespace of their own (`ip netns exec NAME circuit ...`, the same process), by
     /// index: the chaos tests' partitions.
     public var namespaces: [Int: String] = [:]
+    /// Start every daemon with `--test-faults` (`PUT /v1/debug/cut` allowed).
+    public var testFaults = false
     /// The members, as they are now (a copy: safe to read while a nemesis restarts or replaces them).
     public var members: [Member] { table.withLock { $0 } }
     private let table = Mutex<[Member]>([])
@@ -100,6 +102,7 @@ public final class DaemonProcesses: @unchecked Sendable {
             + (sessionTTLMillis.map { ["--session-ttl-ms", "\($0)"] } ?? [])
             + (voterReplaceAfterMillis.map { ["--voter-replace-after-ms", "\($0)"] } ?? [])
             + (mounts[i].map { ["--mount", $0] } ?? [])
+            + (testFaults ? ["--test-faults"] : [])
             + (m.join == nil ? ["--bootstrap", bootstrap] : ["--join-as", m.joinAs])
         let log = "\(m.folder.path)/daemon.log"
         if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil) }

@@ -51,6 +51,20 @@ struct HTTPAPI: Sendable {
         let router = Router()
         router.get("/v1/status") { _, _ in try json(node.status()) }
         router.get("/v1/sys") { _, _ in try json(HostFacts.view(of: node.status())) }
+        // Tests only: cut this node's Raft traffic to and from chosen hosts (`{"to": [ids], "from": [ids]}`; empty
+        // heals), where the chaos suite cannot cut the network itself.
+        router.put("/v1/debug/cut") { request, _ in
+            guard node.config.testFaults else {
+                throw APIError(status: 403, code: "test_faults_off", message: "fault injection is off: only a daemon started with --test-faults allows it")
+            }
+            let cut = try await decodeBody(request, as: [String: [String]].self, what: #"{"to": [host ids], "from": [host ids]}"#)
+            for id in (cut["to"] ?? []) + (cut["from"] ?? []) where !HostID.isValid(id) {
+                throw APIError.badRequest("\(id) is not a host id (X and 16 lowercase hex digits)")
+            }
+            node.transport.cut(
+                sendingTo: Set((cut["to"] ?? []).map(HostID.nodeID)), receivingFrom: Set((cut["from"] ?? []).map(HostID.nodeID)))
+            return try json(["ok": true])
+        }
         // The whole replicated state this node has applied, as the bytes of its snapshot (equal states, equal bytes;
         // the applied index is inside): what the chaos tests compare across replicas.
         router.get("/v1/debug/state") { _, _ in
@@ -629,6 +643,15 @@ extension APIError: HTTPResponseError {
         return Response(
             status: .init(code: statusCode), headers: [.contentType: "application/json"],
             body: .init(byteBuffer: ByteBuffer(bytes: body)))
+    }
+}
+
+/// A read barrier that failed (a leader that lost its place mid-read, a driver stopping) answers as the API's
+/// error for it (503 `no_leader`, `unavailable`...), wherever a route lets it through, not as a bare 500.
+extension ControlServiceError: HTTPResponseError {
+    public var status: HTTPResponse.Status { APIError.from(self).status }
+    public func response(from request: Request, context: some RequestContext) throws -> Response {
+        try APIError.from(self).response(from: request, context: context)
     }
 }
 

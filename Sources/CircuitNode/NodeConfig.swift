@@ -27,6 +27,9 @@ public struct NodeConfig: Codable, Sendable, Equatable {
     public var voterReplaceAfterMillis: UInt64 = 30_000
     /// How long a host's session lives without a keep-alive, in milliseconds.
     public var sessionTTLMillis: UInt64 = 5000
+    /// Tests only (`--test-faults`, never from a config file): `PUT /v1/debug/cut` may cut this node's Raft traffic
+    /// with chosen peers, the chaos suite's partitions where network namespaces cannot be made.
+    public var testFaults = false
     /// Raft's tick; heartbeats every tick, elections after 10 to 20 ticks of silence.
     public var tickMillis: Int = 50
     /// How long a scrubbed process has between SIGTERM (to its process group) and SIGKILL.

@@ -3,6 +3,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import Synchronization
 
 /// Raft's transport over TCP: each node listens on its peer port and dials each peer once; it sends on the
 /// connection it dialed and receives on the ones it accepted.
@@ -43,6 +44,8 @@ public final class TCPTransport: RaftTransport, Sendable {
     private let group: any EventLoopGroup
     private let logger: Logger
     private let state = NIOLockedValueBox(State())
+    /// Whether any cut is set: a received frame takes the lock to look only then.
+    private let cutting = Atomic<Bool>(false)
 
     private struct State {
         var peers: [NodeID: (host: String, port: Int)] = [:]
@@ -52,6 +55,9 @@ public final class TCPTransport: RaftTransport, Sendable {
         var onLoss: LossHandler?
         var stopped = false
         var dropped = 0
+        /// Fault injection (tests only, see `cut`): peers whose frames are dropped on the way out, and on the way in.
+        var cutTo: Set<NodeID> = []
+        var cutFrom: Set<NodeID> = []
     }
 
     private enum Connection {
@@ -82,9 +88,22 @@ public final class TCPTransport: RaftTransport, Sendable {
         state.withLockedValue { $0.onLoss = handler }
     }
 
+    /// Fault injection for tests where the network itself cannot be cut (the daemon allows it only when started
+    /// with `--test-faults`): from now on, frames to `sendingTo` are dropped before they are written and frames from
+    /// `receivingFrom` after they are read, as a partition drops packets. Empty sets heal.
+    public func cut(sendingTo: Set<NodeID>, receivingFrom: Set<NodeID>) {
+        state.withLockedValue {
+            $0.cutTo = sendingTo
+            $0.cutFrom = receivingFrom
+        }
+        cutting.store(!sendingTo.isEmpty || !receivingFrom.isEmpty, ordering: .relaxed)
+        logger.warning("fault injection: peer frames cut", metadata: ["to": "\(sendingTo.sorted())", "from": "\(receivingFrom.sorted())"])
+    }
+
     /// Delivers everything to `driver`, and tells it of lost connections.
     public func deliver(to driver: RaftDriver) {
-        setReceiver { frame, _ in
+        setReceiver { [weak self] frame, peer in
+            if let self, self.cutting.load(ordering: .relaxed), self.state.withLockedValue({ $0.cutFrom.contains(peer) }) { return }
             switch frame {
             case .raft(let messages): driver.receive(messages)
             case .snapshotChunk(let chunk): driver.receive(chunk)
@@ -167,7 +186,7 @@ public final class TCPTransport: RaftTransport, Sendable {
         PeerCodec.encode(frame, into: &buffer)
         enum Next { case write(any Channel), dial(String, Int), done }
         let next: Next = state.withLockedValue { s in
-            guard !s.stopped, let address = s.peers[peer] else {
+            guard !s.stopped, !s.cutTo.contains(peer), let address = s.peers[peer] else {
                 s.dropped += count
                 return .done
             }

@@ -1,3 +1,5 @@
+import CircuitClient
+import CircuitNode
 import Foundation
 
 /// A network of its own for each daemon: a Linux network namespace per member, joined by veth pairs to one bridge in
@@ -5,7 +7,7 @@ import Foundation
 /// nftables rules in a member's namespace that drop what it sends to, or receives from, the members it is cut from.
 /// Needs root, `ip` (iproute2) and `nft` (nftables); `make()` answers nil where they are missing, and the suite then
 /// runs on loopback with process faults only, and says so.
-final class ChaosNetwork: @unchecked Sendable {
+final class ChaosNetwork: Partitioner, @unchecked Sendable {
     let count: Int
     /// Names start with this (a bridge, veths and namespaces); unique to this test process.
     let prefix: String
@@ -87,8 +89,6 @@ final class ChaosNetwork: @unchecked Sendable {
         return pairs
     }
 
-    func heal() throws { try set([]) }
-
     /// Removes the namespaces (killing whatever still runs in them) and the bridge.
     func remove() {
         for ns in namespaces { Self.removeNamespace(ns) }
@@ -136,5 +136,32 @@ final class ChaosNetwork: @unchecked Sendable {
             throw CommandFailed(command: arguments, status: process.terminationStatus, output: output)
         }
         return output
+    }
+}
+
+/// What cuts members off from each other: `set` makes exactly these cuts, healing every other.
+protocol Partitioner: Sendable {
+    func set(_ pairs: Set<ChaosNetwork.Pair>) async throws
+}
+
+extension Partitioner {
+    func heal() async throws { try await set([]) }
+}
+
+/// The fallback where namespaces cannot be made: each daemon (started with `--test-faults`) drops the Raft frames of
+/// its cut peers in its transport (`PUT /v1/debug/cut`). Only Raft traffic is cut (a follower still forwards a
+/// client's request to the leader over HTTP), and a daemon restarted meanwhile starts uncut until the next change.
+final class TransportCuts: Partitioner, @unchecked Sendable {
+    let cluster: DaemonProcesses
+    init(cluster: DaemonProcesses) { self.cluster = cluster }
+
+    func set(_ pairs: Set<ChaosNetwork.Pair>) async throws {
+        let ids = cluster.members.map(\.folder.hostID)
+        for i in ids.indices where cluster.members[i].process != nil {
+            var client = cluster.client(i)
+            client.timeout = 1
+            try? await client.cut(
+                to: pairs.filter { $0.from == i }.map { ids[$0.to] }, from: pairs.filter { $0.to == i }.map { ids[$0.from] })
+        }
     }
 }

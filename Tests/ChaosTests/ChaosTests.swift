@@ -33,17 +33,24 @@ struct ChaosTests {
     @Test("10 clients, sessions and membership watchers on 5 daemons through kills, pauses, restarts and partitions: histories linearizable, no acknowledged write lost, no sequential name twice, ephemerals expire in bound, one membership order, replicas byte-identical")
     func chaos() async throws {
         let binary = try #require(circuitBinary(), "the circuit executable was not built next to the tests")
-        let (network, mode) = ChaosNetwork.make(count: 5)
+        // CHAOS_MODE=loopback runs the fallback even where namespaces can be made.
+        let (network, why) = ChaosSettings.environment["CHAOS_MODE"] == "loopback" ? (nil, "asked for") : ChaosNetwork.make(count: 5)
         defer { network?.remove() }
         let cluster = try DaemonProcesses(
             binary: binary, base: try temporaryFolder("chaos"), count: 5, sessionTTLMillis: 3000,
             addresses: network?.addresses ?? [])
         if let network { for i in 0..<5 { cluster.namespaces[i] = network.namespaces[i] } }
+        cluster.testFaults = network == nil
+        let partitions: any Partitioner = network ?? TransportCuts(cluster: cluster)
+        let mode =
+            network == nil
+            ? "loopback (\(why)): partitions drop Raft frames in the peer transport (--test-faults); HTTP between nodes is not cut"
+            : why
         try cluster.startAll()
         defer { cluster.stopAll(signal: SIGKILL) }
         _ = try await cluster.leader()
         _ = try await cluster.allAlive()
-        let run = ChaosRun(cluster: cluster, network: network, mode: mode, seed: ChaosSettings.seed)
+        let run = ChaosRun(cluster: cluster, partitions: partitions, mode: mode, seed: ChaosSettings.seed)
         try await run.go(seconds: ChaosSettings.seconds)
         run.report()
     }
@@ -52,7 +59,7 @@ struct ChaosTests {
 /// One run: its clients, its nemesis, what they saw, and the checks.
 final class ChaosRun: @unchecked Sendable {
     let cluster: DaemonProcesses
-    let network: ChaosNetwork?
+    let partitions: any Partitioner
     let mode: String
     let seed: UInt64
     let log = ChaosLog()
@@ -79,9 +86,9 @@ final class ChaosRun: @unchecked Sendable {
     var checkTime: Duration = .zero
     var slowestCheck = ""
 
-    init(cluster: DaemonProcesses, network: ChaosNetwork?, mode: String, seed: UInt64) {
+    init(cluster: DaemonProcesses, partitions: any Partitioner, mode: String, seed: UInt64) {
         self.cluster = cluster
-        self.network = network
+        self.partitions = partitions
         self.mode = mode
         self.seed = seed
         self.everStarted = Mutex(Set(cluster.members.map(\.folder.hostID)))
@@ -98,7 +105,7 @@ final class ChaosRun: @unchecked Sendable {
             for c in 0..<10 { group.addTask { await self.client(c, apis: apis, until: deadline) } }
             for s in 0..<2 { group.addTask { await self.sessionClient(s, apis: apis, until: deadline) } }
             group.addTask { try await self.processNemesis(until: deadline) }
-            if network != nil { group.addTask { try await self.networkNemesis(until: deadline) } }
+            group.addTask { try await self.networkNemesis(until: deadline) }
             do {
                 try await group.waitForAll()
             } catch {
@@ -106,7 +113,7 @@ final class ChaosRun: @unchecked Sendable {
             }
         }
         // Heal everything, then the cluster must serve a write within the bound.
-        try network?.heal()
+        try await partitions.heal()
         try reviveCrashed()
         for i in cluster.members.indices where cluster.members[i].process == nil { try cluster.start(i) }
         for i in cluster.members.indices { if let p = cluster.members[i].process { kill(p.processIdentifier, SIGCONT) } }
@@ -420,7 +427,6 @@ final class ChaosRun: @unchecked Sendable {
 
     /// Partitions, each healed after 1 to 3 s.
     func networkNemesis(until deadline: ContinuousClock.Instant) async throws {
-        guard let network else { return }
         var r = SeededRandom(seed: seed &* 31 &+ 17)
         var firsts = [0, 1, 2, 3].shuffled(using: &r)
         while ContinuousClock.now < deadline - .seconds(2) {
@@ -452,9 +458,9 @@ final class ChaosRun: @unchecked Sendable {
                 cuts = Set(order.filter { $0 != from }.map { ChaosNetwork.Pair(from: from, to: $0) })
                 f = log.fault("one-way, the leader cannot send", "\(from) → all dropped")
             }
-            try network.set(cuts)
+            try await partitions.set(cuts)
             try await Task.sleep(for: .milliseconds(Int64(1000 + r.next() % 2000)))
-            try network.heal()
+            try await partitions.heal()
             log.healed(f)
         }
     }

@@ -251,6 +251,11 @@ struct WatchTests {
         #expect(got == [6, 7])
     }
 
+    @Test("a read barrier's failure answers as the API's error (503 no_leader), not a bare 500")
+    func barrierFailureIsAnAPIError() {
+        #expect(ControlServiceError.notLeader(leader: nil).status.code == 503)
+    }
+
     @Test("a watch filters by prefix and ends when dropped")
     func prefixes() async throws {
         let state = ReplicatedControlState()

@@ -682,3 +682,45 @@ struct ProcessTests {
     }
 }
 
+
+@Suite("Fault injection for the chaos suite's loopback mode")
+struct FaultInjectionTests {
+    @Test("a daemon started with --test-faults cuts its Raft traffic on request: a leader cut from both followers loses its place and the two elect another; healed, all three agree again; one started without it refuses with test_faults_off")
+    func cutAndHeal() async throws {
+        let binary = try #require(circuitBinary(), "the circuit executable was not built next to the tests")
+        let cluster = try DaemonProcesses(binary: binary, base: try temporaryFolder("cuts"), count: 3)
+        cluster.testFaults = true
+        try cluster.startAll()
+        defer { cluster.stopAll(signal: SIGKILL) }
+        let leader = try await cluster.leader()
+        let ids = cluster.members.map(\.folder.hostID)
+        let others = cluster.members.indices.filter { $0 != leader }
+        try await cluster.client(leader).cut(to: others.map { ids[$0] }, from: others.map { ids[$0] })
+        for i in others { try await cluster.client(i).cut(to: [ids[leader]], from: [ids[leader]]) }
+        try await eventually("the two others to agree on a new leader", timeout: .seconds(20)) {
+            var named: Set<String> = []
+            for i in others { named.insert((try? await cluster.client(i).status().leader) ?? "none") }
+            return named.count == 1 && named.first != ids[leader] && named.first != "none"
+        }
+        for i in cluster.members.indices { try await cluster.client(i).cut(to: [], from: []) }
+        // Healed: all three name one leader again (leader() waits for that), and it takes writes.
+        let after = try await cluster.leader(timeout: .seconds(20))
+        var client = cluster.client(after)
+        client.timeout = 5
+        try await client.put("/records/healed", Array("yes".utf8))
+
+        let plain = try daemons(1)
+        defer { plain.stopAll(signal: SIGKILL) }
+        try await eventually("the plain daemon to answer", timeout: .seconds(20)) { (try? await plain.client(0).status()) != nil }
+        do {
+            try await plain.client(0).cut(to: [], from: [])
+            Issue.record("a daemon without --test-faults accepted a cut")
+        } catch {
+            guard case .api(let e) = error else {
+                Issue.record("expected an API error, got \(error)")
+                return
+            }
+            #expect(e.statusCode == 403 && e.code == "test_faults_off", "\(e)")
+        }
+    }
+}
