@@ -592,9 +592,7 @@ final class ChaosRun: @unchecked Sendable {
                 log.violation("\(key) could not be checked: the search gave up after \(explored) states (\(history.count) operations, \(unknown) of unknown outcome)")
             }
             if case .violation(let placed, let stuck) = result {
-                let window = stuck.map { history[$0] }.map { op in
-                    "client \(op.client): \(op.input) -> \(op.output.map { "\($0)" } ?? "unknown") [\(log.seconds(op.call)) … \(op.returned.map(log.seconds) ?? "never")]"
-                }
+                let window = describe(stuck, of: history)
                 log.violation(
                     "\(key) is not linearizable: \(placed) of \(history.count) operations placed; none of these could come next:\n    "
                         + window.joined(separator: "\n    "))
@@ -621,9 +619,7 @@ final class ChaosRun: @unchecked Sendable {
             case .linearizable: break
             case .undecided(let explored): log.violation("\(path) could not be checked: the search gave up after \(explored) states")
             case .violation(let placed, let stuck):
-                let window = stuck.map { history[$0] }.map { op in
-                    "client \(op.client): \(op.input) -> \(op.output.map { "\($0)" } ?? "unknown") [\(log.seconds(op.call)) … \(op.returned.map(log.seconds) ?? "never")]"
-                }
+                let window = describe(stuck, of: history)
                 log.violation("the name \(path) is not linearizable: \(placed) of \(history.count) placed; none of these could come next:\n    " + window.joined(separator: "\n    "))
             }
         }
@@ -704,6 +700,13 @@ final class ChaosRun: @unchecked Sendable {
                 the nemesis's schedule:
                 \(log.schedule)
                 """)
+        }
+    }
+
+    /// The operations at `indexes`, one per line: client, input, answer, and when it was called and returned.
+    func describe<Input, Output>(_ indexes: [Int], of history: [Operation<Input, Output>]) -> [String] {
+        indexes.map { history[$0] }.map { op in
+            "client \(op.client): \(op.input) -> \(op.output.map { "\($0)" } ?? "unknown") [\(log.seconds(op.call)) … \(op.returned.map(log.seconds) ?? "never")]"
         }
     }
 
