@@ -163,6 +163,7 @@ let package = Package(
                 "CircuitStateMachine",
                 "CircuitTestSupport",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
             ]
         ),
         .testTarget(

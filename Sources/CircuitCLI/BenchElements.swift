@@ -60,6 +60,7 @@ struct ElementsBench: AsyncParsableCommand {
         var channelMB: [Double] = []
         var stdoutMB: [Double] = []
         var tcpMB: [Double] = []
+        var relayMB: [Double] = []
         for _ in 0..<rounds {
             let path = fresh("bulk")
             try await client.makeChannel(path, capacity: 4)
@@ -67,10 +68,12 @@ struct ElementsBench: AsyncParsableCommand {
             channelMB.append(try await pipelined(chan, size: 1 << 20, batch: 8) * Double(1 << 20) / seconds / 1e6)
             stdoutMB.append(try await stdout(client, fresh("out")))
             tcpMB.append(try await onThread { try Self.rawTCP(seconds: seconds) })
+            relayMB.append(try await onThread { try Self.rawTCP(seconds: seconds, relayed: true) })
         }
         rows.append(("channel bulk, 1 MiB messages, capacity 4, a pipelining sender (8 a request) and a streaming receiver", "MB/s", channelMB))
         rows.append(("a process's stdout read by a client (head -c of /dev/zero)", "MB/s", stdoutMB))
         rows.append(("raw TCP on loopback, one connection, 1 MiB writes (the baseline)", "MB/s", tcpMB))
+        rows.append(("raw TCP through a relay thread, two connections, 1 MiB writes (a channel's ceiling)", "MB/s", relayMB))
 
         var procLatency: [Double] = []
         var jobLatency: [Double] = []
@@ -123,7 +126,8 @@ struct ElementsBench: AsyncParsableCommand {
         printMedianTable(rows)
         let tcp = tcpMB.sorted()[tcpMB.count / 2]
         print("")
-        print(String(format: "Channel bulk is %.2f of raw TCP; stdout %.2f.", channelMB.sorted()[channelMB.count / 2] / tcp, stdoutMB.sorted()[stdoutMB.count / 2] / tcp))
+        let channel = median(channelMB)
+        print(String(format: "Channel bulk is %.2f of raw TCP (%.2f of the relay); stdout %.2f of raw TCP; the relay %.2f.", channel / tcp, channel / median(relayMB), median(stdoutMB) / tcp, median(relayMB) / tcp))
     }
 
     /// Messages received in `seconds` with `pairs` senders and receivers of `size`-byte messages.
@@ -208,17 +212,13 @@ struct ElementsBench: AsyncParsableCommand {
         return Double(bytes.value) / elapsed / 1e6
     }
 
-    /// MB/s of one loopback TCP connection, 1 MiB writes, plain sockets on two threads.
-    static func rawTCP(seconds: Double) throws -> Double {
-        let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    /// MB/s of one loopback TCP connection, 1 MiB writes, plain sockets on two threads. `relayed`: through a third
+    /// thread that reads each chunk from the sender's connection and writes it to the reader's, as any host holding a
+    /// channel's buffer between two others must: the ceiling of a channel between two clients (two connections' worth
+    /// of copies on the same cores).
+    static func rawTCP(seconds: Double, relayed: Bool = false) throws -> Double {
+        let (server, address) = try listener()
         defer { close(server) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(server, $0, length) } }
-        listen(server, 1)
-        _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(server, $0, &length) } }
         let total = Counter()
         let reader = Thread {
             let connection = accept(server, nil, nil)
@@ -231,8 +231,30 @@ struct ElementsBench: AsyncParsableCommand {
             close(connection)
         }
         reader.start()
-        let client = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        _ = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(client, $0, length) } }
+        var target = address
+        if relayed {
+            let (relay, relayAddress) = try listener()
+            target = relayAddress
+            Thread {
+                let incoming = accept(relay, nil, nil)
+                close(relay)
+                let outgoing = dial(address)
+                var buffer = [UInt8](repeating: 0, count: 1 << 20)
+                relaying: while true {
+                    let n = buffer.withUnsafeMutableBytes { read(incoming, $0.baseAddress, $0.count) }
+                    if n <= 0 { break }
+                    var sent = 0
+                    while sent < n {
+                        let w = buffer.withUnsafeBytes { write(outgoing, $0.baseAddress! + sent, n - sent) }
+                        guard w > 0 else { break relaying }
+                        sent += w
+                    }
+                }
+                close(incoming)
+                close(outgoing)
+            }.start()
+        }
+        let client = dial(target)
         let chunk = [UInt8](repeating: 0x74, count: 1 << 20)
         let start = ContinuousClock.now
         let deadline = start + .milliseconds(Int64(seconds * 1000))
@@ -247,6 +269,28 @@ struct ElementsBench: AsyncParsableCommand {
         let elapsed = (ContinuousClock.now - start).milliseconds / 1000
         close(client)
         return Double(total.value) / elapsed / 1e6
+    }
+
+    /// A listening socket on a free loopback port, and its address.
+    private static func listener() throws -> (Int32, sockaddr_in) {
+        let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(server, $0, length) } }
+        guard bound == 0, listen(server, 1) == 0 else { throw ValidationError("cannot listen on loopback: errno \(errno)") }
+        _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(server, $0, &length) } }
+        return (server, address)
+    }
+
+    private static func dial(_ address: sockaddr_in) -> Int32 {
+        let client = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = address
+        _ = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(client, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        return client
     }
 }
 

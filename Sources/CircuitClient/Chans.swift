@@ -1,5 +1,6 @@
 import CircuitAPI
 import Foundation
+import NIOCore
 
 extension CircuitClient {
     /// Creates a channel element at `path` (under `/X<host>`) holding up to `capacity` messages (0: every send waits
@@ -149,24 +150,27 @@ extension Chan {
     @discardableResult
     public func receive(upTo count: Int, each: ([UInt8]) async throws -> Void) async throws(CircuitClientError) -> Int {
         guard let endpoint = owner.endpoints.first else { throw .unreachable(endpoints: [], why: "no endpoints given") }
-        var pending: [UInt8] = []
+        var pending = ByteBuffer()
         var received = 0
         let answer: (status: Int, errorBody: [UInt8])
         do {
-            // `pending[start...]` is what is not handed over yet; it is compacted only when it is mostly spent.
-            var start = 0
-            answer = try await HTTPExchange.streamChunks(.POST, "/v1/chan/recv\(path)?stream=\(count)", to: endpoint) { chunk in
-                pending.append(contentsOf: chunk)
-                while pending.count - start >= 4 {
-                    let n = Int(pending[start]) << 24 | Int(pending[start + 1]) << 16 | Int(pending[start + 2]) << 8 | Int(pending[start + 3])
-                    guard pending.count - start - 4 >= n else { break }
-                    try await each(Array(pending[(start + 4)..<(start + 4 + n)]))
+            // A chunk that holds whole messages is read in place; only a message spread over chunks is gathered.
+            answer = try await HTTPExchange.streamBuffers(.POST, "/v1/chan/recv\(path)?stream=\(count)", to: endpoint) { chunk in
+                if pending.readableBytes == 0 { pending = chunk } else { pending.writeImmutableBuffer(chunk) }
+                while let n = pending.getInteger(at: pending.readerIndex, as: UInt32.self).map(Int.init) {
+                    guard pending.readableBytes - 4 >= n else {
+                        // The rest of a large message is coming: room for all of it at once.
+                        if pending.writableBytes < 4 + n - pending.readableBytes {
+                            var whole = ByteBuffer()
+                            whole.reserveCapacity(4 + n)
+                            whole.writeBuffer(&pending)
+                            pending = whole
+                        }
+                        break
+                    }
+                    pending.moveReaderIndex(forwardBy: 4)
+                    try await each(pending.readBytes(length: n)!)
                     received += 1
-                    start += 4 + n
-                }
-                if start > pending.count / 2 {
-                    pending.removeFirst(start)
-                    start = 0
                 }
             }
         } catch {

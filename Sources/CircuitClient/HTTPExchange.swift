@@ -97,6 +97,16 @@ public enum HTTPExchange {
         _ method: HTTPMethod, _ uri: String, to address: String, body: [UInt8]? = nil,
         chunk: ([UInt8]) async throws -> Void
     ) async throws -> (status: Int, errorBody: [UInt8]) {
+        try await streamBuffers(method, uri, to: address, body: body) { buffer in
+            try await chunk(Array(buffer: buffer))
+        }
+    }
+
+    /// The same, each chunk as NIO read it (no copy).
+    public static func streamBuffers(
+        _ method: HTTPMethod, _ uri: String, to address: String, body: [UInt8]? = nil,
+        chunk: (ByteBuffer) async throws -> Void
+    ) async throws -> (status: Int, errorBody: [UInt8]) {
         let channel = try await connect(address, timeout: .seconds(10))
         return try await channel.executeThenClose { inbound, outbound in
             try await send(method, uri, to: address, body: body, headers: [], on: outbound)
@@ -106,9 +116,8 @@ public enum HTTPExchange {
                 switch part {
                 case .head(let head):
                     status = Int(head.status.code)
-                case .body(var buffer):
-                    let bytes = buffer.readBytes(length: buffer.readableBytes) ?? []
-                    if status == 200 { try await chunk(bytes) } else { errorBody += bytes }
+                case .body(let buffer):
+                    if status == 200 { try await chunk(buffer) } else { errorBody += buffer.readableBytesView }
                 case .end:
                     return (status, errorBody)
                 }

@@ -24,7 +24,7 @@ final class Channels: Sendable {
 
     enum Outcome: Sendable {
         case sent
-        case received([UInt8])
+        case received(ByteBuffer)
         case failed(ChannelCore.Failure)
         case cancelled
     }
@@ -51,7 +51,7 @@ final class Channels: Sendable {
     /// What a change to a channel leaves to do outside the lock: requests to answer, selects to ask.
     private struct Settled {
         var resumes: [(CheckedContinuation<Outcome, Never>, Outcome)] = []
-        var asks: [(waiter: Waiter, offer: Offer, message: [UInt8]?, closed: Bool, failure: ChannelCore.Failure?)] = []
+        var asks: [(waiter: Waiter, offer: Offer, message: ByteBuffer?, closed: Bool, failure: ChannelCore.Failure?)] = []
     }
 
     private struct State {
@@ -86,17 +86,17 @@ final class Channels: Sendable {
     // MARK: - Operations
 
     /// Sends `message`; waits (unless `wait` is false) until it is buffered or, at capacity 0, received.
-    func send(_ path: String, _ message: [UInt8], wait: Bool) async throws(APIError) -> ChanStatView {
+    func send(_ path: String, _ message: ByteBuffer, wait: Bool) async throws(APIError) -> ChanStatView {
         try await sendOne(path, message, wait: wait)
         return try stat(local: path)
     }
 
     /// The same, answering nothing (for a stream of sends).
-    func sendOne(_ path: String, _ message: [UInt8], wait: Bool) async throws(APIError) {
-        guard message.count <= maxMessageBytes else { throw Self.tooLarge(maxMessageBytes) }
+    func sendOne(_ path: String, _ message: ByteBuffer, wait: Bool) async throws(APIError) {
+        guard message.readableBytes <= maxMessageBytes else { throw Self.tooLarge(maxMessageBytes) }
         try await ensureWritable(path)
         let outcome = await perform(path) { hostBuffered, core, waiter in
-            if core.waitingReceivers == 0, core.buffered < core.capacity, hostBuffered + message.count > maxBufferedBytes {
+            if core.waitingReceivers == 0, core.buffered < core.capacity, hostBuffered + message.readableBytes > maxBufferedBytes {
                 return nil
             }
             return core.send(waiter, message, wait: wait)
@@ -110,7 +110,7 @@ final class Channels: Sendable {
     }
 
     /// Receives the next message; waits (unless `wait` is false) until there is one or the channel is closed.
-    func receive(_ path: String, wait: Bool) async throws(APIError) -> [UInt8] {
+    func receive(_ path: String, wait: Bool) async throws(APIError) -> ByteBuffer {
         try await ensure(path)
         let outcome = await perform(path) { _, core, waiter in core.receive(waiter, wait: wait) }
         switch outcome {
@@ -143,8 +143,8 @@ final class Channels: Sendable {
 
     /// A select's clause waits here: a receive (`message` nil) or a send of `message`. Answers at once, and whether
     /// the select is being asked already (the clause could fire at once); else it is asked when the clause could.
-    func offer(_ path: String, _ offer: Offer, sending message: [UInt8]?) async throws(APIError) -> Bool {
-        if let message, message.count > maxMessageBytes { throw Self.tooLarge(maxMessageBytes) }
+    func offer(_ path: String, _ offer: Offer, sending message: ByteBuffer?) async throws(APIError) -> Bool {
+        if let message, message.readableBytes > maxMessageBytes { throw Self.tooLarge(maxMessageBytes) }
         if message != nil { try await ensureWritable(path) } else { try await ensure(path) }
         let waiter = state.withLock { s in
             defer { s.nextWaiter += 1 }
@@ -172,7 +172,7 @@ final class Channels: Sendable {
     }
 
     /// Asks the select whether it takes the match its offer is in; then completes or undoes it.
-    private func ask(_ path: String, _ waiter: Waiter, _ offer: Offer, message: [UInt8]?, closed: Bool, failure: ChannelCore.Failure?) async {
+    private func ask(_ path: String, _ waiter: Waiter, _ offer: Offer, message: ByteBuffer?, closed: Bool, failure: ChannelCore.Failure?) async {
         var query = "run=\(offer.run)&clause=\(offer.clause)&chan=\(path)&op=\(offer.receiving ? "recv" : "send")"
         if closed { query += "&closed=1" }
         if let failure { query += "&failure=\(failure == .closed ? "closed" : "gone")" }
@@ -182,7 +182,7 @@ final class Channels: Sendable {
         let giveUp = ContinuousClock.now + Selects.retention
         while true {
             if let answer = try? await HTTPPool.shared(offer.coordinator).perform(
-                .POST, "/v1/select/propose\(offer.select)?\(query)", body: message, timeout: .seconds(5)),
+                .POST, "/v1/select/propose\(offer.select)?\(query)", body: message.map { Array(buffer: $0) }, timeout: .seconds(5)),
                 answer.status == 200
             {
                 accepted = (try? JSONDecoder().decode([String: Bool].self, from: Data(answer.body)))?["commit"] ?? false
@@ -224,7 +224,7 @@ final class Channels: Sendable {
                 entry.core.buffered + entry.core.waitingSenders < entry.core.capacity
             else { return Settled() }
             taken = true
-            return Self.settle(entry.core.send(0, event, wait: true), &entry)
+            return Self.settle(entry.core.send(0, ByteBuffer(bytes: event), wait: true), &entry)
         }
         if let settled { finish(settled, path) }
         return taken
@@ -448,7 +448,7 @@ struct ChannelRoutes: RouterMiddleware {
             else { throw APIError.badRequest("offer needs run, clause, coordinator, select and op (recv or send)") }
             let body = try await OwnerRouting.collect(request.body, upTo: channels.maxMessageBytes)
             let offer = Channels.Offer(coordinator: coordinator, select: select, run: run, clause: clause, receiving: kind == "recv")
-            let asking = try await channels.offer(path, offer, sending: kind == "send" ? Array(buffer: body) : nil)
+            let asking = try await channels.offer(path, offer, sending: kind == "send" ? body : nil)
             return try json(["offered": true, "proposing": asking])
         }
         // Point to point: any other node names the owning host (307), and the client asks it.
@@ -466,14 +466,14 @@ struct ChannelRoutes: RouterMiddleware {
         case "send":
             return try await OwnerRouting.whileConnected(request, if: wait) { body in
                 let message = try await OwnerRouting.collect(body, upTo: channels.maxMessageBytes)
-                return try json(try await channels.send(path, Array(buffer: message), wait: wait))
+                return try json(try await channels.send(path, message, wait: wait))
             }
         case "recv":
             return try await OwnerRouting.whileConnected(request, if: wait) { _ in
                 let message = try await channels.receive(path, wait: wait)
                 return Response(
                     status: .ok, headers: [.contentType: "application/octet-stream"],
-                    body: .init(byteBuffer: ByteBuffer(bytes: message)))
+                    body: .init(byteBuffer: message))
             }
         case "close":
             return try json(try await channels.close(path))
@@ -483,23 +483,35 @@ struct ChannelRoutes: RouterMiddleware {
     }
 
     /// A stream of sends: the body is messages, each a 4-byte big-endian length and its bytes, sent in order, each
-    /// after the last was taken (a waiting send holds back the rest of the body: back-pressure to the sender).
+    /// after the last was taken (a waiting send holds back the rest of the body: back-pressure to the sender). A
+    /// message that lies within one of the body's chunks is sent as a slice of it, not copied; one spread over several
+    /// is gathered once.
     private func sendStream(_ body: RequestBody, to path: String) async throws -> Int {
         var pending = ByteBuffer()
         var sent = 0
         for try await chunk in body {
-            pending.writeImmutableBuffer(chunk)
+            if pending.readableBytes == 0 {
+                pending = chunk
+            } else {
+                pending.writeImmutableBuffer(chunk)
+            }
             while let length = pending.getInteger(at: pending.readerIndex, as: UInt32.self) {
                 guard Int(length) <= channels.maxMessageBytes else { throw Channels.tooLarge(channels.maxMessageBytes) }
-                guard pending.readableBytes >= 4 + Int(length) else { break }
+                guard pending.readableBytes >= 4 + Int(length) else {
+                    // The rest of a large message is coming: room for all of it at once, not doubling as it grows.
+                    if pending.writableBytes < 4 + Int(length) - pending.readableBytes {
+                        var whole = ByteBuffer()
+                        whole.reserveCapacity(4 + Int(length))
+                        whole.writeBuffer(&pending)
+                        pending = whole
+                    }
+                    break
+                }
                 pending.moveReaderIndex(forwardBy: 4)
-                let message = pending.readBytes(length: Int(length))!
+                let message = pending.readSlice(length: Int(length))!
                 try await channels.sendOne(path, message, wait: true)
                 sent += 1
             }
-            // Compacted only once mostly spent: moving a large message's first part at every chunk would cost more
-            // than the transfer.
-            if pending.readerIndex > pending.readableBytes { pending.discardReadBytes() }
         }
         guard pending.readableBytes == 0 else {
             throw APIError.badRequest("the stream of messages ends inside a message (\(pending.readableBytes) bytes left over)")
@@ -519,7 +531,7 @@ struct ChannelRoutes: RouterMiddleware {
                         // The first waits; those already there come along without waiting.
                         var wait = true
                         while received < count, frames.readableBytes < 1 << 20 {
-                            let message: [UInt8]
+                            let message: ByteBuffer
                             do {
                                 message = try await channels.receive(path, wait: wait)
                             } catch {
@@ -527,12 +539,19 @@ struct ChannelRoutes: RouterMiddleware {
                                 if frames.readableBytes > 0 { try await writer.write(frames) }
                                 break receiving
                             }
-                            frames.writeInteger(UInt32(message.count))
-                            frames.writeBytes(message)
+                            frames.writeInteger(UInt32(message.readableBytes))
+                            if message.readableBytes < 1 << 16 {
+                                frames.writeImmutableBuffer(message)
+                            } else {
+                                // A large message goes out as it is, behind what was framed before it: not copied.
+                                try await writer.write(frames)
+                                frames.clear()
+                                try await writer.write(message)
+                            }
                             received += 1
                             wait = false
                         }
-                        try await writer.write(frames)
+                        if frames.readableBytes > 0 { try await writer.write(frames) }
                     }
                 }
             } catch is CancellationError {

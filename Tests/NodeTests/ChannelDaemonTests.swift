@@ -105,6 +105,13 @@ struct ChannelDaemonTests {
         #expect(try await pipe.send(contentsOf: Array(batch[1000...])) == 1000)
         #expect(try await drained.value == 2000)
         #expect(gotten.all == batch, "every message, in order")
+        // Large messages, each spread over many of the body's chunks, through a capacity-1 channel.
+        let large = (0..<6).map { i in (0..<((1 << 20) - 7 * i)).map { UInt8(truncatingIfNeeded: $0 &* (i + 1)) } }
+        let bulk = Collected()
+        let bulkDrained = Task { try await pipe.receive(upTo: 6) { bulk.add($0) } }
+        #expect(try await pipe.send(contentsOf: large) == 6)
+        #expect(try await bulkDrained.value == 6)
+        #expect(bulk.all == large, "every large message whole, in order")
         let torn = try await HTTPExchange.perform(.POST, "/v1/chan/send\(piped)?stream=1", to: cluster.members[b].api, body: [0, 0, 0, 9, 1])
         #expect(torn.status == 400 && String(decoding: torn.body, as: UTF8.self).contains("ends inside a message"))
 

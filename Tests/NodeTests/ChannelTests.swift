@@ -1,13 +1,19 @@
 import CircuitAPI
 import CircuitTestSupport
 import Foundation
+import NIOCore
 import Testing
 
 @testable import CircuitNode
 
-private let m1: [UInt8] = [1]
-private let m2: [UInt8] = [2]
-private let m3: [UInt8] = [3]
+private let m1: ByteBuffer = [1]
+private let m2: ByteBuffer = [2]
+private let m3: ByteBuffer = [3]
+
+/// Messages are ByteBuffers (sent and received without copies); here they are written as byte literals.
+extension ByteBuffer: @retroactive ExpressibleByArrayLiteral {
+    public init(arrayLiteral elements: UInt8...) { self.init(bytes: elements) }
+}
 
 @Suite("ChannelCore: Go's channel semantics as a pure value")
 struct ChannelCoreTests {
@@ -247,10 +253,10 @@ struct ChannelsTests {
         let ch = Self.channels(capacity: 4, maxBuffered: 20)
         let path = "/X0000000000000001/c"
         #expect(await Self.code { _ = try await ch.send("/X0000000000000001/none", [1], wait: true) } == "not_found")
-        #expect(await Self.code { _ = try await ch.send(path, [UInt8](repeating: 0, count: 17), wait: true) } == "too_large")
-        _ = try await ch.send(path, [UInt8](repeating: 0, count: 16), wait: true)
-        #expect(await Self.code { _ = try await ch.send(path, [UInt8](repeating: 0, count: 8), wait: true) } == "buffers_full")
-        #expect(try await ch.receive(path, wait: false).count == 16)
+        #expect(await Self.code { _ = try await ch.send(path, ByteBuffer(repeating: 0, count: 17), wait: true) } == "too_large")
+        _ = try await ch.send(path, ByteBuffer(repeating: 0, count: 16), wait: true)
+        #expect(await Self.code { _ = try await ch.send(path, ByteBuffer(repeating: 0, count: 8), wait: true) } == "buffers_full")
+        #expect(try await ch.receive(path, wait: false).readableBytes == 16)
         #expect(await Self.code { _ = try await ch.receive(path, wait: false) } == "would_block")
         let waiting = Task { try await ch.receive(path, wait: true) }
         try await eventually("the receiver waiting") { (try? await ch.stat(path))?.waitingReceivers == 1 }
