@@ -6,7 +6,7 @@ import Logging
 
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Benchmarks that print a table of figures.", subcommands: [RaftBench.self, CatchUpBench.self, StateBench.self, APIBench.self, ElementsBench.self, MountBench.self])
+        abstract: "Benchmarks that print a table of figures.", subcommands: [RaftBench.self, CatchUpBench.self, StateBench.self, APIBench.self, ElementsBench.self, MountBench.self, CompareBench.self])
 }
 
 /// A 3-node cluster in one process with real SQLite stores and an in-memory transport, driven by closed-loop
