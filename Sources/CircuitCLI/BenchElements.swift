@@ -44,6 +44,7 @@ struct ElementsBench: AsyncParsableCommand {
                 let path = fresh("chan")
                 try await client.makeChannel(path, capacity: UInt32(capacity))
                 let chan = try await client.channel(path)
+                progress("\(pairs) sender(s), capacity \(capacity)")
                 rates.append(try await messages(chan, pairs: pairs, size: 64) / seconds)
             }
             rows.append(("channel messages/s, 64 B, \(pairs) sender\(pairs == 1 ? "" : "s") and receiver\(pairs == 1 ? "" : "s"), capacity \(capacity)", "msg/s", rates))
@@ -53,6 +54,7 @@ struct ElementsBench: AsyncParsableCommand {
         for _ in 0..<rounds {
             let path = fresh("piped")
             try await client.makeChannel(path, capacity: 1024)
+            progress("pipelined 64 B")
             piped.append(try await pipelined(try await client.channel(path)) / seconds)
         }
         rows.append(("channel messages/s, 64 B, a pipelining sender (1,000 a request) and a streaming receiver, capacity 1024", "msg/s", piped))
@@ -65,9 +67,13 @@ struct ElementsBench: AsyncParsableCommand {
             let path = fresh("bulk")
             try await client.makeChannel(path, capacity: 4)
             let chan = try await client.channel(path)
+            progress("bulk channel")
             channelMB.append(try await pipelined(chan, size: 1 << 20, batch: 8) * Double(1 << 20) / seconds / 1e6)
+            progress("stdout")
             stdoutMB.append(try await stdout(client, fresh("out")))
+            progress("raw TCP")
             tcpMB.append(try await onThread { try Self.rawTCP(seconds: seconds) })
+            progress("raw TCP relayed")
             relayMB.append(try await onThread { try Self.rawTCP(seconds: seconds, relayed: true) })
         }
         rows.append(("channel bulk, 1 MiB messages, capacity 4, a pipelining sender (8 a request) and a streaming receiver", "MB/s", channelMB))
@@ -75,6 +81,7 @@ struct ElementsBench: AsyncParsableCommand {
         rows.append(("raw TCP on loopback, one connection, 1 MiB writes (the baseline)", "MB/s", tcpMB))
         rows.append(("raw TCP through a relay thread, two connections, 1 MiB writes (a channel's ceiling)", "MB/s", relayMB))
 
+        progress("latencies")
         var procLatency: [Double] = []
         var jobLatency: [Double] = []
         for _ in 0..<samples {
@@ -128,6 +135,11 @@ struct ElementsBench: AsyncParsableCommand {
         print("")
         let channel = median(channelMB)
         print(String(format: "Channel bulk is %.2f of raw TCP (%.2f of the relay); stdout %.2f of raw TCP; the relay %.2f.", channel / tcp, channel / median(relayMB), median(stdoutMB) / tcp, median(relayMB) / tcp))
+    }
+
+    /// Progress, on standard error: the table alone goes to standard output.
+    private func progress(_ step: String) {
+        FileHandle.standardError.write(Data("bench elements: \(step)\n".utf8))
     }
 
     /// Messages received in `seconds` with `pairs` senders and receivers of `size`-byte messages.

@@ -45,10 +45,19 @@ public enum HTTPExchange {
         _ method: HTTPMethod, _ uri: String, to address: String, body: [UInt8]? = nil,
         headers extra: [(String, String)] = [], timeout: Duration = .seconds(10)
     ) async throws -> Answer {
-        try await withThrowingTaskGroup(of: Answer.self) { group in
-            group.addTask {
-                let channel = try await connect(address, timeout: timeout)
-                return try await channel.executeThenClose { inbound, outbound in
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        let channel = try await connect(address, timeout: timeout)
+        // The deadline, and a caller that gives up, close the connection: every wait on it ends at once. Cancelling a
+        // task alone does not end a write suspended by back-pressure, or a read in flight (swift-nio #3472).
+        let remaining = clock.now.duration(to: deadline)
+        let timer = channel.channel.eventLoop.scheduleTask(
+            in: .nanoseconds(max(0, remaining.components.seconds * 1_000_000_000 + remaining.components.attoseconds / 1_000_000_000))
+        ) { channel.channel.close(promise: nil) }
+        defer { timer.cancel() }
+        do {
+            return try await withTaskCancellationHandler {
+                try await channel.executeThenClose { inbound, outbound in
                     try await send(method, uri, to: address, body: body, headers: extra, on: outbound)
                     var answer = Answer(status: 0, contentType: nil, body: [])
                     for try await part in inbound {
@@ -65,13 +74,12 @@ public enum HTTPExchange {
                     }
                     throw HTTPExchangeError.closed
                 }
+            } onCancel: {
+                channel.channel.close(promise: nil)
             }
-            group.addTask {
-                try await Task.sleep(for: timeout)
-                throw HTTPExchangeError.timedOut(timeout)
-            }
-            defer { group.cancelAll() }
-            return try await group.next()!
+        } catch {
+            if clock.now >= deadline { throw HTTPExchangeError.timedOut(timeout) }
+            throw error
         }
     }
 
@@ -108,21 +116,27 @@ public enum HTTPExchange {
         chunk: (ByteBuffer) async throws -> Void
     ) async throws -> (status: Int, errorBody: [UInt8]) {
         let channel = try await connect(address, timeout: .seconds(10))
-        return try await channel.executeThenClose { inbound, outbound in
-            try await send(method, uri, to: address, body: body, headers: [], on: outbound)
-            var status = 0
-            var errorBody: [UInt8] = []
-            for try await part in inbound {
-                switch part {
-                case .head(let head):
-                    status = Int(head.status.code)
-                case .body(let buffer):
-                    if status == 200 { try await chunk(buffer) } else { errorBody += buffer.readableBytesView }
-                case .end:
-                    return (status, errorBody)
+        // A caller that gives up closes the connection: cancelling the task alone may leave a read in flight
+        // waiting for ever (swift-nio #3472).
+        return try await withTaskCancellationHandler {
+            try await channel.executeThenClose { inbound, outbound in
+                try await send(method, uri, to: address, body: body, headers: [], on: outbound)
+                var status = 0
+                var errorBody: [UInt8] = []
+                for try await part in inbound {
+                    switch part {
+                    case .head(let head):
+                        status = Int(head.status.code)
+                    case .body(let buffer):
+                        if status == 200 { try await chunk(buffer) } else { errorBody += buffer.readableBytesView }
+                    case .end:
+                        return (status, errorBody)
+                    }
                 }
+                return (status, errorBody)
             }
-            return (status, errorBody)
+        } onCancel: {
+            channel.channel.close(promise: nil)
         }
     }
 
