@@ -180,14 +180,26 @@ struct ElementsBench: AsyncParsableCommand {
         let deadline = ContinuousClock.now + .milliseconds(Int64(seconds * 1000))
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask {
-                while ContinuousClock.now < deadline { try await chan.send(contentsOf: batch) }
-                try await chan.close()
+                do {
+                    while ContinuousClock.now < deadline { try await chan.send(contentsOf: batch) }
+                    try await chan.close()
+                } catch {
+                    progress("the sender failed: \(error)")
+                    throw error
+                }
+                progress("the sender closed the channel")
             }
             group.addTask {
-                while true {
-                    let n = try await chan.receive(upTo: 1_000_000) { _ in received.add(1) }
-                    if n < 1_000_000 { return }  // closed and drained
+                do {
+                    while true {
+                        let n = try await chan.receive(upTo: 1_000_000) { _ in received.add(1) }
+                        if n < 1_000_000 { break }  // closed and drained
+                    }
+                } catch {
+                    progress("the receiver failed: \(error)")
+                    throw error
                 }
+                progress("the receiver drained it")
             }
             try await group.waitForAll()
         }
