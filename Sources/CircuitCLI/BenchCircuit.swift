@@ -79,14 +79,7 @@ final class CircuitComparedConnection: ComparedConnection {
         let revision = try JSONDecoder().decode(Revisioned.self, from: Data(now.body.readableBytesView)).revision
         let address = http.address
         let task = Task {
-            var pending: [UInt8] = []
-            _ = try? await HTTPExchange.streamChunks(.GET, "/v1/watch/records\(key)?from=\(revision + 1)", to: address) { chunk in
-                pending += chunk
-                while let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
-                    if newline > 0 { changed() }
-                    pending.removeSubrange(...newline)
-                }
-            }
+            _ = try? await HTTPExchange.stream("/v1/watch/records\(key)?from=\(revision + 1)", to: address) { _ in changed() }
         }
         watches.add(task)
     }

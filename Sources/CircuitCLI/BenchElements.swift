@@ -327,7 +327,7 @@ func printMedianTable(_ rows: [(String, String, [Double])]) {
         let sorted = values.sorted()
         let median = sorted[sorted.count / 2]
         if unit == "ms" {
-            let p99 = sorted[min(sorted.count - 1, Int((Double(sorted.count) * 0.99).rounded(.up)) - 1)]
+            let p99 = percentile(sorted, 0.99)
             print(String(format: "| %@ | %.1f | %.1f–%.1f (p99 %.1f) | %@ |", name, median, sorted.first!, sorted.last!, p99, unit))
         } else {
             print(String(format: "| %@ | %.1f | %.1f–%.1f | %@ |", name, median, sorted.first!, sorted.last!, unit))

@@ -19,7 +19,7 @@ import Synchronization
 // - `/v3/watch` answers `Transfer-Encoding: chunked`, one chunk per message, each message one JSON object ending in
 //   "\n" and wrapped in `{"result":{...}}`: first `{"result":{"header":{...},"created":true}}`, then
 //   `{"result":{"header":{...},"events":[{"kv":{...}}]}}` (a put event has no `type`: PUT is the zero value).
-//   Lines are still reassembled here, since the HTTP decoder may split a chunk.
+//   Lines are reassembled (`HTTPExchange.stream`), since the HTTP decoder may split a chunk.
 // - The WAL preallocates 64 MB segments (`0.tmp` and the first `.wal`): a fresh member's data folder already takes
 //   ~125 MB of blocks.
 
@@ -229,11 +229,8 @@ final class EtcdSystem: ComparedSystem {
 
     func residentBytes(_ member: Int) -> Int {
         let all = members
-        guard all.indices.contains(member), let p = all[member].process,
-            let status = try? String(contentsOfFile: "/proc/\(p.processIdentifier)/status", encoding: .utf8),
-            let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") })
-        else { return 0 }
-        return (Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0) * 1024
+        guard all.indices.contains(member), let p = all[member].process else { return 0 }
+        return CircuitNode.residentBytes(of: p.processIdentifier)
     }
 
     /// Allocated blocks (`du` style, st_blocks × 512) of the data folder and everything under it; the log beside it
@@ -329,28 +326,21 @@ final class EtcdConnection: ComparedConnection {
         let (created, confirm) = AsyncStream<Result<Void, any Error>>.makeStream()
         let task = Task {
             do {
-                var pending: [UInt8] = []
-                let (status, errorBody) = try await HTTPExchange.streamChunks(.POST, "/v3/watch", to: address, body: body) {
-                    chunk in
-                    pending += chunk
-                    while let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
-                        let line = Array(pending[..<newline])
-                        pending.removeSubrange(...newline)
-                        if line.isEmpty { continue }
-                        let message = try JSONSerialization.jsonObject(with: Data(line)) as? [String: Any]
-                        if let error = message?["error"] {
-                            throw ComparedError("etcd watch: \(error)")
-                        }
-                        guard let result = message?["result"] as? [String: Any] else { continue }
-                        if result["canceled"] as? Bool == true {
-                            throw ComparedError("etcd watch canceled: \(result["cancel_reason"] ?? "no reason given")")
-                        }
-                        if result["created"] as? Bool == true {
-                            confirm.yield(.success(()))
-                            confirm.finish()
-                        }
-                        for _ in 0..<((result["events"] as? [Any])?.count ?? 0) { changed() }
+                let (status, errorBody) = try await HTTPExchange.stream("/v3/watch", to: address, method: .POST, body: body) {
+                    line in
+                    let message = try JSONSerialization.jsonObject(with: Data(line)) as? [String: Any]
+                    if let error = message?["error"] {
+                        throw ComparedError("etcd watch: \(error)")
                     }
+                    guard let result = message?["result"] as? [String: Any] else { return }
+                    if result["canceled"] as? Bool == true {
+                        throw ComparedError("etcd watch canceled: \(result["cancel_reason"] ?? "no reason given")")
+                    }
+                    if result["created"] as? Bool == true {
+                        confirm.yield(.success(()))
+                        confirm.finish()
+                    }
+                    for _ in 0..<((result["events"] as? [Any])?.count ?? 0) { changed() }
                 }
                 if status != 200 {
                     throw ComparedError("etcd watch: HTTP \(status) \(String(decoding: errorBody, as: UTF8.self))")

@@ -127,11 +127,8 @@ final class ZooKeeperSystem: ComparedSystem {
     }
 
     func residentBytes(_ member: Int) -> Int {
-        guard let process = try? self.member(member).process,
-            let status = try? String(contentsOfFile: "/proc/\(process.processIdentifier)/status", encoding: .utf8),
-            let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") })
-        else { return 0 }
-        return (Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0) * 1024
+        guard let process = try? self.member(member).process else { return 0 }
+        return CircuitNode.residentBytes(of: process.processIdentifier)
     }
 
     /// Allocated blocks under the member's dataDir (myid, snapshots, transaction logs): the transaction log is

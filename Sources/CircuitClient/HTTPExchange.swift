@@ -83,13 +83,15 @@ public enum HTTPExchange {
         }
     }
 
-    /// Sends `GET uri` and calls `line` with each line of a streamed answer (a watch), until the answer ends, the
-    /// caller's task is cancelled, or `line` throws. Returns the status and, for an error status, the whole body.
+    /// Sends `GET uri` (or `method` with `body`) and calls `line` with each line of a streamed answer (a watch),
+    /// until the answer ends, the caller's task is cancelled, or `line` throws. Returns the status and, for an error
+    /// status, the whole body.
     public static func stream(
-        _ uri: String, to address: String, line: @Sendable ([UInt8]) throws -> Void
+        _ uri: String, to address: String, method: HTTPMethod = .GET, body: [UInt8]? = nil,
+        line: ([UInt8]) throws -> Void
     ) async throws -> (status: Int, errorBody: [UInt8]) {
         var pending: [UInt8] = []
-        return try await streamChunks(.GET, uri, to: address) { chunk in
+        return try await streamChunks(method, uri, to: address, body: body) { chunk in
             pending += chunk
             while let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
                 let text = Array(pending[..<newline])

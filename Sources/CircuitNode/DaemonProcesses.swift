@@ -196,12 +196,16 @@ public final class DaemonProcesses: @unchecked Sendable {
 
     /// Resident memory of member `i`, from /proc.
     public func residentBytes(_ i: Int) -> Int {
-        guard let p = members[i].process,
-            let status = try? String(contentsOfFile: "/proc/\(p.processIdentifier)/status", encoding: .utf8),
-            let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") })
-        else { return 0 }
-        return (Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0) * 1024
+        members[i].process.map { CircuitNode.residentBytes(of: $0.processIdentifier) } ?? 0
     }
+}
+
+/// Resident memory of process `pid` (VmRSS, from /proc), 0 if it cannot be read.
+public func residentBytes(of pid: Int32) -> Int {
+    guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+        let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") })
+    else { return 0 }
+    return (Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0) * 1024
 }
 
 public enum DaemonProcessesError: Error, CustomStringConvertible {
