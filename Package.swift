@@ -21,6 +21,10 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         .package(url: "https://github.com/apple/swift-http-types.git", from: "1.8.0"),
         .package(url: "https://github.com/LebJe/TOMLKit.git", from: "0.6.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
+        .package(url: "https://github.com/apple/swift-certificates.git", from: "1.21.1"),
+        .package(url: "https://github.com/apple/swift-crypto.git", "3.12.3"..<"5.0.0"),
+        .package(url: "https://github.com/apple/swift-asn1.git", from: "1.3.0"),
     ],
     targets: [
         // libsqlite3 from the system (Debian: libsqlite3-dev).
@@ -41,11 +45,28 @@ let package = Package(
         // The replicated control state: hosts, sessions, the namespace, records, watches. Deterministic; knows
         // nothing of Raft or sockets.
         .target(name: "CircuitStateMachine"),
+        // Who may talk to whom: the cluster's CA, certificates carrying roles, TLS contexts from PEM files.
+        // Knows nothing of Raft or circuits.
+        .target(
+            name: "CircuitSecurity",
+            dependencies: [
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // Raft between daemons over TCP (SwiftNIO): framing, the binary codec, the handshake, reconnection.
         .target(
             name: "CircuitTransport",
             dependencies: [
                 "CircuitRaft",
+                "CircuitSecurity",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -62,7 +83,11 @@ let package = Package(
                 "CircuitAPI",
                 "CircuitClient",
                 "CircuitFS",
+                "CircuitSecurity",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
                 .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdCore", package: "hummingbird"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "TOMLKit", package: "TOMLKit"),
@@ -97,6 +122,8 @@ let package = Package(
             name: "CircuitClient",
             dependencies: [
                 "CircuitAPI",
+                "CircuitSecurity",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -109,6 +136,7 @@ let package = Package(
         .executableTarget(
             name: "CircuitCLI",
             dependencies: [
+                "CircuitSecurity",
                 "CircuitFS",
                 "CircuitRaft",
                 "CircuitStateMachine",
@@ -137,6 +165,7 @@ let package = Package(
             name: "TransportTests",
             dependencies: [
                 "CircuitTransport",
+                "CircuitSecurity",
                 "CircuitTestSupport",
                 "CircuitRaft",
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -156,6 +185,10 @@ let package = Package(
             name: "NodeTests",
             dependencies: [
                 "CircuitFS",
+                "CircuitSecurity",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
                 "CircuitNode",
                 "CircuitClient",
                 "CircuitAPI",

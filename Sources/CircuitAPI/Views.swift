@@ -96,12 +96,17 @@ public struct StatusView: Codable, Sendable, Equatable {
     public var learners: [String]
     /// Watches open on this node (absent from a worker, which holds none of its own).
     public var watches: Int?
+    /// How this node's ports are protected: "mutual TLS", "plaintext on loopback", or "INSECURE: plaintext beyond
+    /// loopback" (started with --insecure).
+    public var security: String?
 
     public init(
         host: String, cluster: String, role: String, term: UInt64, leader: String?, commitIndex: UInt64,
-        appliedIndex: UInt64, revision: UInt64, voters: [String], learners: [String], watches: Int? = nil
+        appliedIndex: UInt64, revision: UInt64, voters: [String], learners: [String], watches: Int? = nil,
+        security: String? = nil
     ) {
         self.watches = watches
+        self.security = security
         self.host = host
         self.cluster = cluster
         self.role = role
@@ -115,7 +120,7 @@ public struct StatusView: Codable, Sendable, Equatable {
     }
 
     public enum CodingKeys: String, CodingKey {
-        case host, cluster, role, term, leader, revision, voters, learners, watches
+        case host, cluster, role, term, leader, revision, voters, learners, watches, security
         case commitIndex = "commit_index"
         case appliedIndex = "applied_index"
     }

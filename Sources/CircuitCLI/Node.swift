@@ -2,6 +2,7 @@ import ArgumentParser
 import CircuitAPI
 import CircuitClient
 import CircuitNode
+import CircuitSecurity
 import Foundation
 import Logging
 
@@ -59,6 +60,11 @@ struct DaemonOptions: ParsableArguments {
     var voterReplaceAfterMs: UInt64?
     @Option(help: "Milliseconds a host's session lives without a keep-alive.") var sessionTtlMs: UInt64?
     @Option(help: "Mount the cluster as a file system at this directory while the daemon runs.") var mount: String?
+    @Option(help: "Mutual TLS: the cluster's CA certificate (with --tls-cert and --tls-key).") var tlsCa: String?
+    @Option(help: "Mutual TLS: this host's certificate (`circuit ca issue --host`).") var tlsCert: String?
+    @Option(help: "Mutual TLS: this host's key.") var tlsKey: String?
+    @Flag(help: "Allow plaintext on an address other than loopback (anyone who reaches the ports can run processes here).")
+    var insecure = false
     @Flag(help: .hidden) var testFaults = false
 
     func runDaemon(global: GlobalOptions) async throws {
@@ -74,6 +80,10 @@ struct DaemonOptions: ParsableArguments {
         if let voterReplaceAfterMs { settings.voterReplaceAfterMillis = voterReplaceAfterMs }
         if let sessionTtlMs { settings.sessionTTLMillis = sessionTtlMs }
         if let mount { settings.mount = mount }
+        if let tlsCa { settings.tlsCA = tlsCa }
+        if let tlsCert { settings.tlsCert = tlsCert }
+        if let tlsKey { settings.tlsKey = tlsKey }
+        if insecure { settings.insecure = true }
         if testFaults { settings.testFaults = true }
         var global = global
         if global.logLevel == .warning { global.logLevel = .info }
@@ -101,6 +111,17 @@ struct ClientOptions: ParsableArguments {
         help: "A daemon's TOML config: its API address is used (default: $CIRCUIT_CONFIG, then /etc/circuit/circuit.toml if present).")
     var configFile: String?
     @Flag(help: "Print JSON instead of a table.") var json = false
+    @OptionGroup var tls: ClientTLSOptions
+
+    /// Loads the TLS identity named (flags, environment, else the local daemon's config) as this process's.
+    mutating func validate() throws {
+        if let files = try tls.load() {
+            ClientTLS.default = files
+        } else if let config = localConfig, let ca = config.tlsCA, let cert = config.tlsCert, let key = config.tlsKey {
+            // On a member's host, its own identity (readable by whoever may read its key).
+            ClientTLS.default = try? TLSFiles(ca: ca, certificate: cert, key: key)
+        }
+    }
 
     /// The node to ask: --node, then $CIRCUIT, then the local daemon's config, then 127.0.0.1:7700.
     var client: CircuitClient {
@@ -111,11 +132,13 @@ struct ClientOptions: ParsableArguments {
 
     /// The API address in the local config, if one is named or present. (A file that cannot be read is ignored
     /// here only when it was not named.)
-    private var localConfigAddress: String? {
+    private var localConfigAddress: String? { localConfig?.advertisedClient }
+
+    private var localConfig: NodeConfig? {
         let named = configFile ?? ProcessInfo.processInfo.environment["CIRCUIT_CONFIG"]
         let path = named ?? "/etc/circuit/circuit.toml"
         guard named != nil || FileManager.default.fileExists(atPath: path) else { return nil }
-        return (try? NodeConfig(tomlFile: path))?.advertisedClient
+        return try? NodeConfig(tomlFile: path)
     }
 
     /// `value` as indented JSON with sorted keys, on standard output.
@@ -153,6 +176,7 @@ struct Status: AsyncParsableCommand {
             leader    \(s.leader ?? "none known")
             commit    \(s.commitIndex), applied \(s.appliedIndex), revision \(s.revision)
             voters    \(s.voters.joined(separator: " "))
+            security  \(s.security ?? "unknown")
             """ + (s.learners.isEmpty ? "" : "\nlearners  \(s.learners.joined(separator: " "))")
         }
     }

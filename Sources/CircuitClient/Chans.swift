@@ -36,7 +36,7 @@ extension CircuitClient {
         guard let owner = try await members(stale: true).first(where: { $0.id == host && $0.state == "alive" }) else {
             throw .api(APIError(status: 409, code: "host_not_alive", message: "host \(host), which owns \(rooted), is not alive"))
         }
-        var client = CircuitClient(endpoints: [owner.clientAddress])
+        var client = CircuitClient(endpoints: [owner.clientAddress], tls: tls)
         client.timeout = timeout
         return client
     }
@@ -155,7 +155,7 @@ extension Chan {
         let answer: (status: Int, errorBody: [UInt8])
         do {
             // A chunk that holds whole messages is read in place; only a message spread over chunks is gathered.
-            answer = try await HTTPExchange.streamBuffers(.POST, "/v1/chan/recv\(path)?stream=\(count)", to: endpoint) { chunk in
+            answer = try await HTTPExchange.streamBuffers(.POST, "/v1/chan/recv\(path)?stream=\(count)", to: endpoint, tls: owner.tls) { chunk in
                 if pending.readableBytes == 0 { pending = chunk } else { pending.writeImmutableBuffer(chunk) }
                 while let n = pending.getInteger(at: pending.readerIndex, as: UInt32.self).map(Int.init) {
                     guard pending.readableBytes - 4 >= n else {

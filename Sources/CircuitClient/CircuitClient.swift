@@ -1,4 +1,5 @@
 import CircuitAPI
+import CircuitSecurity
 import Foundation
 
 import NIOHTTP1
@@ -34,10 +35,14 @@ public struct CircuitClient: Sendable {
     public let endpoints: [String]
     /// Seconds to wait for each answer.
     public var timeout: Double = 10
+    /// Mutual TLS with this identity (its certificate's roles decide what the cluster lets it do); nil: plaintext.
+    public var tls: TLSFiles?
 
-    /// `endpoints`: `host:port` of one or more nodes' APIs.
-    public init(endpoints: [String]) {
+    /// `endpoints`: `host:port` of one or more nodes' APIs; `tls`: the identity to connect with (default: the
+    /// process's, `ClientTLS.default`).
+    public init(endpoints: [String], tls: TLSFiles? = ClientTLS.default) {
         self.endpoints = endpoints
+        self.tls = tls
     }
 
     // MARK: - The cluster
@@ -217,8 +222,8 @@ public struct CircuitClient: Sendable {
         let deadline = Duration.milliseconds(Int64(timeout * 1000))
         func send(to endpoint: String) async throws -> HTTPExchange.Answer {
             ownConnection
-                ? try await HTTPExchange.perform(HTTPMethod(rawValue: method), uri, to: endpoint, body: body, timeout: deadline)
-                : try await HTTPPool.shared(endpoint).perform(HTTPMethod(rawValue: method), uri, body: body, timeout: deadline)
+                ? try await HTTPExchange.perform(HTTPMethod(rawValue: method), uri, to: endpoint, body: body, timeout: deadline, tls: tls)
+                : try await HTTPPool.shared(endpoint, tls: tls).perform(HTTPMethod(rawValue: method), uri, body: body, timeout: deadline)
         }
         for endpoint in endpoints {
             var answer: HTTPExchange.Answer

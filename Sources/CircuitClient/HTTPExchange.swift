@@ -1,6 +1,26 @@
+import CircuitSecurity
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOSSL
+
+/// The TLS identity a process's clients use unless told otherwise: a daemon sets its host certificate, the CLI the
+/// certificate its flags name. nil: plaintext.
+public enum ClientTLS {
+    private static let box = NIOLockedValueBox<TLSFiles?>(nil)
+
+    public static var `default`: TLSFiles? {
+        get { box.withLockedValue { $0 } }
+        set { box.withLockedValue { $0 = newValue } }
+    }
+
+    /// Puts a TLS client handler (mutual, the cluster's CA) at the front of `channel`'s pipeline.
+    static func add(_ tls: TLSFiles?, to channel: any Channel) throws {
+        guard let tls else { return }
+        try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: tls.clientContext(), serverHostname: nil))
+    }
+}
 
 /// Why an HTTP exchange failed before an answer arrived.
 public enum HTTPExchangeError: Error, Sendable, Equatable, CustomStringConvertible {
@@ -43,11 +63,11 @@ public enum HTTPExchange {
     /// Sends `method uri` to `address` (`host:port`) and reads the whole answer.
     public static func perform(
         _ method: HTTPMethod, _ uri: String, to address: String, body: [UInt8]? = nil,
-        headers extra: [(String, String)] = [], timeout: Duration = .seconds(10)
+        headers extra: [(String, String)] = [], timeout: Duration = .seconds(10), tls: TLSFiles? = ClientTLS.default
     ) async throws -> Answer {
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
-        let channel = try await connect(address, timeout: timeout)
+        let channel = try await connect(address, timeout: timeout, tls: tls)
         // The deadline, and a caller that gives up, close the connection: every wait on it ends at once. Cancelling a
         // task alone does not end a write suspended by back-pressure, or a read in flight (swift-nio #3472).
         let remaining = clock.now.duration(to: deadline)
@@ -88,10 +108,10 @@ public enum HTTPExchange {
     /// status, the whole body.
     public static func stream(
         _ uri: String, to address: String, method: HTTPMethod = .GET, body: [UInt8]? = nil,
-        line: ([UInt8]) throws -> Void
+        tls: TLSFiles? = ClientTLS.default, line: ([UInt8]) throws -> Void
     ) async throws -> (status: Int, errorBody: [UInt8]) {
         var pending: [UInt8] = []
-        return try await streamChunks(method, uri, to: address, body: body) { chunk in
+        return try await streamChunks(method, uri, to: address, body: body, tls: tls) { chunk in
             pending += chunk
             while let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
                 let text = Array(pending[..<newline])
@@ -105,9 +125,9 @@ public enum HTTPExchange {
     /// next is read only after `chunk` returns: back-pressure). Any other answer's body is returned whole.
     public static func streamChunks(
         _ method: HTTPMethod, _ uri: String, to address: String, body: [UInt8]? = nil,
-        chunk: ([UInt8]) async throws -> Void
+        tls: TLSFiles? = ClientTLS.default, chunk: ([UInt8]) async throws -> Void
     ) async throws -> (status: Int, errorBody: [UInt8]) {
-        try await streamBuffers(method, uri, to: address, body: body) { buffer in
+        try await streamBuffers(method, uri, to: address, body: body, tls: tls) { buffer in
             try await chunk(Array(buffer: buffer))
         }
     }
@@ -115,9 +135,9 @@ public enum HTTPExchange {
     /// The same, each chunk as NIO read it (no copy).
     public static func streamBuffers(
         _ method: HTTPMethod, _ uri: String, to address: String, body: [UInt8]? = nil,
-        chunk: (ByteBuffer) async throws -> Void
+        tls: TLSFiles? = ClientTLS.default, chunk: (ByteBuffer) async throws -> Void
     ) async throws -> (status: Int, errorBody: [UInt8]) {
-        let channel = try await connect(address, timeout: .seconds(10))
+        let channel = try await connect(address, timeout: .seconds(10), tls: tls)
         // A caller that gives up closes the connection: cancelling the task alone may leave a read in flight
         // waiting for ever (swift-nio #3472).
         return try await withTaskCancellationHandler {
@@ -143,7 +163,7 @@ public enum HTTPExchange {
     }
 
     private static func connect(
-        _ address: String, timeout: Duration
+        _ address: String, timeout: Duration, tls: TLSFiles?
     ) async throws -> NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart> {
         guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]) else {
             throw HTTPExchangeError.connect("\(address) is not host:port")
@@ -155,6 +175,7 @@ public enum HTTPExchange {
                 .channelOption(.socketOption(.tcp_nodelay), value: 1)
                 .connect(host: host, port: port) { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        try ClientTLS.add(tls, to: channel)
                         try channel.pipeline.syncOperations.addHTTPClientHandlers()
                         return try NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>(wrappingChannelSynchronously: channel)
                     }

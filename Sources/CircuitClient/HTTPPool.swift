@@ -1,3 +1,4 @@
+import CircuitSecurity
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
@@ -12,22 +13,31 @@ import NIOPosix
 /// again, since it may have been applied).
 public final class HTTPPool: Sendable {
     public let address: String
+    /// Mutual TLS with this identity; nil: plaintext.
+    public let tls: TLSFiles?
     private let maxIdle: Int
     private let idle = NIOLockedValueBox<[PooledConnection]>([])
 
-    public init(address: String, maxIdle: Int = 64) {
+    public init(address: String, tls: TLSFiles? = ClientTLS.default, maxIdle: Int = 64) {
         self.address = address
+        self.tls = tls
         self.maxIdle = maxIdle
     }
 
-    private static let pools = NIOLockedValueBox<[String: HTTPPool]>([:])
+    private struct Key: Hashable {
+        var address: String
+        var identity: ObjectIdentifier?
+    }
 
-    /// The process-wide pool for `address`.
-    public static func shared(_ address: String) -> HTTPPool {
-        pools.withLockedValue { pools in
-            if let pool = pools[address] { return pool }
-            let pool = HTTPPool(address: address)
-            pools[address] = pool
+    private static let pools = NIOLockedValueBox<[Key: HTTPPool]>([:])
+
+    /// The process-wide pool for `address`, with the identity `tls`.
+    public static func shared(_ address: String, tls: TLSFiles? = ClientTLS.default) -> HTTPPool {
+        let key = Key(address: address, identity: tls.map(ObjectIdentifier.init))
+        return pools.withLockedValue { pools in
+            if let pool = pools[key] { return pool }
+            let pool = HTTPPool(address: address, tls: tls)
+            pools[key] = pool
             return pool
         }
     }
@@ -75,12 +85,14 @@ public final class HTTPPool: Sendable {
         }
         let host = String(address[..<colon])
         let millis = timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000
+        let tls = self.tls
         do {
             let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
                 .connectTimeout(.milliseconds(millis))
                 .channelOption(.socketOption(.tcp_nodelay), value: 1)
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        try ClientTLS.add(tls, to: channel)
                         try channel.pipeline.syncOperations.addHTTPClientHandlers()
                         try channel.pipeline.syncOperations.addHandler(ResponseCollector())
                     }

@@ -31,7 +31,7 @@ extension CircuitClient {
         guard let endpoint = endpoints.first else { throw .unreachable(endpoints: [], why: "no endpoints given") }
         let answer: (status: Int, errorBody: [UInt8])
         do {
-            answer = try await HTTPExchange.streamChunks(.GET, "/v1/proc/\(stream)" + Self.rooted(path), to: endpoint, chunk: chunk)
+            answer = try await HTTPExchange.streamChunks(.GET, "/v1/proc/\(stream)" + Self.rooted(path), to: endpoint, tls: tls, chunk: chunk)
         } catch {
             throw .unreachable(endpoints: [endpoint], why: "\(error)")
         }

@@ -17,7 +17,7 @@ extension CircuitClient {
         let uri = "/v1/watch" + (path == "/" ? "" : Self.rooted(path)) + (query.isEmpty ? "" : "?" + query.joined(separator: "&"))
         let task = Task {
             do {
-                let (status, errorBody) = try await HTTPExchange.stream(uri, to: endpoint) { line in
+                let (status, errorBody) = try await HTTPExchange.stream(uri, to: endpoint, tls: tls) { line in
                     if let event = try? JSONDecoder().decode(EventView.self, from: Data(line)) {
                         continuation.yield(event)
                     } else if let envelope = try? JSONDecoder().decode(ErrorEnvelope.self, from: Data(line)) {

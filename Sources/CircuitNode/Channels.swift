@@ -410,7 +410,7 @@ final class Channels: Sendable {
 /// between hosts for selects). A channel's operations are served by its owning host; any other node answers 307 with
 /// the owner's address, so the messages never pass through a third host.
 struct ChannelRoutes: RouterMiddleware {
-    typealias Context = BasicRequestContext
+    typealias Context = APIContext
     let hostID: String
     let channels: Channels
     /// A live host's client address.

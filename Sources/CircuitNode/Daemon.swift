@@ -1,10 +1,12 @@
 import CircuitAPI
 import CircuitFS
 import CircuitRaft
+import CircuitSecurity
 import CircuitStateMachine
 import CircuitTransport
 import Foundation
 import Hummingbird
+import HummingbirdCore
 import Logging
 import NIOCore
 import NIOPosix
@@ -84,7 +86,7 @@ final class NodeContext: Sendable {
             leader: s.leader == .none ? nil : HostID.string(s.leader), commitIndex: s.commitIndex,
             appliedIndex: s.appliedIndex, revision: service.state.read { $0.revision },
             voters: s.membership.voters.sorted().map(HostID.string), learners: s.membership.learners.sorted().map(HostID.string),
-            watches: service.state.watcherCount)
+            watches: service.state.watcherCount, security: config.security)
     }
 
     /// Sends `request` on to the API at `address` and relays its answer.
@@ -129,6 +131,7 @@ public final class CircuitDaemon: Sendable {
         defer { withExtendedLifetime(lock) {} }
         var logger = logger
         logger[metadataKey: "host"] = "\(folder.hostID)"
+        let tls = try Self.loadTLS(config, hostID: folder.hostID, logger: logger)
 
         // The cluster: from the folder, or formed now from the bootstrap voters, or joined through a member.
         let peersFile = "\(folder.path)/peers"
@@ -167,9 +170,11 @@ public final class CircuitDaemon: Sendable {
         let initialVoters = Self.readPeers(votersFile).keys.map(HostID.nodeID).sorted()
 
         let listen = try NodeConfig.address(config.peerListen, "peer-listen")
+        var transportConfiguration = TCPTransport.Configuration(
+            clusterID: clusterID, hostID: folder.nodeID, listenHost: listen.host, listenPort: listen.port)
+        transportConfiguration.tls = tls
         let transport = TCPTransport(
-            configuration: .init(clusterID: clusterID, hostID: folder.nodeID, listenHost: listen.host, listenPort: listen.port),
-            group: MultiThreadedEventLoopGroup.singleton, logger: logger)
+            configuration: transportConfiguration, group: MultiThreadedEventLoopGroup.singleton, logger: logger)
 
         var options = RaftDriver.Options()
         options.tickInterval = .milliseconds(config.tickMillis)
@@ -211,18 +216,21 @@ extension CircuitDaemon {
     /// Serves the API (`router`, at the client listen address) beside the host's `agents` until SIGTERM or SIGINT
     /// (swift-service-lifecycle); returns once both have stopped.
     static func serve(
-        _ router: Router<BasicRequestContext>, beside agents: [any Service], config: NodeConfig, logger: Logger
+        _ router: Router<APIContext>, beside agents: [any Service], config: NodeConfig, logger: Logger
     ) async throws {
         // A write to the pipe of a process that has gone fails with EPIPE instead of killing the daemon.
         signal(SIGPIPE, SIG_IGN)
         let client = try NodeConfig.address(config.clientListen, "client-listen")
+        let tls = ClientTLS.default
         let app = Application(
             router: router,
+            server: tls.map { HTTPServerBuilder.clusterTLS($0, logger: logger) } ?? .http1(),
             configuration: .init(address: .hostname(client.host, port: client.port), serverName: "circuit"),
             onServerRunning: { _ in logger.info("API listening", metadata: ["address": "\(client.host):\(client.port)"]) },
             logger: logger)
         var configuration = ServiceGroupConfiguration(
             services: [.init(service: app)] + agents.map { .init(service: $0) }
+                + [.init(service: TLSReloader(tls: tls, logger: logger))]
                 // A mount that fails or is unmounted from outside is logged; the daemon goes on.
                 + mountService(config, logger: logger).map {
                     .init(service: $0, successTerminationBehavior: .ignore, failureTerminationBehavior: .ignore)
@@ -240,6 +248,34 @@ extension CircuitDaemon {
         } catch {
             logger.error("stopping after an error", metadata: ["error": "\(error)"])
         }
+    }
+
+    /// The API's router, with the role check in front of every route.
+    static func router(tls: TLSFiles?, logger: Logger) -> Router<APIContext> {
+        let router = Router(context: APIContext.self)
+        router.add(middleware: Authorization(tls: tls, logger: logger))
+        return router
+    }
+
+    /// Loads the TLS identity the config names, checks that it is this host's (its name is the host id, it
+    /// carries the `host` role), and makes it the identity of every connection this process dials.
+    static func loadTLS(_ config: NodeConfig, hostID: String, logger: Logger) throws -> TLSFiles? {
+        guard let ca = config.tlsCA, let certificate = config.tlsCert, let key = config.tlsKey else {
+            if config.insecure && config.security.hasPrefix("INSECURE") {
+                logger.warning("INSECURE: plaintext beyond loopback (--insecure): whoever reaches the ports can run processes on this host")
+            }
+            return nil
+        }
+        let tls = try TLSFiles(ca: ca, certificate: certificate, key: key)
+        let grant = tls.grant
+        guard grant.roles.contains(.host), grant.name == hostID else {
+            throw NodeConfigError.invalid(
+                "the certificate \(certificate) is \(grant), not this host's (\(hostID) with the host role): "
+                    + "issue one with `circuit ca issue --host \(hostID)`")
+        }
+        ClientTLS.default = tls
+        logger.info("mutual TLS on the peer port and the API", metadata: ["certificate": "\(grant)"])
+        return tls
     }
 
     /// How long a graceful stop waits for requests in flight before it cancels them.

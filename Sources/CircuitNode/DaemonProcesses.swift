@@ -1,5 +1,6 @@
 import CircuitAPI
 import CircuitClient
+import CircuitSecurity
 import Foundation
 import Synchronization
 
@@ -30,6 +31,11 @@ public final class DaemonProcesses: @unchecked Sendable {
     public var namespaces: [Int: String] = [:]
     /// Start every daemon with `--test-faults` (`PUT /v1/debug/cut` allowed).
     public var testFaults = false
+    /// With `enableTLS()`: the admin client identity this object's clients use (the daemons speak mutual TLS with
+    /// certificates of a CA under `base/tls`). nil: plaintext (with `--insecure` for an address beyond loopback).
+    public private(set) var tls: TLSFiles?
+    /// The folder of the CA `enableTLS()` made.
+    public var tlsFolder: String { base + "/tls" }
     /// The members, as they are now (a copy: safe to read while a nemesis restarts or replaces them).
     public var members: [Member] { table.withLock { $0 } }
     private let table = Mutex<[Member]>([])
@@ -84,9 +90,38 @@ public final class DaemonProcesses: @unchecked Sendable {
         members.filter { $0.join == nil }.map { "\($0.folder.hostID)@\($0.peer)" }.joined(separator: ",")
     }
     public var apis: [String] { members.map(\.api) }
-    public func client(_ i: Int) -> CircuitClient { CircuitClient(endpoints: [members[i].api]) }
+    public func client(_ i: Int) -> CircuitClient { CircuitClient(endpoints: [members[i].api], tls: tls) }
     /// A client of every running member.
-    public var live: CircuitClient { CircuitClient(endpoints: members.filter { $0.process != nil }.map(\.api)) }
+    public var live: CircuitClient { CircuitClient(endpoints: members.filter { $0.process != nil }.map(\.api), tls: tls) }
+
+    /// From now on the daemons started speak mutual TLS: a new CA under `base/tls`, a host certificate for each
+    /// member when it starts, and an admin certificate (`tester`) for this object's clients.
+    public func enableTLS() throws {
+        let ca = try CertificateAuthority.create()
+        try ca.write(to: tlsFolder)
+        _ = try ca.issue(name: "tester", roles: [.admin]).write(directory: tlsFolder, name: "tester")
+        tls = try TLSFiles(directory: tlsFolder, name: "tester")
+    }
+
+    /// A client certificate of this cluster's CA named `name` with `roles`.
+    public func issueClient(_ name: String, roles: Set<AccessRole>) throws -> TLSFiles {
+        _ = try CertificateAuthority.load(directory: tlsFolder).issue(name: name, roles: roles).write(directory: tlsFolder, name: name)
+        return try TLSFiles(directory: tlsFolder, name: name)
+    }
+
+    /// Member `i`'s security flags: its certificate (issued now if it has none) with TLS, else `--insecure` for an
+    /// address beyond loopback.
+    private func securityArguments(_ m: Member) throws -> [String] {
+        guard tls != nil else {
+            let hosts = [m.peer, m.api].map { (try? NodeConfig.address($0, "address").host) ?? "" }
+            return hosts.allSatisfy(NodeConfig.isLoopback) ? [] : ["--insecure"]
+        }
+        let id = m.folder.hostID
+        if !FileManager.default.fileExists(atPath: "\(tlsFolder)/\(id).pem") {
+            _ = try CertificateAuthority.load(directory: tlsFolder).issue(name: id, roles: [.host]).write(directory: tlsFolder, name: id)
+        }
+        return ["--tls-ca", "\(tlsFolder)/ca.pem", "--tls-cert", "\(tlsFolder)/\(id).pem", "--tls-key", "\(tlsFolder)/\(id).key"]
+    }
 
     /// Starts member `i`; its log is appended to `daemon.log` in its folder.
     public func start(_ i: Int) throws {
@@ -103,6 +138,7 @@ public final class DaemonProcesses: @unchecked Sendable {
             + (voterReplaceAfterMillis.map { ["--voter-replace-after-ms", "\($0)"] } ?? [])
             + (mounts[i].map { ["--mount", $0] } ?? [])
             + (testFaults ? ["--test-faults"] : [])
+            + (try securityArguments(m))
             + (m.join == nil ? ["--bootstrap", bootstrap] : ["--join-as", m.joinAs])
         let log = "\(m.folder.path)/daemon.log"
         if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil) }

@@ -47,8 +47,8 @@ struct HTTPAPI: Sendable {
     static let maxBody = 1 << 20
     static let forwardedHeader = HTTPField.Name("X-Circuit-Forwarded")!
 
-    func router() -> Router<BasicRequestContext> {
-        let router = Router()
+    func router() -> Router<APIContext> {
+        let router = CircuitDaemon.router(tls: node.transport.configuration.tls, logger: node.logger)
         router.get("/v1/status") { _, _ in try json(node.status()) }
         router.get("/v1/sys") { _, _ in try json(HostFacts.view(of: node.status())) }
         // Tests only: cut this node's Raft traffic to and from chosen hosts (`{"to": [ids], "from": [ids]}`; empty
@@ -514,7 +514,7 @@ struct HTTPAPI: Sendable {
         }
     }
 
-    private func hostParameter(_ context: BasicRequestContext) throws -> String {
+    private func hostParameter(_ context: APIContext) throws -> String {
         let id = try context.parameters.require("id")
         guard HostID.isValid(id) else { throw APIError.badRequest("\(id) is not a host id (X and 16 lowercase hex digits)") }
         return id
@@ -532,7 +532,7 @@ struct HTTPAPI: Sendable {
     }
 
     /// `GET /v1/ls/PATH`: the names under `path`, or with `recursive` every path below it holding an element.
-    private func list(_ path: String, _ request: Request, _ context: BasicRequestContext) async throws -> Response {
+    private func list(_ path: String, _ request: Request, _ context: APIContext) async throws -> Response {
         let recursive = request.uri.queryParameters.get("recursive").map { $0 == "1" || $0 == "true" } ?? false
         return try await leaderOr(request, context, stale: isStale(request)) {
             let names: [String] = try await node.service.read(consistency(request)) { state in
@@ -546,7 +546,7 @@ struct HTTPAPI: Sendable {
 
     private func consistency(_ request: Request) -> ReadConsistency { isStale(request) ? .stale : .linearizable }
 
-    private func recordPath(_ context: BasicRequestContext) throws -> String {
+    private func recordPath(_ context: APIContext) throws -> String {
         let path = Names.recordsRoot + "/" + context.parameters.getCatchAll().joined(separator: "/")
         if let error = Names.validate(path) { throw APIError.from(error) }
         return path
@@ -560,7 +560,7 @@ struct HTTPAPI: Sendable {
 
     /// Runs `body` here if this node leads (or the read may be stale); otherwise forwards the request to the leader.
     private func leaderOr(
-        _ request: Request, _ context: BasicRequestContext, stale: Bool, _ body: () async throws -> Response
+        _ request: Request, _ context: APIContext, stale: Bool, _ body: () async throws -> Response
     ) async throws -> Response {
         let status = node.service.driver.status
         if stale || status.role == .leader { return try await body() }

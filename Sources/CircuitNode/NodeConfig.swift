@@ -40,6 +40,14 @@ public struct NodeConfig: Codable, Sendable, Equatable {
     public var maxBufferedBytes: Int = 256 << 20
     /// Mount the cluster as a file system here while the daemon runs (`circuit mount`'s layout); nil: no mount.
     public var mount: String?
+    /// Mutual TLS on the peer port and the API: the cluster's CA certificate, this host's certificate (issued by
+    /// `circuit ca issue --host`, named for its host id, with the `host` role) and its key. All three or none.
+    public var tlsCA: String?
+    public var tlsCert: String?
+    public var tlsKey: String?
+    /// Plaintext on an address other than loopback: refused unless this is set, and then said at start and in
+    /// `status`. Anyone who reaches the ports can run processes on the host.
+    public var insecure = false
 
     enum CodingKeys: String, CodingKey {
         case data
@@ -56,6 +64,10 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         case maxMessageBytes = "max-message-bytes"
         case maxBufferedBytes = "max-buffered-bytes"
         case mount
+        case tlsCA = "tls-ca"
+        case tlsCert = "tls-cert"
+        case tlsKey = "tls-key"
+        case insecure
     }
 
     public init() {}
@@ -78,6 +90,10 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         maxMessageBytes = try c.decodeIfPresent(Int.self, forKey: .maxMessageBytes) ?? d.maxMessageBytes
         maxBufferedBytes = try c.decodeIfPresent(Int.self, forKey: .maxBufferedBytes) ?? d.maxBufferedBytes
         mount = try c.decodeIfPresent(String.self, forKey: .mount)
+        tlsCA = try c.decodeIfPresent(String.self, forKey: .tlsCA)
+        tlsCert = try c.decodeIfPresent(String.self, forKey: .tlsCert)
+        tlsKey = try c.decodeIfPresent(String.self, forKey: .tlsKey)
+        insecure = try c.decodeIfPresent(Bool.self, forKey: .insecure) ?? d.insecure
     }
 
     /// Reads a TOML file; an unknown key or a wrong type is an error naming it.
@@ -113,6 +129,36 @@ public struct NodeConfig: Codable, Sendable, Equatable {
             throw NodeConfigError.invalid("max-message-bytes must be positive and no more than max-buffered-bytes")
         }
         if join != nil && !bootstrap.isEmpty { throw NodeConfigError.invalid("--join and --bootstrap exclude each other") }
+        let tlsFiles = [tlsCA, tlsCert, tlsKey].compactMap { $0 }
+        guard tlsFiles.isEmpty || tlsFiles.count == 3 else {
+            throw NodeConfigError.invalid("tls-ca, tls-cert and tls-key go together: give all three or none")
+        }
+        if !usesTLS && !insecure {
+            for (what, address) in [("peer-listen", peerListen), ("client-listen", clientListen)] {
+                let host = try Self.address(address, what).host
+                guard Self.isLoopback(host) else {
+                    throw NodeConfigError.invalid(
+                        "\(what) \(address) is not a loopback address: refusing to listen there without TLS, since whoever "
+                            + "reaches the port can run processes on this host. Give --tls-ca, --tls-cert and --tls-key "
+                            + "(circuit ca init, circuit ca issue), or --insecure to accept the risk")
+                }
+            }
+        }
+    }
+
+    /// Whether the peer port and the API speak mutual TLS.
+    public var usesTLS: Bool { tlsCA != nil && tlsCert != nil && tlsKey != nil }
+
+    /// How this daemon's ports are protected, in words (logged at start, shown by `status`).
+    public var security: String {
+        if usesTLS { return "mutual TLS" }
+        let loopback = [peerListen, clientListen].allSatisfy { (try? Self.address($0, "")).map { Self.isLoopback($0.host) } ?? false }
+        return loopback ? "plaintext on loopback" : "INSECURE: plaintext beyond loopback"
+    }
+
+    /// 127.0.0.0/8, ::1 and localhost.
+    public static func isLoopback(_ host: String) -> Bool {
+        host == "localhost" || host == "::1" || host == "[::1]" || host.hasPrefix("127.")
     }
 
     /// The bootstrap voters: host id → peer address.

@@ -8,7 +8,7 @@ import NIOCore
 /// A select's wait, served by the host that owns the select (any other node answers 307 with its address), and the
 /// channel hosts' proposals to it (docs/selects.md).
 struct SelectRoutes: RouterMiddleware {
-    typealias Context = BasicRequestContext
+    typealias Context = APIContext
     let runtime: HostRuntime
     let ownerAddress: @Sendable (String) async throws -> String?
 

@@ -10,7 +10,7 @@ import NIOCore
 /// streams the request's body into its stdin, then closes stdin (unless `open=1`). Any other node answers 307 with
 /// the owning host's address: the bytes never pass through a third host.
 struct StdioRoutes: RouterMiddleware {
-    typealias Context = BasicRequestContext
+    typealias Context = APIContext
     let runtime: HostRuntime
     /// A live host's client address.
     let ownerAddress: @Sendable (String) async throws -> String?

@@ -45,7 +45,7 @@ final class WorkerNode: Sendable {
 
     /// Runs the API and the agent until SIGTERM or SIGINT; then ends this host's session, so it leaves at once.
     func run() async throws {
-        let router = Router()
+        let router = CircuitDaemon.router(tls: ClientTLS.default, logger: logger)
         let ownerAddress: @Sendable (String) async throws -> String? = { [self] host in
             let answer = try await relay(.GET, "/v1/members?consistency=stale", body: nil)
             let hosts = try JSONDecoder().decode([HostView].self, from: Data(answer.body))
@@ -127,6 +127,7 @@ final class WorkerNode: Sendable {
         }
         view.host = folder.hostID
         view.role = "worker"
+        view.security = config.security
         return view
     }
 
@@ -193,7 +194,7 @@ final class WorkerNode: Sendable {
 
 /// A worker's whole API: its own status; a watch streamed through from a member; everything else relayed whole.
 struct WorkerRelay: RouterMiddleware {
-    typealias Context = BasicRequestContext
+    typealias Context = APIContext
     let worker: WorkerNode
     let runner: ProcRunner
 

@@ -1,8 +1,10 @@
 import CircuitRaft
+import CircuitSecurity
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import NIOSSL
 import Synchronization
 
 /// Raft's transport over TCP: each node listens on its peer port and dials each peer once; it sends on the
@@ -13,7 +15,11 @@ import Synchronization
 /// be this host is refused with a log line naming its address. A malformed or oversized frame closes that connection
 /// only. Sends never block: while a peer is unreachable or its connection is not writable (back-pressure), Raft
 /// messages to it are dropped and counted — Raft retransmits — and the connection is retried with exponential
-/// back-off. TLS can be added as one more handler at the front of both pipelines.
+/// back-off.
+///
+/// With `tls` set, both ends speak mutual TLS 1.3 first, with certificates of the cluster's CA; the hello is then
+/// believed only from a certificate with the `host` role whose name is the host id the hello claims, and the
+/// dialing side checks that the certificate of the host it reached names the host it dialed.
 public final class TCPTransport: RaftTransport, Sendable {
     public struct Configuration: Sendable {
         public var clusterID: UInt64
@@ -26,6 +32,8 @@ public final class TCPTransport: RaftTransport, Sendable {
         /// Retry delays after a failed connection, doubling from the first to the last. Defaults 20 ms and 1 s.
         public var minBackoff: TimeAmount = .milliseconds(20)
         public var maxBackoff: TimeAmount = .seconds(1)
+        /// Mutual TLS with the cluster's CA; nil: plaintext (loopback, or a daemon started `--insecure`).
+        public var tls: TLSFiles?
 
         public init(clusterID: UInt64, hostID: NodeID, listenHost: String = "127.0.0.1", listenPort: Int = 0) {
             self.clusterID = clusterID
@@ -141,6 +149,9 @@ public final class TCPTransport: RaftTransport, Sendable {
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let tls = config.tls {
+                        try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.serverContext()))
+                    }
                     try channel.pipeline.syncOperations.addHandler(
                         ByteToMessageHandler(PeerFrameDecoder(maxFrameBytes: config.maxFrameBytes)))
                     try channel.pipeline.syncOperations.addHandler(
@@ -231,6 +242,10 @@ public final class TCPTransport: RaftTransport, Sendable {
             .connectTimeout(.seconds(2))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let tls = config.tls {
+                        try channel.pipeline.syncOperations.addHandler(
+                            try NIOSSLClientHandler(context: tls.clientContext(), serverHostname: nil))
+                    }
                     try channel.pipeline.syncOperations.addHandler(
                         ByteToMessageHandler(PeerFrameDecoder(maxFrameBytes: config.maxFrameBytes)))
                     try channel.pipeline.syncOperations.addHandler(
@@ -347,15 +362,23 @@ final class AcceptedPeerHandler: ChannelInboundHandler {
             refuse(context, "cluster id \(hex(clusterID)), this node belongs to \(hex(configuration.clusterID))")
         } else if hostID == .none || hostID == configuration.hostID {
             refuse(context, "host id \(hostID) is not a peer of host \(configuration.hostID)")
+        } else if let refusal = certificateRefusal(context, claimed: hostID) {
+            refuse(context, refusal)
         } else {
             peer = hostID
             write(context, .welcome(hostID: configuration.hostID))
         }
     }
 
+    /// With TLS: why the certificate on this connection may not speak for host `claimed`, or nil.
+    private func certificateRefusal(_ context: ChannelHandlerContext, claimed: NodeID) -> String? {
+        guard configuration.tls != nil else { return nil }
+        return peerCertificateRefusal(context, expected: claimed)
+    }
+
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         logger.warning(
-            "closing peer connection after a bad frame",
+            "closing peer connection after a bad frame or a failed TLS handshake",
             metadata: ["address": "\(context.remoteAddress.map { "\($0)" } ?? "?")", "error": "\(error)"])
         context.close(promise: nil)
     }
@@ -409,7 +432,12 @@ final class DialedPeerHandler: ChannelInboundHandler {
         done = true
         switch frame {
         case .welcome(let hostID) where hostID == expected:
-            established.succeed(())
+            if configuration.tls != nil, let refusal = peerCertificateRefusal(context, expected: expected) {
+                logger.warning("refused the peer dialed", metadata: ["peer": "\(expected)", "reason": "\(refusal)"])
+                fail(context, .unexpected(refusal))
+            } else {
+                established.succeed(())
+            }
         case .welcome(let hostID):
             fail(context, .unexpected("dialed host \(expected) but reached host \(hostID)"))
         case .refused(let reason):
@@ -444,3 +472,15 @@ final class DialedPeerHandler: ChannelInboundHandler {
 }
 
 private func hex(_ v: UInt64) -> String { String(v, radix: 16) }
+
+/// Why the TLS certificate the other end presented on this connection does not belong to host `expected`, or nil
+/// if it does: it must carry the `host` role and name the host (`X` and 16 hex digits).
+private func peerCertificateRefusal(_ context: ChannelHandlerContext, expected: NodeID) -> String? {
+    guard let handler = try? context.pipeline.syncOperations.handler(type: NIOSSLHandler.self), let grant = handler.peerGrant else {
+        return "no TLS certificate on the connection"
+    }
+    let name = "X" + String(repeating: "0", count: 16 - hex(expected).count) + hex(expected)
+    guard grant.roles.contains(.host) else { return "certificate \(grant) does not carry the host role" }
+    guard grant.name == name else { return "certificate \(grant) is not host \(name)'s" }
+    return nil
+}

@@ -40,12 +40,14 @@ struct ChaosTests {
             binary: binary, base: try temporaryFolder("chaos"), count: 5, sessionTTLMillis: 3000,
             addresses: network?.addresses ?? [])
         if let network { for i in 0..<5 { cluster.namespaces[i] = network.namespaces[i] } }
+        // Addresses beyond loopback, as in a deployment: the daemons and every client speak mutual TLS.
+        if network != nil { try cluster.enableTLS() }
         cluster.testFaults = network == nil
         let partitions: any Partitioner = network ?? TransportCuts(cluster: cluster)
         let mode =
             network == nil
             ? "loopback (\(why)): partitions drop Raft frames in the peer transport (--test-faults); HTTP between nodes is not cut"
-            : why
+            : why + "; mutual TLS on every connection"
         try cluster.startAll()
         defer { cluster.stopAll(signal: SIGKILL) }
         _ = try await cluster.leader()
@@ -137,7 +139,7 @@ final class ChaosRun: @unchecked Sendable {
         var failedLast = false
         while ContinuousClock.now < deadline {
             n += 1
-            var client = CircuitClient(endpoints: [apis[Int(r.next() % UInt64(apis.count))]])
+            var client = CircuitClient(endpoints: [apis[Int(r.next() % UInt64(apis.count))]], tls: cluster.tls)
             client.timeout = 2
             if n > 1, failedLast { try? await Task.sleep(for: .milliseconds(50)) }  // no busy loop while down
             failedLast = false
@@ -278,7 +280,7 @@ final class ChaosRun: @unchecked Sendable {
     func sessionClient(_ s: Int, apis: [String], until deadline: ContinuousClock.Instant) async {
         var r = SeededRandom(seed: seed &+ 1_000_003 &* UInt64(s + 1))
         while ContinuousClock.now < deadline {
-            var client = CircuitClient(endpoints: apis.shuffled(using: &r))
+            var client = CircuitClient(endpoints: apis.shuffled(using: &r), tls: cluster.tls)
             client.timeout = 2
             guard let session = try? await client.grantSession(ttlMillis: ChaosSettings.sessionTTL, owner: "chaos\(s)") else {
                 log.op("session grant failed")
@@ -332,7 +334,7 @@ final class ChaosRun: @unchecked Sendable {
         var seenOfResume = 0
         var attempt = w
         while !Task.isCancelled {
-            let client = CircuitClient(endpoints: [apis[(attempt * 2) % apis.count]])
+            let client = CircuitClient(endpoints: [apis[(attempt * 2) % apis.count]], tls: cluster.tls)
             var skip = seenOfResume
             do {
                 for try await event in client.watch("/", from: resume, hostsOnly: true) {
@@ -469,7 +471,7 @@ final class ChaosRun: @unchecked Sendable {
     /// host (a wiped data folder) that joins as a learner and is promoted to voter.
     func removeAndReAdd(_ i: Int) async throws {
         let old = cluster.members[i].folder.hostID
-        var others = CircuitClient(endpoints: cluster.members.indices.filter { $0 != i }.map { cluster.members[$0].api })
+        var others = CircuitClient(endpoints: cluster.members.indices.filter { $0 != i }.map { cluster.members[$0].api }, tls: cluster.tls)
         others.timeout = 3
         let removed: Void? = try? await eventually("the removal of \(old)", timeout: .seconds(15)) {
             await (try? others.remove(old)) != nil

@@ -19,6 +19,7 @@ struct ConfigTests {
         let three = try NodeConfig(tomlFile: "\(samples)/three-voters.toml")
         #expect(three.bootstrap.count == 3 && three.advertisedPeer == "10.0.0.1:7701")
         try three.validate()
+        #expect(three.security == "mutual TLS" && three.tlsCert == "/etc/circuit/tls/X0000000000000a01.pem")
         #expect(try three.bootstrapVoters().map(\.host) == ["X0000000000000a01", "X0000000000000a02", "X0000000000000a03"])
     }
 

@@ -1,4 +1,5 @@
 import CircuitRaft
+import CircuitSecurity
 import CircuitTestSupport
 import Foundation
 import Logging
@@ -109,11 +110,13 @@ struct TCPRaftTests {
 
     private func makeNodes(
         _ ids: [NodeID], cluster: UInt64, group: any EventLoopGroup, voters: [NodeID]? = nil,
-        configure: (inout RaftDriver.Options) -> Void = { _ in }
+        configure: (inout RaftDriver.Options) -> Void = { _ in }, tls: (NodeID) throws -> TLSFiles? = { _ in nil }
     ) async throws -> [NodeID: Node] {
         var transports: [NodeID: TCPTransport] = [:]
         for id in ids {
-            let t = TCPTransport(configuration: .init(clusterID: cluster, hostID: id), group: group, logger: logger)
+            var configuration = TCPTransport.Configuration(clusterID: cluster, hostID: id)
+            configuration.tls = try tls(id)
+            let t = TCPTransport(configuration: configuration, group: group, logger: logger)
             try await t.start()
             transports[id] = t
         }
@@ -195,6 +198,54 @@ struct TCPRaftTests {
         try await waitFor("the survivors to apply 70") { survivors.allSatisfy { $0.machine.count >= 70 } }
         for n in nodes.values { await n.transport.stop() }
         await intruder.stop()
+        try await group.shutdownGracefully()
+    }
+
+    @Test("with mutual TLS, three nodes elect and commit; a peer without TLS, with another CA's certificate, with a client's certificate, or with another host's certificate is refused")
+    func clusterOverTLS() async throws {
+        let folder = try temporaryFolder("tcp-tls")
+        let ca = try CertificateAuthority.create()
+        let otherCA = try CertificateAuthority.create()
+        func identity(_ authority: CertificateAuthority, _ name: String, _ roles: Set<AccessRole>) throws -> TLSFiles {
+            let dir = folder + "/" + UUID().uuidString
+            _ = try authority.issue(name: name, roles: roles).write(directory: dir, name: name)
+            return try TLSFiles(directory: dir, name: name)
+        }
+        func hostName(_ id: NodeID) -> String { "X" + String(repeating: "0", count: 15) + String(id, radix: 16) }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let nodes = try await makeNodes([1, 2, 3], cluster: 0xC1, group: group, tls: { id in try identity(ca, hostName(id), [.host]) })
+        defer {
+            for n in nodes.values { n.driver.stop() }
+        }
+        func leader() -> Node? { nodes.values.first { $0.driver.status.role == .leader && $0.driver.status.running } }
+        try await waitFor("a leader") { leader() != nil }
+        for i in 0..<20 { try await proposeThroughAnyLeader(Array("v\(i)".utf8), leader) }
+        try await waitFor("every node to apply 20 over TLS") { nodes.values.allSatisfy { $0.machine.count >= 20 } }
+
+        // Each intruder claims to be host 9 of this cluster and asks node 1 for its vote at term 1000.
+        let intruders: [(String, TLSFiles?)] = [
+            ("no TLS", nil),
+            ("another CA's host certificate", try identity(otherCA, hostName(9), [.host])),
+            ("this CA's admin client certificate", try identity(ca, hostName(9), [.admin])),
+            ("this CA's certificate of another host", try identity(ca, hostName(10), [.host])),
+        ]
+        for (what, tls) in intruders {
+            var configuration = TCPTransport.Configuration(clusterID: 0xC1, hostID: 9)
+            configuration.tls = tls
+            let intruder = TCPTransport(configuration: configuration, group: group, logger: logger)
+            intruder.setPeers([1: ("127.0.0.1", nodes[1]!.transport.localPort!)])
+            for _ in 0..<20 {
+                intruder.send([Message(kind: .vote, from: 9, to: 1, term: 1000, logTerm: 1000, index: 1000)])
+                try await Task.sleep(for: .milliseconds(5))
+            }
+            try await waitFor("every message of the intruder with \(what) to be dropped at its side") { intruder.droppedMessages == 20 }
+            await intruder.stop()
+        }
+        #expect(nodes.values.allSatisfy { $0.driver.status.term < 1000 })
+        // The cluster served on meanwhile.
+        for i in 0..<10 { try await proposeThroughAnyLeader(Array("w\(i)".utf8), leader) }
+        try await waitFor("every node to apply 30") { nodes.values.allSatisfy { $0.machine.count >= 30 } }
+        for n in nodes.values { await n.transport.stop() }
         try await group.shutdownGracefully()
     }
 

@@ -1,0 +1,133 @@
+import CircuitAPI
+import CircuitSecurity
+import Foundation
+import HTTPTypes
+import Hummingbird
+import HummingbirdCore
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOSSL
+
+/// The API's request context: Hummingbird's, and the connection the request came on, whose TLS certificate says
+/// who is asking.
+struct APIContext: RequestContext {
+    var coreContext: CoreRequestContextStorage
+    let channel: any Channel
+
+    init(source: ApplicationRequestContextSource) {
+        coreContext = .init(source: source)
+        channel = source.channel
+    }
+}
+
+/// Which role each call of the API needs (see `AccessRole`). A pure function of the method and path, so that the table
+/// is tested on its own; creating a process or a job (`PUT /v1/namespace/...` with kind `proc` or `job`) needs `exec`
+/// where other elements need `write`, which `Authorization` decides from the body.
+public enum APIRoles {
+    public static func required(_ method: HTTPRequest.Method, _ path: String) -> AccessRole {
+        func under(_ prefix: String) -> Bool { path == prefix || path.hasPrefix(prefix + "/") }
+        // What only members send each other: a host registering, a process's owner reporting its phase.
+        if under("/v1/hosts") || under("/v1/proc-state") { return .host }
+        if under("/v1/debug") || under("/v1/cluster") { return .admin }
+        if under("/v1/signal") || under("/v1/proc") { return .exec }
+        if under("/v1/chan") || under("/v1/select") { return .write }
+        if method == .get || method == .head { return .read }
+        // Records, transactions, sessions, elements: writes. So is any other path a future version adds, until
+        // it is given its role here.
+        return under("/v1/watch") || under("/v1/wait") || under("/v1/ls") || under("/v1/peek") ? .read : .write
+    }
+
+    /// Whether an element of this kind is a process (`exec`) rather than data (`write`).
+    public static func kindNeedsExec(_ kind: String) -> Bool { kind == "proc" || kind == "job" }
+}
+
+/// Checks each request's role against the certificate of its connection (mutual TLS), before any route runs. A
+/// refusal is a 403 naming the role that was missing. Without TLS (loopback, or `--insecure`) every caller may do
+/// everything, as in etcd and ZooKeeper without authentication.
+struct Authorization: RouterMiddleware {
+    typealias Context = APIContext
+    let tls: TLSFiles?
+    let grants = ConnectionGrants()
+    let logger: Logger
+
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        guard tls != nil else { return try await next(request, context) }
+        let grant = try await grants.grant(of: context.channel)
+        var request = request
+        let path = request.uri.path
+        var needed = APIRoles.required(request.method, path)
+        if needed == .write, !(grant.allows(.write) && grant.allows(.exec)), request.method == .put, path.hasPrefix("/v1/namespace/") {
+            // The body is kept (collected, at most the API's limit) for the route that reads it next.
+            let body = try await request.collectBody(upTo: HTTPAPI.maxBody)
+            struct Kind: Decodable { var kind: String? }
+            if let kind = try? JSONDecoder().decode(Kind.self, from: Data(buffer: body)).kind, APIRoles.kindNeedsExec(kind) {
+                needed = .exec
+            }
+        }
+        guard grant.allows(needed) else {
+            logger.notice(
+                "refused a request", metadata: ["who": "\(grant)", "request": "\(request.method) \(path)", "needs": "\(needed)"])
+            throw APIError(
+                status: 403, code: "forbidden",
+                message: "\(request.method) \(path) needs the \(needed.rawValue) role; the certificate of \(grant.name) carries "
+                    + (grant.roles.isEmpty ? "none" : grant.roles.sorted().map(\.rawValue).joined(separator: ", ")))
+        }
+        return try await next(request, context)
+    }
+}
+
+/// The grant of each open connection, read from its certificate once (the first request) and forgotten when it
+/// closes.
+final class ConnectionGrants: Sendable {
+    private let cache = NIOLockedValueBox<[ObjectIdentifier: Grant]>([:])
+
+    func grant(of channel: any Channel) async throws -> Grant {
+        let key = ObjectIdentifier(channel)
+        if let grant = cache.withLockedValue({ $0[key] }) { return grant }
+        guard let certificate = try await channel.nioSSL_peerCertificate().get() else {
+            throw APIError(status: 401, code: "no_certificate", message: "this API needs a client certificate of the cluster's CA")
+        }
+        let grant: Grant
+        do { grant = try TLSFiles.grant(of: certificate) } catch {
+            throw APIError(status: 401, code: "bad_certificate", message: "\(error)")
+        }
+        cache.withLockedValue { $0[key] = grant }
+        channel.closeFuture.whenComplete { [cache] _ in cache.withLockedValue { $0[key] = nil } }
+        return grant
+    }
+
+    var count: Int { cache.withLockedValue { $0.count } }
+}
+
+/// The API's connections with mutual TLS in front of Hummingbird's HTTP/1.1 channel. The TLS context is asked of
+/// `TLSFiles` for each new connection, so rotated certificates are used without a restart. A handshake that fails
+/// (no certificate, another CA's) is logged with the peer's address.
+struct ClusterTLSChannel<Base: ServerChildChannel>: ServerChildChannel {
+    typealias Value = Base.Value
+    let base: Base
+    let tls: TLSFiles
+    let logger: Logger
+
+    func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
+        channel.eventLoop.makeCompletedFuture {
+            try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.serverContext()))
+            try channel.pipeline.syncOperations.addHandler(TLSRefusalLogger(logger: self.logger, what: "API"))
+        }.flatMap {
+            base.setup(channel: channel, logger: logger)
+        }
+    }
+
+    func handle(value: Value, logger: Logger) async {
+        await base.handle(value: value, logger: logger)
+    }
+}
+
+extension HTTPServerBuilder {
+    /// HTTP/1.1 behind mutual TLS with the cluster's CA.
+    static func clusterTLS(_ tls: TLSFiles, logger: Logger) -> HTTPServerBuilder {
+        .init { responder in
+            ClusterTLSChannel(base: HTTP1Channel(responder: responder, configuration: .init()), tls: tls, logger: logger)
+        }
+    }
+}
