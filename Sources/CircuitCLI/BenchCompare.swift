@@ -177,11 +177,14 @@ struct CompareBench: AsyncParsableCommand {
 
     /// `clients` closed loops, each on its own connection to one of the members, for `seconds` after a warm-up.
     /// Compare-and-set: each client sets its own key at the version it last saw, so none should find another.
+    /// A window in which no operation started and finished (one stalled across all of it: an election on a loaded
+    /// machine) is stretched until one has, at most 30 s more, and the rate is over the time it took.
     private func load(_ s: any ComparedSystem, _ op: Operation, clients: Int) async throws -> LoadRun {
         let clock = ContinuousClock()
         let warm = clock.now + .seconds(1)
         let end = warm + .milliseconds(Int64(seconds * 1000))
         let keys = self.keys
+        let measured = SharedBox<(count: Int, last: ContinuousClock.Instant)>((0, warm))
         let parts = try await withThrowingTaskGroup(of: ([Double], Int).self) { tasks in
             for c in 0..<clients {
                 tasks.addTask {
@@ -194,7 +197,7 @@ struct CompareBench: AsyncParsableCommand {
                     var rng = SystemRandomNumberGenerator()
                     while true {
                         let start = clock.now
-                        if start >= end { break }
+                        if start >= end && (measured.withLock { $0.count } > 0 || start >= end + .seconds(30)) { break }
                         switch op {
                         case .writes:
                             try await connection.put(Self.key(Int.random(in: 0..<keys, using: &rng)), Self.value)
@@ -208,7 +211,14 @@ struct CompareBench: AsyncParsableCommand {
                                 version = try await connection.read(own)
                             }
                         }
-                        if start >= warm { latencies.append(start.duration(to: clock.now).milliseconds) }
+                        if start >= warm {
+                            let done = clock.now
+                            latencies.append(start.duration(to: done).milliseconds)
+                            measured.withLock {
+                                $0.count += 1
+                                $0.last = max($0.last, done)
+                            }
+                        }
                     }
                     await connection.close()
                     return (latencies, mismatches)
@@ -220,7 +230,7 @@ struct CompareBench: AsyncParsableCommand {
         }
         let latencies = parts.flatMap(\.0).sorted()
         return LoadRun(
-            throughput: Double(latencies.count) / seconds, p50: percentile(latencies, 0.5), p99: percentile(latencies, 0.99),
+            throughput: Double(latencies.count) / max(seconds, warm.duration(to: measured.withLock { $0.last }).seconds), p50: percentile(latencies, 0.5), p99: percentile(latencies, 0.99),
             mismatches: parts.reduce(0) { $0 + $1.1 })
     }
 
@@ -341,6 +351,13 @@ final class TaskList: Sendable {
 func percentile(_ sorted: [Double], _ q: Double) -> Double {
     guard !sorted.isEmpty else { return 0 }
     return sorted[min(sorted.count - 1, max(0, Int((Double(sorted.count) * q).rounded(.up)) - 1))]
+}
+
+/// A value shared by concurrent tasks, under a lock.
+final class SharedBox<Value: Sendable>: Sendable {
+    private let state: Mutex<Value>
+    init(_ value: Value) { state = Mutex(value) }
+    func withLock<R: Sendable>(_ body: (inout Value) -> R) -> R { state.withLock { body(&$0) } }
 }
 
 extension Duration {
