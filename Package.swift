@@ -130,6 +130,21 @@ let package = Package(
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ]
         ),
+        // What the fuzzers feed bytes to: the command codec and state machine, the peer framing, the HTTP parser and
+        // the API's JSON bodies. `circuit-fuzz` is their libFuzzer entry point (scripts/fuzz) or a replay of files.
+        .target(
+            name: "CircuitFuzzing",
+            dependencies: [
+                "CircuitAPI",
+                "CircuitRaft",
+                "CircuitStateMachine",
+                "CircuitTransport",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ]
+        ),
+        .executableTarget(name: "circuit-fuzz", dependencies: ["CircuitFuzzing"]),
         // Helpers shared by the test targets (not a product).
         .target(name: "CircuitTestSupport"),
         // The `circuit` command: for now the in-process demonstration cluster and the Raft benchmark.
@@ -185,6 +200,7 @@ let package = Package(
             name: "NodeTests",
             dependencies: [
                 "CircuitFS",
+                "CircuitFuzzing",
                 "CircuitSecurity",
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOTLS", package: "swift-nio"),

@@ -482,3 +482,38 @@ public struct SysView: Codable, Sendable, Equatable {
         case uptimeSeconds = "uptime_seconds"
     }
 }
+
+/// A join token (`POST /v1/tokens`): its text, a secret to hand to the joining host, and when it expires.
+public struct TokenView: Codable, Sendable, Equatable {
+    public var token: String
+    /// Seconds since 1970.
+    public var expires: Int64
+
+    public init(token: String, expires: Int64) {
+        self.token = token
+        self.expires = expires
+    }
+}
+
+/// What a joining host sends to `POST /v1/join/certificate`: its join token and a PKCS#10 request (PEM) for its host
+/// id, signed with the key it keeps.
+public struct JoinCertificateRequestView: Codable, Sendable, Equatable {
+    public var token: String
+    public var csr: String
+
+    public init(token: String, csr: String) {
+        self.token = token
+        self.csr = csr
+    }
+}
+
+/// The answer to `POST /v1/join/certificate`: the host's new certificate and the cluster's CA certificate (PEM).
+public struct JoinCertificateView: Codable, Sendable, Equatable {
+    public var certificate: String
+    public var ca: String
+
+    public init(certificate: String, ca: String) {
+        self.certificate = certificate
+        self.ca = ca
+    }
+}

@@ -9,7 +9,7 @@ struct Circuit: AsyncParsableCommand {
         abstract: "Distributed control of a cluster of hosts.",
         subcommands: [
             Start.self, Join.self, Mount.self, Dev.self, Status.self, Members.self, Ls.self, Get.self, Put.self, Cas.self, Del.self,
-            Mkseq.self, Peek.self, Watch.self, Run.self, Wait.self, Signal.self, Mkchan.self, MkJoin.self, MkLeave.self, Mksel.self, SelectWait.self, Send.self, Recv.self, Close.self, Stat.self, Mkproc.self, Runall.self, Stdin.self, Stdout.self, Stderr.self, Scrub.self, Waitall.self, Promote.self, Leave.self, TransferLeader.self, ID.self, CA.self, Demo.self, Bench.self, Debug.self,
+            Mkseq.self, Peek.self, Watch.self, Run.self, Wait.self, Signal.self, Mkchan.self, MkJoin.self, MkLeave.self, Mksel.self, SelectWait.self, Send.self, Recv.self, Close.self, Stat.self, Mkproc.self, Runall.self, Stdin.self, Stdout.self, Stderr.self, Scrub.self, Waitall.self, Promote.self, Leave.self, TransferLeader.self, ID.self, CA.self, TokenCommand.self, Demo.self, Bench.self, Debug.self,
         ]
     )
 

@@ -32,6 +32,11 @@ struct Join: AsyncParsableCommand {
             The same as `circuit start --join ADDRESS`: the new host joins as a learner (in Raft; `circuit promote` \
             makes it a voter) or, with --join-as worker, as a worker (in the membership only). Once its data folder \
             belongs to the cluster, `circuit start` resumes it.
+
+            With a join token (`circuit token create` on an admin's machine) and --tls-dir DIR, the host needs no \
+            certificate beforehand: it checks the cluster's CA against the token, has the cluster issue its \
+            certificate, and writes DIR/ca.pem, DIR/<host id>.pem and DIR/<host id>.key (0600). Give the same \
+            --tls-dir at every later start.
             """)
 
     @OptionGroup var global: GlobalOptions
@@ -63,6 +68,12 @@ struct DaemonOptions: ParsableArguments {
     @Option(help: "Mutual TLS: the cluster's CA certificate (with --tls-cert and --tls-key).") var tlsCa: String?
     @Option(help: "Mutual TLS: this host's certificate (`circuit ca issue --host`).") var tlsCert: String?
     @Option(help: "Mutual TLS: this host's key.") var tlsKey: String?
+    @Option(help: "Mutual TLS: a folder holding ca.pem, <host id>.pem and <host id>.key instead of the three files (where a join with --token writes them).")
+    var tlsDir: String?
+    @Option(help: "The CA's key (ca.key): this member then creates join tokens and issues certificates to hosts joining with one.")
+    var tlsCaKey: String?
+    @Option(help: "A join token (`circuit token create`): a new host gets its certificate from the cluster (with --join and --tls-dir).")
+    var token: String?
     @Flag(help: "Allow plaintext on an address other than loopback (anyone who reaches the ports can run processes here).")
     var insecure = false
     @Flag(help: .hidden) var testFaults = false
@@ -83,6 +94,9 @@ struct DaemonOptions: ParsableArguments {
         if let tlsCa { settings.tlsCA = tlsCa }
         if let tlsCert { settings.tlsCert = tlsCert }
         if let tlsKey { settings.tlsKey = tlsKey }
+        if let tlsDir { settings.tlsDir = tlsDir }
+        if let tlsCaKey { settings.tlsCAKey = tlsCaKey }
+        if let token { settings.joinToken = token }
         if insecure { settings.insecure = true }
         if testFaults { settings.testFaults = true }
         var global = global
@@ -117,10 +131,15 @@ struct ClientOptions: ParsableArguments {
     mutating func validate() throws {
         if let files = try tls.load() {
             ClientTLS.default = files
-        } else if let config = localConfig, let ca = config.tlsCA, let cert = config.tlsCert, let key = config.tlsKey {
+        } else if let config = localConfig, let files = config.tlsFiles(hostID: Self.hostID(in: config.data)) {
             // On a member's host, its own identity (readable by whoever may read its key).
-            ClientTLS.default = try? TLSFiles(ca: ca, certificate: cert, key: key)
+            ClientTLS.default = try? TLSFiles(ca: files.ca, certificate: files.certificate, key: files.key)
         }
+    }
+
+    /// The host id a data folder holds, without creating the folder or choosing one ("" if there is none).
+    private static func hostID(in folder: String) -> String {
+        ((try? String(contentsOfFile: folder + "/host-id", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
     /// The node to ask: --node, then $CIRCUIT, then the local daemon's config, then 127.0.0.1:7700.

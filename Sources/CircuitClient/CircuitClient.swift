@@ -84,6 +84,13 @@ public struct CircuitClient: Sendable {
         try await call("DELETE", "/v1/cluster/members/\(host)")
     }
 
+    /// A join token, accepted for `ttlSeconds` (1 to 7 days), with which a new host gets its certificate in the join
+    /// exchange (`circuit join ADDRESS --token T --tls-dir DIR`). Needs the admin role, and a member started with the
+    /// CA's key (`--tls-ca-key`); any other answers 503 `no_ca_key`.
+    public func createToken(ttlSeconds: Int) async throws(CircuitClientError) -> TokenView {
+        try await call("POST", "/v1/tokens", query: ["ttl": "\(ttlSeconds)"])
+    }
+
     /// Asks the leader to hand leadership to `host` (nil: the most up-to-date voter); answers the target.
     public func transferLeader(to host: String? = nil) async throws(CircuitClientError) -> String {
         let answer: [String: String] = try await call("POST", "/v1/cluster/leader", query: host.map { ["to": $0] } ?? [:])

@@ -20,6 +20,12 @@ public enum ClientTLS {
         guard let tls else { return }
         try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: tls.clientContext(), serverHostname: nil))
     }
+
+    /// The same with a context of the caller's (a joining host's, which has no certificate yet), else `tls`.
+    static func add(_ context: NIOSSLContext?, else tls: TLSFiles?, to channel: any Channel) throws {
+        guard let context else { return try add(tls, to: channel) }
+        try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: context, serverHostname: nil))
+    }
 }
 
 /// Why an HTTP exchange failed before an answer arrived.
@@ -60,14 +66,16 @@ public enum HTTPExchange {
         public var location: String? = nil
     }
 
-    /// Sends `method uri` to `address` (`host:port`) and reads the whole answer.
+    /// Sends `method uri` to `address` (`host:port`) and reads the whole answer. `sslContext`, if given, is the TLS
+    /// client context instead of `tls`'s (a joining host's, before it has a certificate).
     public static func perform(
         _ method: HTTPMethod, _ uri: String, to address: String, body: [UInt8]? = nil,
-        headers extra: [(String, String)] = [], timeout: Duration = .seconds(10), tls: TLSFiles? = ClientTLS.default
+        headers extra: [(String, String)] = [], timeout: Duration = .seconds(10), tls: TLSFiles? = ClientTLS.default,
+        sslContext: NIOSSLContext? = nil
     ) async throws -> Answer {
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
-        let channel = try await connect(address, timeout: timeout, tls: tls)
+        let channel = try await connect(address, timeout: timeout, tls: tls, sslContext: sslContext)
         // The deadline, and a caller that gives up, close the connection: every wait on it ends at once. Cancelling a
         // task alone does not end a write suspended by back-pressure, or a read in flight (swift-nio #3472).
         let remaining = clock.now.duration(to: deadline)
@@ -163,7 +171,7 @@ public enum HTTPExchange {
     }
 
     private static func connect(
-        _ address: String, timeout: Duration, tls: TLSFiles?
+        _ address: String, timeout: Duration, tls: TLSFiles?, sslContext: NIOSSLContext? = nil
     ) async throws -> NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart> {
         guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]) else {
             throw HTTPExchangeError.connect("\(address) is not host:port")
@@ -175,7 +183,7 @@ public enum HTTPExchange {
                 .channelOption(.socketOption(.tcp_nodelay), value: 1)
                 .connect(host: host, port: port) { channel in
                     channel.eventLoop.makeCompletedFuture {
-                        try ClientTLS.add(tls, to: channel)
+                        try ClientTLS.add(sslContext, else: tls, to: channel)
                         try channel.pipeline.syncOperations.addHTTPClientHandlers()
                         return try NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>(wrappingChannelSynchronously: channel)
                     }

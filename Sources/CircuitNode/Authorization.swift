@@ -24,12 +24,17 @@ struct APIContext: RequestContext {
 /// Which role each call of the API needs (see `AccessRole`). A pure function of the method and path, so that the table
 /// is tested on its own; creating a process or a job (`PUT /v1/namespace/...` with kind `proc` or `job`) needs `exec`
 /// where other elements need `write`, which `Authorization` decides from the body.
+///
+/// Two calls need no certificate at all (`isPublic`): the join exchange of a host that holds a join token and no
+/// certificate yet. `GET /v1/join/ca` answers the CA certificate, which is no secret; `POST /v1/join/certificate`
+/// is refused without a valid token.
 public enum APIRoles {
     public static func required(_ method: HTTPRequest.Method, _ path: String) -> AccessRole {
         func under(_ prefix: String) -> Bool { path == prefix || path.hasPrefix(prefix + "/") }
         // What only members send each other: a host registering, a process's owner reporting its phase.
         if under("/v1/hosts") || under("/v1/proc-state") { return .host }
-        if under("/v1/debug") || under("/v1/cluster") { return .admin }
+        // A join token lets its holder become a member: creating one is the admins' (as adding a member is).
+        if under("/v1/debug") || under("/v1/cluster") || under("/v1/tokens") { return .admin }
         if under("/v1/signal") || under("/v1/proc") { return .exec }
         if under("/v1/chan") || under("/v1/select") { return .write }
         if method == .get || method == .head { return .read }
@@ -40,11 +45,17 @@ public enum APIRoles {
 
     /// Whether an element of this kind is a process (`exec`) rather than data (`write`).
     public static func kindNeedsExec(_ kind: String) -> Bool { kind == "proc" || kind == "job" }
+
+    /// Whether the call is served to a client without a certificate: only the join exchange's two calls, exactly.
+    public static func isPublic(_ method: HTTPRequest.Method, _ path: String) -> Bool {
+        (method == .get && path == "/v1/join/ca") || (method == .post && path == "/v1/join/certificate")
+    }
 }
 
 /// Checks each request's role against the certificate of its connection (mutual TLS), before any route runs. A
-/// refusal is a 403 naming the role that was missing. Without TLS (loopback, or `--insecure`) every caller may do
-/// everything, as in etcd and ZooKeeper without authentication.
+/// refusal is a 403 naming the role that was missing; a connection without a certificate (the API's TLS lets one
+/// through for the join exchange) is refused every other call with a 401. Without TLS (loopback, or `--insecure`)
+/// every caller may do everything, as in etcd and ZooKeeper without authentication.
 struct Authorization: RouterMiddleware {
     typealias Context = APIContext
     let tls: TLSFiles?
@@ -53,6 +64,7 @@ struct Authorization: RouterMiddleware {
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         guard tls != nil else { return try await next(request, context) }
+        if APIRoles.isPublic(request.method, request.uri.path) { return try await next(request, context) }
         let grant = try await grants.grant(of: context.channel)
         var request = request
         let path = request.uri.path
@@ -101,8 +113,10 @@ final class ConnectionGrants: Sendable {
 }
 
 /// The API's connections with mutual TLS in front of Hummingbird's HTTP/1.1 channel. The TLS context is asked of
-/// `TLSFiles` for each new connection, so rotated certificates are used without a restart. A handshake that fails
-/// (no certificate, another CA's) is logged with the peer's address.
+/// `TLSFiles` for each new connection, so rotated certificates are used without a restart. A client certificate is
+/// asked for but not required (`apiServerContext`: a joining host has none yet; `Authorization` serves such a
+/// connection the join exchange only). A handshake that fails (another CA's certificate, no TLS) is logged with the
+/// peer's address.
 struct ClusterTLSChannel<Base: ServerChildChannel>: ServerChildChannel {
     typealias Value = Base.Value
     let base: Base
@@ -111,7 +125,7 @@ struct ClusterTLSChannel<Base: ServerChildChannel>: ServerChildChannel {
 
     func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
         channel.eventLoop.makeCompletedFuture {
-            try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.serverContext()))
+            try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.apiServerContext()))
             try channel.pipeline.syncOperations.addHandler(TLSRefusalLogger(logger: self.logger, what: "API"))
         }.flatMap {
             base.setup(channel: channel, logger: logger)

@@ -28,11 +28,14 @@ final class NodeContext: Sendable {
     let addressBook: [String: String]
     /// Rung when a job or a job's process changed: the leader's job keeper looks at once.
     let jobsChanged = Bell()
+    /// The cluster's CA with its key, on a member started with `tls-ca-key`: it creates join tokens and issues the
+    /// certificates of the hosts that join with one (`JoinRoutes`).
+    let authority: CertificateAuthority?
     private let dialing = Mutex<[NodeID: String]>([:])
 
     init(
         folder: DataFolder, clusterID: UInt64, config: NodeConfig, service: ControlService, transport: TCPTransport,
-        addressBook: [String: String], logger: Logger
+        addressBook: [String: String], authority: CertificateAuthority? = nil, logger: Logger
     ) {
         self.folder = folder
         self.clusterID = clusterID
@@ -40,6 +43,7 @@ final class NodeContext: Sendable {
         self.service = service
         self.transport = transport
         self.addressBook = addressBook
+        self.authority = authority
         self.logger = logger
     }
 
@@ -125,13 +129,17 @@ public final class CircuitDaemon: Sendable {
 
     /// Runs until SIGTERM or SIGINT, then hands leadership over and stops.
     public func run() async throws {
-        try config.validate()
-        let folder = try DataFolder(path: config.data)
+        try self.config.validate()
+        let folder = try DataFolder(path: self.config.data)
         let lock = try folder.lock()
         defer { withExtendedLifetime(lock) {} }
-        var logger = logger
+        var logger = self.logger
         logger[metadataKey: "host"] = "\(folder.hostID)"
+        // A new host with a join token gets its certificate from the cluster first; with tls-dir, the TLS files are
+        // then (and at every later start) the ones in that folder.
+        let config = try await Self.tlsFromDirectory(self.config, folder: folder, logger: logger)
         let tls = try Self.loadTLS(config, hostID: folder.hostID, logger: logger)
+        let authority = try Self.loadAuthority(config, logger: logger)
 
         // The cluster: from the folder, or formed now from the bootstrap voters, or joined through a member.
         let peersFile = "\(folder.path)/peers"
@@ -189,7 +197,7 @@ public final class CircuitDaemon: Sendable {
         let service = ControlService(driver: driver, state: state, logger: logger)
         let node = NodeContext(
             folder: folder, clusterID: clusterID, config: config, service: service, transport: transport,
-            addressBook: addressBook, logger: logger)
+            addressBook: addressBook, authority: authority, logger: logger)
         node.syncPeers()
 
         let ownerAddress: @Sendable (String) async throws -> String? = { host in
@@ -276,6 +284,43 @@ extension CircuitDaemon {
         ClientTLS.default = tls
         logger.info("mutual TLS on the peer port and the API", metadata: ["certificate": "\(grant)"])
         return tls
+    }
+
+    /// The CA with its key, if the config names the key (`tls-ca-key`): checked to be the key of `tls-ca`'s
+    /// certificate.
+    static func loadAuthority(_ config: NodeConfig, logger: Logger) throws -> CertificateAuthority? {
+        guard let keyPath = config.tlsCAKey else { return nil }
+        guard let caPath = config.tlsCA else {
+            throw NodeConfigError.invalid("tls-ca-key needs TLS: give tls-ca, tls-cert and tls-key, or tls-dir")
+        }
+        let authority = try CertificateAuthority.load(certificate: caPath, key: keyPath)
+        logger.info(
+            "holding the CA key: this member creates join tokens and issues certificates to hosts joining with one",
+            metadata: ["key": "\(keyPath)"])
+        return authority
+    }
+
+    /// With tls-dir (and not the three files named one by one): the config with the files of that folder. If they are
+    /// not there yet, the folder belongs to no cluster, and a join token is given, they are first fetched from the
+    /// cluster (`TokenJoin`).
+    static func tlsFromDirectory(_ config: NodeConfig, folder: DataFolder, logger: Logger) async throws -> NodeConfig {
+        guard config.tlsCA == nil, let directory = config.tlsDir, let files = config.tlsFiles(hostID: folder.hostID) else { return config }
+        let present = [files.ca, files.certificate, files.key].allSatisfy { FileManager.default.fileExists(atPath: $0) }
+        if !present {
+            guard try folder.clusterID() == nil, let token = config.joinToken, let contact = config.join else {
+                throw NodeConfigError.invalid(
+                    "tls-dir \(directory) holds no \(folder.hostID).pem and \(folder.hostID).key (and ca.pem): a new host gets "
+                        + "them by joining with a token (`circuit token create`, then `circuit join ADDRESS --token T --tls-dir DIR`); "
+                        + "a host that did so finds them in the folder it gave then")
+            }
+            try await TokenJoin(contact: contact, token: token, directory: directory, hostID: folder.hostID, logger: logger)
+                .run()
+        }
+        var config = config
+        config.tlsCA = files.ca
+        config.tlsCert = files.certificate
+        config.tlsKey = files.key
+        return config
     }
 
     /// How long a graceful stop waits for requests in flight before it cancels them.

@@ -15,7 +15,13 @@ public final class DaemonProcesses: @unchecked Sendable {
         public let join: String?
         /// `learner` or `worker`, for a member that joins.
         public let joinAs: String
+        /// A joiner that gets its certificate with this join token (into `tokenTLSFolder`) instead of one issued
+        /// beforehand.
+        public fileprivate(set) var token: String?
         public fileprivate(set) var process: Process?
+
+        /// Where a joiner with a token has its TLS files written (`--tls-dir`).
+        public var tokenTLSFolder: String { folder.path + "/tls" }
     }
 
     public let base: String
@@ -67,11 +73,12 @@ public final class DaemonProcesses: @unchecked Sendable {
         }
     }
 
-    /// A new host that joins through `contact` (any member's API) when started, as a `learner` or a `worker`.
-    public func add(join contact: String, as role: String = "learner") throws {
+    /// A new host that joins through `contact` (any member's API) when started, as a `learner` or a `worker`. With
+    /// `token` (and TLS), it is issued no certificate beforehand: it joins with the token (`--token`, `--tls-dir`).
+    public func add(join contact: String, as role: String = "learner", token: String? = nil) throws {
         let member = Member(
             folder: try DataFolder(path: "\(base)/node\(members.count + 1)"), peer: "127.0.0.1:\(try freePort(in: portRange))",
-            api: "127.0.0.1:\(try freePort(in: portRange))", join: contact, joinAs: role)
+            api: "127.0.0.1:\(try freePort(in: portRange))", join: contact, joinAs: role, token: token)
         table.withLock { $0.append(member) }
     }
 
@@ -95,7 +102,9 @@ public final class DaemonProcesses: @unchecked Sendable {
     public var live: CircuitClient { CircuitClient(endpoints: members.filter { $0.process != nil }.map(\.api), tls: tls) }
 
     /// From now on the daemons started speak mutual TLS: a new CA under `base/tls`, a host certificate for each
-    /// member when it starts, and an admin certificate (`tester`) for this object's clients.
+    /// member when it starts (but a joiner with a token), and an admin certificate (`tester`) for this object's
+    /// clients. The bootstrap members hold the CA's key (`--tls-ca-key`): they create join tokens and issue
+    /// certificates to the hosts that join with one.
     public func enableTLS() throws {
         let ca = try CertificateAuthority.create()
         try ca.write(to: tlsFolder)
@@ -110,17 +119,20 @@ public final class DaemonProcesses: @unchecked Sendable {
     }
 
     /// Member `i`'s security flags: its certificate (issued now if it has none) with TLS, else `--insecure` for an
-    /// address beyond loopback.
+    /// address beyond loopback. A joiner with a token gets `--token` and `--tls-dir` instead (its restarts find the
+    /// files there); a bootstrap member also gets the CA's key.
     private func securityArguments(_ m: Member) throws -> [String] {
         guard tls != nil else {
             let hosts = [m.peer, m.api].map { (try? NodeConfig.address($0, "address").host) ?? "" }
             return hosts.allSatisfy(NodeConfig.isLoopback) ? [] : ["--insecure"]
         }
+        if let token = m.token { return ["--token", token, "--tls-dir", m.tokenTLSFolder] }
         let id = m.folder.hostID
+        let caKey = m.join == nil ? ["--tls-ca-key", "\(tlsFolder)/\(CertificateAuthority.keyFile)"] : []
         if !FileManager.default.fileExists(atPath: "\(tlsFolder)/\(id).pem") {
             _ = try CertificateAuthority.load(directory: tlsFolder).issue(name: id, roles: [.host]).write(directory: tlsFolder, name: id)
         }
-        return ["--tls-ca", "\(tlsFolder)/ca.pem", "--tls-cert", "\(tlsFolder)/\(id).pem", "--tls-key", "\(tlsFolder)/\(id).key"]
+        return ["--tls-ca", "\(tlsFolder)/ca.pem", "--tls-cert", "\(tlsFolder)/\(id).pem", "--tls-key", "\(tlsFolder)/\(id).key"] + caKey
     }
 
     /// Starts member `i`; its log is appended to `daemon.log` in its folder.

@@ -49,6 +49,7 @@ struct HTTPAPI: Sendable {
 
     func router() -> Router<APIContext> {
         let router = CircuitDaemon.router(tls: node.transport.configuration.tls, logger: node.logger)
+        JoinRoutes(node: node).add(to: router)
         router.get("/v1/status") { _, _ in try json(node.status()) }
         router.get("/v1/sys") { _, _ in try json(HostFacts.view(of: node.status())) }
         // Tests only: cut this node's Raft traffic to and from chosen hosts (`{"to": [ids], "from": [ids]}`; empty

@@ -1,3 +1,4 @@
+import CircuitSecurity
 import Foundation
 import TOMLKit
 
@@ -45,6 +46,16 @@ public struct NodeConfig: Codable, Sendable, Equatable {
     public var tlsCA: String?
     public var tlsCert: String?
     public var tlsKey: String?
+    /// The CA's private key (`ca.key`), on the members that may create join tokens (`circuit token create`) and
+    /// issue certificates to the hosts that join with one. Needs TLS; the key must be `tls-ca`'s.
+    public var tlsCAKey: String?
+    /// A folder for this host's TLS files, instead of tls-ca, tls-cert and tls-key: `ca.pem`, `<host id>.pem` and
+    /// `<host id>.key`. A new host joining with `join-token` gets them from the cluster and writes them here; every
+    /// later start finds them here (give the same folder again).
+    public var tlsDir: String?
+    /// A join token (`circuit token create`): with `join` and `tls-dir`, a new host gets its certificate from the
+    /// cluster in the join exchange. Ignored once the TLS files are in `tls-dir`.
+    public var joinToken: String?
     /// Plaintext on an address other than loopback: refused unless this is set, and then said at start and in
     /// `status`. Anyone who reaches the ports can run processes on the host.
     public var insecure = false
@@ -67,6 +78,9 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         case tlsCA = "tls-ca"
         case tlsCert = "tls-cert"
         case tlsKey = "tls-key"
+        case tlsCAKey = "tls-ca-key"
+        case tlsDir = "tls-dir"
+        case joinToken = "join-token"
         case insecure
     }
 
@@ -93,6 +107,9 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         tlsCA = try c.decodeIfPresent(String.self, forKey: .tlsCA)
         tlsCert = try c.decodeIfPresent(String.self, forKey: .tlsCert)
         tlsKey = try c.decodeIfPresent(String.self, forKey: .tlsKey)
+        tlsCAKey = try c.decodeIfPresent(String.self, forKey: .tlsCAKey)
+        tlsDir = try c.decodeIfPresent(String.self, forKey: .tlsDir)
+        joinToken = try c.decodeIfPresent(String.self, forKey: .joinToken)
         insecure = try c.decodeIfPresent(Bool.self, forKey: .insecure) ?? d.insecure
     }
 
@@ -133,6 +150,19 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         guard tlsFiles.isEmpty || tlsFiles.count == 3 else {
             throw NodeConfigError.invalid("tls-ca, tls-cert and tls-key go together: give all three or none")
         }
+        if tlsDir != nil && !tlsFiles.isEmpty {
+            throw NodeConfigError.invalid(
+                "tls-dir and tls-ca, tls-cert, tls-key exclude each other: tls-dir holds ca.pem, <host id>.pem and <host id>.key")
+        }
+        if joinToken != nil {
+            guard join != nil else { throw NodeConfigError.invalid("join-token is for a host that joins: give --join too (or `circuit join ADDRESS`)") }
+            guard tlsDir != nil else {
+                throw NodeConfigError.invalid("join-token needs tls-dir: the folder where the certificate the cluster issues is written")
+            }
+        }
+        if tlsCAKey != nil && !usesTLS {
+            throw NodeConfigError.invalid("tls-ca-key needs TLS: give tls-ca, tls-cert and tls-key (the key must be tls-ca's), or tls-dir")
+        }
         if !usesTLS && !insecure {
             for (what, address) in [("peer-listen", peerListen), ("client-listen", clientListen)] {
                 let host = try Self.address(address, what).host
@@ -140,14 +170,23 @@ public struct NodeConfig: Codable, Sendable, Equatable {
                     throw NodeConfigError.invalid(
                         "\(what) \(address) is not a loopback address: refusing to listen there without TLS, since whoever "
                             + "reaches the port can run processes on this host. Give --tls-ca, --tls-cert and --tls-key "
-                            + "(circuit ca init, circuit ca issue), or --insecure to accept the risk")
+                            + "(circuit ca init, circuit ca issue), or --tls-dir with a join token (circuit token create), "
+                            + "or --insecure to accept the risk")
                 }
             }
         }
     }
 
     /// Whether the peer port and the API speak mutual TLS.
-    public var usesTLS: Bool { tlsCA != nil && tlsCert != nil && tlsKey != nil }
+    public var usesTLS: Bool { (tlsCA != nil && tlsCert != nil && tlsKey != nil) || tlsDir != nil }
+
+    /// The TLS files of host `hostID`: tls-ca, tls-cert and tls-key, or those in tls-dir (`ca.pem`, `<host id>.pem`,
+    /// `<host id>.key`); nil without TLS.
+    public func tlsFiles(hostID: String) -> (ca: String, certificate: String, key: String)? {
+        if let tlsCA, let tlsCert, let tlsKey { return (tlsCA, tlsCert, tlsKey) }
+        guard let tlsDir else { return nil }
+        return (tlsDir + "/" + CertificateAuthority.certificateFile, tlsDir + "/" + hostID + ".pem", tlsDir + "/" + hostID + ".key")
+    }
 
     /// How this daemon's ports are protected, in words (logged at start, shown by `status`).
     public var security: String {

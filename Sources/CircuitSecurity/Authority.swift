@@ -41,20 +41,33 @@ public struct CertificateAuthority: Sendable {
 
     /// Reads `ca.pem` and `ca.key` from `directory`.
     public static func load(directory: String) throws -> CertificateAuthority {
-        let certificatePath = directory + "/" + certificateFile
-        let keyPath = directory + "/" + keyFile
         do {
-            let certificate = try Certificate(pemEncoded: try String(contentsOfFile: certificatePath, encoding: .utf8))
-            let key = try P256.Signing.PrivateKey(pemRepresentation: try String(contentsOfFile: keyPath, encoding: .utf8))
-            guard Certificate.PublicKey(key.publicKey) == certificate.publicKey else {
-                throw SecurityError.invalid("\(keyPath) is not the key of \(certificatePath)")
-            }
-            return CertificateAuthority(certificate: certificate, key: key)
+            return try read(certificate: directory + "/" + certificateFile, key: directory + "/" + keyFile)
         } catch let error as SecurityError {
             throw error
         } catch {
             throw SecurityError.io("cannot read the CA in \(directory) (\(certificateFile), \(keyFile)): \(error)")
         }
+    }
+
+    /// Reads the CA's certificate and key from two files (a member's `tls-ca` and `tls-ca-key`).
+    public static func load(certificate certificatePath: String, key keyPath: String) throws -> CertificateAuthority {
+        do {
+            return try read(certificate: certificatePath, key: keyPath)
+        } catch let error as SecurityError {
+            throw error
+        } catch {
+            throw SecurityError.io("cannot read the CA from \(certificatePath) and its key \(keyPath): \(error)")
+        }
+    }
+
+    private static func read(certificate certificatePath: String, key keyPath: String) throws -> CertificateAuthority {
+        let certificate = try Certificate(pemEncoded: try String(contentsOfFile: certificatePath, encoding: .utf8))
+        let key = try P256.Signing.PrivateKey(pemRepresentation: try String(contentsOfFile: keyPath, encoding: .utf8))
+        guard Certificate.PublicKey(key.publicKey) == certificate.publicKey else {
+            throw SecurityError.invalid("\(keyPath) is not the key of \(certificatePath)")
+        }
+        return CertificateAuthority(certificate: certificate, key: key)
     }
 
     /// Writes `ca.pem` (0644) and `ca.key` (0600) into `directory`, which is created (0700) if missing. An existing
@@ -71,15 +84,43 @@ public struct CertificateAuthority: Sendable {
 
     public var certificatePEM: String { (try? certificate.serializeAsPEM().pemString) ?? "" }
 
+    /// The SHA-256 of the CA certificate's DER, in lowercase hex: what a join token names, so that a joining host can
+    /// pin the CA before it trusts anything it is sent.
+    public var certificateDigest: String {
+        Self.digest(ofDER: (try? certificate.serializeAsPEM().derBytes) ?? [])
+    }
+
+    /// The SHA-256 of a certificate's DER bytes, in lowercase hex.
+    public static func digest(ofDER der: [UInt8]) -> String { Hex.encode(SHA256.hash(data: der)) }
+
+    /// The key join tokens are signed with (HMAC-SHA256): derived from the CA's private key, so that only a holder
+    /// of that key can make or check a token, and nothing needs storing. The private key itself never leaves.
+    var tokenKey: SymmetricKey {
+        var hash = SHA256()
+        hash.update(data: Data("circuit join tokens".utf8))
+        hash.update(data: key.rawRepresentation)
+        return SymmetricKey(data: hash.finalize())
+    }
+
     /// Signs a new key's certificate for `name` (a host id `X…` for a member, any name for a client) carrying
     /// `roles`, valid for `days`. `addresses` (IP addresses or DNS names) go in the subject alternative names, for
     /// tools that check them; Circuit itself trusts the CA and checks the name and roles.
     public func issue(name: String, roles: Set<AccessRole>, addresses: [String] = [], days: Int = 365) throws -> IssuedCertificate {
+        let leafKey = P256.Signing.PrivateKey()
+        let leafPEM = try issue(
+            name: name, roles: roles, publicKey: Certificate.PublicKey(leafKey.publicKey), addresses: addresses, days: days)
+        return IssuedCertificate(certificatePEM: leafPEM, keyPEM: leafKey.pemRepresentation, caPEM: certificatePEM)
+    }
+
+    /// Signs a certificate for a key held elsewhere (a joining host's, from its certificate request: its private key
+    /// never travels), as `issue(name:roles:addresses:days:)` does; answers the certificate's PEM.
+    public func issue(
+        name: String, roles: Set<AccessRole>, publicKey: Certificate.PublicKey, addresses: [String] = [], days: Int = 365
+    ) throws -> String {
         guard !name.isEmpty, name.count <= 64, !name.contains(where: { $0.isNewline || $0 == "," || $0 == "/" }) else {
             throw SecurityError.invalid("certificate name \(name.debugDescription) must be 1 to 64 characters, without ',', '/' or newlines")
         }
         guard !roles.isEmpty else { throw SecurityError.invalid("a certificate needs at least one role") }
-        let leafKey = P256.Signing.PrivateKey()
         let subject = try DistinguishedName {
             OrganizationName("circuit")
             for role in roles.sorted() { OrganizationalUnitName(role.rawValue) }
@@ -91,7 +132,7 @@ public struct CertificateAuthority: Sendable {
             return .dnsName(address)
         }
         let certificate = try Certificate(
-            version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: .init(leafKey.publicKey),
+            version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: publicKey,
             notValidBefore: now - 3600, notValidAfter: now + Double(days) * 86400, issuer: self.certificate.subject,
             subject: subject, signatureAlgorithm: .ecdsaWithSHA256,
             extensions: try Certificate.Extensions {
@@ -101,9 +142,12 @@ public struct CertificateAuthority: Sendable {
                 if !sans.isEmpty { SubjectAlternativeNames(sans) }
             },
             issuerPrivateKey: .init(key))
-        return IssuedCertificate(
-            certificatePEM: try certificate.serializeAsPEM().pemString, keyPEM: leafKey.pemRepresentation,
-            caPEM: certificatePEM)
+        return try certificate.serializeAsPEM().pemString
+    }
+
+    /// Signs the certificate a verified request asks for (its common name, its key) with `roles`.
+    public func issue(_ request: CertificateRequest, roles: Set<AccessRole>, days: Int = 365) throws -> String {
+        try issue(name: request.commonName, roles: roles, publicKey: request.publicKey, days: days)
     }
 
     private static func ipv4(_ s: String) -> [UInt8]? {
@@ -119,6 +163,12 @@ public struct IssuedCertificate: Sendable {
     public let certificatePEM: String
     public let keyPEM: String
     public let caPEM: String
+
+    public init(certificatePEM: String, keyPEM: String, caPEM: String) {
+        self.certificatePEM = certificatePEM
+        self.keyPEM = keyPEM
+        self.caPEM = caPEM
+    }
 
     /// Writes `<prefix>.pem` (0644), `<prefix>.key` (0600) and `ca.pem` beside them; each file is replaced
     /// atomically, so a daemon re-reading its files (rotation) sees the old set or the new one.

@@ -8,7 +8,9 @@ import X509
 
 /// One party's TLS identity from three PEM files: the cluster's CA, its certificate and its key. It makes the
 /// TLS contexts for both ends of a connection, mutual in both directions: a server asks for the peer's
-/// certificate and refuses a peer without one signed by the CA.
+/// certificate and refuses a peer without one signed by the CA. The API's server context alone lets a client
+/// without a certificate through the handshake (one of another CA is still refused), for the two calls of the join
+/// exchange that a host with a join token and no certificate yet makes; every other call then answers 401.
 ///
 /// Rotation: the files are looked at again (their size, inode and modification time) at most once a second when a
 /// context is asked for, and on `reload()` (the daemon calls it on SIGHUP). New connections then use the new files;
@@ -23,6 +25,7 @@ public final class TLSFiles: Sendable {
         var stamp: [FileStamp]
         var checked: ContinuousClock.Instant
         var server: NIOSSLContext
+        var apiServer: NIOSSLContext
         var client: NIOSSLContext
         var grant: Grant
     }
@@ -46,8 +49,12 @@ public final class TLSFiles: Sendable {
     /// Who this identity is: its certificate's name and roles.
     public var grant: Grant { current().grant }
 
-    /// For accepting connections (the peer port, the API).
+    /// For accepting connections on the peer port: a client certificate of the CA is required.
     public func serverContext() -> NIOSSLContext { current().server }
+
+    /// For accepting connections on the API: a client certificate is asked for and, if presented, must be the CA's;
+    /// a client may present none (a joining host), and the API then serves it only the join exchange.
+    public func apiServerContext() -> NIOSSLContext { current().apiServer }
 
     /// For dialing (peers, the API as a client).
     public func clientContext() -> NIOSSLContext { current().client }
@@ -89,6 +96,8 @@ public final class TLSFiles: Sendable {
         // checks the name and roles the certificate carries (a member's host id, a client's role).
         server.certificateVerification = .noHostnameVerification
         server.minimumTLSVersion = .tlsv13
+        var apiServer = server
+        apiServer.certificateVerification = .optionalVerification
         var client = TLSConfiguration.makeClientConfiguration()
         client.certificateChain = chain.map { .certificate($0) }
         client.privateKey = .privateKey(privateKey)
@@ -98,7 +107,8 @@ public final class TLSFiles: Sendable {
         do {
             return Loaded(
                 stamp: stamp, checked: .now, server: try NIOSSLContext(configuration: server),
-                client: try NIOSSLContext(configuration: client), grant: grant)
+                apiServer: try NIOSSLContext(configuration: apiServer), client: try NIOSSLContext(configuration: client),
+                grant: grant)
         } catch {
             throw SecurityError.invalid("\(certificate) and \(key) do not make a TLS identity (is the key the certificate's?): \(error)")
         }

@@ -55,7 +55,7 @@ struct BinaryReader {
 }
 
 extension Command {
-    private static let formatVersion: UInt8 = 1
+    public static let formatVersion: UInt8 = 1
 
     /// The bytes of a Raft entry carrying this command.
     public var encoded: [UInt8] {

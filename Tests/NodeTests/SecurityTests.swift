@@ -64,10 +64,102 @@ struct SecurityUnitTests {
             ("POST", "/v1/signal/X0000000000000001/p", .exec), ("GET", "/v1/proc/stdout/X0000000000000001/p", .exec),
             ("POST", "/v1/cluster/members", .admin), ("POST", "/v1/cluster/leader", .admin), ("GET", "/v1/debug/state", .admin),
             ("POST", "/v1/hosts/register", .host), ("PUT", "/v1/proc-state/X0000000000000001/p", .host),
+            ("POST", "/v1/tokens", .admin), ("GET", "/v1/tokens", .admin),
             ("POST", "/v1/something-new", .write),
         ])
     func roleTable(method: String, path: String, role: AccessRole) {
         #expect(APIRoles.required(.init(method)!, path) == role)
+    }
+
+    @Test(
+        "only the join exchange's two calls are served without a certificate",
+        arguments: [
+            ("GET", "/v1/join/ca", true), ("POST", "/v1/join/certificate", true),
+            ("POST", "/v1/join/ca", false), ("GET", "/v1/join/certificate", false), ("GET", "/v1/join/ca/x", false),
+            ("POST", "/v1/join", false), ("POST", "/v1/tokens", false), ("GET", "/v1/status", false),
+            ("POST", "/v1/cluster/members", false),
+        ])
+    func publicCalls(method: String, path: String, isPublic: Bool) {
+        #expect(APIRoles.isPublic(.init(method)!, path) == isPublic)
+    }
+
+    @Test("a join token verifies before its expiry and not after; altered in any part, made by another CA, or malformed, it is refused naming why")
+    func joinTokens() throws {
+        let ca = try CertificateAuthority.create()
+        let now = Date(timeIntervalSince1970: 1_750_000_000)
+        let text = JoinToken.create(ttl: 600, authority: ca, now: now)
+        let token = try JoinToken.verify(text, authority: ca, now: now)
+        #expect(token.expires == 1_750_000_600 && token.text == text && token.caDigest == ca.certificateDigest)
+        _ = try JoinToken.verify(text, authority: ca, now: now + 599)
+        _ = try JoinToken.verify(text + "\n", authority: ca, now: now)  // as pasted
+        #expect(JoinToken.create(ttl: 600, authority: ca, now: now) != text, "each token is new")
+        let expired = #expect(throws: SecurityError.self) { try JoinToken.verify(text, authority: ca, now: now + 600) }
+        #expect("\(expired!)".contains("expired at"), "\(expired!)")
+
+        // Any part altered: the expiry, the random part, the MAC, the CA's digest.
+        let parts = text.split(separator: ".").map(String.init)
+        #expect(parts.count == 4)
+        for i in parts.indices {
+            var altered = parts
+            let first: String = altered[i].first == "1" ? "2" : "1"
+            altered[i] = first + altered[i].dropFirst()
+            let error = #expect(throws: SecurityError.self) {
+                try JoinToken.verify(altered.joined(separator: "."), authority: ca, now: now)
+            }
+            #expect("\(error!)".contains("not signed by this cluster's CA"), "part \(i): \(error!)")
+        }
+
+        // Another CA's token, as it is, or claiming this CA.
+        let other = try CertificateAuthority.create()
+        let theirs = JoinToken.create(ttl: 600, authority: other, now: now)
+        let claimed = theirs.split(separator: ".").prefix(3).joined(separator: ".") + "." + ca.certificateDigest
+        for foreign in [theirs, claimed] {
+            let error = #expect(throws: SecurityError.self) { try JoinToken.verify(foreign, authority: ca, now: now) }
+            #expect("\(error!)".contains("not signed by this cluster's CA"), "\(error!)")
+        }
+
+        // Malformed: parts missing or extra, not hex, not canonical.
+        for bad in [
+            "", "token", "1.2.3", text + ".x", "1750000600.zz.\(parts[2]).\(parts[3])", text.uppercased(),
+            "0\(text)", "+\(text)", "-\(text)", "\(parts[0]).\(parts[1].dropLast(2)).\(parts[2]).\(parts[3])",
+        ] {
+            let error = #expect(throws: SecurityError.self) { try JoinToken.verify(bad, authority: ca, now: now) }
+            #expect("\(error!)".contains("malformed"), "\(bad.debugDescription): \(error!)")
+        }
+
+        // The joining host pins the CA the token names among what it is offered.
+        #expect(token.pinnedCA(in: other.certificatePEM + "\n" + ca.certificatePEM) != nil)
+        #expect(token.pinnedCA(in: other.certificatePEM) == nil)
+        #expect(token.pinnedCA(in: "not PEM") == nil)
+    }
+
+    @Test("a certificate request names a host and proves its key; the CA signs it with the host role, the key never leaving")
+    func certificateRequests() throws {
+        let dir = try temporaryFolder("csr")
+        let ca = try CertificateAuthority.create()
+        let id = "X0123456789abcdef"
+        let made = try CertificateRequest.make(commonName: id)
+        let request = try CertificateRequest(pem: made.request)
+        #expect(request.commonName == id)
+        let certificate = try ca.issue(request, roles: [.host])
+        _ = try IssuedCertificate(certificatePEM: certificate, keyPEM: made.keyPEM, caPEM: ca.certificatePEM).write(directory: dir, name: id)
+        #expect(try TLSFiles(directory: dir, name: id).grant == Grant(name: id, roles: [.host]))
+
+        // Not a request; a request whose signature was altered (its last byte, in the signature's s).
+        #expect(throws: SecurityError.self) { try CertificateRequest(pem: ca.certificatePEM) }
+        #expect(throws: SecurityError.self) { try CertificateRequest(pem: "not a request") }
+        let body = made.request.split(separator: "\n").filter { !$0.hasPrefix("-----") }.joined()
+        var der = [UInt8](try #require(Data(base64Encoded: body)))
+        der[der.count - 1] ^= 0x01
+        var base64 = Substring(Data(der).base64EncodedString())
+        var lines: [String] = []
+        while !base64.isEmpty {
+            lines.append(String(base64.prefix(64)))
+            base64 = base64.dropFirst(64)
+        }
+        let tampered = (["-----BEGIN CERTIFICATE REQUEST-----"] + lines + ["-----END CERTIFICATE REQUEST-----"]).joined(separator: "\n")
+        let error = #expect(throws: SecurityError.self) { try CertificateRequest(pem: tampered) }
+        #expect("\(error!)".contains("signature"), "\(error!)")
     }
 
     @Test("plaintext beyond loopback is refused unless --insecure; the TLS files go together")
@@ -88,6 +180,39 @@ struct SecurityUnitTests {
         config.tlsKey = "h.key"
         try config.validate()
         #expect(config.security == "mutual TLS")
+    }
+
+    @Test("the CA key needs TLS; tls-dir stands for the three files; a join token goes with join and tls-dir")
+    func tokenSettings() throws {
+        var config = NodeConfig()
+        config.tlsCAKey = "ca.key"
+        let noTLS = #expect(throws: NodeConfigError.self) { try config.validate() }
+        #expect("\(noTLS!)".contains("tls-ca-key needs TLS"))
+        config.tlsDir = "/etc/circuit/tls"
+        config.clientListen = "0.0.0.0:7700"
+        try config.validate()
+        #expect(config.security == "mutual TLS")
+        #expect(config.tlsFiles(hostID: "X0000000000000001")?.certificate == "/etc/circuit/tls/X0000000000000001.pem")
+        #expect(config.tlsFiles(hostID: "X0000000000000001")?.key == "/etc/circuit/tls/X0000000000000001.key")
+        #expect(config.tlsFiles(hostID: "X0000000000000001")?.ca == "/etc/circuit/tls/ca.pem")
+        config.tlsCA = "ca.pem"
+        config.tlsCert = "h.pem"
+        config.tlsKey = "h.key"
+        #expect(throws: NodeConfigError.self) { try config.validate() }
+        config.tlsDir = nil
+        try config.validate()
+        config.joinToken = "a token"
+        let noJoin = #expect(throws: NodeConfigError.self) { try config.validate() }
+        #expect("\(noJoin!)".contains("join-token"))
+        config.join = "10.0.0.1:7700"
+        let noDir = #expect(throws: NodeConfigError.self) { try config.validate() }
+        #expect("\(noDir!)".contains("tls-dir"))
+        config.tlsCA = nil
+        config.tlsCert = nil
+        config.tlsKey = nil
+        config.tlsCAKey = nil
+        config.tlsDir = "/var/lib/circuit/tls"
+        try config.validate()
     }
 }
 
@@ -171,6 +296,100 @@ struct SecurityDaemonTests {
         #expect(try await readerAtWorker.get("/records/app/config").value == "v2")
         let atWorker = await refusalMessage { _ = try await readerAtWorker.put("/records/app/config", Array("v3".utf8)) }
         #expect(atWorker?.contains("needs the write role") == true, "\(atWorker ?? "not refused")")
+    }
+
+    @Test("a host joins with a join token and no certificate: the cluster issues it; an expired, forged or foreign token is refused, and the refusal logged with the address; the cluster serves on")
+    func joinWithToken() async throws {
+        let binary = try #require(circuitBinary(), "the circuit executable was not built next to the tests")
+        let cluster = try DaemonProcesses(binary: binary, base: try temporaryFolder("token-daemons"), count: 3)
+        try cluster.enableTLS()
+        try cluster.startAll()
+        defer { cluster.stopAll(signal: SIGKILL) }
+        let leader = try await cluster.leader()
+        _ = try await cluster.allAlive()
+        let admin = cluster.live
+        _ = try await admin.put("/records/app/config", Array("v1".utf8))
+
+        // An admin gets a token from any member holding the CA key; a reader is refused, naming the admin role.
+        let contact = (leader + 1) % 3
+        let created = try await cluster.client(contact).createToken(ttlSeconds: 600)
+        let now = Int64(Date().timeIntervalSince1970)
+        #expect(created.expires > now + 590 && created.expires <= now + 600, "expires \(created.expires), now \(now)")
+        let reader = CircuitClient(endpoints: cluster.apis, tls: try cluster.issueClient("reader", roles: [.read]))
+        let refusal = await refusalMessage { _ = try await reader.createToken(ttlSeconds: 600) }
+        #expect(refusal?.contains("needs the admin role") == true, "\(refusal ?? "not refused")")
+
+        // Without a certificate, a client gets the CA (the one the token names) and nothing else.
+        let bare = try JoinTLS.unverified()
+        let offered = try await HTTPExchange.perform(.GET, "/v1/join/ca", to: cluster.members[0].api, tls: nil, sslContext: bare)
+        #expect(offered.status == 200)
+        #expect(try JoinToken.parse(created.token).pinnedCA(in: String(decoding: offered.body, as: UTF8.self)) != nil)
+        let status = try await HTTPExchange.perform(.GET, "/v1/status", to: cluster.members[0].api, tls: nil, sslContext: bare)
+        #expect(status.status == 401 && String(decoding: status.body, as: UTF8.self).contains("no_certificate"))
+
+        // A learner joins with the token: the cluster issued its certificate (the key 0600, never sent), it is alive.
+        try cluster.add(join: cluster.members[contact].api, token: created.token)
+        try cluster.start(3)
+        let hosts = try await cluster.allAlive(timeout: .seconds(60))
+        // Registered (by the join) before its API listens, and it forwards reads once it has applied the leader's
+        // registration: wait for a linearizable read through it.
+        try await eventually("the joiner serving a linearizable read", timeout: .seconds(20)) {
+            (try? await cluster.client(3).get("/records/app/config"))?.value == "v1"
+        }
+        let joiner = cluster.members[3]
+        let id = joiner.folder.hostID
+        #expect(hosts.contains { $0.id == id && $0.role == "learner" && $0.state == "alive" })
+        for (file, mode) in [("ca.pem", 0o644), ("\(id).pem", 0o644), ("\(id).key", 0o600)] {
+            let attributes = try FileManager.default.attributesOfItem(atPath: "\(joiner.tokenTLSFolder)/\(file)")
+            #expect((attributes[.posixPermissions] as? Int) == mode, "\(file)")
+        }
+        #expect(try TLSFiles(directory: joiner.tokenTLSFolder, name: id).grant == Grant(name: id, roles: [.host]))
+        #expect(try await cluster.client(3).status().security == "mutual TLS")
+        #expect(cluster.logTail(contact, lines: 5000).contains("issued a host certificate for a join token"))
+        // A member without the CA key creates no tokens.
+        let noKey = await refusalMessage { _ = try await cluster.client(3).createToken(ttlSeconds: 60) }
+        #expect(noKey?.contains("no_ca_key") == true, "\(noKey ?? "not refused")")
+
+        // Restarted, it finds its files in --tls-dir: no second certificate.
+        cluster.kill9(3)
+        try cluster.start(3)
+        try await eventually("the joiner to serve again after its restart", timeout: .seconds(30)) {
+            (try? await cluster.client(3).status()) != nil
+        }
+        let issued = cluster.logTail(3, lines: 5000).components(separatedBy: "the cluster issued this host's certificate").count - 1
+        #expect(issued == 1, "the joiner's log tells of \(issued) certificates")
+
+        // Expired, forged (a MAC altered) and another CA's tokens: the joiner's daemon fails, naming why; the first two
+        // reach the member, which refuses them and logs it with the joiner's address; the third names a CA the joiner
+        // does not find at the contact, so it sends nothing.
+        let authority = try CertificateAuthority.load(directory: cluster.tlsFolder)
+        let expired = JoinToken.create(ttl: 60, authority: authority, now: Date() - 3600)
+        var parts = created.token.split(separator: ".").map(String.init)
+        let first: String = parts[2].first == "1" ? "2" : "1"
+        parts[2] = first + parts[2].dropFirst()
+        let forged = parts.joined(separator: ".")
+        let foreign = JoinToken.create(ttl: 600, authority: try CertificateAuthority.create())
+        for (token, why) in [(expired, "expired at"), (forged, "not signed by this cluster's CA"), (foreign, "is not the one the token names")] {
+            try cluster.add(join: cluster.members[contact].api, token: token)
+            let i = cluster.members.count - 1
+            try cluster.start(i)
+            let process = try #require(cluster.members[i].process)
+            try await eventually("the joiner with a bad token (\(why)) to exit", timeout: .seconds(30)) { !process.isRunning }
+            #expect(process.terminationStatus != 0)
+            #expect(cluster.logTail(i, lines: 50).contains(why), "\(cluster.logTail(i, lines: 50))")
+            #expect(!FileManager.default.fileExists(atPath: "\(cluster.members[i].tokenTLSFolder)/\(cluster.members[i].folder.hostID).pem"))
+        }
+        try await eventually("the contact to log both refused tokens with their addresses") {
+            cluster.logTail(contact, lines: 5000).split(separator: "\n")
+                .filter { $0.contains("refused a join token") && $0.contains("address=") && $0.contains("127.0.0.1") }.count >= 2
+        }
+
+        // The cluster served on.
+        _ = try await admin.put("/records/app/config", Array("v2".utf8))
+        #expect(try await admin.get("/records/app/config").value == "v2")
+        try await eventually("the restarted joiner to read the last value", timeout: .seconds(20)) {
+            (try? await cluster.client(3).get("/records/app/config"))?.value == "v2"
+        }
     }
 }
 
