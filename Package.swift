@@ -110,6 +110,7 @@ let package = Package(
                 "CFuse3",
                 "CircuitAPI",
                 "CircuitClient",
+                "CircuitSecurity",
                 "CircuitStateMachine",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

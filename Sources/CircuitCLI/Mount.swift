@@ -1,4 +1,5 @@
 import ArgumentParser
+import CircuitClient
 import CircuitFS
 import Foundation
 import Logging
@@ -12,11 +13,14 @@ struct Mount: AsyncParsableCommand {
     @OptionGroup var options: ClientOptions
     @OptionGroup var global: GlobalOptions
     @Argument(help: "Where to mount.") var directory: String = "/circuit"
+    @Flag(help: "Let other users use the mount too (FUSE's allow_other; for a user other than root, /etc/fuse.conf needs user_allow_other). Off: the mount is yours alone.")
+    var allowOther = false
 
     func run() async throws {
         let logger = global.makeLogger("circuit.mount")
         guard let node = options.client.endpoints.first else { throw ValidationError("no node to speak to") }
-        let service = MountService(mountpoint: directory, node: node, logger: logger)
+        let service = MountService(
+            mountpoint: directory, node: node, tls: ClientTLS.default, allowOther: allowOther, logger: logger)
         let group = ServiceGroup(
             configuration: .init(
                 services: [.init(service: service)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))

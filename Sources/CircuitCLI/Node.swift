@@ -65,6 +65,12 @@ struct DaemonOptions: ParsableArguments {
     var voterReplaceAfterMs: UInt64?
     @Option(help: "Milliseconds a host's session lives without a keep-alive.") var sessionTtlMs: UInt64?
     @Option(help: "Mount the cluster as a file system at this directory while the daemon runs.") var mount: String?
+    @Flag(help: "Let other users than the daemon's use the mount (FUSE's allow_other).") var mountAllowOther = false
+    @Option(help: "The client certificate the mount acts with (default: the host's own), with --mount-tls-key.") var mountTlsCert: String?
+    @Option(help: "The key of --mount-tls-cert.") var mountTlsKey: String?
+    @Option(help: "The most sessions one client (a certificate's name, or an address without TLS) may hold.") var maxSessionsPerClient: Int?
+    @Option(help: "The most watches and waits one client may have open on this node.") var maxWatchesPerClient: Int?
+    @Option(help: "The most requests (streams included) one client may have open on this node.") var maxStreamsPerClient: Int?
     @Option(help: "Mutual TLS: the cluster's CA certificate (with --tls-cert and --tls-key).") var tlsCa: String?
     @Option(help: "Mutual TLS: this host's certificate (`circuit ca issue --host`).") var tlsCert: String?
     @Option(help: "Mutual TLS: this host's key.") var tlsKey: String?
@@ -91,6 +97,12 @@ struct DaemonOptions: ParsableArguments {
         if let voterReplaceAfterMs { settings.voterReplaceAfterMillis = voterReplaceAfterMs }
         if let sessionTtlMs { settings.sessionTTLMillis = sessionTtlMs }
         if let mount { settings.mount = mount }
+        if mountAllowOther { settings.mountAllowOther = true }
+        if let mountTlsCert { settings.mountTLSCert = mountTlsCert }
+        if let mountTlsKey { settings.mountTLSKey = mountTlsKey }
+        if let maxSessionsPerClient { settings.maxSessionsPerClient = maxSessionsPerClient }
+        if let maxWatchesPerClient { settings.maxWatchesPerClient = maxWatchesPerClient }
+        if let maxStreamsPerClient { settings.maxStreamsPerClient = maxStreamsPerClient }
         if let tlsCa { settings.tlsCA = tlsCa }
         if let tlsCert { settings.tlsCert = tlsCert }
         if let tlsKey { settings.tlsKey = tlsKey }

@@ -41,6 +41,9 @@ public struct FSError: Error, Sendable, Equatable, CustomStringConvertible {
         case "not_running": return ESRCH
         case "buffers_full": return ENOBUFS
         case "cancelled": return EINTR
+        // The mount's identity lacks the role, or has no certificate the cluster takes.
+        case "forbidden", "no_certificate", "bad_certificate": return EACCES
+        case "too_many_sessions", "too_many_watches", "too_many_streams": return EUSERS
         default: return EIO
         }
     }

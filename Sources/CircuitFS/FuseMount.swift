@@ -36,9 +36,17 @@ public final class FuseMount: Sendable {
     }
     private let shared = Mutex(Shared())
 
-    public init(mountpoint: String, fs: CircuitFileSystem, logger: Logger) {
+    /// Whether users other than the one who mounted may use the mount (FUSE's `allow_other`; for a user other than
+    /// root, /etc/fuse.conf must have `user_allow_other`). Off by default: the mount then acts with its client
+    /// identity for its owner alone, the kernel refuses everyone else, and the modes say so (group and other bits
+    /// cleared).
+    public let allowOther: Bool
+    var modeMask: UInt32 { allowOther ? 0o777 : 0o700 }
+
+    public init(mountpoint: String, fs: CircuitFileSystem, allowOther: Bool = false, logger: Logger) {
         self.mountpoint = mountpoint
         self.fs = fs
+        self.allowOther = allowOther
         self.logger = logger
     }
 
@@ -48,7 +56,7 @@ public final class FuseMount: Sendable {
     public func run() throws(FuseMountError) {
         try Self.prepare(mountpoint, logger: logger)
         var arguments = ["circuit", "-o", "fsname=circuit,subtype=circuit"]
-        if getuid() == 0 { arguments[2] += ",allow_other" }
+        if allowOther { arguments[2] += ",allow_other" }
         let argv = UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>.allocate(capacity: arguments.count + 1)
         for (i, a) in arguments.enumerated() { argv[i] = strdup(a) }
         argv[arguments.count] = nil
@@ -250,10 +258,10 @@ enum FuseOperations {
         mount(req).interrupt(UInt64(UInt(bitPattern: data)))
     }
 
-    static func attributes(_ node: FSNode, _ inode: UInt64) -> stat {
+    static func attributes(_ node: FSNode, _ inode: UInt64, in m: FuseMount) -> stat {
         var st = stat()
         st.st_ino = UInt(inode)
-        st.st_mode = (node.isDirectory ? S_IFDIR : S_IFREG) | node.permissions
+        st.st_mode = (node.isDirectory ? S_IFDIR : S_IFREG) | (node.permissions & m.modeMask)
         st.st_nlink = node.isDirectory ? 2 : 1
         st.st_uid = getuid()
         st.st_gid = getgid()
@@ -269,11 +277,11 @@ enum FuseOperations {
     /// What the kernel is told of `node` at `inode` in a lookup, mkdir or create. It keeps names and attributes a
     /// second: a host, element or record removed elsewhere may still resolve here for that long; every operation on
     /// it then fails as the cluster says (ENOENT), and what this mount removes it forgets at once.
-    static func entry(_ node: FSNode, _ inode: UInt64) -> fuse_entry_param {
+    static func entry(_ node: FSNode, _ inode: UInt64, in m: FuseMount) -> fuse_entry_param {
         var entry = fuse_entry_param()
         entry.ino = inode
         entry.generation = 1
-        entry.attr = attributes(node, inode)
+        entry.attr = attributes(node, inode, in: m)
         entry.attr_timeout = FuseMount.fixedTimeout
         entry.entry_timeout = FuseMount.fixedTimeout
         return entry
@@ -281,7 +289,7 @@ enum FuseOperations {
 
     static func replyEntry(_ req: Request, _ m: FuseMount, _ node: FSNode) {
         let inode = m.fs.lookUp(node)
-        var entry = entry(node, inode)
+        var entry = entry(node, inode, in: m)
         if fuse_reply_entry(req.raw, &entry) != 0 { m.fs.forget(inode, count: 1) }
     }
 
@@ -324,7 +332,7 @@ enum FuseOperations {
     static let getattr: @convention(c) (fuse_req_t?, fuse_ino_t, UnsafeMutablePointer<fuse_file_info>?) -> Void = {
         raw, inode, _ in
         guard let node = mount(raw).fs.node(inode) else { return replyError(Request(raw: raw), FSError(ENOENT, "stale")) }
-        var st = attributes(node, inode)
+        var st = attributes(node, inode, in: mount(raw))
         fuse_reply_attr(raw, &st, FuseMount.fixedTimeout)
     }
 
@@ -333,7 +341,7 @@ enum FuseOperations {
         @convention(c) (fuse_req_t?, fuse_ino_t, UnsafeMutablePointer<stat>?, Int32, UnsafeMutablePointer<fuse_file_info>?) -> Void = {
             raw, inode, _, _, _ in
             guard let node = mount(raw).fs.node(inode) else { return replyError(Request(raw: raw), FSError(ENOENT, "stale")) }
-            var st = attributes(node, inode)
+            var st = attributes(node, inode, in: mount(raw))
             fuse_reply_attr(raw, &st, 0)
         }
 
@@ -364,7 +372,7 @@ enum FuseOperations {
             do {
                 let (node, handle) = try m.fs.create(dir, name(namePointer))
                 let inode = m.fs.lookUp(node)
-                var entry = entry(node, inode)
+                var entry = entry(node, inode, in: m)
                 circuit_fuse_set_direct_io(fi, handle)
                 if fuse_reply_create(raw, &entry, fi) != 0 {
                     m.fs.forget(inode, count: 1)
@@ -472,7 +480,7 @@ enum FuseOperations {
             var index = Int(offset)
             while index < entries.count {
                 let (name, child) = entries[index]
-                var st = attributes(child, m.fs.entryInode(child))
+                var st = attributes(child, m.fs.entryInode(child), in: m)
                 let needed = buffer.withUnsafeMutableBufferPointer { b in
                     fuse_add_direntry(req.raw, b.baseAddress! + used, size - used, name, &st, off_t(index + 1))
                 }

@@ -1,4 +1,5 @@
 import CircuitClient
+import CircuitSecurity
 import Foundation
 import Logging
 import ServiceLifecycle
@@ -8,10 +9,11 @@ import ServiceLifecycle
 public struct MountService: Service {
     public let mount: FuseMount
 
-    /// A mount at `mountpoint` answering through the API of `node` (`host:port`).
-    public init(mountpoint: String, node: String, logger: Logger) {
-        let fs = CircuitFileSystem(client: CircuitClient(endpoints: [node]), logger: logger)
-        self.mount = FuseMount(mountpoint: mountpoint, fs: fs, logger: logger)
+    /// A mount at `mountpoint` answering through the API of `node` (`host:port`), acting with the client identity
+    /// `tls` (nil: plaintext); `allowOther`: see `FuseMount.allowOther`.
+    public init(mountpoint: String, node: String, tls: TLSFiles?, allowOther: Bool = false, logger: Logger) {
+        let fs = CircuitFileSystem(client: CircuitClient(endpoints: [node], tls: tls), logger: logger)
+        self.mount = FuseMount(mountpoint: mountpoint, fs: fs, allowOther: allowOther, logger: logger)
     }
 
     public func run() async throws {

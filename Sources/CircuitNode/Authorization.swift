@@ -9,16 +9,51 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOSSL
 
-/// The API's request context: Hummingbird's, and the connection the request came on, whose TLS certificate says
-/// who is asking.
+/// The API's request context: Hummingbird's, the connection the request came on, whose TLS certificate says who is
+/// asking, and who that is (`Authorization` sets it before any route runs).
 struct APIContext: RequestContext {
     var coreContext: CoreRequestContextStorage
     let channel: any Channel
+    var caller = Caller(name: "", isMember: false)
 
     init(source: ApplicationRequestContextSource) {
         coreContext = .init(source: source)
         channel = source.channel
     }
+}
+
+/// Who is asking, as far as the per-client limits and the sessions' owners go: the name in the client's certificate,
+/// or without TLS its address. A member relaying a client's request (a follower forwarding to the leader, a worker
+/// relaying to a member) names the client in `X-Circuit-Client`, and the request counts as the client's; a member
+/// asking for itself is `isMember` and not limited. Without TLS nobody is authenticated: the headers are believed,
+/// and the limits guard against accidents (a client leaking streams), not attacks.
+struct Caller: Sendable, Hashable, CustomStringConvertible {
+    var name: String
+    var isMember: Bool
+
+    static let header = HTTPField.Name("X-Circuit-Client")!
+
+    /// The caller of a request on a connection with a certificate named `name`; `isMember`: it has the host role.
+    static func certified(_ request: Request, name: String, isMember: Bool) -> Caller {
+        if isMember, let client = request.headers[header], !client.isEmpty { return Caller(name: client, isMember: false) }
+        return Caller(name: name, isMember: isMember)
+    }
+
+    /// The caller of a request on a connection without TLS.
+    static func unauthenticated(_ request: Request, channel: any Channel) -> Caller {
+        if let client = request.headers[header], !client.isEmpty { return Caller(name: client, isMember: false) }
+        return Caller(name: address(of: channel), isMember: request.headers[HTTPAPI.forwardedHeader] != nil)
+    }
+
+    /// The address of a connection without a certificate: its IP, without the port.
+    static func address(of channel: any Channel) -> String {
+        channel.remoteAddress?.ipAddress ?? "unknown"
+    }
+
+    /// What a member adds to a request it relays for this caller, so that the request stays the caller's.
+    var relayHeaders: [(String, String)] { isMember ? [] : [(Self.header.rawName, name)] }
+
+    var description: String { isMember ? "member \(name)" : name }
 }
 
 /// Which role each call of the API needs (see `AccessRole`). A pure function of the method and path, so that the table
@@ -63,9 +98,17 @@ struct Authorization: RouterMiddleware {
     let logger: Logger
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        guard tls != nil else { return try await next(request, context) }
-        if APIRoles.isPublic(request.method, request.uri.path) { return try await next(request, context) }
+        var context = context
+        guard tls != nil else {
+            context.caller = Caller.unauthenticated(request, channel: context.channel)
+            return try await next(request, context)
+        }
+        if APIRoles.isPublic(request.method, request.uri.path) {
+            context.caller = Caller(name: Caller.address(of: context.channel), isMember: false)
+            return try await next(request, context)
+        }
         let grant = try await grants.grant(of: context.channel)
+        context.caller = Caller.certified(request, name: grant.name, isMember: grant.roles.contains(.host))
         var request = request
         let path = request.uri.path
         var needed = APIRoles.required(request.method, path)
@@ -108,8 +151,6 @@ final class ConnectionGrants: Sendable {
         channel.closeFuture.whenComplete { [cache] _ in cache.withLockedValue { $0[key] = nil } }
         return grant
     }
-
-    var count: Int { cache.withLockedValue { $0.count } }
 }
 
 /// The API's connections with mutual TLS in front of Hummingbird's HTTP/1.1 channel. The TLS context is asked of

@@ -93,17 +93,18 @@ final class NodeContext: Sendable {
             watches: service.state.watcherCount, security: config.security)
     }
 
-    /// Sends `request` on to the API at `address` and relays its answer.
-    func forward(_ request: Request, to address: String) async throws -> Response {
+    /// Sends `request` on to the API at `address` and relays its answer. The request stays `caller`'s there: its
+    /// limits and the owner of a session it asks for are the client's, not this member's.
+    func forward(_ request: Request, for caller: Caller, to address: String) async throws -> Response {
         var request = request
         let body = try await request.collectBody(upTo: HTTPAPI.maxBody)
         let uri = request.uri.path + (request.uri.query.map { "?" + $0 } ?? "")
+        let headers = [(HTTPAPI.forwardedHeader.rawName, "1")] + caller.relayHeaders
         let answer: HTTPExchange.Answer
         do {
             answer = try await HTTPPool.shared(address).perform(
                 NIOHTTP1.HTTPMethod(rawValue: request.method.rawValue), uri,
-                body: body.readableBytes > 0 ? Array(buffer: body) : nil,
-                headers: [(HTTPAPI.forwardedHeader.rawName, "1")])
+                body: body.readableBytes > 0 ? Array(buffer: body) : nil, headers: headers)
         } catch let error as HTTPExchangeError where error.requestNotSent {
             throw APIError(status: 503, code: "leader_unreachable", message: "could not reach the leader at \(address): \(error)")
         } catch {
@@ -169,7 +170,7 @@ public final class CircuitDaemon: Sendable {
         }
         logger[metadataKey: "cluster"] = "\(HostID.hex(clusterID))"
         if folder.isWorker() {
-            try await WorkerNode(folder: folder, clusterID: clusterID, config: config, logger: logger).run()
+            try await WorkerNode(folder: folder, clusterID: clusterID, config: config, tls: tls, logger: logger).run()
             return
         }
         let addressBook = Self.readPeers(peersFile)
@@ -212,6 +213,7 @@ public final class CircuitDaemon: Sendable {
             router,
             beside: [HostAgent(node: node), JobAgent(node: node), HostRuntimeService(runtime: runtime), WatchCloser(state: node.service.state, logger: logger)],
             config: config,
+            tls: tls,
             logger: logger)
         logger.info("shutting down: handing leadership over if leader")
         await driver.shutdown()
@@ -224,12 +226,11 @@ extension CircuitDaemon {
     /// Serves the API (`router`, at the client listen address) beside the host's `agents` until SIGTERM or SIGINT
     /// (swift-service-lifecycle); returns once both have stopped.
     static func serve(
-        _ router: Router<APIContext>, beside agents: [any Service], config: NodeConfig, logger: Logger
+        _ router: Router<APIContext>, beside agents: [any Service], config: NodeConfig, tls: TLSFiles?, logger: Logger
     ) async throws {
         // A write to the pipe of a process that has gone fails with EPIPE instead of killing the daemon.
         signal(SIGPIPE, SIG_IGN)
         let client = try NodeConfig.address(config.clientListen, "client-listen")
-        let tls = ClientTLS.default
         let app = Application(
             router: router,
             server: tls.map { HTTPServerBuilder.clusterTLS($0, logger: logger) } ?? .http1(),
@@ -240,7 +241,7 @@ extension CircuitDaemon {
             services: [.init(service: app)] + agents.map { .init(service: $0) }
                 + [.init(service: TLSReloader(tls: tls, logger: logger))]
                 // A mount that fails or is unmounted from outside is logged; the daemon goes on.
-                + mountService(config, logger: logger).map {
+                + (try mountService(config, tls: tls, logger: logger)).map {
                     .init(service: $0, successTerminationBehavior: .ignore, failureTerminationBehavior: .ignore)
                 },
             gracefulShutdownSignals: [.sigterm, .sigint],
@@ -258,10 +259,13 @@ extension CircuitDaemon {
         }
     }
 
-    /// The API's router, with the role check in front of every route.
-    static func router(tls: TLSFiles?, logger: Logger) -> Router<APIContext> {
+    /// The API's router, with the role check and the per-client limits in front of every route.
+    static func router(tls: TLSFiles?, config: NodeConfig, logger: Logger) -> Router<APIContext> {
         let router = Router(context: APIContext.self)
         router.add(middleware: Authorization(tls: tls, logger: logger))
+        router.add(
+            middleware: ClientLimits(
+                limits: .init(streams: config.maxStreamsPerClient, watches: config.maxWatchesPerClient), logger: logger))
         return router
     }
 
@@ -326,10 +330,20 @@ extension CircuitDaemon {
     /// How long a graceful stop waits for requests in flight before it cancels them.
     static let gracefulStopLimit: Duration = .seconds(5)
 
-    /// The file system mounted at the config's `mount`, answering through this daemon's own API.
-    static func mountService(_ config: NodeConfig, logger: Logger) -> [any Service] {
+    /// The file system mounted at the config's `mount`, answering through this daemon's own API with the client
+    /// identity the config names (`mount-tls-cert`, `mount-tls-key`; by default the host's own, `tls`).
+    static func mountService(_ config: NodeConfig, tls: TLSFiles?, logger: Logger) throws -> [any Service] {
         guard let mountpoint = config.mount else { return [] }
-        return [MountService(mountpoint: mountpoint, node: config.advertisedClient, logger: logger)]
+        var identity = tls
+        if let tls, let certificate = config.mountTLSCert, let key = config.mountTLSKey {
+            identity = try TLSFiles(ca: tls.caPath, certificate: certificate, key: key)
+            logger.info("the mount acts as \(identity!.grant)", metadata: ["mountpoint": "\(mountpoint)"])
+        }
+        return [
+            MountService(
+                mountpoint: mountpoint, node: config.advertisedClient, tls: identity, allowOther: config.mountAllowOther,
+                logger: logger)
+        ]
     }
 
     /// `id@address` lines.

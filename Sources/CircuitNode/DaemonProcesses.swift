@@ -37,6 +37,8 @@ public final class DaemonProcesses: @unchecked Sendable {
     public var namespaces: [Int: String] = [:]
     /// Start every daemon with `--test-faults` (`PUT /v1/debug/cut` allowed).
     public var testFaults = false
+    /// More arguments for every daemon (`--max-watches-per-client 2`).
+    public var extraArguments: [String] = []
     /// With `enableTLS()`: the admin client identity this object's clients use (the daemons speak mutual TLS with
     /// certificates of a CA under `base/tls`). nil: plaintext (with `--insecure` for an address beyond loopback).
     public private(set) var tls: TLSFiles?
@@ -149,7 +151,7 @@ public final class DaemonProcesses: @unchecked Sendable {
             + (sessionTTLMillis.map { ["--session-ttl-ms", "\($0)"] } ?? [])
             + (voterReplaceAfterMillis.map { ["--voter-replace-after-ms", "\($0)"] } ?? [])
             + (mounts[i].map { ["--mount", $0] } ?? [])
-            + (testFaults ? ["--test-faults"] : [])
+            + (testFaults ? ["--test-faults"] : []) + extraArguments
             + (try securityArguments(m))
             + (m.join == nil ? ["--bootstrap", bootstrap] : ["--join-as", m.joinAs])
         let log = "\(m.folder.path)/daemon.log"

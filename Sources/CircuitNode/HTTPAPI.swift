@@ -22,6 +22,7 @@ extension APIError {
         case .hostNotAlive: return APIError(status: 409, code: "host_not_alive", message: error.description)
         case .transactionFailed: return APIError(status: 409, code: "transaction_failed", message: error.description)
         case .malformedCommand: return APIError(status: 400, code: "malformed_command", message: error.description)
+        case .tooManySessions: return APIError(status: 429, code: "too_many_sessions", message: error.description)
         }
     }
 
@@ -48,7 +49,7 @@ struct HTTPAPI: Sendable {
     static let forwardedHeader = HTTPField.Name("X-Circuit-Forwarded")!
 
     func router() -> Router<APIContext> {
-        let router = CircuitDaemon.router(tls: node.transport.configuration.tls, logger: node.logger)
+        let router = CircuitDaemon.router(tls: node.transport.configuration.tls, config: node.config, logger: node.logger)
         JoinRoutes(node: node).add(to: router)
         router.get("/v1/status") { _, _ in try json(node.status()) }
         router.get("/v1/sys") { _, _ in try json(HostFacts.view(of: node.status())) }
@@ -230,8 +231,12 @@ struct HTTPAPI: Sendable {
             try await leaderOr(request, context, stale: false) {
                 let ttl = try query(request, "ttl_ms", as: UInt64.self) ?? 10_000
                 guard (100...3_600_000).contains(ttl) else { throw APIError.badRequest("ttl_ms must be 100 to 3600000") }
-                let owner = request.uri.queryParameters.get("owner").map { String($0) } ?? "client"
-                return try await write(.grantSession(owner: owner, ttlMillis: ttl))
+                // The owner is who asks (its certificate's name, or its address without TLS), and the per-client
+                // limit counts the sessions it holds. Without TLS a client may name itself with `?owner=`.
+                let named = node.transport.configuration.tls == nil ? request.uri.queryParameters.get("owner").map { String($0) } : nil
+                let owner = named ?? context.caller.name
+                let limit = context.caller.isMember ? 0 : UInt32(clamping: node.config.maxSessionsPerClient)
+                return try await write(.grantSession(owner: owner, ttlMillis: ttl, limit: limit))
             }
         }
         router.post("/v1/sessions/:id/keepalive") { request, context in
@@ -412,7 +417,7 @@ struct HTTPAPI: Sendable {
             guard let address = node.service.state.read({ $0.hosts[owner].flatMap { $0.state == .alive ? $0.clientAddress : nil } }) else {
                 throw APIError.from(.hostNotAlive(owner))
             }
-            return try await node.forward(request, to: address)
+            return try await node.forward(request, for: context.caller, to: address)
         }
         router.get("/v1/watch") { request, _ in try watch("/", request) }
         router.get("/v1/watch/**") { request, context in
@@ -525,6 +530,9 @@ struct HTTPAPI: Sendable {
     private func decodeBody<T: Decodable>(_ request: Request, as: T.Type, what: String) async throws -> T {
         var request = request
         let body = try await request.collectBody(upTo: Self.maxBody)
+        if let problem = JSONLimits.depthProblem(body.readableBytesView) {
+            throw APIError.badRequest("the body is not \(what): \(problem)")
+        }
         do {
             return try JSONDecoder().decode(T.self, from: Data(buffer: body))
         } catch {
@@ -573,7 +581,7 @@ struct HTTPAPI: Sendable {
         else {
             throw APIError(status: 503, code: "no_leader", message: "no leader is known yet; retry shortly")
         }
-        return try await node.forward(request, to: address)
+        return try await node.forward(request, for: context.caller, to: address)
     }
 }
 

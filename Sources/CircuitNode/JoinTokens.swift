@@ -62,6 +62,7 @@ struct JoinRoutes: Sendable {
         var request = request
         let body = try await request.collectBody(upTo: HTTPAPI.maxBody)
         let asked: JoinCertificateRequestView
+        if let problem = JSONLimits.depthProblem(body.readableBytesView) { throw APIError.badRequest("the body: \(problem)") }
         do { asked = try JSONDecoder().decode(JoinCertificateRequestView.self, from: Data(buffer: body)) } catch {
             throw APIError.badRequest("the body is not {\"token\": TOKEN, \"csr\": PEM of a PKCS#10 request}: \(error)")
         }

@@ -39,8 +39,21 @@ public struct NodeConfig: Codable, Sendable, Equatable {
     public var maxMessageBytes: Int = 1 << 20
     /// The most bytes all of this host's channel buffers hold together.
     public var maxBufferedBytes: Int = 256 << 20
+    /// Per-client limits (a client is the name in its certificate, or its address without TLS; members relaying
+    /// for one count as it): the sessions it may hold in the cluster, and on this node the watches (and waits) and
+    /// the requests (streams included) it may have open at once. Past one, a 429 names the limit.
+    public var maxSessionsPerClient: Int = 1024
+    public var maxWatchesPerClient: Int = 256
+    public var maxStreamsPerClient: Int = 1024
     /// Mount the cluster as a file system here while the daemon runs (`circuit mount`'s layout); nil: no mount.
     public var mount: String?
+    /// The client identity the mount acts with (a certificate of the cluster's CA and its key; both or neither):
+    /// by default the host's own, which may do everything. Give one with fewer roles (`circuit ca issue --client
+    /// NAME --role read`) to limit what the mount's users may do.
+    public var mountTLSCert: String?
+    public var mountTLSKey: String?
+    /// Let users other than the daemon's use the mount (FUSE's `allow_other`). Off: the mount is its owner's alone.
+    public var mountAllowOther = false
     /// Mutual TLS on the peer port and the API: the cluster's CA certificate, this host's certificate (issued by
     /// `circuit ca issue --host`, named for its host id, with the `host` role) and its key. All three or none.
     public var tlsCA: String?
@@ -74,7 +87,13 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         case scrubGraceMillis = "scrub-grace-ms"
         case maxMessageBytes = "max-message-bytes"
         case maxBufferedBytes = "max-buffered-bytes"
+        case maxSessionsPerClient = "max-sessions-per-client"
+        case maxWatchesPerClient = "max-watches-per-client"
+        case maxStreamsPerClient = "max-streams-per-client"
         case mount
+        case mountTLSCert = "mount-tls-cert"
+        case mountTLSKey = "mount-tls-key"
+        case mountAllowOther = "mount-allow-other"
         case tlsCA = "tls-ca"
         case tlsCert = "tls-cert"
         case tlsKey = "tls-key"
@@ -103,7 +122,13 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         scrubGraceMillis = try c.decodeIfPresent(Int64.self, forKey: .scrubGraceMillis) ?? d.scrubGraceMillis
         maxMessageBytes = try c.decodeIfPresent(Int.self, forKey: .maxMessageBytes) ?? d.maxMessageBytes
         maxBufferedBytes = try c.decodeIfPresent(Int.self, forKey: .maxBufferedBytes) ?? d.maxBufferedBytes
+        maxSessionsPerClient = try c.decodeIfPresent(Int.self, forKey: .maxSessionsPerClient) ?? d.maxSessionsPerClient
+        maxWatchesPerClient = try c.decodeIfPresent(Int.self, forKey: .maxWatchesPerClient) ?? d.maxWatchesPerClient
+        maxStreamsPerClient = try c.decodeIfPresent(Int.self, forKey: .maxStreamsPerClient) ?? d.maxStreamsPerClient
         mount = try c.decodeIfPresent(String.self, forKey: .mount)
+        mountTLSCert = try c.decodeIfPresent(String.self, forKey: .mountTLSCert)
+        mountTLSKey = try c.decodeIfPresent(String.self, forKey: .mountTLSKey)
+        mountAllowOther = try c.decodeIfPresent(Bool.self, forKey: .mountAllowOther) ?? d.mountAllowOther
         tlsCA = try c.decodeIfPresent(String.self, forKey: .tlsCA)
         tlsCert = try c.decodeIfPresent(String.self, forKey: .tlsCert)
         tlsKey = try c.decodeIfPresent(String.self, forKey: .tlsKey)
@@ -145,6 +170,12 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         guard maxMessageBytes > 0, maxBufferedBytes >= maxMessageBytes else {
             throw NodeConfigError.invalid("max-message-bytes must be positive and no more than max-buffered-bytes")
         }
+        for (what, value) in [
+            ("max-sessions-per-client", maxSessionsPerClient), ("max-watches-per-client", maxWatchesPerClient),
+            ("max-streams-per-client", maxStreamsPerClient),
+        ] where value < 1 {
+            throw NodeConfigError.invalid("\(what) must be at least 1, not \(value)")
+        }
         if join != nil && !bootstrap.isEmpty { throw NodeConfigError.invalid("--join and --bootstrap exclude each other") }
         let tlsFiles = [tlsCA, tlsCert, tlsKey].compactMap { $0 }
         guard tlsFiles.isEmpty || tlsFiles.count == 3 else {
@@ -159,6 +190,12 @@ public struct NodeConfig: Codable, Sendable, Equatable {
             guard tlsDir != nil else {
                 throw NodeConfigError.invalid("join-token needs tls-dir: the folder where the certificate the cluster issues is written")
             }
+        }
+        guard (mountTLSCert == nil) == (mountTLSKey == nil) else {
+            throw NodeConfigError.invalid("mount-tls-cert and mount-tls-key go together: give both or neither")
+        }
+        if mountTLSCert != nil && !usesTLS {
+            throw NodeConfigError.invalid("mount-tls-cert needs TLS: the mount's identity is a certificate of the cluster's CA")
         }
         if tlsCAKey != nil && !usesTLS {
             throw NodeConfigError.invalid("tls-ca-key needs TLS: give tls-ca, tls-cert and tls-key (the key must be tls-ca's), or tls-dir")

@@ -50,6 +50,7 @@ final class Selects: Sendable {
     /// The clauses of a select element, checked: each names what is wrong with it.
     static func clauses(_ text: String) throws(APIError) -> [SelectClauseView] {
         let clauses: [SelectClauseView]
+        if let problem = JSONLimits.depthProblem(text.utf8) { throw .badRequest("a select's clauses: \(problem)") }
         do {
             clauses = try JSONDecoder().decode([SelectClauseView].self, from: Data(text.utf8))
         } catch {

@@ -1,5 +1,6 @@
 import CircuitAPI
 import CircuitClient
+import CircuitSecurity
 import CircuitStateMachine
 import Foundation
 import HTTPTypes
@@ -21,6 +22,8 @@ final class WorkerNode: Sendable {
     let folder: DataFolder
     let clusterID: UInt64
     let config: NodeConfig
+    /// Mutual TLS on its API (nil: plaintext).
+    let tls: TLSFiles?
     let logger: Logger
     private let upstream: Mutex<Upstream>
 
@@ -31,10 +34,11 @@ final class WorkerNode: Sendable {
         var members: [String]
     }
 
-    init(folder: DataFolder, clusterID: UInt64, config: NodeConfig, logger: Logger) throws {
+    init(folder: DataFolder, clusterID: UInt64, config: NodeConfig, tls: TLSFiles?, logger: Logger) throws {
         self.folder = folder
         self.clusterID = clusterID
         self.config = config
+        self.tls = tls
         self.logger = logger
         let contacts = Self.readContacts(folder)
         guard !contacts.isEmpty else {
@@ -45,7 +49,7 @@ final class WorkerNode: Sendable {
 
     /// Runs the API and the agent until SIGTERM or SIGINT; then ends this host's session, so it leaves at once.
     func run() async throws {
-        let router = CircuitDaemon.router(tls: ClientTLS.default, logger: logger)
+        let router = CircuitDaemon.router(tls: tls, config: config, logger: logger)
         let ownerAddress: @Sendable (String) async throws -> String? = { [self] host in
             let answer = try await relay(.GET, "/v1/members?consistency=stale", body: nil)
             let hosts = try JSONDecoder().decode([HostView].self, from: Data(answer.body))
@@ -57,7 +61,7 @@ final class WorkerNode: Sendable {
         router.add(middleware: SelectRoutes(runtime: runtime, ownerAddress: ownerAddress))
         router.add(middleware: WorkerRelay(worker: self, runner: runtime.procs))
         try await CircuitDaemon.serve(
-            router, beside: [WorkerAgent(worker: self), HostRuntimeService(runtime: runtime)], config: config, logger: logger)
+            router, beside: [WorkerAgent(worker: self), HostRuntimeService(runtime: runtime)], config: config, tls: tls, logger: logger)
         logger.info("stopped")
     }
 
@@ -77,8 +81,8 @@ final class WorkerNode: Sendable {
     /// reached a member and then failed is sent to another only if it is `idempotent` (a read, a keep-alive): a
     /// write may have been applied, so that is a 503 naming the member.
     func relay(
-        _ method: NIOHTTP1.HTTPMethod, _ uri: String, body: [UInt8]?, idempotent: Bool? = nil, timeout: Duration = .seconds(10),
-        ownConnection: Bool = false
+        _ method: NIOHTTP1.HTTPMethod, _ uri: String, body: [UInt8]?, headers: [(String, String)] = [], idempotent: Bool? = nil,
+        timeout: Duration = .seconds(10), ownConnection: Bool = false
     ) async throws -> HTTPExchange.Answer {
         let retryable = idempotent ?? (method == .GET)
         var tried: [String] = []
@@ -88,8 +92,8 @@ final class WorkerNode: Sendable {
             do {
                 let answer =
                     ownConnection
-                    ? try await HTTPExchange.perform(method, uri, to: address, body: body, timeout: timeout)
-                    : try await HTTPPool.shared(address).perform(method, uri, body: body, timeout: timeout)
+                    ? try await HTTPExchange.perform(method, uri, to: address, body: body, headers: headers, timeout: timeout)
+                    : try await HTTPPool.shared(address).perform(method, uri, body: body, headers: headers, timeout: timeout)
                 if answer.status == 503,
                     (try? JSONDecoder().decode(ErrorEnvelope.self, from: Data(answer.body)))?.error.code == "no_leader"
                 {
@@ -220,14 +224,16 @@ struct WorkerRelay: RouterMiddleware {
         // the client hangs up.
         if path.hasPrefix("/v1/wait/"), request.method == .get {
             let answer = try await request.body.consumeWithCancellationOnInboundClose { _ in
-                try await worker.relay(.GET, uri, body: nil, timeout: .seconds(7 * 24 * 3600), ownConnection: true)
+                try await worker.relay(
+                    .GET, uri, body: nil, headers: context.caller.relayHeaders, timeout: .seconds(7 * 24 * 3600), ownConnection: true)
             }
             return Response(relaying: answer)
         }
         var request = request
         let body = try await request.collectBody(upTo: HTTPAPI.maxBody)
         let answer = try await worker.relay(
-            NIOHTTP1.HTTPMethod(rawValue: request.method.rawValue), uri, body: body.readableBytes > 0 ? Array(buffer: body) : nil)
+            NIOHTTP1.HTTPMethod(rawValue: request.method.rawValue), uri, body: body.readableBytes > 0 ? Array(buffer: body) : nil,
+            headers: context.caller.relayHeaders)
         return Response(relaying: answer)
     }
 

@@ -66,8 +66,12 @@ extension Command {
             w.int(UInt8(1)); w.string(id); w.string(peer); w.string(client); w.int(role.rawValue); w.int(ttl)
         case .leaveHost(let id):
             w.int(UInt8(2)); w.string(id)
-        case .grantSession(let owner, let ttl):
+        case .grantSession(let owner, let ttl, 0):
             w.int(UInt8(3)); w.string(owner); w.int(ttl)
+        case .grantSession(let owner, let ttl, let limit):
+            // A tag of its own, so that grants without a limit keep their old bytes and no truncation of these
+            // reads as one of those.
+            w.int(UInt8(13)); w.string(owner); w.int(ttl); w.int(limit)
         case .endSession(let id, let expired):
             w.int(UInt8(4)); w.int(id); w.bool(expired)
         case .create(let path, let element, let session, let sequential):
@@ -116,6 +120,10 @@ extension Command {
             self = .registerHost(id: id, peerAddress: peer, clientAddress: client, role: role, ttlMillis: try r.int("ttl"))
         case 2: self = .leaveHost(id: try r.string("host id"))
         case 3: self = .grantSession(owner: try r.string("owner"), ttlMillis: try r.int("ttl"))
+        case 13:
+            let owner = try r.string("owner"), ttl: UInt64 = try r.int("ttl"), limit: UInt32 = try r.int("session limit")
+            guard limit > 0 else { throw .malformedCommand("a session limit of 0 (a grant without one has tag 3)") }
+            self = .grantSession(owner: owner, ttlMillis: ttl, limit: limit)
         case 4: self = .endSession(id: try r.int("session"), expired: try r.bool("expired"))
         case 5:
             self = .create(
@@ -371,6 +379,7 @@ extension ControlError {
         case .hostNotAlive(let id): w.int(UInt8(8)); w.string(id)
         case .transactionFailed(let index, let error): w.int(UInt8(9)); w.int(UInt32(index)); error.write(to: &w)
         case .malformedCommand(let why): w.int(UInt8(10)); w.string(why)
+        case .tooManySessions(let owner, let limit): w.int(UInt8(11)); w.string(owner); w.int(limit)
         }
     }
 
@@ -391,6 +400,7 @@ extension ControlError {
             let index: UInt32 = try r.int("operation index")
             self = .transactionFailed(index: Int(index), try ControlError(from: &r, depth: depth + 1))
         case 10: self = .malformedCommand(try r.string("why"))
+        case 11: self = .tooManySessions(owner: try r.string("owner"), limit: try r.int("limit"))
         default: throw .malformedCommand("error tag \(tag)")
         }
     }

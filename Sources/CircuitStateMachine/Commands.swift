@@ -4,8 +4,10 @@ public enum Command: Sendable, Hashable {
     case registerHost(id: String, peerAddress: String, clientAddress: String, role: HostRole, ttlMillis: UInt64)
     /// A host leaves on its own: its session ends and its subtree goes.
     case leaveHost(id: String)
-    /// A session for a client (ephemeral records). Its id is the entry's index.
-    case grantSession(owner: String, ttlMillis: UInt64)
+    /// A session for a client (ephemeral records). Its id is the entry's index. With a `limit` (0: none), refused
+    /// (`tooManySessions`) while `owner` already holds that many: the API's per-client limit, decided in the log so
+    /// that every replica agrees and two grants racing on different nodes cannot both pass it.
+    case grantSession(owner: String, ttlMillis: UInt64, limit: UInt32 = 0)
     /// A session ends: revoked by its owner, or expired by the leader's `LeaseKeeper`. Everything ephemeral it owns
     /// goes in the same entry; if a host owned it, the host is expired and its subtree goes too.
     case endSession(id: SessionID, expired: Bool)
@@ -57,6 +59,8 @@ public enum ControlError: Error, Sendable, Hashable, CustomStringConvertible {
     /// Operation `index` of a transaction failed; nothing of it applied.
     indirect case transactionFailed(index: Int, ControlError)
     case malformedCommand(String)
+    /// `owner` already holds `limit` sessions.
+    case tooManySessions(owner: String, limit: UInt32)
 
     public var description: String {
         switch self {
@@ -71,6 +75,8 @@ public enum ControlError: Error, Sendable, Hashable, CustomStringConvertible {
         case .hostNotAlive(let id): return "host \(id) is not alive"
         case .transactionFailed(let index, let error): return "transaction operation \(index) failed: \(error)"
         case .malformedCommand(let why): return "malformed command: \(why)"
+        case .tooManySessions(let owner, let limit):
+            return "\(owner) already holds \(limit) sessions, the most one client may hold: end one first"
         }
     }
 }

@@ -112,7 +112,12 @@ public struct ControlState: Sendable {
             guard host.state == .alive else { return .failure(.hostNotAlive(id)) }
             endSession(host.session, hostState: .left)
             return .success(.ok(revision: 0, path: nil, version: 0, session: 0))
-        case .grantSession(let owner, let ttl):
+        case .grantSession(let owner, let ttl, let limit):
+            // A scan: grants are rare next to reads, and a count kept beside the sessions would be one more thing
+            // for a snapshot to restore.
+            if limit > 0, sessions.values.lazy.filter({ $0.owner == owner }).count >= Int(limit) {
+                return .failure(.tooManySessions(owner: owner, limit: limit))
+            }
             sessions[index] = Session(id: index, ttlMillis: ttl, owner: owner, createdAt: revision)
             return .success(.ok(revision: 0, path: nil, version: 0, session: index))
         case .endSession(let id, let expired):

@@ -48,6 +48,18 @@ struct ConfigTests {
         try "mount = \"/circuit\"\n".write(toFile: "\(dir)/m.toml", atomically: true, encoding: .utf8)
         #expect(try NodeConfig(tomlFile: "\(dir)/m.toml").mount == "/circuit")
         #expect(NodeConfig().mount == nil, "no mount unless asked for")
+        #expect(NodeConfig().mountAllowOther == false, "a mount is its owner's alone unless asked")
+        let limits = error("max-watches-per-client = 0\n")
+        #expect(limits?.contains("max-watches-per-client must be at least 1, not 0") == true, "\(limits ?? "no error")")
+        try "max-sessions-per-client = 5\nmax-streams-per-client = 7\nmount-allow-other = true\n"
+            .write(toFile: "\(dir)/l.toml", atomically: true, encoding: .utf8)
+        let limited = try NodeConfig(tomlFile: "\(dir)/l.toml")
+        #expect(limited.maxSessionsPerClient == 5 && limited.maxStreamsPerClient == 7 && limited.maxWatchesPerClient == 256)
+        #expect(limited.mountAllowOther)
+        let half = error("mount-tls-cert = \"/m.pem\"\n")
+        #expect(half?.contains("mount-tls-cert and mount-tls-key go together") == true, "\(half ?? "no error")")
+        let plain = error("mount-tls-cert = \"/m.pem\"\nmount-tls-key = \"/m.key\"\n")
+        #expect(plain?.contains("mount-tls-cert needs TLS") == true, "\(plain ?? "no error")")
     }
 
     @Test("a data folder keeps its host id, and only one daemon may hold it")

@@ -61,6 +61,22 @@ private final class Cluster: @unchecked Sendable {
     func followers(of leader: ControlService) -> [ControlService] {
         services.values.filter { $0 !== leader }.sorted { $0.driver.id < $1.driver.id }
     }
+
+    /// Hands leadership from `leader` to `target` and waits until `target` leads. A transfer the target does not
+    /// complete within an election timeout is abandoned (on a loaded machine it can be): asked again, of whoever
+    /// leads then, once a second until the target leads.
+    func transferLeadership(from leader: ControlService, to target: NodeID) async throws {
+        var asked = ContinuousClock.now
+        _ = try await leader.driver.transferLeadership(to: target)
+        try await eventually("the transfer", timeout: .seconds(30)) {
+            if services[target]!.driver.status.role == .leader { return true }
+            if ContinuousClock.now - asked > .seconds(1), let current = services.values.first(where: { $0.driver.status.role == .leader }) {
+                asked = ContinuousClock.now
+                _ = try? await current.driver.transferLeadership(to: target)
+            }
+            return false
+        }
+    }
 }
 
 private func record(_ s: String) -> Element { .record(Array(s.utf8)) }
@@ -124,20 +140,7 @@ struct ControlServiceTests {
         }
         for i in 0..<20 { _ = try await leader.execute(.put(path: "/records/w/k\(i)", value: [UInt8(i)], session: 0)) }
         let target = cluster.followers(of: leader)[0].driver.id
-        // A transfer the target does not complete within an election timeout is abandoned (on a loaded machine it can
-        // be): asked again, of whoever leads then, once a second until the target leads.
-        var asked = ContinuousClock.now
-        _ = try await leader.driver.transferLeadership(to: target)
-        try await eventually("the transfer", timeout: .seconds(30)) {
-            if cluster.services[target]!.driver.status.role == .leader { return true }
-            if ContinuousClock.now - asked > .seconds(1),
-                let current = cluster.services.values.first(where: { $0.driver.status.role == .leader })
-            {
-                asked = ContinuousClock.now
-                _ = try? await current.driver.transferLeadership(to: target)
-            }
-            return false
-        }
+        try await cluster.transferLeadership(from: leader, to: target)
         let next = cluster.services[target]!
         for i in 20..<40 { _ = try await next.execute(.put(path: "/records/w/k\(i)", value: [UInt8(i)], session: 0)) }
         let events = try await collected.value
@@ -169,20 +172,7 @@ struct ControlServiceTests {
 
         // Hand over: keep-alives sent to the old leader are unknown to the new one, so it starts every lease afresh.
         let target = cluster.followers(of: leader)[0].driver.id
-        // A transfer the target does not complete within an election timeout is abandoned (on a loaded machine it can
-        // be): asked again, of whoever leads then, once a second until the target leads.
-        var asked = ContinuousClock.now
-        _ = try await leader.driver.transferLeadership(to: target)
-        try await eventually("the transfer", timeout: .seconds(30)) {
-            if cluster.services[target]!.driver.status.role == .leader { return true }
-            if ContinuousClock.now - asked > .seconds(1),
-                let current = cluster.services.values.first(where: { $0.driver.status.role == .leader })
-            {
-                asked = ContinuousClock.now
-                _ = try? await current.driver.transferLeadership(to: target)
-            }
-            return false
-        }
+        try await cluster.transferLeadership(from: leader, to: target)
         let next = cluster.services[target]!
         try await waitFor("the new leader to apply the session") { next.state.read { $0.sessions[session] != nil } }
         clock.set(1900)

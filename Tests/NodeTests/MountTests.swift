@@ -1,5 +1,6 @@
 import CircuitFS
 import CircuitNode
+import CircuitSecurity
 import CircuitTestSupport
 import Foundation
 import Testing
@@ -63,7 +64,8 @@ struct MountLayoutTests {
         let cases: [(String, Int32)] = [
             ("exists", EEXIST), ("not_found", ENOENT), ("invalid_name", EINVAL), ("malformed_command", EINVAL),
             ("would_block", EAGAIN), ("host_not_alive", EHOSTDOWN), ("closed", EPIPE), ("too_large", EFBIG),
-            ("busy", EBUSY), ("not_running", ESRCH), ("something_new", EIO),
+            ("busy", EBUSY), ("not_running", ESRCH), ("forbidden", EACCES), ("too_many_watches", EUSERS),
+            ("something_new", EIO),
         ]
         for (code, errno) in cases { #expect(FSError.errno(forCode: code) == errno, "\(code)") }
     }
@@ -118,6 +120,19 @@ func startMount(_ dir: String, node: String, log: String? = nil) throws -> Proce
     mount.arguments = ["mount", dir, "--node", node]
     if let log { _ = FileManager.default.createFile(atPath: log, contents: nil) }
     mount.standardError = log.flatMap { FileHandle(forWritingAtPath: $0) } ?? FileHandle.nullDevice
+    mount.standardOutput = FileHandle.nullDevice
+    try mount.run()
+    return mount
+}
+
+/// `circuit mount DIR` through the API at `node` with the client identity `tls` and more `arguments`, started.
+func startMount(_ dir: String, node: String, tls: TLSFiles, arguments: [String]) throws -> Process {
+    let mount = Process()
+    mount.executableURL = URL(fileURLWithPath: try #require(circuitBinary()))
+    mount.arguments =
+        ["mount", dir, "--node", node, "--tls-ca", tls.caPath, "--tls-cert", tls.certificatePath, "--tls-key", tls.keyPath]
+        + arguments
+    mount.standardError = FileHandle.nullDevice
     mount.standardOutput = FileHandle.nullDevice
     try mount.run()
     return mount
@@ -333,6 +348,54 @@ struct MountTests {
         #expect(interrupted.status != 0, "the blocked reader was answered: \(interrupted)")
         try await eventually("the daemon to stop", timeout: .seconds(20)) { !daemon.isRunning }
         #expect(!isMounted(m2), "the daemon's mount is gone")
+    }
+
+    @Test("a mount is its owner's alone unless allowed (other users refused, the modes without group and other bits); a daemon's mount acts with the identity it is given: a reader's lists and reads and cannot make")
+    func ownerAndIdentity() async throws {
+        let binary = try #require(circuitBinary())
+        let base = try temporaryFolder("mount-tls")
+        let cluster = try DaemonProcesses(binary: binary, base: base, count: 3)
+        try cluster.enableTLS()
+        let reader = try cluster.issueClient("mount-reader", roles: [.read])
+        let own = "\(base)/own", shared = "\(base)/shared"
+        cluster.mounts[2] = own
+        cluster.extraArguments = ["--mount-tls-cert", reader.certificatePath, "--mount-tls-key", reader.keyPath]
+        try cluster.startAll()
+        var sharing: Process?
+        defer {
+            if let sharing, sharing.isRunning { kill(sharing.processIdentifier, SIGKILL) }
+            cluster.stopAll(signal: SIGKILL)
+            for dir in [own, shared] { umount2(dir, Int32(MNT_DETACH)) }
+        }
+        _ = try await cluster.leader()
+        _ = try await cluster.allAlive()
+        try await eventually("the daemon's mount to list the three hosts", timeout: .seconds(20)) {
+            ((try? FileManager.default.contentsOfDirectory(atPath: own)) ?? []).filter(FSNode.isHostName).count == 3
+        }
+        let b = cluster.members[1].folder.hostID
+        let nobody = "setpriv --reuid=65534 --regid=65534 --clear-groups"
+
+        // Its owner's alone: the kernel refuses another user, and the modes say so.
+        let modes = try await sh("stat -c %a \(own) \(own)/help \(own)/\(b)/dc/chan")
+        #expect(modes.out == "500\n400\n700\n", "\(modes)")
+        let other = try await sh("\(nobody) ls \(own)")
+        #expect(other.status != 0 && other.err.contains("Permission denied"), "\(other)")
+
+        // The reader's identity: it lists and reads, and making a channel is refused (EACCES) by the cluster.
+        #expect(try await sh("cat \(own)/\(b)/sys/cpus").status == 0)
+        let made = try await sh("mkdir \(own)/\(b)/dc/chan/nope")
+        #expect(made.status != 0 && made.err.contains("Permission denied"), "\(made)")
+
+        // With --allow-other (and an identity that may write), another user may use it, and the modes are the
+        // layout's own.
+        let admin = try #require(cluster.tls)
+        sharing = try startMount(shared, node: cluster.members[0].api, tls: admin, arguments: ["--allow-other"])
+        try await eventually("the shared mount to list the three hosts", timeout: .seconds(20)) {
+            ((try? FileManager.default.contentsOfDirectory(atPath: shared)) ?? []).filter(FSNode.isHostName).count == 3
+        }
+        #expect(try await sh("stat -c %a \(shared) \(shared)/\(b)/dc/chan").out == "555\n777\n")
+        let together = try await sh("\(nobody) sh -c 'ls \(shared) > /dev/null && mkdir \(shared)/\(b)/dc/chan/shared && ls \(shared)/\(b)/dc/chan'")
+        #expect(together.status == 0 && together.out == "shared\n", "\(together)")
     }
 
     @Test("SIGTERM unmounts cleanly; a mount left by a killed process is cleaned up by the next; a reader blocked on a host that dies fails with EIO, and a reader interrupted leaves no receiver behind")

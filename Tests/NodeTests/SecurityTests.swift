@@ -8,6 +8,7 @@ import NIOCore
 import NIOPosix
 import NIOSSL
 import NIOTLS
+import Synchronization
 import Testing
 
 @Suite("certificates, roles and the settings that keep plaintext on loopback")
@@ -390,6 +391,126 @@ struct SecurityDaemonTests {
         try await eventually("the restarted joiner to read the last value", timeout: .seconds(20)) {
             (try? await cluster.client(3).get("/records/app/config"))?.value == "v2"
         }
+    }
+}
+
+extension SecurityDaemonTests {
+    @Test("each client's sessions, watches and open requests are limited, and it is counted as itself through a follower and through a worker that joined with a token; other clients are served meanwhile")
+    func perClientLimits() async throws {
+        let binary = try #require(circuitBinary(), "the circuit executable was not built next to the tests")
+        let cluster = try DaemonProcesses(binary: binary, base: try temporaryFolder("limit-daemons"), count: 3)
+        try cluster.enableTLS()
+        cluster.extraArguments = ["--max-sessions-per-client", "2", "--max-watches-per-client", "2", "--max-streams-per-client", "3"]
+        try cluster.startAll()
+        defer { cluster.stopAll(signal: SIGKILL) }
+        let leader = try await cluster.leader()
+        _ = try await cluster.allAlive()
+        let follower = (leader + 1) % 3
+        let api = cluster.members[follower].api
+        var alice = CircuitClient(endpoints: [api], tls: try cluster.issueClient("alice", roles: [.read, .write]))
+        alice.timeout = 60
+        let bob = CircuitClient(endpoints: [api], tls: try cluster.issueClient("bob", roles: [.read, .write]))
+
+        // Sessions, asked of a follower: the leader counts them as alice's.
+        let first = try await alice.grantSession(ttlMillis: 60_000)
+        _ = try await alice.grantSession(ttlMillis: 60_000)
+        let third = await refusalMessage { _ = try await alice.grantSession(ttlMillis: 60_000) }
+        #expect(third?.hasPrefix("too_many_sessions: alice already holds 2 sessions") == true, "\(third ?? "granted")")
+        _ = try await bob.grantSession(ttlMillis: 60_000)
+        try await alice.revoke(first)
+        let again = try await alice.grantSession(ttlMillis: 60_000)
+
+        // Watches: two open; a third is refused at once; bob's is served.
+        let key = "/records/limits/k"
+        let opened = Tally()
+        var holders: [Task<Void, Never>] = []
+        for _ in 0..<2 {
+            let stream = alice.watch(key)
+            holders.append(Task {
+                var told = false
+                do {
+                    for try await _ in stream where !told {
+                        told = true
+                        opened.add()
+                    }
+                } catch {}
+            })
+        }
+        // Open once each has seen a change (one made before a watch opened is not in it: changes go on until).
+        try await eventually("alice's two watches to see a change") {
+            _ = try? await bob.put(key, Array("w".utf8))
+            return opened.value == 2
+        }
+        let thirdWatch = await firstOutcome(of: alice.watch(key)) { _ = try await bob.put(key, Array("x".utf8)) }
+        #expect(thirdWatch.hasPrefix("too_many_watches: alice already has 2 watches and waits open"), "\(thirdWatch)")
+        #expect(await firstOutcome(of: bob.watch(key)) { _ = try await bob.put(key, Array("y".utf8)) } == "event")
+
+        // Streams: with a receive waiting on an empty channel of the follower's host she has 3 open; a 4th request
+        // of any kind is refused, bob's are served. The receive given up, she is served again.
+        let chan = "/\(cluster.members[follower].folder.hostID)/limits"
+        _ = try await alice.makeChannel(chan, capacity: 0)
+        let channel = try await alice.channel(chan)
+        let receiving = Task { try await channel.receive() }
+        try await eventually("alice's fourth request to be refused") {
+            (await refusalMessage { _ = try await alice.status() })?.hasPrefix("too_many_streams: alice already has 3") == true
+        }
+        #expect(try await bob.status().security == "mutual TLS")
+        receiving.cancel()
+        try await eventually("alice to be served once her receive is given up") { (try? await alice.status()) != nil }
+
+        // A watch given up (the client hangs up) makes room for another.
+        holders[0].cancel()
+        try await eventually("a new watch of alice's to be served") {
+            await firstOutcome(of: alice.watch(key)) { _ = try await bob.put(key, Array("z".utf8)) } == "event"
+        }
+        holders[1].cancel()
+
+        // A worker that joined with a token relays for its clients as themselves: alice's sessions are still 2.
+        let token = try await cluster.live.createToken(ttlSeconds: 600)
+        try cluster.add(join: cluster.members[leader].api, as: "worker", token: token.token)
+        try cluster.start(3)
+        let hosts = try await cluster.allAlive(timeout: .seconds(60))
+        let worker = cluster.members[3]
+        #expect(hosts.contains { $0.id == worker.folder.hostID && $0.role == "worker" && $0.state == "alive" })
+        #expect(try TLSFiles(directory: worker.tokenTLSFolder, name: worker.folder.hostID).grant.roles == [.host])
+        try await eventually("the worker serving its API", timeout: .seconds(20)) { (try? await cluster.client(3).status()) != nil }
+        let aliceAtWorker = CircuitClient(endpoints: [worker.api], tls: alice.tls)
+        let atWorker = await refusalMessage { _ = try await aliceAtWorker.grantSession(ttlMillis: 60_000) }
+        #expect(atWorker?.hasPrefix("too_many_sessions: alice already holds 2") == true, "\(atWorker ?? "granted")")
+        try await aliceAtWorker.revoke(again)
+        _ = try await aliceAtWorker.grantSession(ttlMillis: 60_000)
+        _ = try await CircuitClient(endpoints: [worker.api], tls: bob.tls).grantSession(ttlMillis: 60_000)
+        #expect(cluster.logTail(follower, lines: 2000).contains("refused a request past a per-client limit"))
+    }
+}
+
+/// A count several tasks add to.
+private final class Tally: Sendable {
+    private let count = Atomic(0)
+    func add() { count.add(1, ordering: .relaxed) }
+    var value: Int { count.load(ordering: .relaxed) }
+}
+
+/// How a watch begins: "event" at its first event, or the error it ends with ("code: message"). `trigger` makes a
+/// change, again every 100 ms until the watch has seen one (a change made before the watch opened is not in it).
+private func firstOutcome(
+    of stream: AsyncThrowingStream<EventView, any Error>, trigger: @escaping @Sendable () async throws -> Void
+) async -> String {
+    let triggering = Task {
+        while !Task.isCancelled {
+            try? await trigger()
+            try? await Task.sleep(for: .milliseconds(100))
+        }
+    }
+    defer { triggering.cancel() }
+    do {
+        return try await withDeadline("a watch's first event or error") {
+            for try await _ in stream { return "event" }
+            return "ended"
+        }
+    } catch {
+        if case .api(let e)? = error as? CircuitClientError { return "\(e.code): \(e.message)" }
+        return "\(error)"
     }
 }
 

@@ -212,6 +212,33 @@ struct OperationTests {
         #expect(after == [], "a failed transaction leaves no event")
     }
 
+    @Test("a grant with a limit is refused while its owner holds that many sessions; other owners, hosts and grants without one are not counted against it")
+    func sessionLimit() throws {
+        var s = ControlState()
+        s.run(.registerHost(id: hostA, peerAddress: "p", clientAddress: "c", role: .worker, ttlMillis: 3000))
+        let granted = s.run(
+            .grantSession(owner: "alice", ttlMillis: 1000, limit: 2), .grantSession(owner: "alice", ttlMillis: 1000, limit: 2),
+            .grantSession(owner: "bob", ttlMillis: 1000, limit: 2))
+        #expect(granted.allSatisfy { if case .ok = $0 { true } else { false } })
+        let third = s.run(.grantSession(owner: "alice", ttlMillis: 1000, limit: 2))[0]
+        #expect(failure(third) == .tooManySessions(owner: "alice", limit: 2))
+        #expect(s.sessions.values.filter { $0.owner == "alice" }.count == 2, "the refused grant made no session")
+        // Without a limit (a grant from before limits, or from a member) it is granted; a higher limit lets it pass.
+        guard case .ok(_, _, _, let unlimited) = s.run(.grantSession(owner: "alice", ttlMillis: 1000))[0] else {
+            Issue.record("a grant without a limit was refused"); return
+        }
+        #expect(failure(s.run(.grantSession(owner: "alice", ttlMillis: 1000, limit: 3))[0]) == .tooManySessions(owner: "alice", limit: 3))
+        // An ended session makes room.
+        s.run(.endSession(id: unlimited, expired: false))
+        if case .failed(let e) = s.run(.grantSession(owner: "alice", ttlMillis: 1000, limit: 3))[0] { Issue.record("refused: \(e)") }
+        // On the wire: a grant without a limit keeps its old bytes; one with a limit round-trips.
+        let old = Command.grantSession(owner: "alice", ttlMillis: 1000)
+        #expect(old.encoded == [1, 3, 0, 0, 0, 5] + Array("alice".utf8) + [0, 0, 0, 0, 0, 0, 3, 232])
+        let limited = Command.grantSession(owner: "alice", ttlMillis: 1000, limit: 7)
+        #expect(try Command(decoding: limited.encoded) == limited)
+        #expect(throws: ControlError.self) { try Command(decoding: limited.encoded + [0]) }
+    }
+
     @Test("a session's end removes its ephemerals in the same change; a host's end removes its subtree")
     func sessionsAndHosts() {
         var s = ControlState()
@@ -326,6 +353,7 @@ struct ResultCodecTests {
         .notFound(path: "/records/b"), .versionMismatch(path: "/records/c", expected: 3, actual: 4),
         .wrongKind(path: "/records/d", expected: "record", actual: "chan"), .noSuchSession(7), .noSuchHost("X0"),
         .hostNotAlive("X1"), .transactionFailed(index: 2, .notFound(path: "/records/e")), .malformedCommand("why"),
+        .tooManySessions(owner: "alice", limit: 3),
     ])
     func errors(_ error: ControlError) throws {
         let bytes = CommandResult.failed(error).encoded

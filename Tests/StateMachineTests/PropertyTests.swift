@@ -17,7 +17,7 @@ func commands(from seeds: [Int]) -> [Command] {
         switch seed % 16 {
         case 0, 1: out.append(.registerHost(id: hosts[n % 2], peerAddress: "p\(n)", clientAddress: "c", role: .worker, ttlMillis: 100))
         case 2: out.append(.leaveHost(id: hosts[n % 2]))
-        case 3: out.append(.grantSession(owner: "client", ttlMillis: 50))
+        case 3: out.append(.grantSession(owner: "client\(n % 2)", ttlMillis: 50, limit: n % 3 == 0 ? 2 : 0))
         case 4: out.append(.endSession(id: session, expired: n % 2 == 0))
         case 5: out.append(.create(path: path, element: n % 7 == 0 ? .reserved("proc") : n % 3 == 0 ? .chan(capacity: 2) : .record(value), session: n % 2 == 0 ? session : 0, sequential: path.hasSuffix("-")))
         case 6, 7: out.append(.put(path: path, value: value, session: n % 3 == 0 ? session : 0))
