@@ -51,8 +51,9 @@ public enum ControlServiceError: Error, Sendable, Hashable, CustomStringConverti
 /// The replicated control state of one node: commands go through Raft, reads are linearizable unless asked
 /// otherwise, watches stream the applied changes, and while this node leads it keeps the sessions' leases.
 ///
-/// Only the leader executes commands, confirms linearizable reads and takes keep-alives; the others answer
-/// `notLeader` with the leader they know, and the node's API forwards there. Stale reads and watches are served by
+/// Only the leader executes commands and takes keep-alives; the others answer `notLeader` with the leader they
+/// know, and the node's API forwards there. A linearizable read is served by any node that knows the leader (a
+/// follower asks it for a read index). Stale reads and watches are served by
 /// every node from what it has applied.
 public final class ControlService: Sendable {
     public let driver: RaftDriver

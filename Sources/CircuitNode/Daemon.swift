@@ -188,8 +188,10 @@ public final class CircuitDaemon: Sendable {
         var options = RaftDriver.Options()
         options.tickInterval = .milliseconds(config.tickMillis)
         let state = ReplicatedControlState()
+        var raftConfig = RaftConfig(id: folder.nodeID, voters: initialVoters)
+        raftConfig.randomSeed = UInt64.random(in: 1...UInt64.max)  // fresh at each start (see RaftConfig.randomSeed)
         let driver = try RaftDriver(
-            config: RaftConfig(id: folder.nodeID, voters: initialVoters),
+            config: raftConfig,
             store: try SQLiteLogStore(path: folder.logPath, logger: logger), stateMachine: state, transport: transport,
             snapshots: try SnapshotFiles(directory: folder.snapshotPath, logger: logger), options: options, logger: logger)
         transport.deliver(to: driver)

@@ -76,13 +76,13 @@ struct HTTPAPI: Sendable {
                 status: .ok, headers: [.contentType: "application/octet-stream"], body: .init(byteBuffer: ByteBuffer(bytes: copy.snapshot())))
         }
         router.get("/v1/members") { request, context in
-            try await leaderOr(request, context, stale: isStale(request)) {
+            try await leaderOr(request, context, stale: isStale(request), read: true) {
                 try json(try await node.service.read(consistency(request)) { state in state.hostList.map(HostView.init) })
             }
         }
         router.get("/v1/records/**") { request, context in
             let path = try recordPath(context)
-            return try await leaderOr(request, context, stale: isStale(request)) {
+            return try await leaderOr(request, context, stale: isStale(request), read: true) {
                 let view: RecordView? = try await node.service.read(consistency(request)) { state in
                     guard let anchor = state.anchors[path], case .record(let bytes) = anchor.element else { return nil }
                     return RecordView(
@@ -132,7 +132,7 @@ struct HTTPAPI: Sendable {
         router.get("/v1/peek/**") { request, context in
             let path = "/" + context.parameters.getCatchAll().joined(separator: "/")
             if let error = Names.validate(path) { throw APIError.from(error) }
-            return try await leaderOr(request, context, stale: isStale(request)) {
+            return try await leaderOr(request, context, stale: isStale(request), read: true) {
                 let view: ElementView? = try await node.service.read(consistency(request)) { state in
                     guard let anchor = state.anchors[path] else { return nil }
                     var view = ElementView(anchor: anchor, path: path)
@@ -543,7 +543,7 @@ struct HTTPAPI: Sendable {
     /// `GET /v1/ls/PATH`: the names under `path`, or with `recursive` every path below it holding an element.
     private func list(_ path: String, _ request: Request, _ context: APIContext) async throws -> Response {
         let recursive = request.uri.queryParameters.get("recursive").map { $0 == "1" || $0 == "true" } ?? false
-        return try await leaderOr(request, context, stale: isStale(request)) {
+        return try await leaderOr(request, context, stale: isStale(request), read: true) {
             let names: [String] = try await node.service.read(consistency(request)) { state in
                 recursive ? state.descendants(of: path) : state.children(of: path)
             }
@@ -568,11 +568,21 @@ struct HTTPAPI: Sendable {
     }
 
     /// Runs `body` here if this node leads (or the read may be stale); otherwise forwards the request to the leader.
+    /// A linearizable `read` is served here too while a leader is known: this node asks the leader for a read index
+    /// over the peer connection (one Raft message for all the reads waiting) and answers from its own state once it
+    /// has applied that far. Only if that fails (the leader changed meanwhile) is the request forwarded.
     private func leaderOr(
-        _ request: Request, _ context: APIContext, stale: Bool, _ body: () async throws -> Response
+        _ request: Request, _ context: APIContext, stale: Bool, read: Bool = false, _ body: () async throws -> Response
     ) async throws -> Response {
         let status = node.service.driver.status
         if stale || status.role == .leader { return try await body() }
+        if read && status.leader != .none {
+            do {
+                return try await body()
+            } catch let error as ControlServiceError {
+                guard case .notLeader = error else { throw error }
+            }
+        }
         if request.headers[Self.forwardedHeader] != nil {
             throw APIError(status: 503, code: "no_leader", message: "this node is not the leader either (forwarded once already)")
         }

@@ -38,11 +38,18 @@ public struct Raft: Sendable {
     private var readyReads: [ReadState] = []
     private var droppedReads: [UInt64] = []
     /// Read requests that wait for this leader's first commit in its term.
-    private var readsAwaitingCommit: [UInt64] = []
+    private var readsAwaitingCommit: [ReadRequest] = []
     /// Read requests that wait for the next confirmation round to start (one round serves them all).
-    private var readsQueued: [UInt64] = []
+    private var readsQueued: [ReadRequest] = []
     private var readRounds: [ReadRound] = []
     private var nextReadContext: UInt64 = 1
+    /// A follower's reads not yet sent to the leader: the next `ready()` sends them as one `readIndex` message.
+    private var readsToForward: [UInt64] = []
+    /// A follower's reads sent to the leader, by the context of the message that carried them.
+    private var forwardedReads: [UInt64: ForwardedReads] = [:]
+    private var nextForwardContext: UInt64 = 1
+    /// Ticks since this node started: when a forwarded batch was sent.
+    private var ticks = 0
     private var persistedHardState: HardState
     private var awaitingAdvance = false
 
@@ -52,8 +59,19 @@ public struct Raft: Sendable {
     private struct ReadRound: Sendable {
         var context: UInt64
         var index: UInt64
-        var requests: [UInt64]
+        var requests: [ReadRequest]
         var acks: Set<NodeID>
+    }
+
+    /// A read the leader confirms: its own shell's, or a follower's batch (answered with a `readIndexResponse`).
+    private enum ReadRequest: Sendable {
+        case local(UInt64)
+        case remote(from: NodeID, context: UInt64)
+    }
+
+    private struct ForwardedReads: Sendable {
+        var requests: [UInt64]
+        var sentAt: Int
     }
 
     /// A node starting from what its store recovered (empty for a new node).
@@ -66,6 +84,9 @@ public struct Raft: Sendable {
         }
         self.config = config
         self.rng = SplitMix64(seed: config.randomSeed != 0 ? config.randomSeed : config.id &* 0x2545_F491_4F6C_DD1D)
+        // Forwarded reads are matched to their answers by context: a context drawn at random for each start keeps
+        // an answer meant for a previous incarnation (still in flight) from matching a read asked now.
+        self.nextForwardContext = rng.next() | 1
         self.log = RaftLog(recovered: entries, commit: hardState.commit, snapshot: snapshot)
         self.snapshot = snapshot
         self.membership = Membership(voters: config.voters)
@@ -110,13 +131,16 @@ public struct Raft: Sendable {
     /// Whether `ready()` has anything to hand out.
     public var hasReady: Bool {
         hardStateMustPersist || !log.unstable.isEmpty || !outbox.isEmpty || !readyReads.isEmpty
-            || !droppedReads.isEmpty || !readsQueued.isEmpty || log.applied < log.committed || snapshotToInstall != nil
+            || !droppedReads.isEmpty || !readsQueued.isEmpty || !readsToForward.isEmpty || log.applied < log.committed
+            || snapshotToInstall != nil
     }
 
     // MARK: - Events
 
     /// One unit of logical time.
     public mutating func tick() {
+        ticks += 1
+        expireForwardedReads()
         switch role {
         case .leader:
             heartbeatElapsed += 1
@@ -158,7 +182,10 @@ public struct Raft: Sendable {
     /// so they do not split the vote. PreVote keeps this harmless when the leader is alive after all: a follower
     /// that still hears it refuses the pre-vote, and the leader's next heartbeat ends the attempt.
     public mutating func peerUnreachable(_ peer: NodeID) {
-        guard role == .follower, peer != .none, peer == leader, isVoter else { return }
+        guard role == .follower, peer != .none, peer == leader else { return }
+        // What was asked of the leader will not be answered.
+        dropForwardedReads()
+        guard isVoter else { return }
         let others = membership.voters.filter { $0 != peer }.sorted()
         let rank = others.firstIndex(of: config.id) ?? 0
         electionElapsed = max(electionElapsed, config.electionTicks)
@@ -199,14 +226,27 @@ public struct Raft: Sendable {
     /// Asks for a linearizable read (ReadIndex, thesis §6.4). `request` is the caller's identifier; a `ReadState`
     /// naming it comes out of a later `Ready` once leadership is confirmed by a quorum, or it is listed in
     /// `Ready.droppedReads` if this node loses leadership first. Concurrent requests share one confirmation round.
+    ///
+    /// A follower that knows its leader asks it (`readIndex` message, one per `Ready` for all the reads asked
+    /// since): the `ReadState` carries the leader's index, which the shell serves once it has applied that far. The
+    /// reads are dropped if the leader or term changes, the leader's connection closes, or no answer comes within
+    /// an election timeout. Candidates, and followers that know no leader, refuse.
     public mutating func readIndex(request: UInt64) -> RaftRefusal? {
-        guard role == .leader else { return .notLeader(leader: knownLeader) }
+        guard role == .leader else {
+            guard role == .follower, leader != .none else { return .notLeader(leader: knownLeader) }
+            readsToForward.append(request)
+            return nil
+        }
+        queueRead(.local(request))
+        return nil
+    }
+
+    private mutating func queueRead(_ request: ReadRequest) {
         if log.term(at: log.committed) != term {
             readsAwaitingCommit.append(request)
         } else {
             readsQueued.append(request)
         }
-        return nil
     }
 
     /// Proposes one membership change (single-server changes, thesis §4.1). It takes effect on this leader at once
@@ -348,6 +388,13 @@ public struct Raft: Sendable {
             case .timeoutNow:
                 // The leader asks this node to take over: campaign at once, past PreVote and the lease.
                 if isVoter { becomeCandidate(transfer: true) }
+            case .readIndexResponse:
+                guard m.from == leader, let batch = forwardedReads.removeValue(forKey: m.context) else { break }
+                if m.reject {
+                    droppedReads.append(contentsOf: batch.requests)
+                } else {
+                    readyReads.append(ReadState(index: m.index, requests: batch.requests))
+                }
             default:
                 break
             }
@@ -375,6 +422,9 @@ public struct Raft: Sendable {
                 handleAppendResponse(m)
             case .heartbeatResponse:
                 handleHeartbeatResponse(m)
+            case .readIndex:
+                guard membership.contains(m.from) else { break }
+                queueRead(.remote(from: m.from, context: m.context))
             default:
                 break
             }
@@ -387,6 +437,7 @@ public struct Raft: Sendable {
     public mutating func ready() -> Ready {
         precondition(!awaitingAdvance, "ready() called twice without advance()")
         startReadRound()
+        forwardReads()
         var rd = Ready()
         rd.snapshot = snapshotToInstall
         rd.entries = Array(log.unstable)
@@ -445,6 +496,7 @@ public struct Raft: Sendable {
 
     private mutating func becomeFollower(term newTerm: UInt64, leader newLeader: NodeID) {
         if role == .leader { dropReads() }
+        if newTerm != term || newLeader != leader { dropForwardedReads() }
         leadTransferee = .none
         if newTerm != term {
             term = newTerm
@@ -458,6 +510,7 @@ public struct Raft: Sendable {
     }
 
     private mutating func becomePreCandidate() {
+        dropForwardedReads()
         role = .preCandidate
         leader = .none
         votes = [:]
@@ -466,6 +519,7 @@ public struct Raft: Sendable {
     }
 
     private mutating func becomeCandidate(transfer: Bool = false) {
+        dropForwardedReads()
         term += 1
         vote = config.id
         role = .candidate
@@ -776,18 +830,63 @@ public struct Raft: Sendable {
     /// A quorum confirmed leadership after round `context` started, so it and every earlier round are safe.
     private mutating func completeReadRounds(through context: UInt64) {
         while let first = readRounds.first, first.context <= context {
-            readyReads.append(ReadState(index: first.index, requests: first.requests))
+            var local: [UInt64] = []
+            for request in first.requests {
+                switch request {
+                case .local(let id): local.append(id)
+                case .remote(let from, let batch):
+                    send(Message(kind: .readIndexResponse, from: config.id, to: from, term: term, index: first.index, context: batch))
+                }
+            }
+            if !local.isEmpty { readyReads.append(ReadState(index: first.index, requests: local)) }
             readRounds.removeFirst()
         }
     }
 
+    /// This node stops leading: its reads are dropped, and the followers whose reads it held are told so.
     private mutating func dropReads() {
-        droppedReads.append(contentsOf: readsAwaitingCommit)
-        droppedReads.append(contentsOf: readsQueued)
-        for round in readRounds { droppedReads.append(contentsOf: round.requests) }
+        for request in readsAwaitingCommit + readsQueued + readRounds.flatMap(\.requests) {
+            switch request {
+            case .local(let id): droppedReads.append(id)
+            case .remote(let from, let batch):
+                send(Message(kind: .readIndexResponse, from: config.id, to: from, term: term, reject: true, context: batch))
+            }
+        }
         readsAwaitingCommit.removeAll()
         readsQueued.removeAll()
         readRounds.removeAll()
+    }
+
+    /// A follower sends the reads asked since the last `Ready` to its leader, as one batch.
+    private mutating func forwardReads() {
+        guard !readsToForward.isEmpty else { return }
+        guard role == .follower, leader != .none else {
+            droppedReads.append(contentsOf: readsToForward)
+            readsToForward.removeAll()
+            return
+        }
+        let context = nextForwardContext
+        nextForwardContext += 1
+        forwardedReads[context] = ForwardedReads(requests: readsToForward, sentAt: ticks)
+        readsToForward.removeAll()
+        send(Message(kind: .readIndex, from: config.id, to: leader, term: term, context: context))
+    }
+
+    /// The reads a follower asked of a leader it no longer follows (or never got an answer from) are dropped.
+    private mutating func dropForwardedReads() {
+        droppedReads.append(contentsOf: readsToForward)
+        readsToForward.removeAll()
+        for batch in forwardedReads.values { droppedReads.append(contentsOf: batch.requests) }
+        forwardedReads.removeAll()
+    }
+
+    /// A forwarded batch unanswered for an election timeout is dropped: the message or its answer was lost.
+    private mutating func expireForwardedReads() {
+        guard !forwardedReads.isEmpty else { return }
+        for (context, batch) in forwardedReads where ticks - batch.sentAt >= config.electionTicks {
+            droppedReads.append(contentsOf: batch.requests)
+            forwardedReads[context] = nil
+        }
     }
 
     private mutating func send(_ m: Message) {

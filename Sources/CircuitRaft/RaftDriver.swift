@@ -320,7 +320,8 @@ public final class RaftDriver: @unchecked Sendable {
     }
 
     /// A linearizable read barrier (ReadIndex): returns once this node's state machine has applied everything
-    /// committed before the call, with leadership confirmed by a quorum. Only the leader answers.
+    /// committed before the call, with leadership confirmed by a quorum. The leader answers, and so does a follower
+    /// that knows its leader (it asks the leader for the index, then waits until it has applied that far).
     public func readBarrier() async throws -> UInt64 {
         try await withCheckedThrowingContinuation { continuation in
             if !enqueue({ $0.reads.append(continuation) }) {

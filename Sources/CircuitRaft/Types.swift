@@ -63,6 +63,12 @@ public struct Message: Sendable, Hashable {
         case snapshot = 9
         /// Leader transfer: the recipient campaigns at once, without PreVote and past the followers' lease.
         case timeoutNow = 10
+        /// A follower asks the leader for a read index on behalf of its own clients (thesis §6.4: "followers could
+        /// also serve reads"). `context` names the follower's batch of reads.
+        case readIndex = 11
+        /// The leader's answer: `index`, its commit index once a quorum confirmed its leadership after the request
+        /// came, for the batch `context`; `reject` if it could not confirm (it is no longer leader).
+        case readIndexResponse = 12
     }
 
     public var kind: Kind
@@ -274,7 +280,9 @@ public struct RaftConfig: Sendable, Hashable {
     public var maxEntryBytes: Int = 1 << 20
     /// A learner is promoted only once its log is within this many entries of the leader's. Default 1000.
     public var promotionLag: UInt64 = 1000
-    /// Seed of the randomised election timeout. Zero means "derive from `id`".
+    /// Seed of the randomised election timeout and of the contexts of forwarded reads. Zero means "derive from
+    /// `id`". A shell draws a fresh one at each start, so that an answer meant for the node's previous incarnation
+    /// matches nothing it asks now.
     public var randomSeed: UInt64 = 0
 
     public init(id: NodeID, voters: [NodeID]) {

@@ -522,11 +522,105 @@ struct LostLeaderRules {
 
 @Suite("Thesis §6.4: ReadIndex")
 struct ReadIndexRules {
-    @Test("a read on a follower is refused naming the leader")
-    func followerRefuses() throws {
+    @Test("a read on a candidate, or on a follower that knows no leader, is refused")
+    func noLeaderRefuses() throws {
+        var h = try Harness(3)
+        #expect(h.nodes[2]!.readIndex(request: 1) == .notLeader(leader: nil))
+        h[3].campaign()
+        #expect(h.nodes[3]!.readIndex(request: 1) == .notLeader(leader: nil))
+    }
+
+    @Test("a follower's reads go to the leader as one batch; the leader answers once a quorum confirms it, with its commit index, which the follower's read state carries")
+    func followerAsksLeader() throws {
         var h = try Harness(3)
         h.elect(1)
-        #expect(h.nodes[2]!.readIndex(request: 1) == .notLeader(leader: 1))
+        #expect(h.propose(1, "a").isSuccess)
+        h.stabilize()
+        for r in UInt64(1)...20 { #expect(h.nodes[2]!.readIndex(request: r) == nil) }
+        let asks = h.take(where: { $0.kind == .readIndex })
+        #expect(asks.count == 1 && asks[0].from == 2 && asks[0].to == 1 && asks[0].term == h[1].term, "one batch: \(asks)")
+        h[1].step(asks[0])
+        // The leader confirms with a heartbeat round before it answers.
+        #expect(h.take(where: { $0.kind == .readIndexResponse }).isEmpty)
+        let heartbeats = h.take(where: { $0.kind == .heartbeat })
+        #expect(heartbeats.count == 2 && heartbeats.allSatisfy { $0.context != 0 })
+        h[3].step(heartbeats.first { $0.to == 3 }!)
+        h.stabilize()
+        let states = h.readStates[2, default: []]
+        #expect(states.count == 1)
+        #expect(states.first?.requests == Array(1...20))
+        #expect(states.first?.index == h[1].commitIndex)
+        #expect(h.readStates[1, default: []].isEmpty, "the leader's own shell serves nothing")
+    }
+
+    @Test("a follower's reads are dropped when its leader steps down, when the term or leader changes, when the leader's connection closes, or when no answer comes within an election timeout")
+    func followerReadsDropped() throws {
+        // The leader steps down holding them: it says so, and the follower drops them.
+        var h = try Harness(3)
+        h.elect(1)
+        _ = h.nodes[2]!.readIndex(request: 1)
+        h[1].step(h.take(where: { $0.kind == .readIndex })[0])
+        _ = h.take()
+        h[1].step(Message(kind: .appendResponse, from: 3, to: 1, term: h[1].term + 1))
+        let refusal = h.take(where: { $0.kind == .readIndexResponse })
+        #expect(refusal.count == 1 && refusal[0].reject)
+        h[2].step(refusal[0])
+        h.flush()
+        #expect(h.droppedReads[2] == [1])
+
+        // The follower hears of a new term.
+        h = try Harness(3)
+        h.elect(1)
+        _ = h.nodes[2]!.readIndex(request: 2)
+        _ = h.take()
+        h[2].step(Message(kind: .heartbeat, from: 3, to: 2, term: h[2].term + 1))
+        h.flush()
+        #expect(h.droppedReads[2] == [2])
+
+        // The leader's connection closes.
+        h = try Harness(3)
+        h.elect(1)
+        _ = h.nodes[2]!.readIndex(request: 3)
+        _ = h.take()
+        h[2].peerUnreachable(1)
+        h.flush()
+        #expect(h.droppedReads[2] == [3])
+
+        // No answer for an election timeout (the ask was lost); a late answer changes nothing.
+        h = try Harness(3)
+        h.elect(1)
+        _ = h.nodes[2]!.readIndex(request: 4)
+        let lost = h.take(where: { $0.kind == .readIndex })
+        h.tick(2, times: h[2].config.electionTicks - 1)
+        h.flush()
+        #expect(h.droppedReads[2, default: []].isEmpty)
+        h.tick(2, times: 1)
+        h.flush()
+        #expect(h.droppedReads[2] == [4])
+        h[2].step(Message(kind: .readIndexResponse, from: 1, to: 2, term: h[2].term, index: 99, context: lost[0].context))
+        h.flush()
+        #expect(h.readStates[2, default: []].isEmpty)
+    }
+
+    @Test("a new leader answers a follower's read only after it commits an entry of its own term")
+    func followerReadWaitsForLeadersTerm() throws {
+        var h = try Harness(3)
+        h[1].campaign()
+        h.stabilize(drop: { $0.kind == .append || $0.kind == .appendResponse })
+        #expect(h[1].role == .leader)
+        // Node 2 voted, so it knows the term but not yet the leader: it refuses. Once a heartbeat names the leader,
+        // its read is forwarded and answered after the no-op commits.
+        #expect(h.nodes[2]!.readIndex(request: 5) == .notLeader(leader: nil))
+        h.tick(1, times: h[1].config.heartbeatTicks)
+        h.stabilize(drop: { $0.kind == .append || $0.kind == .appendResponse })
+        #expect(h[2].leader == 1)
+        #expect(h.nodes[2]!.readIndex(request: 5) == nil)
+        h.stabilize(drop: { $0.kind == .append || $0.kind == .appendResponse })
+        #expect(h.readStates[2, default: []].isEmpty, "no answer before the leader's own commit")
+        h.tick(1, times: 1)
+        h.stabilize()
+        #expect(h.readStates[2]?.first?.requests == [5])
+        #expect(h.readStates[2]!.first!.index >= 1)
     }
 
     @Test("reads wait for a quorum's heartbeat answers; concurrent reads share one round")

@@ -287,6 +287,14 @@ final class Simulation {
         pendingProposals.removeAll { $0.node == nodes[i].id }
     }
 
+    /// The config of a node starting again: a new seed, as a real shell draws one at each start, so that answers
+    /// meant for its previous incarnation (still in flight) match nothing it asks now.
+    private func freshConfig(_ id: NodeID) -> RaftConfig {
+        var c = raftConfig(id)
+        c.randomSeed ^= rng.next() | 1
+        return c
+    }
+
     func restart(_ i: Int) throws {
         if let sqlite = nodes[i].store as? SQLiteLogStore {
             sqlite.close()
@@ -298,7 +306,7 @@ final class Simulation {
         }
         let recovered = try nodes[i].store.recover()
         nodes[i].raft = try Raft(
-            config: raftConfig(nodes[i].id), hardState: recovered.hardState, entries: recovered.entries,
+            config: freshConfig(nodes[i].id), hardState: recovered.hardState, entries: recovered.entries,
             snapshot: recovered.snapshot)
         // The state machine restarts from the durable snapshot, if any.
         nodes[i].machine = recovered.snapshot == nil ? [] : nodes[i].snapshotData
@@ -321,7 +329,7 @@ final class Simulation {
                 nodes[j].snapshotData = []
                 nodes[j].machine = []
                 nodes[j].started = true
-                nodes[j].raft = try! Raft(config: raftConfig(nodes[j].id))
+                nodes[j].raft = try! Raft(config: freshConfig(nodes[j].id))
             }
         case 1:  // promote a learner (refused while it lags)
             guard let id = m.learners.randomElement(using: &rng) else { return }
