@@ -89,11 +89,14 @@ public final class ControlService: Sendable {
 
     // MARK: - Commands and reads
 
-    /// Proposes `command`; returns its result once it is committed and applied here (the leader).
-    public func execute(_ command: Command) async throws(ControlServiceError) -> CommandResult {
+    /// Proposes `command`; returns its result once it is committed and applied here. Only on the leader, unless
+    /// `forward` (a client's command): then a follower hands it to the leader and answers once it has applied it.
+    /// What only the leader may decide (a lease's expiry, a job's placement) is never forwarded: a deposed leader's
+    /// decision must not be committed by the next one.
+    public func execute(_ command: Command, forward: Bool = false) async throws(ControlServiceError) -> CommandResult {
         let answer: [UInt8]
         do {
-            answer = try await driver.propose(command.encoded)
+            answer = try await driver.propose(command.encoded, forward: forward)
         } catch {
             throw ControlServiceError(error)
         }

@@ -97,7 +97,8 @@ struct HTTPAPI: Sendable {
         }
         router.put("/v1/records/**") { request, context in
             let path = try recordPath(context)
-            return try await leaderOr(request, context, stale: false) {
+            let request = try await Self.buffered(request)
+            return try await leaderOr(request, context, stale: false, write: true) {
                 var request = request
                 let body = try await request.collectBody(upTo: Self.maxBody)
                 let value = Array(buffer: body)
@@ -110,23 +111,25 @@ struct HTTPAPI: Sendable {
                 } else {
                     command = .put(path: path, value: value, session: session)
                 }
-                return try await write(command)
+                return try await write(command, forward: true)
             }
         }
         router.post("/v1/records/**") { request, context in
             // A sequential create: PATH is the prefix; the answer names the record made.
             let path = try recordPath(context)
-            return try await leaderOr(request, context, stale: false) {
+            let request = try await Self.buffered(request)
+            return try await leaderOr(request, context, stale: false, write: true) {
                 var request = request
                 let value = Array(buffer: try await request.collectBody(upTo: Self.maxBody))
                 let session = try query(request, "session", as: UInt64.self) ?? 0
-                return try await write(.create(path: path, element: .record(value), session: session, sequential: true))
+                return try await write(.create(path: path, element: .record(value), session: session, sequential: true), forward: true)
             }
         }
         router.delete("/v1/records/**") { request, context in
             let path = try recordPath(context)
-            return try await leaderOr(request, context, stale: false) {
-                try await write(.delete(path: path, version: try query(request, "version", as: UInt64.self)))
+            let request = try await Self.buffered(request)
+            return try await leaderOr(request, context, stale: false, write: true) {
+                try await write(.delete(path: path, version: try query(request, "version", as: UInt64.self)), forward: true)
             }
         }
         router.get("/v1/peek/**") { request, context in
@@ -198,7 +201,8 @@ struct HTTPAPI: Sendable {
             }
         }
         router.post("/v1/txn") { request, context in
-            try await leaderOr(request, context, stale: false) {
+            let request = try await Self.buffered(request)
+            return try await leaderOr(request, context, stale: false, write: true) {
                 let txn = try await decodeBody(request, as: TransactionView.self, what: "a transaction")
                 guard !txn.ops.isEmpty, txn.ops.count <= 1000 else { throw APIError.badRequest("a transaction has 1 to 1000 operations") }
                 var ops: [TransactionOp] = []
@@ -220,7 +224,7 @@ struct HTTPAPI: Sendable {
                     default: throw APIError.badRequest("operation \(i): unknown op \(op.op.debugDescription) (check, create, put, delete)")
                     }
                 }
-                return try await write(.transaction(ops))
+                return try await write(.transaction(ops), forward: true)
             }
         }
         router.get("/v1/ls") { request, context in try await list("/", request, context) }
@@ -228,7 +232,8 @@ struct HTTPAPI: Sendable {
             try await list("/" + context.parameters.getCatchAll().joined(separator: "/"), request, context)
         }
         router.post("/v1/sessions") { request, context in
-            try await leaderOr(request, context, stale: false) {
+            let request = try await Self.buffered(request)
+            return try await leaderOr(request, context, stale: false, write: true) {
                 let ttl = try query(request, "ttl_ms", as: UInt64.self) ?? 10_000
                 guard (100...3_600_000).contains(ttl) else { throw APIError.badRequest("ttl_ms must be 100 to 3600000") }
                 // The owner is who asks (its certificate's name, or its address without TLS), and the per-client
@@ -236,7 +241,7 @@ struct HTTPAPI: Sendable {
                 let named = node.transport.configuration.tls == nil ? request.uri.queryParameters.get("owner").map { String($0) } : nil
                 let owner = named ?? context.caller.name
                 let limit = context.caller.isMember ? 0 : UInt32(clamping: node.config.maxSessionsPerClient)
-                return try await write(.grantSession(owner: owner, ttlMillis: ttl, limit: limit))
+                return try await write(.grantSession(owner: owner, ttlMillis: ttl, limit: limit), forward: true)
             }
         }
         router.post("/v1/sessions/:id/keepalive") { request, context in
@@ -252,8 +257,9 @@ struct HTTPAPI: Sendable {
         }
         router.delete("/v1/sessions/:id") { request, context in
             let id = try context.parameters.require("id", as: UInt64.self)
-            return try await leaderOr(request, context, stale: false) {
-                try await write(.endSession(id: id, expired: false))
+            let request = try await Self.buffered(request)
+            return try await leaderOr(request, context, stale: false, write: true) {
+                try await write(.endSession(id: id, expired: false), forward: true)
             }
         }
         router.post("/v1/hosts/register") { request, context in
@@ -484,10 +490,12 @@ struct HTTPAPI: Sendable {
         return try json(view)
     }
 
-    private func write(_ command: Command) async throws -> Response {
+    /// Executes `command` and answers its result. `forward`: a client's command on a route that `leaderOr` runs on
+    /// a follower too (`write: true`), which then hands it to the leader.
+    private func write(_ command: Command, forward: Bool = false) async throws -> Response {
         let result: CommandResult
         do {
-            result = try await node.service.execute(command)
+            result = try await node.service.execute(command, forward: forward)
         } catch {
             throw APIError.from(error)
         }
@@ -524,6 +532,14 @@ struct HTTPAPI: Sendable {
         let id = try context.parameters.require("id")
         guard HostID.isValid(id) else { throw APIError.badRequest("\(id) is not a host id (X and 16 lowercase hex digits)") }
         return id
+    }
+
+    /// `request` with its body read into memory (at most `maxBody`), so that it can be read again: by a route, and
+    /// then by `forward` if the route could not serve it here.
+    static func buffered(_ request: Request) async throws -> Request {
+        var request = request
+        _ = try await request.collectBody(upTo: maxBody)
+        return request
     }
 
     /// The request's JSON body as a `T`, or a 400 naming what was expected and what was wrong.
@@ -570,9 +586,12 @@ struct HTTPAPI: Sendable {
     /// Runs `body` here if this node leads (or the read may be stale); otherwise forwards the request to the leader.
     /// A linearizable `read` is served here too while a leader is known: this node asks the leader for a read index
     /// over the peer connection (one Raft message for all the reads waiting) and answers from its own state once it
-    /// has applied that far. Only if that fails (the leader changed meanwhile) is the request forwarded.
+    /// has applied that far. So is a `write` (a route whose work is one command): the command goes to the leader
+    /// over the peer connection (`RaftDriver.propose` on a follower) and is answered once applied here. Only if
+    /// that fails before the leader took it (the leader changed meanwhile) is the request forwarded.
     private func leaderOr(
-        _ request: Request, _ context: APIContext, stale: Bool, read: Bool = false, _ body: () async throws -> Response
+        _ request: Request, _ context: APIContext, stale: Bool, read: Bool = false, write: Bool = false,
+        _ body: () async throws -> Response
     ) async throws -> Response {
         let status = node.service.driver.status
         if stale || status.role == .leader { return try await body() }
@@ -582,6 +601,14 @@ struct HTTPAPI: Sendable {
             } catch let error as ControlServiceError {
                 guard case .notLeader = error else { throw error }
             }
+        }
+        // A write of a command only: this node hands it to the leader over the peer connection and answers when it
+        // has applied it. Forwarded as HTTP only if the leader certainly did not append it (`no_leader`); the body
+        // was buffered (`buffered`) so that it can still be sent.
+        if write && status.leader != .none {
+            do {
+                return try await body()
+            } catch let error as APIError where error.code == "no_leader" {}
         }
         if request.headers[Self.forwardedHeader] != nil {
             throw APIError(status: 503, code: "no_leader", message: "this node is not the leader either (forwarded once already)")

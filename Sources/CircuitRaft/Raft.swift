@@ -50,6 +50,13 @@ public struct Raft: Sendable {
     private var nextForwardContext: UInt64 = 1
     /// Ticks since this node started: when a forwarded batch was sent.
     private var ticks = 0
+    /// A follower's proposals not yet sent to the leader (the next `ready()` sends them as one batch), and those
+    /// sent and not yet answered, by the batch's context.
+    private var proposalsToForward: [(request: UInt64, data: [UInt8])] = []
+    private var forwardedProposals: [UInt64: ForwardedReads] = [:]
+    private var proposalsPlaced: [ForwardedProposal] = []
+    private var proposalsRefused: [UInt64] = []
+    private var proposalsUnknown: [UInt64] = []
     private var persistedHardState: HardState
     private var awaitingAdvance = false
 
@@ -132,7 +139,8 @@ public struct Raft: Sendable {
     public var hasReady: Bool {
         hardStateMustPersist || !log.unstable.isEmpty || !outbox.isEmpty || !readyReads.isEmpty
             || !droppedReads.isEmpty || !readsQueued.isEmpty || !readsToForward.isEmpty || log.applied < log.committed
-            || snapshotToInstall != nil
+            || snapshotToInstall != nil || !proposalsToForward.isEmpty || !proposalsPlaced.isEmpty
+            || !proposalsRefused.isEmpty || !proposalsUnknown.isEmpty
     }
 
     // MARK: - Events
@@ -247,6 +255,18 @@ public struct Raft: Sendable {
         } else {
             readsQueued.append(request)
         }
+    }
+
+    /// A follower hands a client's proposal to its leader (etcd's MsgProp): the proposals asked since the last
+    /// `Ready` go as one `propose` message. `Ready.proposalsPlaced` then says where the leader appended it (answer
+    /// it when that entry is applied), or `proposalsRefused` that it was not appended, or `proposalsUnknown` that no
+    /// answer came (the leader or term changed, the leader's connection closed, an election timeout passed).
+    /// Refused at once by a leader (use `propose`), a candidate, and a follower that knows no leader.
+    public mutating func forwardProposal(_ data: [UInt8], request: UInt64) -> RaftRefusal? {
+        guard role == .follower, leader != .none else { return .notLeader(leader: knownLeader) }
+        guard data.count <= config.maxEntryBytes else { return .entryTooLarge(size: data.count, limit: config.maxEntryBytes) }
+        proposalsToForward.append((request, data))
+        return nil
     }
 
     /// Proposes one membership change (single-server changes, thesis §4.1). It takes effect on this leader at once
@@ -388,6 +408,15 @@ public struct Raft: Sendable {
             case .timeoutNow:
                 // The leader asks this node to take over: campaign at once, past PreVote and the lease.
                 if isVoter { becomeCandidate(transfer: true) }
+            case .proposeResponse:
+                guard m.from == leader, let batch = forwardedProposals.removeValue(forKey: m.context) else { break }
+                if m.reject {
+                    proposalsRefused.append(contentsOf: batch.requests)
+                } else {
+                    for (k, request) in batch.requests.enumerated() {
+                        proposalsPlaced.append(ForwardedProposal(request: request, term: m.logTerm, index: m.index + UInt64(k)))
+                    }
+                }
             case .readIndexResponse:
                 guard m.from == leader, let batch = forwardedReads.removeValue(forKey: m.context) else { break }
                 if m.reject {
@@ -425,6 +454,9 @@ public struct Raft: Sendable {
             case .readIndex:
                 guard membership.contains(m.from) else { break }
                 queueRead(.remote(from: m.from, context: m.context))
+            case .propose:
+                guard membership.contains(m.from) else { break }
+                handleForwardedProposals(m)
             default:
                 break
             }
@@ -438,6 +470,7 @@ public struct Raft: Sendable {
         precondition(!awaitingAdvance, "ready() called twice without advance()")
         startReadRound()
         forwardReads()
+        forwardProposals()
         var rd = Ready()
         rd.snapshot = snapshotToInstall
         rd.entries = Array(log.unstable)
@@ -464,6 +497,12 @@ public struct Raft: Sendable {
         readyReads.removeAll()
         rd.droppedReads = droppedReads
         droppedReads.removeAll()
+        rd.proposalsPlaced = proposalsPlaced
+        rd.proposalsRefused = proposalsRefused
+        rd.proposalsUnknown = proposalsUnknown
+        proposalsPlaced.removeAll()
+        proposalsRefused.removeAll()
+        proposalsUnknown.removeAll()
         awaitingAdvance = true
         return rd
     }
@@ -872,26 +911,70 @@ public struct Raft: Sendable {
         send(Message(kind: .readIndex, from: config.id, to: leader, term: term, context: context))
     }
 
-    /// The reads a follower asked of a leader it no longer follows (or never got an answer from) are dropped.
+    /// What a follower asked of a leader it no longer follows (or never got an answer from) is given up: reads
+    /// are dropped, proposals not sent are refused, proposals sent have an unknown outcome.
     private mutating func dropForwardedReads() {
         droppedReads.append(contentsOf: readsToForward)
         readsToForward.removeAll()
         for batch in forwardedReads.values { droppedReads.append(contentsOf: batch.requests) }
         forwardedReads.removeAll()
+        proposalsRefused.append(contentsOf: proposalsToForward.map(\.request))
+        proposalsToForward.removeAll()
+        for batch in forwardedProposals.values { proposalsUnknown.append(contentsOf: batch.requests) }
+        forwardedProposals.removeAll()
     }
 
-    /// A forwarded batch unanswered for an election timeout is dropped: the message or its answer was lost.
+    /// A forwarded batch unanswered for an election timeout is given up: the message or its answer was lost.
     private mutating func expireForwardedReads() {
-        guard !forwardedReads.isEmpty else { return }
         for (context, batch) in forwardedReads where ticks - batch.sentAt >= config.electionTicks {
             droppedReads.append(contentsOf: batch.requests)
             forwardedReads[context] = nil
+        }
+        for (context, batch) in forwardedProposals where ticks - batch.sentAt >= config.electionTicks {
+            proposalsUnknown.append(contentsOf: batch.requests)
+            forwardedProposals[context] = nil
+        }
+    }
+
+    /// A follower sends the proposals asked since the last `Ready` to its leader, as one batch.
+    private mutating func forwardProposals() {
+        guard !proposalsToForward.isEmpty else { return }
+        guard role == .follower, leader != .none else {
+            proposalsRefused.append(contentsOf: proposalsToForward.map(\.request))
+            proposalsToForward.removeAll()
+            return
+        }
+        let context = nextForwardContext
+        nextForwardContext += 1
+        forwardedProposals[context] = ForwardedReads(requests: proposalsToForward.map(\.request), sentAt: ticks)
+        let entries = proposalsToForward.map { Entry(term: 0, index: 0, kind: .normal, data: $0.data) }
+        proposalsToForward.removeAll()
+        send(Message(kind: .propose, from: config.id, to: leader, term: term, entries: entries, context: context))
+    }
+
+    /// The leader appends a follower's batch as normal entries (whatever kind they claim: a follower proposes no
+    /// membership change) and says where, or refuses the whole batch.
+    private mutating func handleForwardedProposals(_ m: Message) {
+        guard !m.entries.isEmpty else { return }
+        switch propose(m.entries.map(\.data)) {
+        case .success(let ticket):
+            send(Message(kind: .proposeResponse, from: config.id, to: m.from, term: term, logTerm: ticket.term, index: ticket.firstIndex, context: m.context))
+        case .failure:
+            send(Message(kind: .proposeResponse, from: config.id, to: m.from, term: term, reject: true, context: m.context))
         }
     }
 
     private mutating func send(_ m: Message) {
         outbox.append(m)
     }
+}
+
+/// Where the leader put a proposal a follower forwarded: it is this follower's once an entry at `index` with
+/// `term` is applied (any other term there means it was overwritten).
+public struct ForwardedProposal: Sendable, Hashable {
+    public var request: UInt64
+    public var term: UInt64
+    public var index: UInt64
 }
 
 /// Where a leader put a batch of proposals.
@@ -920,6 +1003,14 @@ public struct Ready: Sendable {
     public var readStates: [ReadState] = []
     /// Reads that will never be confirmed here (leadership was lost): answer them "not the leader".
     public var droppedReads: [UInt64] = []
+    /// Proposals this follower forwarded, placed by the leader: answer each when its entry is applied. Before the
+    /// committed entries of the same batch are applied.
+    public var proposalsPlaced: [ForwardedProposal] = []
+    /// Forwarded proposals the leader certainly did not append (never sent, or refused): safe to try elsewhere.
+    public var proposalsRefused: [UInt64] = []
+    /// Forwarded proposals sent and never answered (the leader changed, its connection closed, the answer was
+    /// lost): they may or may not be appended.
+    public var proposalsUnknown: [UInt64] = []
 
     /// Whether persisting this batch needs an fsync.
     public var mustSync: Bool { !entries.isEmpty || hardState != nil || snapshot != nil }

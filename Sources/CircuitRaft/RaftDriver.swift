@@ -133,10 +133,13 @@ public final class RaftDriver: @unchecked Sendable {
     private var raft: Raft
     private let store: any RaftLogStore
     private let stateMachine: any RaftStateMachine
-    private var pendingProposals: [UInt64: (term: UInt64, continuation: CheckedContinuation<[UInt8], any Error>)] = [:]
+    /// Proposals waiting for their entry to be applied, by index: this leader's own, and those this follower
+    /// forwarded (`forwarded`), which the leader placed.
+    private var pendingProposals: [UInt64: PendingProposal] = [:]
+    /// Proposals forwarded to the leader and not yet placed, by request.
+    private var forwardedProposals: [UInt64: CheckedContinuation<[UInt8], any Error>] = [:]
     private var pendingReads: [UInt64: CheckedContinuation<UInt64, any Error>] = [:]
-    private var confirmedReads: [(index: UInt64, continuation: CheckedContinuation<UInt64, any Error>)] = []
-    private var nextReadID: UInt64 = 1
+    private var confirmedReads: [(index: UInt64, id: UInt64, continuation: CheckedContinuation<UInt64, any Error>)] = []
     private let snapshots: SnapshotFiles?
     private var snapshotInProgress = false
     private var snapshotsInstalled = 0
@@ -168,11 +171,40 @@ public final class RaftDriver: @unchecked Sendable {
 
     private let published: Mutex<RaftStatus>
 
+    /// A caller waiting for a proposal's or a read's answer: `id` names it to Raft and to a cancellation.
+    private struct Call<T> {
+        var id: UInt64
+        var data: [UInt8] = []
+        var continuation: CheckedContinuation<T, any Error>
+    }
+
+    /// Names the calls (`Call.id`): unique for the life of the driver.
+    private let callIDs = Atomic<UInt64>(1)
+
+    /// Runs `body` with a new call id; if the calling task is cancelled meanwhile, the loop answers the call with
+    /// `CancellationError` (a continuation alone would wait on, and a stopping daemon would wait for it).
+    private func cancellableCall<T>(_ body: (UInt64, CheckedContinuation<T, any Error>) -> Void) async throws -> T {
+        let id = callIDs.add(1, ordering: .relaxed).oldValue
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { continuation in
+                body(id, continuation)
+                // Cancelled before the call was queued: `onCancel` has run already, and found nothing to answer.
+                if Task.isCancelled { _ = enqueue { $0.cancelled.append(id) } }
+            }
+        } onCancel: {
+            _ = enqueue { $0.cancelled.append(id) }
+        }
+    }
+
     private struct Inbox {
         var messages: [Message] = []
         var chunks: [SnapshotChunk] = []
-        var proposals: [([UInt8], CheckedContinuation<[UInt8], any Error>)] = []
-        var reads: [CheckedContinuation<UInt64, any Error>] = []
+        var proposals: [Call<[UInt8]>] = []
+        /// Proposals a follower may hand to its leader (`propose(_:forward:)`).
+        var forwardable: [Call<[UInt8]>] = []
+        var reads: [Call<UInt64>] = []
+        /// Calls whose caller was cancelled (a request given up, a daemon stopping): answered `CancellationError`.
+        var cancelled: [UInt64] = []
         var confChanges: [(ConfChange, CheckedContinuation<[UInt8], any Error>)] = []
         var transfers: [(NodeID?, CheckedContinuation<NodeID, any Error>)] = []
         var snapshotsWritten: [(SnapshotMetadata, String?)] = []
@@ -180,7 +212,8 @@ public final class RaftDriver: @unchecked Sendable {
         var unreachable: [NodeID] = []
         var stopping = false
         var isEmpty: Bool {
-            messages.isEmpty && chunks.isEmpty && proposals.isEmpty && reads.isEmpty && confChanges.isEmpty
+            messages.isEmpty && chunks.isEmpty && proposals.isEmpty && forwardable.isEmpty && reads.isEmpty && confChanges.isEmpty
+                && cancelled.isEmpty
                 && transfers.isEmpty && snapshotsWritten.isEmpty && !campaign && unreachable.isEmpty && !stopping
         }
     }
@@ -310,10 +343,22 @@ public final class RaftDriver: @unchecked Sendable {
         enqueue { $0.unreachable.append(peer) }
     }
 
-    /// Proposes `data`; returns the state machine's answer once it is committed and applied here.
-    public func propose(_ data: [UInt8]) async throws -> [UInt8] {
-        try await withCheckedThrowingContinuation { continuation in
-            if !enqueue({ $0.proposals.append((data, continuation)) }) {
+    private struct PendingProposal {
+        var id: UInt64
+        var term: UInt64
+        var continuation: CheckedContinuation<[UInt8], any Error>
+        var forwarded: Bool
+    }
+
+    /// Proposes `data`; returns the state machine's answer once it is committed and applied here. Only the leader
+    /// proposes, unless `forward`: then a follower that knows its leader hands it over (`Raft.forwardProposal`)
+    /// and answers when it applies the entry itself; if the leader certainly did not append it the error is
+    /// `refused(.notLeader)`, and if that is not known, `outcomeUnknown`. (What only a leader may decide, such as
+    /// a lease's expiry, is proposed without `forward`, so that a deposed leader cannot have it committed.)
+    public func propose(_ data: [UInt8], forward: Bool = false) async throws -> [UInt8] {
+        try await cancellableCall { id, continuation in
+            let call = Call(id: id, data: data, continuation: continuation)
+            if !enqueue({ forward ? $0.forwardable.append(call) : $0.proposals.append(call) }) {
                 continuation.resume(throwing: RaftDriverError.stopped)
             }
         }
@@ -323,8 +368,8 @@ public final class RaftDriver: @unchecked Sendable {
     /// committed before the call, with leadership confirmed by a quorum. The leader answers, and so does a follower
     /// that knows its leader (it asks the leader for the index, then waits until it has applied that far).
     public func readBarrier() async throws -> UInt64 {
-        try await withCheckedThrowingContinuation { continuation in
-            if !enqueue({ $0.reads.append(continuation) }) {
+        try await cancellableCall { id, continuation in
+            if !enqueue({ $0.reads.append(Call(id: id, continuation: continuation)) }) {
                 continuation.resume(throwing: RaftDriverError.stopped)
             }
         }
@@ -364,7 +409,9 @@ public final class RaftDriver: @unchecked Sendable {
             for (meta, error) in batch.snapshotsWritten { snapshotWritten(meta, error: error) }
             for (change, continuation) in batch.confChanges {
                 switch raft.proposeConfChange(change) {
-                case .success(let ticket): pendingProposals[ticket.firstIndex] = (ticket.term, continuation)
+                case .success(let ticket):
+                    pendingProposals[ticket.firstIndex] = PendingProposal(
+                        id: 0, term: ticket.term, continuation: continuation, forwarded: false)
                 case .failure(let refusal): continuation.resume(throwing: RaftDriverError.refused(refusal))
                 }
             }
@@ -379,16 +426,22 @@ public final class RaftDriver: @unchecked Sendable {
                     continuation.resume(returning: to)
                 }
             }
-            if !batch.proposals.isEmpty { propose(batch.proposals) }
-            for continuation in batch.reads {
-                let request = nextReadID
-                nextReadID += 1
-                if let refusal = raft.readIndex(request: request) {
-                    continuation.resume(throwing: RaftDriverError.refused(refusal))
+            if !batch.forwardable.isEmpty {
+                if raft.role == .follower && raft.leader != .none {
+                    forward(batch.forwardable)
                 } else {
-                    pendingReads[request] = continuation
+                    propose(batch.forwardable)
                 }
             }
+            if !batch.proposals.isEmpty { propose(batch.proposals) }
+            for call in batch.reads {
+                if let refusal = raft.readIndex(request: call.id) {
+                    call.continuation.resume(throwing: RaftDriverError.refused(refusal))
+                } else {
+                    pendingReads[call.id] = call.continuation
+                }
+            }
+            for id in batch.cancelled { cancel(id) }
             if let failed = raftStoreFailure {
                 failure = failed
                 break
@@ -400,9 +453,14 @@ public final class RaftDriver: @unchecked Sendable {
                 logger.critical("Raft node stopping: the log store failed", metadata: ["error": "\(error)"])
                 break
             }
-            if raft.role != .leader && !pendingProposals.isEmpty {
-                for (_, p) in pendingProposals { p.continuation.resume(throwing: RaftDriverError.outcomeUnknown) }
-                pendingProposals.removeAll()
+            // A deposed leader's own proposals, and forwarded ones of a term this node has moved past, may or may not
+            // be committed by the next leader.
+            if !pendingProposals.isEmpty {
+                let isLeader = raft.role == .leader, term = raft.term
+                for (index, p) in pendingProposals where p.forwarded ? p.term < term : !isLeader {
+                    p.continuation.resume(throwing: RaftDriverError.outcomeUnknown)
+                    pendingProposals[index] = nil
+                }
             }
             pumpSnapshotStreams()
             maybeTakeSnapshot()
@@ -411,16 +469,40 @@ public final class RaftDriver: @unchecked Sendable {
         finish(failure: failure)
     }
 
-    private func propose(_ proposals: [([UInt8], CheckedContinuation<[UInt8], any Error>)]) {
-        switch raft.propose(proposals.map(\.0)) {
+    private func forward(_ proposals: [Call<[UInt8]>]) {
+        for call in proposals {
+            if let refusal = raft.forwardProposal(call.data, request: call.id) {
+                call.continuation.resume(throwing: RaftDriverError.refused(refusal))
+            } else {
+                forwardedProposals[call.id] = call.continuation
+            }
+        }
+    }
+
+    private func propose(_ proposals: [Call<[UInt8]>]) {
+        switch raft.propose(proposals.map(\.data)) {
         case .success(let ticket):
             var index = ticket.firstIndex
-            for (_, continuation) in proposals {
-                pendingProposals[index] = (ticket.term, continuation)
+            for call in proposals {
+                pendingProposals[index] = PendingProposal(id: call.id, term: ticket.term, continuation: call.continuation, forwarded: false)
                 index += 1
             }
         case .failure(let refusal):
-            for (_, continuation) in proposals { continuation.resume(throwing: RaftDriverError.refused(refusal)) }
+            for call in proposals { call.continuation.resume(throwing: RaftDriverError.refused(refusal)) }
+        }
+    }
+
+    /// The caller of call `id` gave up: its continuation is answered `CancellationError` now. Raft may still
+    /// answer it later (a read state, a placement); then nothing is waiting.
+    private func cancel(_ id: UInt64) {
+        if let c = pendingReads.removeValue(forKey: id) { return c.resume(throwing: CancellationError()) }
+        if let i = confirmedReads.firstIndex(where: { $0.id == id }) {
+            return confirmedReads.remove(at: i).continuation.resume(throwing: CancellationError())
+        }
+        if let c = forwardedProposals.removeValue(forKey: id) { return c.resume(throwing: CancellationError()) }
+        if let (index, p) = pendingProposals.first(where: { $0.value.id == id }) {
+            pendingProposals[index] = nil
+            p.continuation.resume(throwing: CancellationError())
         }
     }
 
@@ -437,6 +519,23 @@ public final class RaftDriver: @unchecked Sendable {
                 return true
             }
             transport.send(messages)
+            // Where the leader placed this follower's proposals, before the entries of this batch are applied.
+            for placed in rd.proposalsPlaced {
+                guard let continuation = forwardedProposals.removeValue(forKey: placed.request) else { continue }
+                if placed.index <= raft.appliedIndex {
+                    // Applied before the answer came (it cannot, over one ordered connection): its result is gone.
+                    continuation.resume(throwing: RaftDriverError.outcomeUnknown)
+                } else {
+                    pendingProposals[placed.index] = PendingProposal(
+                        id: placed.request, term: placed.term, continuation: continuation, forwarded: true)
+                }
+            }
+            for request in rd.proposalsRefused {
+                forwardedProposals.removeValue(forKey: request)?.resume(throwing: RaftDriverError.refused(.notLeader(leader: nil)))
+            }
+            for request in rd.proposalsUnknown {
+                forwardedProposals.removeValue(forKey: request)?.resume(throwing: RaftDriverError.outcomeUnknown)
+            }
             for entry in rd.committedEntries {
                 bytesSinceSnapshot += entry.byteSize
                 let result: [UInt8] = entry.kind == .normal ? stateMachine.apply(entry) : []
@@ -451,7 +550,7 @@ public final class RaftDriver: @unchecked Sendable {
             for state in rd.readStates {
                 for request in state.requests {
                     if let continuation = pendingReads.removeValue(forKey: request) {
-                        confirmedReads.append((state.index, continuation))
+                        confirmedReads.append((state.index, request, continuation))
                     }
                 }
             }
@@ -482,6 +581,11 @@ public final class RaftDriver: @unchecked Sendable {
         snapshots.removeAll(except: meta)
         snapshotsInstalled += 1
         bytesSinceSnapshot = 0
+        // Forwarded proposals the snapshot covers were applied into it, not here: their results are gone.
+        for (index, p) in pendingProposals where index <= meta.index {
+            p.continuation.resume(throwing: RaftDriverError.outcomeUnknown)
+            pendingProposals[index] = nil
+        }
         logger.info("installed snapshot", metadata: ["index": "\(meta.index)", "term": "\(meta.term)"])
     }
 
@@ -670,6 +774,8 @@ public final class RaftDriver: @unchecked Sendable {
         let error: RaftDriverError = failure.map { .storageFailed($0) } ?? .stopped
         for (_, p) in pendingProposals { p.continuation.resume(throwing: error) }
         pendingProposals.removeAll()
+        for (_, c) in forwardedProposals { c.resume(throwing: error) }
+        forwardedProposals.removeAll()
         for (_, c) in pendingReads { c.resume(throwing: error) }
         pendingReads.removeAll()
         for r in confirmedReads { r.continuation.resume(throwing: error) }
@@ -681,8 +787,8 @@ public final class RaftDriver: @unchecked Sendable {
         inbox.stopping = true
         finished = true
         condition.unlock()
-        for (_, c) in leftover.proposals { c.resume(throwing: error) }
-        for c in leftover.reads { c.resume(throwing: error) }
+        for call in leftover.proposals + leftover.forwardable { call.continuation.resume(throwing: error) }
+        for call in leftover.reads { call.continuation.resume(throwing: error) }
         for (_, c) in leftover.confChanges { c.resume(throwing: error) }
         for (_, c) in leftover.transfers { c.resume(throwing: error) }
         for (_, receiver) in incoming { receiver.abort() }

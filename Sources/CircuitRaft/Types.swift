@@ -69,6 +69,12 @@ public struct Message: Sendable, Hashable {
         /// The leader's answer: `index`, its commit index once a quorum confirmed its leadership after the request
         /// came, for the batch `context`; `reject` if it could not confirm (it is no longer leader).
         case readIndexResponse = 12
+        /// A follower hands its clients' proposals to the leader (etcd's MsgProp): `entries` carry their data,
+        /// `context` names the batch.
+        case propose = 13
+        /// The leader's answer: the batch's entries were appended at `index`, `index + 1`, ... in term `logTerm`; or
+        /// `reject`: they were not appended (the leader is transferring leadership, or one is too large).
+        case proposeResponse = 14
     }
 
     public var kind: Kind

@@ -209,8 +209,10 @@ struct DaemonTests {
         try await eventually("\(id) reported expired", timeout: .seconds(15)) {
             (try? await cluster.client(leader).members())?.first { $0.id == id }?.state == "expired"
         }
+        // Its TTL, less the time since its last keep-alive, plus the leader's next look at the leases and a commit;
+        // 3 s of slack, since the whole suite shares 2 cores (2 s was exceeded there, by as little as 1 ms).
         let took = killed.duration(to: .now)
-        #expect(took < .milliseconds(1500 + 2000), "expired after \(took)")
+        #expect(took < .milliseconds(1500 + 3000), "expired after \(took)")
         #expect(took >= .milliseconds(1500 - 500 - 100), "no earlier than its TTL after its last keep-alive")
     }
 }
@@ -489,8 +491,10 @@ struct MembershipTests {
         try await eventually("\(workers[1]) reported expired", timeout: .seconds(15)) {
             (try? await cluster.client(leader).members())?.first { $0.id == workers[1] }?.state == "expired"
         }
+        // Its TTL, less the time since its last keep-alive, plus the leader's next look at the leases and a commit;
+        // 3 s of slack, since the whole suite shares 2 cores (2 s was exceeded there, by as little as 1 ms).
         let took = killed.duration(to: .now)
-        #expect(took < .milliseconds(1500 + 2000), "expired after \(took)")
+        #expect(took < .milliseconds(1500 + 3000), "expired after \(took)")
 
         // SIGTERM of a worker: it ends its session, so it has left long before its TTL; restarted, it returns as
         // the same host.

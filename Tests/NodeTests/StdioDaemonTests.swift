@@ -60,14 +60,22 @@ struct StdioDaemonTests {
         try await eventually("the unread writer blocked on its pipe") {
             ((try? String(contentsOfFile: "/proc/\(pid)/wchan", encoding: .utf8)) ?? "").contains("pipe_write")
         }
-        // A second reader while one reads is refused.
         let total = Collected()
-        let first = Task { try await owner.readOutput(bulk) { total.add($0) } }
-        try await eventually("the first reader reading") { total.count > 0 }
-        #expect(await apiCode { try await owner.readOutput(bulk) { _ in } } == "busy")
-        try await first.value
+        try await owner.readOutput(bulk) { total.add($0) }
         #expect(total.count == 8_000_000)
         #expect(try await client.wait(bulk).exitCode == 0)
+
+        // A second reader while one reads is refused. (Of a process that writes a line and then waits: a reader of
+        // the 8 MB above may have read it all before a second one asks.)
+        let holding = "/\(host)/holding"
+        _ = try await client.run(holding, ProcCommandView(path: "/bin/sh", args: ["-c", "echo held; exec sleep 60"]))
+        let held = Collected()
+        let first = Task { try await owner.readOutput(holding) { held.add($0) } }
+        try await eventually("the first reader reading") { held.count > 0 }
+        #expect(await apiCode { try await owner.readOutput(holding) { _ in } } == "busy")
+        _ = try await client.signal(holding, "KILL")
+        try await first.value
+        #expect(held.bytes.withLock { $0 } == Array("held\n".utf8))
 
         // Other nodes do not relay the bytes: they redirect to the owner.
         let elsewhere = try await HTTPExchange.perform(.GET, "/v1/proc/stdout\(bulk)", to: cluster.members[leader].api)

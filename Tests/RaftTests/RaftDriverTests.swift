@@ -46,11 +46,13 @@ private final class IndexEcho: RaftStateMachine {
 struct RaftDriverTests {
     let logger = Logger(label: "driver-test")
 
-    private func makeCluster(_ dir: String, ids: [NodeID], transport: LocalTransport) throws -> [NodeID: RaftDriver] {
+    private func makeCluster(
+        _ dir: String, ids: [NodeID], transport: LocalTransport, tick: Duration = .milliseconds(10)
+    ) throws -> [NodeID: RaftDriver] {
         var drivers: [NodeID: RaftDriver] = [:]
         for id in ids {
             var options = RaftDriver.Options()
-            options.tickInterval = .milliseconds(10)
+            options.tickInterval = tick
             let store = try SQLiteLogStore(path: "\(dir)/\(id).sqlite", logger: logger)
             let driver = try RaftDriver(
                 config: RaftConfig(id: id, voters: ids), store: store, stateMachine: IndexEcho(),
@@ -64,7 +66,7 @@ struct RaftDriverTests {
 
     private func temporaryFolder() throws -> String { try CircuitTestSupport.temporaryFolder("raft-driver") }
 
-    @Test("proposals commit on a quorum, followers refuse with the leader's id, reads are linearizable barriers on the leader and on a follower")
+    @Test("proposals commit on a quorum, through the leader or handed to it by a follower; reads are linearizable barriers on the leader and on a follower")
     func proposeAndRead() async throws {
         let dir = try temporaryFolder()
         let transport = LocalTransport()
@@ -87,13 +89,45 @@ struct RaftDriverTests {
         }
         #expect(Set(answers).count == 50, "every proposal got its own index")
 
+        // A follower hands its proposal to the leader and answers once it has applied it itself.
+        try await waitFor("the follower to know the leader") { follower.status.leader == leader.id }
         await #expect(throws: RaftDriverError.refused(.notLeader(leader: leader.id))) {
             _ = try await follower.propose(Array("no".utf8))
         }
+        let forwarded = try await follower.propose(Array("via follower".utf8), forward: true)
+        #expect(forwarded.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) } > answers.max()!)
         let readAt = try await leader.readBarrier()
         #expect(readAt >= answers.max()!)
         // A follower's barrier asks the leader for its index and returns once it has applied that far.
         #expect(try await follower.readBarrier() >= answers.max()!)
+    }
+
+    @Test("a caller that gives up is answered at once: a proposal that cannot commit and a read that cannot be confirmed end with CancellationError, and the node serves on")
+    func cancelledCalls() async throws {
+        let dir = try temporaryFolder()
+        let transport = LocalTransport()
+        // Ticks of 200 ms: the cut-off leader keeps leading for seconds (CheckQuorum steps it down after 10 ticks).
+        let drivers = try makeCluster(dir, ids: [1, 2, 3], transport: transport, tick: .milliseconds(200))
+        defer { for d in drivers.values { d.stop() } }
+        try await waitFor("a leader", timeout: .seconds(20)) { drivers.values.contains { $0.status.role == .leader } }
+        let leader = try #require(drivers.values.first { $0.status.role == .leader })
+        _ = try await leader.propose(Array("first".utf8))
+        for id in drivers.keys where id != leader.id { transport.setDown(id, true) }
+
+        let proposal = Task { try await leader.propose(Array("stuck".utf8)) }
+        let read = Task { try await leader.readBarrier() }
+        let clock = ContinuousClock(), asked = clock.now
+        proposal.cancel()
+        read.cancel()
+        await #expect(throws: CancellationError.self) { _ = try await proposal.value }
+        await #expect(throws: CancellationError.self) { _ = try await read.value }
+        #expect(asked.duration(to: clock.now) < .seconds(1), "answered by the cancellation, not by a step-down")
+
+        // The followers back: the leader commits again (the given-up proposal may or may not be in the log).
+        for id in drivers.keys { transport.setDown(id, false) }
+        try await waitFor("a leader again", timeout: .seconds(20)) { drivers.values.contains { $0.status.role == .leader } }
+        let now = try #require(drivers.values.first { $0.status.role == .leader })
+        _ = try await now.propose(Array("after".utf8))
     }
 
     @Test("a killed leader is replaced, the survivors keep committing, and the restarted node catches up from disk")

@@ -11,6 +11,9 @@ struct Harness {
     var applied: [NodeID: [Entry]] = [:]
     var readStates: [NodeID: [ReadState]] = [:]
     var droppedReads: [NodeID: [UInt64]] = [:]
+    var placed: [NodeID: [ForwardedProposal]] = [:]
+    var refused: [NodeID: [UInt64]] = [:]
+    var unknown: [NodeID: [UInt64]] = [:]
 
     init(_ count: Int, configure: (inout RaftConfig) -> Void = { _ in }) throws {
         let voters = (1...count).map { NodeID($0) }
@@ -36,6 +39,9 @@ struct Harness {
                 applied[id, default: []].append(contentsOf: rd.committedEntries)
                 readStates[id, default: []].append(contentsOf: rd.readStates)
                 droppedReads[id, default: []].append(contentsOf: rd.droppedReads)
+                placed[id, default: []].append(contentsOf: rd.proposalsPlaced)
+                refused[id, default: []].append(contentsOf: rd.proposalsRefused)
+                unknown[id, default: []].append(contentsOf: rd.proposalsUnknown)
                 nodes[id]!.advance(rd)
             }
         }
@@ -517,6 +523,87 @@ struct LostLeaderRules {
         let leaderBefore = h[1].electionElapsed
         h[1].peerUnreachable(2)
         #expect(h[1].electionElapsed == leaderBefore && h[1].role == .leader)
+    }
+}
+
+@Suite("Forwarded proposals (etcd's MsgProp)")
+struct ForwardedProposalRules {
+    @Test("a follower's proposals go to the leader as one batch; the leader appends them as normal entries and says where; they commit as its own")
+    func placed() throws {
+        var h = try Harness(3)
+        h.elect(1)
+        #expect(h.nodes[2]!.forwardProposal(Array("a".utf8), request: 10) == nil)
+        #expect(h.nodes[2]!.forwardProposal(Array("b".utf8), request: 11) == nil)
+        let asks = h.take(where: { $0.kind == .propose })
+        #expect(asks.count == 1 && asks[0].entries.map(\.data) == [Array("a".utf8), Array("b".utf8)], "one batch: \(asks)")
+        var forged = asks[0]
+        forged.entries[0].kind = .config  // a follower proposes no membership change
+        h[1].step(forged)
+        let answer = h.take(where: { $0.kind == .proposeResponse })
+        #expect(answer.count == 1 && !answer[0].reject && answer[0].logTerm == h[1].term)
+        h[2].step(answer[0])
+        h.flush()
+        h.stabilize()
+        let first = answer[0].index
+        #expect(h.placed[2] == [
+            ForwardedProposal(request: 10, term: h[1].term, index: first),
+            ForwardedProposal(request: 11, term: h[1].term, index: first + 1),
+        ])
+        let applied = h.applied[2, default: []].filter { $0.index >= first }
+        #expect(applied.map(\.data) == [Array("a".utf8), Array("b".utf8)] && applied.allSatisfy { $0.kind == .normal })
+        #expect(h[1].membership == Membership(voters: [1, 2, 3]))
+    }
+
+    @Test("refused at once by a leader, a candidate or a follower without a leader; a batch the leader refuses, or one never sent, is refused; one sent and unanswered when the term changes, the leader's connection closes or an election timeout passes has an unknown outcome")
+    func givenUp() throws {
+        var h = try Harness(3)
+        #expect(h.nodes[2]!.forwardProposal([1], request: 1) == .notLeader(leader: nil))
+        h.elect(1)
+        #expect(h.nodes[1]!.forwardProposal([1], request: 1) == .notLeader(leader: 1))
+        #expect(h.nodes[2]!.forwardProposal(Array(repeating: 0, count: h[2].config.maxEntryBytes + 1), request: 1)
+            == .entryTooLarge(size: h[2].config.maxEntryBytes + 1, limit: h[2].config.maxEntryBytes))
+
+        // The leader refuses during a transfer: not appended.
+        #expect(h.nodes[1]!.transferLeadership(to: 3) == nil)
+        _ = h.take()
+        _ = h.nodes[2]!.forwardProposal([2], request: 2)
+        h[1].step(h.take(where: { $0.kind == .propose })[0])
+        let refusal = h.take(where: { $0.kind == .proposeResponse })
+        #expect(refusal.count == 1 && refusal[0].reject)
+        h[2].step(refusal[0])
+        h.flush()
+        #expect(h.refused[2] == [2])
+
+        // Sent, then the follower hears of a new term: unknown. Asked, not yet sent, when it does: refused.
+        h = try Harness(3)
+        h.elect(1)
+        _ = h.nodes[2]!.forwardProposal([3], request: 3)
+        _ = h.take()
+        _ = h.nodes[2]!.forwardProposal([4], request: 4)
+        h[2].step(Message(kind: .heartbeat, from: 3, to: 2, term: h[2].term + 1))
+        h.flush()
+        #expect(h.unknown[2] == [3] && h.refused[2] == [4])
+
+        // The leader's connection closes: unknown.
+        h = try Harness(3)
+        h.elect(1)
+        _ = h.nodes[2]!.forwardProposal([5], request: 5)
+        _ = h.take()
+        h[2].peerUnreachable(1)
+        h.flush()
+        #expect(h.unknown[2] == [5])
+
+        // No answer for an election timeout: unknown; a late answer places nothing.
+        h = try Harness(3)
+        h.elect(1)
+        _ = h.nodes[2]!.forwardProposal([6], request: 6)
+        let lost = h.take(where: { $0.kind == .propose })
+        h.tick(2, times: h[2].config.electionTicks)
+        h.flush()
+        #expect(h.unknown[2] == [6])
+        h[2].step(Message(kind: .proposeResponse, from: 1, to: 2, term: h[2].term, logTerm: h[2].term, index: 50, context: lost[0].context))
+        h.flush()
+        #expect(h.placed[2, default: []].isEmpty)
     }
 }
 

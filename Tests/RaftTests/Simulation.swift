@@ -80,6 +80,9 @@ final class Simulation {
     private(set) var committed: [Entry] = []
     private var leaders: [UInt64: NodeID] = [:]
     private var pendingProposals: [Proposal] = []
+    /// Proposals followers forwarded and the leader has not placed yet, by request.
+    private var forwarded: [UInt64: (node: NodeID, payload: [UInt8])] = [:]
+    private(set) var forwardedPlaced = 0
     private(set) var acknowledged: [Proposal] = []
     private var payloadCounter: UInt64 = 0
     private var reads: [UInt64: (node: NodeID, minIndex: UInt64)] = [:]
@@ -285,6 +288,7 @@ final class Simulation {
         for j in nodes.indices where j != i && nodes[j].raft != nil { nodes[j].raft!.peerUnreachable(nodes[i].id) }
         reads = reads.filter { $0.value.node != nodes[i].id }
         pendingProposals.removeAll { $0.node == nodes[i].id }
+        forwarded = forwarded.filter { $0.value.node != nodes[i].id }
     }
 
     /// The config of a node starting again: a new seed, as a real shell draws one at each start, so that answers
@@ -359,9 +363,15 @@ final class Simulation {
     // MARK: - Clients
 
     private func proposeSomewhere() {
-        guard let i = nodes.indices.randomElement(using: &rng), nodes[i].raft?.role == .leader else { return }
+        guard let i = nodes.indices.randomElement(using: &rng), let raft = nodes[i].raft else { return }
         payloadCounter += 1
-        _ = propose(at: i, payload: Array("p\(options.seed)-\(payloadCounter)".utf8))
+        let payload = Array("p\(options.seed)-\(payloadCounter)".utf8)
+        if raft.role == .leader {
+            _ = propose(at: i, payload: payload)
+        } else if nodes[i].raft!.forwardProposal(payload, request: payloadCounter) == nil {
+            // A follower hands it to its leader; once placed, it is checked as the leader's own are.
+            forwarded[payloadCounter] = (nodes[i].id, payload)
+        }
     }
 
     @discardableResult
@@ -449,6 +459,13 @@ final class Simulation {
             if let meta = rd.snapshot { try installSnapshot(i, meta, hardState: rd.hardState) }
             try checkAndPersist(i, rd)
             for m in rd.messages { send(m, from: i) }
+            for placed in rd.proposalsPlaced {
+                guard let f = forwarded.removeValue(forKey: placed.request), f.node == nodes[i].id else { continue }
+                guard placed.index > UInt64(nodes[i].machine.count) else { continue }  // applied before the answer
+                pendingProposals.append(Proposal(node: f.node, term: placed.term, index: placed.index, payload: f.payload))
+                forwardedPlaced += 1
+            }
+            for request in rd.proposalsRefused + rd.proposalsUnknown { forwarded.removeValue(forKey: request) }
             for e in rd.committedEntries { try applied(e, on: i) }
             for state in rd.readStates {
                 for request in state.requests {

@@ -26,7 +26,7 @@ import Testing
     struct Totals: Sendable {
         var failures: [String] = []
         var acknowledged = 0, elections = 0, crashes = 0, reads = 0, configChanges = 0, transfers = 0
-        var snapshotsInstalled = 0, snapshotsTaken = 0, runs = 0
+        var snapshotsInstalled = 0, snapshotsTaken = 0, runs = 0, forwardedPlaced = 0
     }
 
     @Test("simulated clusters keep Raft's safety properties and recover liveness", arguments: 0..<chunks)
@@ -46,6 +46,7 @@ import Testing
             #expect(t.elections >= t.runs, "elections \(t.elections) in \(t.runs) runs")
             #expect(t.crashes > 0)
             #expect(t.reads > 0)
+            #expect(t.forwardedPlaced > t.runs, "forwarded proposals placed \(t.forwardedPlaced) in \(t.runs) runs")
             #expect(t.configChanges > t.runs, "config changes \(t.configChanges) in \(t.runs) runs")
             #expect(t.transfers > 0)
             #expect(t.snapshotsTaken > t.runs)
@@ -64,6 +65,7 @@ import Testing
         var snapshotsInstalled = 0
         var snapshotsTaken = 0
         var runs = 0
+        var forwardedPlaced = 0
         var seed = Self.firstSeed + UInt64(chunk)
         while seed < Self.firstSeed + UInt64(Self.seedCount) {
             let sim = try Simulation(options: Self.options(seed: seed))
@@ -80,6 +82,7 @@ import Testing
             transfers += sim.transfers
             snapshotsInstalled += sim.snapshotsInstalled
             snapshotsTaken += sim.snapshotsTaken
+            forwardedPlaced += sim.forwardedPlaced
             runs += 1
             seed += UInt64(Self.chunks)
             if failures.count >= 3 { break }
@@ -87,7 +90,7 @@ import Testing
         return Totals(
             failures: failures, acknowledged: acknowledged, elections: elections, crashes: crashes, reads: reads,
             configChanges: configChanges, transfers: transfers, snapshotsInstalled: snapshotsInstalled,
-            snapshotsTaken: snapshotsTaken, runs: runs)
+            snapshotsTaken: snapshotsTaken, runs: runs, forwardedPlaced: forwardedPlaced)
     }
 
     @Test("replay one seed (RAFT_SIM_SEED, default 1)")
