@@ -241,7 +241,7 @@ extension CircuitDaemon {
             logger: logger)
         var configuration = ServiceGroupConfiguration(
             services: [.init(service: app)] + agents.map { .init(service: $0) }
-                + [.init(service: TLSReloader(tls: tls, logger: logger))]
+                + [.init(service: TLSReloader(tls: tls, logger: logger)), .init(service: StopWatchdog(logger: logger))]
                 // A mount that fails or is unmounted from outside is logged; the daemon goes on.
                 + (try mountService(config, tls: tls, logger: logger)).map {
                     .init(service: $0, successTerminationBehavior: .ignore, failureTerminationBehavior: .ignore)
@@ -251,8 +251,10 @@ extension CircuitDaemon {
         // The server waits for requests in flight; a long poll (a receive on an empty channel, a wait on a process
         // that runs on) could hold a graceful stop for ever: after this, they are cancelled.
         configuration.maximumGracefulShutdownDuration = gracefulStopLimit
-        // And a service that does not end when cancelled is left behind after this: a stop is bounded.
-        configuration.maximumCancellationDuration = .seconds(2)
+        // A service that does not end once cancelled: ServiceLifecycle's own bound would crash the daemon (a fatal
+        // error, a backtrace, a process a test's waitUntilExit never saw end); `StopWatchdog` bounds the whole stop
+        // instead, with an exit.
+        configuration.maximumCancellationDuration = nil
         let group = ServiceGroup(configuration: configuration)
         do {
             try await group.run()
@@ -404,6 +406,27 @@ extension CircuitDaemon {
         logger.info(
             "joined the cluster", metadata: ["as": "\(config.joinAs)", "cluster": "\(status.cluster)", "through": "\(contact)"])
         return clusterID
+    }
+}
+
+/// Bounds a graceful stop: from SIGTERM, the API and the agents have `gracefulStopLimit` to finish what is in flight,
+/// then they are cancelled, then the leader hands over and the transport closes. If the process is still here
+/// `limit` after the signal, something did not end when cancelled: it says so and exits, as a kill -9 would end it
+/// (everything acknowledged is durable already).
+struct StopWatchdog: Service {
+    let logger: Logger
+    static let limit: Duration = CircuitDaemon.gracefulStopLimit + .seconds(7)
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        let logger = self.logger
+        let thread = Thread {
+            Thread.sleep(forTimeInterval: Double(Self.limit.components.seconds))
+            logger.error("the daemon did not stop within \(Self.limit) of the signal (something did not end when cancelled): exiting now")
+            _exit(1)
+        }
+        thread.name = "stop-watchdog"
+        thread.start()
     }
 }
 

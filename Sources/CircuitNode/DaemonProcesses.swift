@@ -169,17 +169,40 @@ public final class DaemonProcesses: @unchecked Sendable {
     public func kill9(_ i: Int) {
         guard let p = members[i].process else { return }
         kill(p.processIdentifier, SIGKILL)
-        p.waitUntilExit()
+        _ = Self.waitForExit(p, timeout: .seconds(10))
         table.withLock { $0[i].process = nil }
     }
 
-    /// Sends `signal` to every running daemon (SIGTERM: each hands leadership over and stops) and waits for them.
+    /// Sends `signal` to every running daemon (SIGTERM: each hands leadership over and stops) and waits for them; one
+    /// still running after 15 s is killed.
     public func stopAll(signal: Int32 = SIGTERM) {
         for m in members { if let p = m.process, p.isRunning { kill(p.processIdentifier, signal) } }
         for i in members.indices {
-            members[i].process?.waitUntilExit()
+            if let p = members[i].process, !Self.waitForExit(p, timeout: .seconds(15)) {
+                kill(p.processIdentifier, SIGKILL)
+                _ = Self.waitForExit(p, timeout: .seconds(10))
+            }
             table.withLock { $0[i].process = nil }
         }
+    }
+
+    /// Waits until `process` has ended (a zombie not yet reaped counts as ended), at most `timeout`; whether it
+    /// did. Not `Process.waitUntilExit()`: on Linux it spins a run loop until Foundation's own reaper notices,
+    /// and once (a daemon killed inside a network namespace) it never did, holding a thread of the cooperative pool
+    /// at 100% for good.
+    public static func waitForExit(_ process: Process, timeout: Duration) -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        let pid = process.processIdentifier
+        while ContinuousClock.now < deadline {
+            if !process.isRunning { return true }
+            // The third field of /proc/PID/stat is the state: Z for a zombie; no file, no process.
+            guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return true }
+            if let close = stat.lastIndex(of: ")"), stat[stat.index(after: close)...].split(separator: " ").first == "Z" {
+                return true
+            }
+            usleep(2_000)
+        }
+        return false
     }
 
     /// The member every running daemon names as leader, once they agree. Fails at once if a daemon has exited, and
