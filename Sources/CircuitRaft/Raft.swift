@@ -482,7 +482,9 @@ public struct Raft: Sendable {
         if role == .leader && !hardStateMustPersist {
             // (Not while this leader's own term is unsaved: a single voter elects itself within one turn.)
             for m in outbox {
-                if m.kind == .append && m.term == term {
+                // A placement (`proposeResponse`) may go before the entries are durable too: the follower matches
+                // the entry by index and term, which no other entry has, durable or not.
+                if (m.kind == .append || m.kind == .proposeResponse) && m.term == term {
                     rd.messagesBeforePersist.append(m)
                 } else {
                     rd.messages.append(m)
@@ -905,7 +907,7 @@ public struct Raft: Sendable {
             return
         }
         let context = nextForwardContext
-        nextForwardContext += 1
+        nextForwardContext &+= 1
         forwardedReads[context] = ForwardedReads(requests: readsToForward, sentAt: ticks)
         readsToForward.removeAll()
         send(Message(kind: .readIndex, from: config.id, to: leader, term: term, context: context))
@@ -930,7 +932,9 @@ public struct Raft: Sendable {
             droppedReads.append(contentsOf: batch.requests)
             forwardedReads[context] = nil
         }
-        for (context, batch) in forwardedProposals where ticks - batch.sentAt >= config.electionTicks {
+        // Proposals wait longer: the leader answers once it has appended them, and a change of leader or a closed
+        // connection gives them up at once anyway.
+        for (context, batch) in forwardedProposals where ticks - batch.sentAt >= 3 * config.electionTicks {
             proposalsUnknown.append(contentsOf: batch.requests)
             forwardedProposals[context] = nil
         }
@@ -944,12 +948,25 @@ public struct Raft: Sendable {
             proposalsToForward.removeAll()
             return
         }
-        let context = nextForwardContext
-        nextForwardContext += 1
-        forwardedProposals[context] = ForwardedReads(requests: proposalsToForward.map(\.request), sentAt: ticks)
-        let entries = proposalsToForward.map { Entry(term: 0, index: 0, kind: .normal, data: $0.data) }
+        // Batches of at most `maxBytesPerMessage` (but one proposal each at least), as appends are: a frame stays
+        // within what the peer port takes.
+        var start = 0
+        while start < proposalsToForward.count {
+            var end = start + 1
+            var bytes = proposalsToForward[start].data.count
+            while end < proposalsToForward.count, bytes + proposalsToForward[end].data.count <= config.maxBytesPerMessage {
+                bytes += proposalsToForward[end].data.count
+                end += 1
+            }
+            let batch = proposalsToForward[start..<end]
+            let context = nextForwardContext
+            nextForwardContext &+= 1
+            forwardedProposals[context] = ForwardedReads(requests: batch.map(\.request), sentAt: ticks)
+            let entries = batch.map { Entry(term: 0, index: 0, kind: .normal, data: $0.data) }
+            send(Message(kind: .propose, from: config.id, to: leader, term: term, entries: entries, context: context))
+            start = end
+        }
         proposalsToForward.removeAll()
-        send(Message(kind: .propose, from: config.id, to: leader, term: term, entries: entries, context: context))
     }
 
     /// The leader appends a follower's batch as normal entries (whatever kind they claim: a follower proposes no
