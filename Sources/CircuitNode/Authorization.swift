@@ -30,18 +30,26 @@ struct APIContext: RequestContext {
 struct Caller: Sendable, Hashable, CustomStringConvertible {
     var name: String
     var isMember: Bool
+    /// A member relayed the request and named the client: that member checked what only the client may do.
+    var isRelayed = false
+    /// With TLS, whether the certificate allows acting on other clients' things (`admin` or `host`). Without TLS
+    /// everyone may.
+    var mayActForOthers = true
 
     static let header = HTTPField.Name("X-Circuit-Client")!
 
     /// The caller of a request on a connection with a certificate named `name`; `isMember`: it has the host role.
-    static func certified(_ request: Request, name: String, isMember: Bool) -> Caller {
-        if isMember, let client = request.headers[header], !client.isEmpty { return Caller(name: client, isMember: false) }
-        return Caller(name: name, isMember: isMember)
+    static func certified(_ request: Request, grant: Grant) -> Caller {
+        let isMember = grant.roles.contains(.host)
+        if isMember, let client = request.headers[header], !client.isEmpty {
+            return Caller(name: client, isMember: false, isRelayed: true)
+        }
+        return Caller(name: grant.name, isMember: isMember, mayActForOthers: grant.allows(.admin))
     }
 
     /// The caller of a request on a connection without TLS.
     static func unauthenticated(_ request: Request, channel: any Channel) -> Caller {
-        if let client = request.headers[header], !client.isEmpty { return Caller(name: client, isMember: false) }
+        if let client = request.headers[header], !client.isEmpty { return Caller(name: client, isMember: false, isRelayed: true) }
         return Caller(name: address(of: channel), isMember: request.headers[HTTPAPI.forwardedHeader] != nil)
     }
 
@@ -108,7 +116,7 @@ struct Authorization: RouterMiddleware {
             return try await next(request, context)
         }
         let grant = try await grants.grant(of: context.channel)
-        context.caller = Caller.certified(request, name: grant.name, isMember: grant.roles.contains(.host))
+        context.caller = Caller.certified(request, grant: grant)
         var request = request
         let path = request.uri.path
         var needed = APIRoles.required(request.method, path)

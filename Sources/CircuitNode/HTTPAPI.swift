@@ -257,6 +257,16 @@ struct HTTPAPI: Sendable {
         }
         router.delete("/v1/sessions/:id") { request, context in
             let id = try context.parameters.require("id", as: UInt64.self)
+            // A client ends only its own sessions, unless its certificate is an admin's (or a member's). Checked where
+            // the client asked: a member relaying the request has checked it.
+            let caller = context.caller
+            if !caller.mayActForOthers, !caller.isRelayed,
+                let owner = node.service.state.read({ $0.sessions[id]?.owner }), owner != caller.name
+            {
+                throw APIError(
+                    status: 403, code: "forbidden",
+                    message: "session \(id) belongs to \(owner), not to \(caller.name): only its owner or an admin may end it")
+            }
             let request = try await Self.buffered(request)
             return try await leaderOr(request, context, stale: false, write: true) {
                 try await write(.endSession(id: id, expired: false), forward: true)

@@ -416,7 +416,11 @@ extension SecurityDaemonTests {
         _ = try await alice.grantSession(ttlMillis: 60_000)
         let third = await refusalMessage { _ = try await alice.grantSession(ttlMillis: 60_000) }
         #expect(third?.hasPrefix("too_many_sessions: alice already holds 2 sessions") == true, "\(third ?? "granted")")
-        _ = try await bob.grantSession(ttlMillis: 60_000)
+        let bobs = try await bob.grantSession(ttlMillis: 60_000)
+        // A client ends only its own sessions; an admin may end anyone's.
+        let notHis = await refusalMessage { try await bob.revoke(first) }
+        #expect(notHis?.contains("session \(first) belongs to alice, not to bob") == true, "\(notHis ?? "ended")")
+        try await cluster.live.revoke(bobs)
         try await alice.revoke(first)
         let again = try await alice.grantSession(ttlMillis: 60_000)
 
