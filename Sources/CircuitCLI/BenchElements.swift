@@ -168,7 +168,7 @@ struct ElementsBench: AsyncParsableCommand {
             try await group.next()
             for _ in 1..<pairs { try await group.next() }
             try await chan.close()
-            try await group.waitForAll()
+            try await Self.allOrNone(&group)
         }
         return Double(received.value)
     }
@@ -201,9 +201,23 @@ struct ElementsBench: AsyncParsableCommand {
                 }
                 progress("the receiver drained it")
             }
-            try await group.waitForAll()
+            try await Self.allOrNone(&group)
         }
         return Double(received.value)
+    }
+
+    /// Waits for every task of `group`; the first that fails cancels the others (a receiver whose sender failed
+    /// would otherwise wait for ever on a channel nobody closes) and its error is thrown.
+    private static func allOrNone(_ group: inout ThrowingTaskGroup<Void, any Error>) async throws {
+        // Not waitForAll: it waits for every task even after one has failed.
+        while !group.isEmpty {
+            do {
+                try await group.next()
+            } catch {
+                group.cancelAll()
+                throw error
+            }
+        }
     }
 
     private func waitUntil(_ condition: () async -> Bool) async throws {

@@ -133,16 +133,19 @@ extension Chan {
     /// does not wait a round trip per message. Answers how many were sent (all, unless it throws).
     @discardableResult
     public func send(contentsOf messages: [[UInt8]]) async throws(CircuitClientError) -> Int {
-        var body = [UInt8]()
-        body.reserveCapacity(messages.reduce(0) { $0 + 4 + $1.count })
+        // Each message is copied once, into the body as it goes out.
+        var body = ByteBufferAllocator().buffer(capacity: messages.reduce(0) { $0 + 4 + $1.count })
         for m in messages {
-            let n = UInt32(m.count)
-            body += [UInt8(n >> 24), UInt8((n >> 16) & 0xff), UInt8((n >> 8) & 0xff), UInt8(n & 0xff)]
-            body += m
+            body.writeInteger(UInt32(m.count))
+            body.writeBytes(m)
         }
-        let answer: [String: Int] = try await owner.call(
-            "POST", "/v1/chan/send" + path, query: ["stream": "1"], bytes: body, ownConnection: true)
-        return answer["sent"] ?? 0
+        let answer = try await owner.callRaw(
+            "POST", "/v1/chan/send" + path, query: ["stream": "1"], buffer: body, ownConnection: true)
+        do {
+            return try JSONDecoder().decode([String: Int].self, from: Data(answer))["sent"] ?? 0
+        } catch {
+            throw .badAnswer("\(error)")
+        }
     }
 
     /// Receives up to `count` messages in one request, each handed to `each` as it comes; fewer if the channel is
@@ -150,27 +153,39 @@ extension Chan {
     @discardableResult
     public func receive(upTo count: Int, each: ([UInt8]) async throws -> Void) async throws(CircuitClientError) -> Int {
         guard let endpoint = owner.endpoints.first else { throw .unreachable(endpoints: [], why: "no endpoints given") }
-        var pending = ByteBuffer()
+        // Framing bytes not yet whole (a length split across chunks), and a message being gathered from several.
+        var header = ByteBuffer()
+        var message: [UInt8] = []
+        var missing = 0
         var received = 0
         let answer: (status: Int, errorBody: [UInt8])
         do {
-            // A chunk that holds whole messages is read in place; only a message spread over chunks is gathered.
+            // Each message's bytes are copied once, from the chunks NIO read into the array handed over.
             answer = try await HTTPExchange.streamBuffers(.POST, "/v1/chan/recv\(path)?stream=\(count)", to: endpoint, tls: owner.tls) { chunk in
-                if pending.readableBytes == 0 { pending = chunk } else { pending.writeImmutableBuffer(chunk) }
-                while let n = pending.getInteger(at: pending.readerIndex, as: UInt32.self).map(Int.init) {
-                    guard pending.readableBytes - 4 >= n else {
-                        // The rest of a large message is coming: room for all of it at once.
-                        if pending.writableBytes < 4 + n - pending.readableBytes {
-                            var whole = ByteBuffer()
-                            whole.reserveCapacity(4 + n)
-                            whole.writeBuffer(&pending)
-                            pending = whole
+                var chunk = chunk
+                while chunk.readableBytes > 0 {
+                    if missing > 0 {
+                        let n = min(missing, chunk.readableBytes)
+                        chunk.withUnsafeReadableBytes { message.append(contentsOf: $0.prefix(n)) }
+                        chunk.moveReaderIndex(forwardBy: n)
+                        missing -= n
+                        if missing == 0 {
+                            try await each(message)
+                            received += 1
                         }
-                        break
+                        continue
                     }
-                    pending.moveReaderIndex(forwardBy: 4)
-                    try await each(pending.readBytes(length: n)!)
-                    received += 1
+                    let n = min(4 - header.readableBytes, chunk.readableBytes)
+                    header.writeImmutableBuffer(chunk.readSlice(length: n)!)
+                    guard let length = header.readInteger(as: UInt32.self).map(Int.init) else { continue }
+                    header.clear()
+                    message = []
+                    message.reserveCapacity(length)
+                    missing = length
+                    if length == 0 {
+                        try await each(message)
+                        received += 1
+                    }
                 }
             }
         } catch {

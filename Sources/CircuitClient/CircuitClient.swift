@@ -1,7 +1,7 @@
 import CircuitAPI
 import CircuitSecurity
 import Foundation
-
+import NIOCore
 import NIOHTTP1
 
 /// Why a call to the cluster failed.
@@ -221,6 +221,13 @@ public struct CircuitClient: Sendable {
     func callRaw(
         _ method: String, _ path: String, query: [String: String] = [:], bytes body: [UInt8]?, ownConnection: Bool = false
     ) async throws(CircuitClientError) -> [UInt8] {
+        try await callRaw(method, path, query: query, buffer: body.map { ByteBuffer(bytes: $0) }, ownConnection: ownConnection)
+    }
+
+    /// The same with the body as a buffer (sent as it is, not copied).
+    func callRaw(
+        _ method: String, _ path: String, query: [String: String] = [:], buffer body: ByteBuffer?, ownConnection: Bool = false
+    ) async throws(CircuitClientError) -> [UInt8] {
         var uri = path.split(separator: "/", omittingEmptySubsequences: false).map { Self.escape(String($0)) }.joined(separator: "/")
         if !query.isEmpty {
             uri += "?" + query.sorted { $0.key < $1.key }.map { "\(Self.escape($0.key))=\(Self.escape($0.value))" }.joined(separator: "&")
@@ -229,8 +236,8 @@ public struct CircuitClient: Sendable {
         let deadline = Duration.milliseconds(Int64(timeout * 1000))
         func send(to endpoint: String) async throws -> HTTPExchange.Answer {
             ownConnection
-                ? try await HTTPExchange.perform(HTTPMethod(rawValue: method), uri, to: endpoint, body: body, timeout: deadline, tls: tls)
-                : try await HTTPPool.shared(endpoint, tls: tls).perform(HTTPMethod(rawValue: method), uri, body: body, timeout: deadline)
+                ? try await HTTPExchange.perform(HTTPMethod(rawValue: method), uri, to: endpoint, buffer: body, timeout: deadline, tls: tls)
+                : try await HTTPPool.shared(endpoint, tls: tls).perform(HTTPMethod(rawValue: method), uri, buffer: body, timeout: deadline)
         }
         for endpoint in endpoints {
             var answer: HTTPExchange.Answer

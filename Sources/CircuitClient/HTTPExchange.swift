@@ -73,6 +73,17 @@ public enum HTTPExchange {
         headers extra: [(String, String)] = [], timeout: Duration = .seconds(10), tls: TLSFiles? = ClientTLS.default,
         sslContext: NIOSSLContext? = nil
     ) async throws -> Answer {
+        try await perform(
+            method, uri, to: address, buffer: body.map { ByteBuffer(bytes: $0) }, headers: extra, timeout: timeout, tls: tls,
+            sslContext: sslContext)
+    }
+
+    /// The same with the body as a buffer (sent as it is, not copied).
+    public static func perform(
+        _ method: HTTPMethod, _ uri: String, to address: String, buffer body: ByteBuffer?,
+        headers extra: [(String, String)] = [], timeout: Duration = .seconds(10), tls: TLSFiles? = ClientTLS.default,
+        sslContext: NIOSSLContext? = nil
+    ) async throws -> Answer {
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
         let channel = try await connect(address, timeout: timeout, tls: tls, sslContext: sslContext)
@@ -150,7 +161,7 @@ public enum HTTPExchange {
         // waiting for ever (swift-nio #3472).
         return try await withTaskCancellationHandler {
             try await channel.executeThenClose { inbound, outbound in
-                try await send(method, uri, to: address, body: body, headers: [], on: outbound)
+                try await send(method, uri, to: address, body: body.map { ByteBuffer(bytes: $0) }, headers: [], on: outbound)
                 var status = 0
                 var errorBody: [UInt8] = []
                 for try await part in inbound {
@@ -181,6 +192,8 @@ public enum HTTPExchange {
             return try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
                 .connectTimeout(.milliseconds(Int64(timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)))
                 .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                // A streamed answer (a channel's large messages, a process's output) in reads of up to 1 MiB.
+                .channelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 1 << 20))
                 .connect(host: host, port: port) { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try ClientTLS.add(sslContext, else: tls, to: channel)
@@ -194,14 +207,14 @@ public enum HTTPExchange {
     }
 
     private static func send(
-        _ method: HTTPMethod, _ uri: String, to address: String, body: [UInt8]?, headers extra: [(String, String)],
+        _ method: HTTPMethod, _ uri: String, to address: String, body: ByteBuffer?, headers extra: [(String, String)],
         on outbound: NIOAsyncChannelOutboundWriter<HTTPClientRequestPart>
     ) async throws {
         var headers = HTTPHeaders([("Host", address), ("Connection", "close")])
-        headers.add(name: "Content-Length", value: "\(body?.count ?? 0)")
+        headers.add(name: "Content-Length", value: "\(body?.readableBytes ?? 0)")
         for (name, value) in extra { headers.add(name: name, value: value) }
         try await outbound.write(.head(HTTPRequestHead(version: .http1_1, method: method, uri: uri, headers: headers)))
-        if let body, !body.isEmpty { try await outbound.write(.body(.byteBuffer(ByteBuffer(bytes: body)))) }
+        if let body, body.readableBytes > 0 { try await outbound.write(.body(.byteBuffer(body))) }
         try await outbound.write(.end(nil))
     }
 }

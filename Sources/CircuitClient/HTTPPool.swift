@@ -46,6 +46,14 @@ public final class HTTPPool: Sendable {
         _ method: HTTPMethod, _ uri: String, body: [UInt8]? = nil, headers extra: [(String, String)] = [],
         timeout: Duration = .seconds(10)
     ) async throws -> HTTPExchange.Answer {
+        try await perform(method, uri, buffer: body.map { ByteBuffer(bytes: $0) }, headers: extra, timeout: timeout)
+    }
+
+    /// The same with the body as a buffer (sent as it is, not copied).
+    public func perform(
+        _ method: HTTPMethod, _ uri: String, buffer body: ByteBuffer?, headers extra: [(String, String)] = [],
+        timeout: Duration = .seconds(10)
+    ) async throws -> HTTPExchange.Answer {
         var connection: PooledConnection?
         while connection == nil, let candidate = idle.withLockedValue({ $0.popLast() }) {
             if candidate.channel.isActive { connection = candidate } else { candidate.channel.close(promise: nil) }
@@ -111,13 +119,13 @@ struct PooledConnection: Sendable {
 
     /// Sends one request and waits for its whole answer; also says whether the connection may be reused.
     func send(
-        _ method: HTTPMethod, _ uri: String, host: String, body: [UInt8]?, headers extra: [(String, String)],
+        _ method: HTTPMethod, _ uri: String, host: String, body: ByteBuffer?, headers extra: [(String, String)],
         timeout: Duration
     ) async throws -> (HTTPExchange.Answer, Bool) {
         let promise = channel.eventLoop.makePromise(of: (HTTPExchange.Answer, Bool).self)
         let result = channel.eventLoop.makePromise(of: EventLoopFuture<(HTTPExchange.Answer, Bool)>.self)
         var headers = HTTPHeaders([("Host", host)])
-        headers.add(name: "Content-Length", value: "\(body?.count ?? 0)")
+        headers.add(name: "Content-Length", value: "\(body?.readableBytes ?? 0)")
         for (name, value) in extra { headers.add(name: name, value: value) }
         let head = HTTPRequestHead(version: .http1_1, method: method, uri: uri, headers: headers)
         let channel = self.channel
@@ -131,8 +139,8 @@ struct PooledConnection: Sendable {
             }
             collector.start(promise)
             channel.write(HTTPClientRequestPart.head(head), promise: nil)
-            if let body, !body.isEmpty {
-                channel.write(HTTPClientRequestPart.body(.byteBuffer(ByteBuffer(bytes: body))), promise: nil)
+            if let body, body.readableBytes > 0 {
+                channel.write(HTTPClientRequestPart.body(.byteBuffer(body)), promise: nil)
             }
             let written = channel.eventLoop.makePromise(of: Void.self)
             let whole = NIOLoopBoundBox(false, eventLoop: channel.eventLoop)

@@ -190,7 +190,31 @@ extension HTTPServerBuilder {
     /// HTTP/1.1 behind mutual TLS with the cluster's CA.
     static func clusterTLS(_ tls: TLSFiles, logger: Logger) -> HTTPServerBuilder {
         .init { responder in
-            ClusterTLSChannel(base: HTTP1Channel(responder: responder, configuration: .init()), tls: tls, logger: logger)
+            LargeReadsChannel(base: ClusterTLSChannel(base: HTTP1Channel(responder: responder, configuration: .init()), tls: tls, logger: logger))
         }
+    }
+
+    /// HTTP/1.1 in plaintext (loopback, or `--insecure`).
+    static var plain: HTTPServerBuilder {
+        .init { responder in LargeReadsChannel(base: HTTP1Channel(responder: responder, configuration: .init())) }
+    }
+}
+
+/// A connection that reads up to `maximum` bytes at once when the peer sends that fast (NIO's default stops at 64
+/// KiB): a channel's large messages and a process's stdin arrive in a few reads each instead of sixteen a MiB, each a
+/// trip through the pipeline, the body's stream and a task switch. The size adapts back down for small requests.
+struct LargeReadsChannel<Base: ServerChildChannel>: ServerChildChannel {
+    typealias Value = Base.Value
+    static var maximum: Int { 1 << 20 }
+    let base: Base
+
+    func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
+        channel.setOption(
+            ChannelOptions.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: Self.maximum)
+        ).flatMap { base.setup(channel: channel, logger: logger) }
+    }
+
+    func handle(value: Value, logger: Logger) async {
+        await base.handle(value: value, logger: logger)
     }
 }

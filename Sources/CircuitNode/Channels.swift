@@ -483,9 +483,9 @@ struct ChannelRoutes: RouterMiddleware {
     }
 
     /// A stream of sends: the body is messages, each a 4-byte big-endian length and its bytes, sent in order, each
-    /// after the last was taken (a waiting send holds back the rest of the body: back-pressure to the sender). A
+    /// after the last was taken (a waiting send holds back the rest of the body: back-pressure to the sender). A large
     /// message that lies within one of the body's chunks is sent as a slice of it, not copied; one spread over several
-    /// is gathered once.
+    /// is gathered once. A small one is copied out, so that it never holds a whole read buffer (up to 1 MiB) alive.
     private func sendStream(_ body: RequestBody, to path: String) async throws -> Int {
         var pending = ByteBuffer()
         var sent = 0
@@ -508,7 +508,8 @@ struct ChannelRoutes: RouterMiddleware {
                     break
                 }
                 pending.moveReaderIndex(forwardBy: 4)
-                let message = pending.readSlice(length: Int(length))!
+                var message = pending.readSlice(length: Int(length))!
+                if message.readableBytes < 1 << 16 { message = ByteBuffer(bytes: message.readableBytesView) }
                 try await channels.sendOne(path, message, wait: true)
                 sent += 1
             }

@@ -235,7 +235,7 @@ extension CircuitDaemon {
         let client = try NodeConfig.address(config.clientListen, "client-listen")
         let app = Application(
             router: router,
-            server: tls.map { HTTPServerBuilder.clusterTLS($0, logger: logger) } ?? .http1(),
+            server: tls.map { HTTPServerBuilder.clusterTLS($0, logger: logger) } ?? .plain,
             configuration: .init(address: .hostname(client.host, port: client.port), serverName: "circuit"),
             onServerRunning: { _ in logger.info("API listening", metadata: ["address": "\(client.host):\(client.port)"]) },
             logger: logger)
