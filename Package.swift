@@ -145,6 +145,8 @@ let package = Package(
                 .product(name: "NIOHTTP1", package: "swift-nio"),
             ]
         ),
+        // glibc's allocator settings (mallopt), which the daemon sets for large messages.
+        .systemLibrary(name: "CMalloc"),
         .executableTarget(name: "circuit-fuzz", dependencies: ["CircuitFuzzing"]),
         // Helpers shared by the test targets (not a product).
         .target(name: "CircuitTestSupport"),
@@ -152,6 +154,7 @@ let package = Package(
         .executableTarget(
             name: "CircuitCLI",
             dependencies: [
+                "CMalloc",
                 "CircuitSecurity",
                 "CircuitFS",
                 "CircuitRaft",
@@ -214,6 +217,7 @@ let package = Package(
                 "CircuitTestSupport",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
             ]
         ),
         .testTarget(

@@ -15,6 +15,7 @@ struct Circuit: AsyncParsableCommand {
 
     /// Exit status: 0 on success, 1 on an error, 2 on wrong usage; an error is one line, never a stack trace.
     static func main() async {
+        Allocator.tuneForLargeMessages()
         do {
             var command = try parseAsRoot()
             if var command = command as? any AsyncParsableCommand {

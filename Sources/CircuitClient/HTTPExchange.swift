@@ -97,21 +97,25 @@ public enum HTTPExchange {
         do {
             return try await withTaskCancellationHandler {
                 try await channel.executeThenClose { inbound, outbound in
-                    try await send(method, uri, to: address, body: body, headers: extra, on: outbound)
+                    let unsent = await sendKeepingFailure(method, uri, to: address, body: body, headers: extra, on: outbound)
                     var answer = Answer(status: 0, contentType: nil, body: [])
-                    for try await part in inbound {
-                        switch part {
-                        case .head(let head):
-                            answer.status = Int(head.status.code)
-                            answer.contentType = head.headers.first(name: "Content-Type")
-                            answer.location = head.headers.first(name: "Location")
-                        case .body(var buffer):
-                            answer.body += buffer.readBytes(length: buffer.readableBytes) ?? []
-                        case .end:
-                            return answer
+                    do {
+                        for try await part in inbound {
+                            switch part {
+                            case .head(let head):
+                                answer.status = Int(head.status.code)
+                                answer.contentType = head.headers.first(name: "Content-Type")
+                                answer.location = head.headers.first(name: "Location")
+                            case .body(var buffer):
+                                answer.body += buffer.readBytes(length: buffer.readableBytes) ?? []
+                            case .end:
+                                return answer
+                            }
                         }
+                    } catch {
+                        throw unsent ?? error
                     }
-                    throw HTTPExchangeError.closed
+                    throw unsent ?? HTTPExchangeError.closed
                 }
             } onCancel: {
                 channel.channel.close(promise: nil)
@@ -161,19 +165,25 @@ public enum HTTPExchange {
         // waiting for ever (swift-nio #3472).
         return try await withTaskCancellationHandler {
             try await channel.executeThenClose { inbound, outbound in
-                try await send(method, uri, to: address, body: body.map { ByteBuffer(bytes: $0) }, headers: [], on: outbound)
+                let unsent = await sendKeepingFailure(
+                    method, uri, to: address, body: body.map { ByteBuffer(bytes: $0) }, headers: [], on: outbound)
                 var status = 0
                 var errorBody: [UInt8] = []
-                for try await part in inbound {
-                    switch part {
-                    case .head(let head):
-                        status = Int(head.status.code)
-                    case .body(let buffer):
-                        if status == 200 { try await chunk(buffer) } else { errorBody += buffer.readableBytesView }
-                    case .end:
-                        return (status, errorBody)
+                do {
+                    for try await part in inbound {
+                        switch part {
+                        case .head(let head):
+                            status = Int(head.status.code)
+                        case .body(let buffer):
+                            if status == 200 { try await chunk(buffer) } else { errorBody += buffer.readableBytesView }
+                        case .end:
+                            return (status, errorBody)
+                        }
                     }
+                } catch {
+                    throw unsent ?? error
                 }
+                if let unsent, status == 0 { throw unsent }
                 return (status, errorBody)
             }
         } onCancel: {
@@ -203,6 +213,21 @@ public enum HTTPExchange {
                 }
         } catch {
             throw HTTPExchangeError.connect("cannot connect to \(address): \(error)")
+        }
+    }
+
+    /// Sends the request and answers why it could not, instead of throwing: a server may answer before it has read
+    /// the whole body (a refusal) and close, or answer and close while the request's last part is still on its way
+    /// here (the write then fails on a closed channel). Either way its answer, read next, is what the caller needs.
+    private static func sendKeepingFailure(
+        _ method: HTTPMethod, _ uri: String, to address: String, body: ByteBuffer?, headers extra: [(String, String)],
+        on outbound: NIOAsyncChannelOutboundWriter<HTTPClientRequestPart>
+    ) async -> (any Error)? {
+        do {
+            try await send(method, uri, to: address, body: body, headers: extra, on: outbound)
+            return nil
+        } catch {
+            return error
         }
     }
 

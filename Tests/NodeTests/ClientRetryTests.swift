@@ -1,5 +1,8 @@
 import CircuitClient
 import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
 import Testing
 
 /// A listener that never accepts: the kernel completes connections into its backlog and takes the request's bytes,
@@ -27,6 +30,36 @@ private final class SilentListener {
         port = Int(UInt16(bigEndian: address.sin_port))
     }
     deinit { close(fd) }
+
+}
+
+/// Answers every request with `response` as soon as its head is in, before reading its body, then closes its side
+/// of the connection and reads on, discarding, until the client hangs up: a server refusing a body too large.
+private final class EarlyAnswer: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    let response: String
+    private var head: [UInt8] = []
+    private var answered = false
+
+    init(_ response: String) { self.response = response }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !answered else { return }
+        head += Self.unwrapInboundIn(data).readableBytesView
+        guard head.firstRange(of: Array("\r\n\r\n".utf8)) != nil else { return }
+        answered = true
+        context.writeAndFlush(NIOAny(ByteBuffer(string: response)), promise: nil)
+        context.close(mode: .output, promise: nil)
+    }
+
+    static func start(_ response: String) async throws -> any Channel {
+        try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(EarlyAnswer(response)) }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+    }
 }
 
 @Suite("The client library's retries")
@@ -75,6 +108,21 @@ struct ClientRetryTests {
             }
             #expect(endpoints.count == 2)
         }
+    }
+
+    @Test("a server that answers before it has read the whole body, and closes, is heard: the client returns its answer, not the failed write")
+    func earlyAnswerIsReturned() async throws {
+        let refusal = #"{"error":{"code":"too_large","message":"a message is at most 1 bytes"}}"#
+        let server = try await EarlyAnswer.start(
+            "HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\nContent-Length: \(refusal.utf8.count)\r\nConnection: close\r\n\r\n\(refusal)")
+        defer { server.close(promise: nil) }
+        let port = server.localAddress!.port!
+        // Far more than the sockets' buffers hold: the body is still being written when the answer and the close come.
+        let body = ByteBuffer(repeating: 7, count: 32 << 20)
+        let answer = try await HTTPExchange.perform(
+            .POST, "/v1/chan/send/Xa/c?stream=1", to: "127.0.0.1:\(port)", buffer: body, timeout: .seconds(20), tls: nil)
+        #expect(answer.status == 413)
+        #expect(String(decoding: answer.body, as: UTF8.self) == refusal)
     }
 
     private func freeLoopbackPortNobodyListensOn() throws -> Int {
