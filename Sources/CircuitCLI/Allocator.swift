@@ -8,14 +8,15 @@ import Foundation
 /// more on its own (raising that bound as large blocks are freed) and gives free memory at the top of each heap back
 /// to the kernel once it passes twice that. A channel's 1 MiB messages, and the read buffers they arrive in, are then
 /// often given back and faulted in again (zeroed by the kernel) for the next message. Here blocks up to 32 MiB come
-/// from the heaps, and up to 64 MiB free at a heap's top is kept for the next message. (`bench elements`: a channel's
-/// 1 MiB messages about 1.45 times as fast.)
+/// from the heaps, and up to 32 MiB free at a heap's top is kept for the next message. (`bench elements`: a channel's
+/// 1 MiB messages about 1.6 times as fast. Keeping 64 MiB gained nothing more and left a daemon 40 MB larger after
+/// `bench api`.)
 ///
 /// A process started with any of glibc's own settings (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`,
 /// `MALLOC_TOP_PAD_`) in its environment keeps them: the operator's choice wins.
 enum Allocator {
     static let mapThreshold: Int32 = 32 << 20
-    static let trimThreshold: Int32 = 64 << 20
+    static let trimThreshold: Int32 = 32 << 20
 
     static func tuneForLargeMessages() {
         #if canImport(Glibc)
