@@ -83,7 +83,7 @@ final class HostRuntime: Sendable {
         }
         for try await event in client.watch(root, from: from) {
             if event.kind == "delete" {
-                self.procs.scrubbed(event.path)
+                self.procs.scrubbed(event.path, deletedAt: event.revision)
                 channels.removed(event.path)
                 unsubscribe(event.path)
             } else if event.kind == "put", let view = try await Self.peekIfPresent(event.path, at: api) {

@@ -371,11 +371,19 @@ final class ProcRunner: Sendable {
     /// SIGTERM goes to its process group first; whatever of the group is left after `scrubGrace` gets SIGKILL. (A
     /// process group's id cannot be handed to a new process while the group has members, so the SIGKILL reaches
     /// only what is left of this one.)
-    func scrubbed(_ path: String) {
-        let io = streams.withLock { $0.ios.removeValue(forKey: path) }
-        io?.io.close()
+    ///
+    /// `deletedAt`: the revision that removed the element. A child at the same path created after it belongs to a new
+    /// element and is left alone: a watch that reconnects replays a removal after its scan may already have started
+    /// the path's next process.
+    func scrubbed(_ path: String, deletedAt revision: UInt64? = nil) {
+        func removed(_ createRevision: UInt64) -> Bool { revision.map { createRevision < $0 } ?? true }
+        let io = streams.withLock { s -> ProcIO? in
+            guard let e = s.ios[path], removed(e.createRevision) else { return nil }
+            return s.ios.removeValue(forKey: path)?.io
+        }
+        io?.close()
         let pid: pid_t? = running.withLock { running in
-            guard let r = running[path] else { return nil }
+            guard let r = running[path], removed(r.createRevision) else { return nil }
             kill(-r.pid, SIGTERM)
             return r.pid
         }
