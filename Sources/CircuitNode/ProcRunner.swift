@@ -96,6 +96,10 @@ final class ProcRunner: Sendable {
         switch view.phase {
         case "pending":
             guard started.withLock({ $0.insert(key).inserted }) else { return }
+            // A child of an older element at this path still runs: a path holds one element at a time, so that one
+            // was removed, though its removal has not reached this host's watch yet (each event is looked up as the
+            // state is now, so a lagging watch can meet the new element before the old one's removal).
+            scrubbed(path, deletedAt: created)
             launch(path, command, createRevision: created, attempts: view.attempts ?? 0)
         case "running":
             guard started.withLock({ $0.insert(key).inserted }) else { return }  // ours, or already reported
@@ -372,9 +376,9 @@ final class ProcRunner: Sendable {
     /// process group's id cannot be handed to a new process while the group has members, so the SIGKILL reaches
     /// only what is left of this one.)
     ///
-    /// `deletedAt`: the revision that removed the element. A child at the same path created after it belongs to a new
-    /// element and is left alone: a watch that reconnects replays a removal after its scan may already have started
-    /// the path's next process.
+    /// `deletedAt`: the revision that removed the element (or that made the path's next one). A child at the same path
+    /// created at or after it belongs to a new element and is left alone: a lagging watch may have started the path's
+    /// next process before it sees the removal of the one before.
     func scrubbed(_ path: String, deletedAt revision: UInt64? = nil) {
         func removed(_ createRevision: UInt64) -> Bool { revision.map { createRevision < $0 } ?? true }
         let io = streams.withLock { s -> ProcIO? in

@@ -32,7 +32,9 @@ private final class Cluster: @unchecked Sendable {
 
     func start(_ id: NodeID) throws {
         var options = RaftDriver.Options()
-        options.tickInterval = .milliseconds(10)
+        // Elections after 0.5 to 1 s of silence, as a daemon's: a loaded CI machine's stalls of 100 ms or more (fsync,
+        // two cores shared by parallel tests) would otherwise depose leaders mid-test.
+        options.tickInterval = .milliseconds(50)
         options.snapshotEntries = snapshotEntries
         let state = ReplicatedControlState()
         let driver = try RaftDriver(
