@@ -145,7 +145,7 @@ let package = Package(
                 .product(name: "NIOHTTP1", package: "swift-nio"),
             ]
         ),
-        // glibc's allocator settings (mallopt), which the daemon sets for large messages.
+        // glibc's allocator settings (mallopt), which the `circuit` binary sets for large messages.
         .systemLibrary(name: "CMalloc"),
         .executableTarget(name: "circuit-fuzz", dependencies: ["CircuitFuzzing"]),
         // Helpers shared by the test targets (not a product).

@@ -30,7 +30,6 @@ private final class SilentListener {
         port = Int(UInt16(bigEndian: address.sin_port))
     }
     deinit { close(fd) }
-
 }
 
 /// Answers every request with `response` as soon as its head is in, before reading its body, then closes its side
