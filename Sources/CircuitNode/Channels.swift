@@ -211,6 +211,10 @@ final class Channels: Sendable {
     /// From a subscription's feed: one event for its readers. False if the subscription holds all it can (the event
     /// is dropped).
     func deliver(_ path: String, createRevision: UInt64, _ event: [UInt8]) -> Bool {
+        // An older element's entry still here (the watch has not told of its removal yet) goes first.
+        if state.withLock({ $0.entries[path].map { $0.createRevision < createRevision } ?? false }) {
+            removed(path, at: createRevision)
+        }
         state.withLock { s in
             if s.entries[path] == nil {
                 s.entries[path] = Entry(
@@ -230,21 +234,28 @@ final class Channels: Sendable {
         return taken
     }
 
-    /// The element at `path` was removed: its waiters fail with `gone`, its buffer goes.
-    func removed(_ path: String) {
+    /// The element at `path` was removed at `revision`: its waiters fail with `gone`, its buffer goes. A channel here
+    /// created at or after `revision` is a newer element at the same path, taken on before a lagging watch told of the
+    /// older one's removal: it stays. Nil: whatever is at the path goes.
+    func removed(_ path: String, at revision: UInt64? = nil) {
         let settled = state.withLock { s -> Settled in
             s.removals += 1
-            guard var entry = s.entries.removeValue(forKey: path) else { return Settled() }
+            guard let entry = s.entries[path], revision.map({ entry.createRevision < $0 }) ?? true,
+                var entry = s.entries.removeValue(forKey: path)
+            else { return Settled() }
             s.bufferedBytes -= entry.core.bufferedBytes
             return Self.settle(entry.core.remove(), &entry)
         }
         finish(settled, path)
     }
 
-    /// After a scan of the host's subtree: the channels not present (path and create revision) were removed.
-    func keep(only present: [String: UInt64]) {
-        let gone = state.withLock { s in s.entries.filter { present[$0.key] != $0.value.createRevision }.map(\.key) }
-        for path in gone { removed(path) }
+    /// After a scan of the host's subtree as of `listedAt`: the channels not present (path and create revision) were
+    /// removed. One created after `listedAt` (taken on meanwhile) is left to the watch that follows the scan.
+    func keep(only present: [String: UInt64], listedAt: UInt64) {
+        let gone = state.withLock { s in
+            s.entries.filter { $0.value.createRevision <= listedAt && present[$0.key] != $0.value.createRevision }.map(\.key)
+        }
+        for path in gone { removed(path, at: listedAt + 1) }
     }
 
     /// The daemon stops: every channel's waiters fail.

@@ -77,15 +77,16 @@ final class HostRuntime: Sendable {
             }
         }
         self.procs.keep(only: procs)
-        channels.keep(only: chans)
+        channels.keep(only: chans, listedAt: from - 1)
         for path in feeds.withLock({ f in f.filter { subscriptions[$0.key] != $0.value.createRevision }.map(\.key) }) {
             unsubscribe(path)
         }
         for try await event in client.watch(root, from: from) {
             if event.kind == "delete" {
+                // Each leaves alone a newer element at the path, started from a peek that was ahead of this event.
                 self.procs.scrubbed(event.path, deletedAt: event.revision)
-                channels.removed(event.path)
-                unsubscribe(event.path)
+                channels.removed(event.path, at: event.revision)
+                unsubscribe(event.path, deletedAt: event.revision)
             } else if event.kind == "put", let view = try await Self.peekIfPresent(event.path, at: api) {
                 if view.kind == "proc" { self.procs.consider(event.path, view) }
                 if view.kind == "subscription" { subscribe(event.path, view) }
@@ -105,8 +106,12 @@ final class HostRuntime: Sendable {
         }
     }
 
-    private func unsubscribe(_ path: String) {
-        feeds.withLock { $0.removeValue(forKey: path) }?.task.cancel()
+    /// Ends the feed at `path`; with `deletedAt`, only the feed of an element created before that revision.
+    private func unsubscribe(_ path: String, deletedAt revision: UInt64? = nil) {
+        feeds.withLock { f -> Task<Void, Never>? in
+            guard let feed = f[path], revision.map({ feed.createRevision < $0 }) ?? true else { return nil }
+            return f.removeValue(forKey: path)?.task
+        }?.cancel()
     }
 
     /// Sends a subscription its events, each a host's path (`/X...`): a join subscription first gets every live host,

@@ -266,4 +266,29 @@ struct ChannelsTests {
         #expect(await Self.code { _ = try await ch.close(path) } == "closed")
         #expect(await Self.code { _ = try await ch.send(path, [1], wait: true) } == "closed")
     }
+
+    @Test("a removal told late (by a lagging watch) leaves a newer channel at the path alone; so does a scan for one created after it; an older subscription's entry gives way to a newer one's events")
+    func lateRemovals() async throws {
+        let ch = Self.channels(capacity: 4)
+        let path = "/X0000000000000001/c"  // created at revision 7, as far as the lookup knows
+        _ = try await ch.send(path, [1], wait: true)
+        ch.removed(path, at: 7)
+        #expect(try await ch.stat(path).buffered == 1, "an element removed at 7 was not this one, created at 7")
+        ch.keep(only: [:], listedAt: 6)
+        #expect(try await ch.stat(path).buffered == 1, "a scan as of 6 knows nothing of a channel created at 7")
+        ch.keep(only: [path: 7], listedAt: 9)
+        #expect(try await ch.stat(path).buffered == 1, "listed by the scan")
+        ch.removed(path, at: 8)
+        #expect(try await ch.stat(path).buffered == 0, "removed, and taken on again empty")
+        _ = try await ch.send(path, [2], wait: true)
+        ch.keep(only: [:], listedAt: 9)
+        #expect(try await ch.stat(path).buffered == 0, "not in a scan as of 9: removed")
+
+        let feed = "/X0000000000000001/s"
+        #expect(ch.deliver(feed, createRevision: 5, Array("/old".utf8)))
+        #expect(ch.deliver(feed, createRevision: 9, Array("/new".utf8)), "the newer subscription's event is taken")
+        ch.removed(feed, at: 6)  // the older one's removal, told late
+        #expect(Array(buffer: try await ch.receive(feed, wait: false)) == Array("/new".utf8))
+        #expect(await Self.code { _ = try await ch.receive(feed, wait: false) } == "would_block")
+    }
 }
