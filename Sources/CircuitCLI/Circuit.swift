@@ -43,11 +43,7 @@ struct GlobalOptions: ParsableArguments {
 
     func makeLogger(_ label: String) -> Logger {
         let level = logLevel
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
-        }
+        LoggingSystem.bootstrap { label in LazyMetadataLogHandler(label: label, level: level) }
         return Logger(label: label)
     }
 }
