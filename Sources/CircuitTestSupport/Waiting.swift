@@ -54,6 +54,26 @@ public func eventually(_ what: String, timeout: Duration = .seconds(10), _ condi
     }
 }
 
+/// Thrown by an `eventuallySucceeds` body whose answer is not the one awaited yet: `why` is what it was.
+public struct NotYet: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ why: String) { description = why }
+}
+
+/// Calls `body` until it returns instead of throwing, and answers what it returned; after `timeout`, throws
+/// `WaitTimedOut` naming the last error, so that a wait that fails says why.
+public func eventuallySucceeds<T>(_ what: String, timeout: Duration = .seconds(10), _ body: () async throws -> T) async throws -> T {
+    let deadline = ContinuousClock.now + timeout
+    while true {
+        do {
+            return try await body()
+        } catch {
+            guard ContinuousClock.now < deadline else { throw WaitTimedOut(what: "\(what) (the last attempt failed: \(error))") }
+        }
+        try await Task.sleep(for: .milliseconds(10))
+    }
+}
+
 /// Runs `body`, or throws `WaitTimedOut` if it has not finished within `timeout` (the body is cancelled): for
 /// waits on a stream, which cannot be polled.
 public func withDeadline<T: Sendable>(

@@ -59,10 +59,11 @@ struct DaemonTests {
         let cluster = try daemons(3)
         defer { cluster.stopAll(signal: SIGKILL) }
         let first = try await cluster.leader()
-        try await eventually("every host registered and alive", timeout: .seconds(20)) {
-            (try? await cluster.client(first).members())?.filter { $0.state == "alive" }.count == 3
+        let members = try await eventuallySucceeds("every host registered and alive", timeout: .seconds(20)) {
+            let members = try await cluster.client(first).members()
+            guard members.filter({ $0.state == "alive" }).count == 3 else { throw NotYet("members: \(members)") }
+            return members
         }
-        let members = try await cluster.client(first).members()
         #expect(Set(members.map(\.id)) == Set(cluster.members.map(\.folder.hostID)))
         #expect(members.allSatisfy { $0.role == "voter" })
 
@@ -117,8 +118,8 @@ struct DaemonTests {
         defer { cluster.stopAll(signal: SIGKILL) }
         _ = try await cluster.leader()
         let client = cluster.client(0)
-        try await eventually("the first write", timeout: .seconds(20)) {
-            (try? await client.put("/records/a", Array("1".utf8))) != nil
+        _ = try await eventuallySucceeds("the first write", timeout: .seconds(20)) {
+            try await client.put("/records/a", Array("1".utf8))
         }
         func apiError(_ call: () async throws -> Void) async -> APIError? {
             do {
@@ -250,12 +251,9 @@ struct WatchTransactionTests {
         let cluster = try daemons(1)
         defer { cluster.stopAll(signal: SIGKILL) }
         let client = cluster.client(0)
-        var first: WriteView?
-        try await eventually("the first write", timeout: .seconds(20)) {
-            first = try? await client.put("/records/w/a", Array("1".utf8))
-            return first != nil
-        }
-        let from = try #require(first).revision
+        let from = try await eventuallySucceeds("the first write", timeout: .seconds(20)) {
+            try await client.put("/records/w/a", Array("1".utf8))
+        }.revision
         let stream = client.watch("/records/w", from: from)
         let collected = Task { () -> [EventView] in
             var events: [EventView] = []
@@ -380,8 +378,8 @@ struct MembershipTests {
         let cluster = try daemons(3)
         defer { cluster.stopAll(signal: SIGKILL) }
         let leader = try await cluster.leader()
-        try await eventually("the first write", timeout: .seconds(20)) {
-            (try? await cluster.live.put("/records/app/before-join", Array("1".utf8))) != nil
+        _ = try await eventuallySucceeds("the first write", timeout: .seconds(20)) {
+            try await cluster.live.put("/records/app/before-join", Array("1".utf8))
         }
 
         // Two new hosts join through a follower's API.
