@@ -62,6 +62,9 @@ public enum RaftDriverError: Error, Sendable, Hashable, CustomStringConvertible 
     case outcomeUnknown
     /// The driver stopped (or failed) before an answer.
     case stopped
+    /// A read's index was confirmed, but this node did not apply that far within `Options.readApplyLimit`: it is
+    /// cut off from the leader or far behind. Another node may answer.
+    case behind(index: UInt64, applied: UInt64)
     /// The log store failed: the node stopped.
     case storageFailed(String)
 
@@ -70,6 +73,8 @@ public enum RaftDriverError: Error, Sendable, Hashable, CustomStringConvertible 
         case .refused(let r): return r.description
         case .outcomeUnknown: return "leadership changed before the proposal committed; it may or may not be applied"
         case .stopped: return "the Raft node has stopped"
+        case .behind(let index, let applied):
+            return "this node has applied up to \(applied) and did not reach the read's index \(index) in time: it is cut off or behind"
         case .storageFailed(let why): return "the log store failed and the node stopped: \(why)"
         }
     }
@@ -122,6 +127,10 @@ public final class RaftDriver: @unchecked Sendable {
         public var snapshotTimeout: Duration = .seconds(10)
         /// A stream with no acknowledgement for this long resends from what the follower acknowledged. Default 500 ms.
         public var snapshotRetransmit: Duration = .milliseconds(500)
+        /// A linearizable read whose index the leader confirmed waits at most this long for this node to apply up to
+        /// it, then fails with `behind` (a follower cut off right after the confirmation would otherwise hold it
+        /// until its caller gave up). Default 5 s.
+        public var readApplyLimit: Duration = .seconds(5)
         public init() {}
     }
 
@@ -139,7 +148,7 @@ public final class RaftDriver: @unchecked Sendable {
     /// Proposals forwarded to the leader and not yet placed, by request.
     private var forwardedProposals: [UInt64: CheckedContinuation<[UInt8], any Error>] = [:]
     private var pendingReads: [UInt64: CheckedContinuation<UInt64, any Error>] = [:]
-    private var confirmedReads: [(index: UInt64, id: UInt64, continuation: CheckedContinuation<UInt64, any Error>)] = []
+    private var confirmedReads: [(index: UInt64, id: UInt64, deadline: ContinuousClock.Instant, continuation: CheckedContinuation<UInt64, any Error>)] = []
     private let snapshots: SnapshotFiles?
     private var snapshotInProgress = false
     private var snapshotsInstalled = 0
@@ -506,7 +515,25 @@ public final class RaftDriver: @unchecked Sendable {
         }
     }
 
+    /// The confirmed reads this node has applied far enough for are answered; those waiting past their limit fail.
+    private func answerConfirmedReads() {
+        guard !confirmedReads.isEmpty else { return }
+        let applied = raft.appliedIndex
+        let now = ContinuousClock.now
+        confirmedReads.removeAll { read in
+            if read.index <= applied {
+                read.continuation.resume(returning: applied)
+            } else if now >= read.deadline {
+                read.continuation.resume(throwing: RaftDriverError.behind(index: read.index, applied: applied))
+            } else {
+                return false
+            }
+            return true
+        }
+    }
+
     private func drainReady() throws {
+        defer { answerConfirmedReads() }  // every turn: a read past its limit fails even when nothing else happens
         while raft.hasReady {
             let rd = raft.ready()
             transport.send(rd.messagesBeforePersist)
@@ -550,7 +577,7 @@ public final class RaftDriver: @unchecked Sendable {
             for state in rd.readStates {
                 for request in state.requests {
                     if let continuation = pendingReads.removeValue(forKey: request) {
-                        confirmedReads.append((state.index, request, continuation))
+                        confirmedReads.append((state.index, request, .now + options.readApplyLimit, continuation))
                     }
                 }
             }
@@ -559,14 +586,7 @@ public final class RaftDriver: @unchecked Sendable {
                     throwing: RaftDriverError.refused(.notLeader(leader: nil)))
             }
             raft.advance(rd)
-            if !confirmedReads.isEmpty {
-                let applied = raft.appliedIndex
-                confirmedReads.removeAll { read in
-                    guard read.index <= applied else { return false }
-                    read.continuation.resume(returning: applied)
-                    return true
-                }
-            }
+            answerConfirmedReads()
         }
     }
 
@@ -803,9 +823,10 @@ public final class RaftDriver: @unchecked Sendable {
 }
 
 /// An in-process transport between drivers, for the demonstration cluster, benchmarks and tests.
-/// A node can be cut off (its messages in both directions are dropped).
+/// A node can be cut off (its messages in both directions are dropped), and messages can be dropped by a filter.
 public final class LocalTransport: Sendable {
     private let state = Mutex<(nodes: [NodeID: RaftDriver], down: Set<NodeID>)>(([:], []))
+    private let filter = Mutex<(@Sendable (Message) -> Bool)?>(nil)
 
     public init() {}
 
@@ -823,6 +844,11 @@ public final class LocalTransport: Sendable {
         }
     }
 
+    /// Messages for which `keep` answers false are dropped (nil: none are).
+    public func setFilter(_ keep: (@Sendable (Message) -> Bool)?) {
+        filter.withLock { $0 = keep }
+    }
+
     /// The transport a node uses to send.
     public func endpoint(for id: NodeID) -> any RaftTransport {
         Endpoint(from: id, transport: self)
@@ -830,7 +856,8 @@ public final class LocalTransport: Sendable {
 
     fileprivate func deliver(from: NodeID, _ messages: [Message]) {
         var byTarget: [NodeID: [Message]] = [:]
-        for m in messages { byTarget[m.to, default: []].append(m) }
+        let keep = filter.withLock { $0 }
+        for m in messages where keep?(m) ?? true { byTarget[m.to, default: []].append(m) }
         let targets: [(RaftDriver, [Message])] = state.withLock { s in
             if s.down.contains(from) { return [] }
             return byTarget.compactMap { to, ms in

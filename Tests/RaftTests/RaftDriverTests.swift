@@ -48,12 +48,13 @@ struct RaftDriverTests {
 
     private func makeCluster(
         _ dir: String, ids: [NodeID], transport: LocalTransport, tick: Duration = .milliseconds(10),
-        checkQuorum: Bool = true
+        checkQuorum: Bool = true, configure: (inout RaftDriver.Options) -> Void = { _ in }
     ) throws -> [NodeID: RaftDriver] {
         var drivers: [NodeID: RaftDriver] = [:]
         for id in ids {
             var options = RaftDriver.Options()
             options.tickInterval = tick
+            configure(&options)
             let store = try SQLiteLogStore(path: "\(dir)/\(id).sqlite", logger: logger)
             var config = RaftConfig(id: id, voters: ids)
             config.checkQuorum = checkQuorum
@@ -131,6 +132,32 @@ struct RaftDriverTests {
         try await waitFor("a leader again", timeout: .seconds(20)) { drivers.values.contains { $0.status.role == .leader } }
         let now = try #require(drivers.values.first { $0.status.role == .leader })
         _ = try await now.propose(Array("after".utf8))
+    }
+
+    @Test("a follower whose read index was confirmed but which cannot apply that far fails the read after its limit, naming how far it got", .timeLimit(.minutes(1)))
+    func confirmedReadBound() async throws {
+        let dir = try temporaryFolder()
+        let transport = LocalTransport()
+        let drivers = try makeCluster(dir, ids: [1, 2, 3], transport: transport) { $0.readApplyLimit = .milliseconds(300) }
+        defer { for d in drivers.values { d.stop() } }
+        try await waitFor("a leader", timeout: .seconds(20)) { drivers.values.contains { $0.status.role == .leader } }
+        let leader = try #require(drivers.values.first { $0.status.role == .leader })
+        let follower = try #require(drivers.values.first { $0.status.role != .leader })
+        try await waitFor("the follower to know the leader") { follower.status.leader == leader.id }
+        _ = try await leader.propose(Array("seen".utf8))
+        #expect(try await follower.readBarrier() >= 1, "a read that can be served is")
+
+        // The follower gets heartbeats and read answers, but no entries: it cannot apply what the leader commits.
+        let cut = follower.id
+        transport.setFilter { !($0.to == cut && $0.kind == .append) }
+        let committed = UInt64(littleEndian: try await leader.propose(Array("unseen".utf8)).withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
+        let applied = follower.status.appliedIndex
+        #expect(applied < committed)
+        await #expect(throws: RaftDriverError.behind(index: committed, applied: applied)) { _ = try await follower.readBarrier() }
+        #expect(follower.status.role == .follower && follower.status.leader == leader.id, "failed by the bound, not by a change of leader")
+
+        transport.setFilter(nil)
+        #expect(try await follower.readBarrier() >= committed, "caught up, it serves reads again")
     }
 
     @Test("a killed leader is replaced, the survivors keep committing, and the restarted node catches up from disk")
