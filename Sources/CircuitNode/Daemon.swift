@@ -182,11 +182,14 @@ public final class CircuitDaemon: Sendable {
         var transportConfiguration = TCPTransport.Configuration(
             clusterID: clusterID, hostID: folder.nodeID, listenHost: listen.host, listenPort: listen.port)
         transportConfiguration.tls = tls
-        let transport = TCPTransport(
-            configuration: transportConfiguration, group: MultiThreadedEventLoopGroup.singleton, logger: logger)
+        // Raft and the peers' connections share one event loop of their own: a message read from a peer is stepped,
+        // and what it makes ready written, on that thread, with no hand-off between threads on the commit path.
+        let raftLoop = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let transport = TCPTransport(configuration: transportConfiguration, group: raftLoop, logger: logger)
 
         var options = RaftDriver.Options()
         options.tickInterval = .milliseconds(config.tickMillis)
+        options.executor = EventLoopRaftExecutor(raftLoop.next())
         let state = ReplicatedControlState()
         var raftConfig = RaftConfig(id: folder.nodeID, voters: initialVoters)
         raftConfig.randomSeed = UInt64.random(in: 1...UInt64.max)  // fresh at each start (see RaftConfig.randomSeed)
@@ -220,6 +223,7 @@ public final class CircuitDaemon: Sendable {
         logger.info("shutting down: handing leadership over if leader")
         await driver.shutdown()
         await transport.stop()
+        try? await raftLoop.shutdownGracefully()
         logger.info("stopped")
     }
 }

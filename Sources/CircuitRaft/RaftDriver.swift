@@ -131,6 +131,10 @@ public final class RaftDriver: @unchecked Sendable {
         /// it, then fails with `behind` (a follower cut off right after the confirmation would otherwise hold it
         /// until its caller gave up). Default 5 s.
         public var readApplyLimit: Duration = .seconds(5)
+        /// Where the loop's turns run: nil, a thread of the driver's own; or a serial executor such as the NIO event
+        /// loop that carries the peers' connections, so that messages are stepped and sent on the thread that reads
+        /// and writes them, with no hand-off between threads (each costs a wake-up on the latency path).
+        public var executor: (any RaftLoopExecutor)? = nil
         public init() {}
     }
 
@@ -173,10 +177,16 @@ public final class RaftDriver: @unchecked Sendable {
     private var inbox = Inbox()
     /// Under `condition`: the loop has ended and answers nothing more.
     private var finished = false
+    /// Under `condition`, with an executor: a turn is queued on it.
+    private var turnQueued = false
     private let done = NSCondition()
     /// Under `done`: the loop thread was started, and has ended.
     private var started = false
     private var loopEnded = false
+    /// The loop's: when the protocol ticks next.
+    private var nextTick = Date()
+    /// With an executor: the timer that wakes the loop for its ticks.
+    private let tickTimer = Mutex<(any RaftLoopTimer)?>(nil)
 
     private let published: Mutex<RaftStatus>
 
@@ -263,9 +273,18 @@ public final class RaftDriver: @unchecked Sendable {
 
     public var status: RaftStatus { published.withLock { $0 } }
 
-    /// Starts the loop thread.
+    /// Starts the loop: a thread of its own, or turns on `Options.executor`.
     public func start() {
         published.withLock { $0.running = true }
+        nextTick = Date().addingTimeInterval(tickSeconds)
+        if let executor = options.executor {
+            done.lock()
+            started = true
+            done.unlock()
+            tickTimer.withLock { $0 = executor.every(options.tickInterval) { [weak self] in self?.wake() } }
+            wake()
+            return
+        }
         let thread = Thread { [self] in
             self.loop()
         }
@@ -284,6 +303,13 @@ public final class RaftDriver: @unchecked Sendable {
         inbox.stopping = true
         condition.signal()
         condition.unlock()
+        done.lock()
+        let running = started
+        done.unlock()
+        if running, let executor = options.executor {
+            // On the executor itself, waiting for a turn queued behind this one would never end: the turn runs here.
+            if executor.isCurrent { runTurn() } else { wake() }
+        }
         done.lock()
         while started && !loopEnded { done.wait() }
         done.unlock()
@@ -338,8 +364,25 @@ public final class RaftDriver: @unchecked Sendable {
         defer { condition.unlock() }
         if inbox.stopping || finished { return false }
         add(&inbox)
-        condition.signal()
+        guard let executor = options.executor else {
+            condition.signal()
+            return true
+        }
+        if !turnQueued {
+            turnQueued = true
+            executor.execute { [self] in runTurn() }
+        }
         return true
+    }
+
+    /// With an executor: queues a turn unless one is queued (for a tick, or to stop).
+    private func wake() {
+        guard let executor = options.executor else { return }
+        condition.lock()
+        let queue = !turnQueued && !finished
+        if queue { turnQueued = true }
+        condition.unlock()
+        if queue { executor.execute { [self] in runTurn() } }
     }
 
     /// Starts an election at once.
@@ -386,11 +429,12 @@ public final class RaftDriver: @unchecked Sendable {
 
     // MARK: - The loop
 
+    private var tickSeconds: Double {
+        Double(options.tickInterval.components.seconds) + Double(options.tickInterval.components.attoseconds) / 1e18
+    }
+
+    /// The loop on a thread of its own: waits for something in the inbox or the next tick, then takes a turn.
     private func loop() {
-        let tick = Double(options.tickInterval.components.seconds)
-            + Double(options.tickInterval.components.attoseconds) / 1e18
-        var nextTick = Date().addingTimeInterval(tick)
-        var failure: String? = nil
         while true {
             condition.lock()
             while inbox.isEmpty && Date() < nextTick {
@@ -404,78 +448,103 @@ public final class RaftDriver: @unchecked Sendable {
                 break
             }
             condition.unlock()
-
-            let now = Date()
-            if now >= nextTick {
-                raft.tick()
-                nextTick = nextTick.addingTimeInterval(tick)
-                if nextTick < now { nextTick = now.addingTimeInterval(tick) }
+            if let failure = turn(batch) {
+                finish(failure: failure)
+                return
             }
-            if batch.campaign { raft.campaign() }
-            for peer in batch.unreachable { raft.peerUnreachable(peer) }
-            for m in batch.messages { raft.step(m) }
-            for chunk in batch.chunks { receiveChunk(chunk) }
-            for (meta, error) in batch.snapshotsWritten { snapshotWritten(meta, error: error) }
-            for (change, continuation) in batch.confChanges {
-                switch raft.proposeConfChange(change) {
-                case .success(let ticket):
-                    pendingProposals[ticket.firstIndex] = PendingProposal(
-                        id: 0, term: ticket.term, continuation: continuation, forwarded: false)
-                case .failure(let refusal): continuation.resume(throwing: RaftDriverError.refused(refusal))
-                }
-            }
-            for (target, continuation) in batch.transfers {
-                guard let to = target ?? raft.bestTransferTarget else {
-                    continuation.resume(throwing: RaftDriverError.refused(.invalidTransfer("no other voter")))
-                    continue
-                }
-                if let refusal = raft.transferLeadership(to: to) {
-                    continuation.resume(throwing: RaftDriverError.refused(refusal))
-                } else {
-                    continuation.resume(returning: to)
-                }
-            }
-            if !batch.forwardable.isEmpty {
-                if raft.role == .follower && raft.leader != .none {
-                    forward(batch.forwardable)
-                } else {
-                    propose(batch.forwardable)
-                }
-            }
-            if !batch.proposals.isEmpty { propose(batch.proposals) }
-            for call in batch.reads {
-                if let refusal = raft.readIndex(request: call.id) {
-                    call.continuation.resume(throwing: RaftDriverError.refused(refusal))
-                } else {
-                    pendingReads[call.id] = call.continuation
-                }
-            }
-            for id in batch.cancelled { cancel(id) }
-            if let failed = raftStoreFailure {
-                failure = failed
-                break
-            }
-            do {
-                try drainReady()
-            } catch {
-                failure = "\(error)"
-                logger.critical("Raft node stopping: the log store failed", metadata: ["error": "\(error)"])
-                break
-            }
-            // A deposed leader's own proposals, and forwarded ones of a term this node has moved past, may or may not
-            // be committed by the next leader.
-            if !pendingProposals.isEmpty {
-                let isLeader = raft.role == .leader, term = raft.term
-                for (index, p) in pendingProposals where p.forwarded ? p.term < term : !isLeader {
-                    p.continuation.resume(throwing: RaftDriverError.outcomeUnknown)
-                    pendingProposals[index] = nil
-                }
-            }
-            pumpSnapshotStreams()
-            maybeTakeSnapshot()
-            publish(running: true, failure: nil)
         }
-        finish(failure: failure)
+        finish(failure: nil)
+    }
+
+    /// One turn on the executor: takes the inbox (a tick may be all that is due), or ends the loop.
+    private func runTurn() {
+        condition.lock()
+        turnQueued = false
+        if finished {
+            condition.unlock()
+            return
+        }
+        let batch = inbox
+        inbox = Inbox()
+        if batch.stopping {
+            inbox = batch  // left for finish(), which answers everything in it
+            condition.unlock()
+            finish(failure: nil)
+            return
+        }
+        condition.unlock()
+        if let failure = turn(batch) { finish(failure: failure) }
+    }
+
+    /// Steps everything in `batch` (and a tick, if due) into the protocol, then persists, sends and applies what it
+    /// made ready. Answers the failure that ends the loop, or nil.
+    private func turn(_ batch: Inbox) -> String? {
+        let now = Date()
+        if now >= nextTick {
+            raft.tick()
+            nextTick = nextTick.addingTimeInterval(tickSeconds)
+            if nextTick < now { nextTick = now.addingTimeInterval(tickSeconds) }
+        }
+        if batch.campaign { raft.campaign() }
+        for peer in batch.unreachable { raft.peerUnreachable(peer) }
+        for m in batch.messages { raft.step(m) }
+        for chunk in batch.chunks { receiveChunk(chunk) }
+        for (meta, error) in batch.snapshotsWritten { snapshotWritten(meta, error: error) }
+        for (change, continuation) in batch.confChanges {
+            switch raft.proposeConfChange(change) {
+            case .success(let ticket):
+                pendingProposals[ticket.firstIndex] = PendingProposal(
+                    id: 0, term: ticket.term, continuation: continuation, forwarded: false)
+            case .failure(let refusal): continuation.resume(throwing: RaftDriverError.refused(refusal))
+            }
+        }
+        for (target, continuation) in batch.transfers {
+            guard let to = target ?? raft.bestTransferTarget else {
+                continuation.resume(throwing: RaftDriverError.refused(.invalidTransfer("no other voter")))
+                continue
+            }
+            if let refusal = raft.transferLeadership(to: to) {
+                continuation.resume(throwing: RaftDriverError.refused(refusal))
+            } else {
+                continuation.resume(returning: to)
+            }
+        }
+        if !batch.forwardable.isEmpty {
+            if raft.role == .follower && raft.leader != .none {
+                forward(batch.forwardable)
+            } else {
+                propose(batch.forwardable)
+            }
+        }
+        if !batch.proposals.isEmpty { propose(batch.proposals) }
+        for call in batch.reads {
+            if let refusal = raft.readIndex(request: call.id) {
+                call.continuation.resume(throwing: RaftDriverError.refused(refusal))
+            } else {
+                pendingReads[call.id] = call.continuation
+            }
+        }
+        for id in batch.cancelled { cancel(id) }
+        if let failed = raftStoreFailure { return failed }
+        do {
+            try drainReady()
+        } catch {
+            logger.critical("Raft node stopping: the log store failed", metadata: ["error": "\(error)"])
+            return "\(error)"
+        }
+        // A deposed leader's own proposals, and forwarded ones of a term this node has moved past, may or may not
+        // be committed by the next leader.
+        if !pendingProposals.isEmpty {
+            let isLeader = raft.role == .leader, term = raft.term
+            for (index, p) in pendingProposals where p.forwarded ? p.term < term : !isLeader {
+                p.continuation.resume(throwing: RaftDriverError.outcomeUnknown)
+                pendingProposals[index] = nil
+            }
+        }
+        pumpSnapshotStreams()
+        maybeTakeSnapshot()
+        publish(running: true, failure: nil)
+        return nil
     }
 
     private func forward(_ proposals: [Call<[UInt8]>]) {
@@ -791,6 +860,10 @@ public final class RaftDriver: @unchecked Sendable {
     }
 
     private func finish(failure: String?) {
+        tickTimer.withLock { timer in
+            timer?.cancel()
+            timer = nil
+        }
         let error: RaftDriverError = failure.map { .storageFailed($0) } ?? .stopped
         for (_, p) in pendingProposals { p.continuation.resume(throwing: error) }
         pendingProposals.removeAll()

@@ -41,6 +41,44 @@ private final class IndexEcho: RaftStateMachine {
     }
 }
 
+/// A driver's turns on a serial dispatch queue: the executor mode a daemon uses (there, a NIO event loop).
+private final class QueueExecutor: RaftLoopExecutor, @unchecked Sendable {
+    private let queue: DispatchQueue
+    private let key = DispatchSpecificKey<Bool>()
+
+    init(_ label: String) {
+        queue = DispatchQueue(label: label)
+        queue.setSpecific(key: key, value: true)
+    }
+
+    func execute(_ work: @escaping @Sendable () -> Void) { queue.async(execute: work) }
+
+    func every(_ interval: Duration, _ work: @escaping @Sendable () -> Void) -> any RaftLoopTimer {
+        let timer = DispatchSource.makeTimerSource(queue: queue)
+        let nanos = Int(interval.components.seconds) * 1_000_000_000 + Int(interval.components.attoseconds / 1_000_000_000)
+        timer.schedule(deadline: .now() + .nanoseconds(nanos), repeating: .nanoseconds(nanos))
+        timer.setEventHandler(handler: work)
+        timer.resume()
+        return Timer(source: timer)
+    }
+
+    var isCurrent: Bool { DispatchQueue.getSpecific(key: key) == true }
+
+    private struct Timer: RaftLoopTimer, @unchecked Sendable {
+        let source: any DispatchSourceTimer
+        func cancel() { source.cancel() }
+    }
+}
+
+/// How a driver's loop runs: on a thread of its own, or as turns on an executor.
+enum LoopMode: String, CaseIterable, Sendable, CustomTestStringConvertible {
+    case thread, executor
+    var testDescription: String { rawValue }
+    func apply(_ options: inout RaftDriver.Options, _ id: NodeID) {
+        if self == .executor { options.executor = QueueExecutor("raft-\(id)") }
+    }
+}
+
 /// Real threads, real SQLite files, an in-process transport.
 @Suite("RaftDriver on real threads and SQLite stores", .serialized)
 struct RaftDriverTests {
@@ -48,12 +86,13 @@ struct RaftDriverTests {
 
     private func makeCluster(
         _ dir: String, ids: [NodeID], transport: LocalTransport, tick: Duration = .milliseconds(10),
-        checkQuorum: Bool = true, configure: (inout RaftDriver.Options) -> Void = { _ in }
+        checkQuorum: Bool = true, mode: LoopMode = .thread, configure: (inout RaftDriver.Options) -> Void = { _ in }
     ) throws -> [NodeID: RaftDriver] {
         var drivers: [NodeID: RaftDriver] = [:]
         for id in ids {
             var options = RaftDriver.Options()
             options.tickInterval = tick
+            mode.apply(&options, id)
             configure(&options)
             let store = try SQLiteLogStore(path: "\(dir)/\(id).sqlite", logger: logger)
             var config = RaftConfig(id: id, voters: ids)
@@ -70,11 +109,11 @@ struct RaftDriverTests {
 
     private func temporaryFolder() throws -> String { try CircuitTestSupport.temporaryFolder("raft-driver") }
 
-    @Test("proposals commit on a quorum, through the leader or handed to it by a follower; reads are linearizable barriers on the leader and on a follower")
-    func proposeAndRead() async throws {
+    @Test("proposals commit on a quorum, through the leader or handed to it by a follower; reads are linearizable barriers on the leader and on a follower", arguments: LoopMode.allCases)
+    func proposeAndRead(_ mode: LoopMode) async throws {
         let dir = try temporaryFolder()
         let transport = LocalTransport()
-        let drivers = try makeCluster(dir, ids: [1, 2, 3], transport: transport)
+        let drivers = try makeCluster(dir, ids: [1, 2, 3], transport: transport, mode: mode)
         defer { for d in drivers.values { d.stop() } }
         try await waitFor("a leader") { drivers.values.contains { $0.status.role == .leader } }
         let leader = try #require(drivers.values.first { $0.status.role == .leader })
@@ -106,12 +145,12 @@ struct RaftDriverTests {
         #expect(try await follower.readBarrier() >= answers.max()!)
     }
 
-    @Test("a caller that gives up is answered at once: a proposal that cannot commit and a read that cannot be confirmed end with CancellationError, and the node serves on", .timeLimit(.minutes(1)))
-    func cancelledCalls() async throws {
+    @Test("a caller that gives up is answered at once: a proposal that cannot commit and a read that cannot be confirmed end with CancellationError, and the node serves on", .timeLimit(.minutes(1)), arguments: LoopMode.allCases)
+    func cancelledCalls(_ mode: LoopMode) async throws {
         let dir = try temporaryFolder()
         let transport = LocalTransport()
         // Without CheckQuorum the cut-off leader leads on forever: nothing but the cancellation can answer its callers.
-        let drivers = try makeCluster(dir, ids: [1, 2, 3], transport: transport, checkQuorum: false)
+        let drivers = try makeCluster(dir, ids: [1, 2, 3], transport: transport, checkQuorum: false, mode: mode)
         defer { for d in drivers.values { d.stop() } }
         try await waitFor("a leader", timeout: .seconds(20)) { drivers.values.contains { $0.status.role == .leader } }
         let leader = try #require(drivers.values.first { $0.status.role == .leader })
@@ -134,11 +173,11 @@ struct RaftDriverTests {
         _ = try await now.propose(Array("after".utf8))
     }
 
-    @Test("a follower whose read index was confirmed but which cannot apply that far fails the read after its limit, naming how far it got", .timeLimit(.minutes(1)))
-    func confirmedReadBound() async throws {
+    @Test("a follower whose read index was confirmed but which cannot apply that far fails the read after its limit, naming how far it got", .timeLimit(.minutes(1)), arguments: LoopMode.allCases)
+    func confirmedReadBound(_ mode: LoopMode) async throws {
         let dir = try temporaryFolder()
         let transport = LocalTransport()
-        let drivers = try makeCluster(dir, ids: [1, 2, 3], transport: transport) { $0.readApplyLimit = .milliseconds(300) }
+        let drivers = try makeCluster(dir, ids: [1, 2, 3], transport: transport, mode: mode) { $0.readApplyLimit = .milliseconds(300) }
         defer { for d in drivers.values { d.stop() } }
         try await waitFor("a leader", timeout: .seconds(20)) { drivers.values.contains { $0.status.role == .leader } }
         let leader = try #require(drivers.values.first { $0.status.role == .leader })
@@ -160,11 +199,11 @@ struct RaftDriverTests {
         #expect(try await follower.readBarrier() >= committed, "caught up, it serves reads again")
     }
 
-    @Test("a killed leader is replaced, the survivors keep committing, and the restarted node catches up from disk")
-    func failoverAndRecovery() async throws {
+    @Test("a killed leader is replaced, the survivors keep committing, and the restarted node catches up from disk", arguments: LoopMode.allCases)
+    func failoverAndRecovery(_ mode: LoopMode) async throws {
         let dir = try temporaryFolder()
         let transport = LocalTransport()
-        var drivers = try makeCluster(dir, ids: [1, 2, 3], transport: transport)
+        var drivers = try makeCluster(dir, ids: [1, 2, 3], transport: transport, mode: mode)
         defer { for d in drivers.values { d.stop() } }
         try await waitFor("a leader") { drivers.values.contains { $0.status.role == .leader } }
         let first = try #require(drivers.values.first { $0.status.role == .leader })
@@ -183,6 +222,7 @@ struct RaftDriverTests {
         // Restart the old leader from its store: it must recover its log and catch up.
         var options = RaftDriver.Options()
         options.tickInterval = .milliseconds(10)
+        mode.apply(&options, first.id)
         let machine = IndexEcho()
         let store = try SQLiteLogStore(path: "\(dir)/\(first.id).sqlite", logger: logger)
         #expect(try store.recover().entries.count >= Int(committedBefore), "the old leader's log survived on disk")
@@ -197,8 +237,8 @@ struct RaftDriverTests {
         #expect(machine.applied.filter { $0.kind == .normal }.count >= 40)
     }
 
-    @Test("snapshots compact the log; a new learner catches up by a streamed InstallSnapshot; membership changes and transfers work end to end")
-    func snapshotsAndMembership() async throws {
+    @Test("snapshots compact the log; a new learner catches up by a streamed InstallSnapshot; membership changes and transfers work end to end", arguments: LoopMode.allCases)
+    func snapshotsAndMembership(_ mode: LoopMode) async throws {
         let dir = try temporaryFolder()
         let transport = LocalTransport()
         var options = RaftDriver.Options()
@@ -208,6 +248,8 @@ struct RaftDriverTests {
         options.snapshotWindow = 3
         var machines: [NodeID: IndexEcho] = [:]
         func start(_ id: NodeID, voters: [NodeID]) throws -> RaftDriver {
+            var options = options
+            mode.apply(&options, id)
             let machine = IndexEcho()
             machines[id] = machine
             let driver = try RaftDriver(
@@ -259,14 +301,15 @@ struct RaftDriverTests {
         #expect(machines[1]!.applied.map(\.data).contains(Array("led by 4".utf8)))
     }
 
-    @Test("a leader that shuts down gracefully hands over: a successor leads before any election timeout could fire")
-    func gracefulShutdownTransfers() async throws {
+    @Test("a leader that shuts down gracefully hands over: a successor leads before any election timeout could fire", arguments: LoopMode.allCases)
+    func gracefulShutdownTransfers(_ mode: LoopMode) async throws {
         let dir = try temporaryFolder()
         let transport = LocalTransport()
         var drivers: [NodeID: RaftDriver] = [:]
         for id in [NodeID(1), 2, 3] {
             var options = RaftDriver.Options()
             options.tickInterval = .milliseconds(100)  // elections only after 1 to 2 s of silence
+            mode.apply(&options, id)
             let driver = try RaftDriver(
                 config: RaftConfig(id: id, voters: [1, 2, 3]),
                 store: try SQLiteLogStore(path: "\(dir)/\(id).sqlite", logger: logger), stateMachine: IndexEcho(),
@@ -290,12 +333,14 @@ struct RaftDriverTests {
         #expect(successor.status.term == term + 1)
     }
 
-    @Test("a store that fails stops the node loudly and fails what was waiting")
-    func storageFailureStops() async throws {
+    @Test("a store that fails stops the node loudly and fails what was waiting", arguments: LoopMode.allCases)
+    func storageFailureStops(_ mode: LoopMode) async throws {
         let store = FailingStore()
+        var options = RaftDriver.Options()
+        mode.apply(&options, 1)
         let driver = try RaftDriver(
             config: RaftConfig(id: 1, voters: [1]), store: store, stateMachine: IndexEcho(),
-            transport: LocalTransport().endpoint(for: 1), options: .init(), logger: logger)
+            transport: LocalTransport().endpoint(for: 1), options: options, logger: logger)
         driver.start()
         defer { driver.stop() }
         driver.campaign()
