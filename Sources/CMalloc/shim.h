@@ -11,4 +11,7 @@ static inline int circuit_malloc_set_mmap_threshold(int bytes) { return mallopt(
 /// Free memory at a heap's top past `bytes` goes back to the kernel (M_TRIM_THRESHOLD); 1 on success.
 static inline int circuit_malloc_set_trim_threshold(int bytes) { return mallopt(M_TRIM_THRESHOLD, bytes); }
 
+/// Gives free memory in every arena back to the kernel (not only at a heap's top); 1 if any was released.
+static inline int circuit_malloc_trim(void) { return malloc_trim(0); }
+
 #endif

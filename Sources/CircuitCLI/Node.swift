@@ -113,6 +113,8 @@ struct DaemonOptions: ParsableArguments {
         if testFaults { settings.testFaults = true }
         var global = global
         if global.logLevel == .warning { global.logLevel = .info }
+        let trimming = Allocator.returnFreeMemory(every: .seconds(5))
+        defer { trimming.cancel() }
         try await CircuitDaemon(config: settings, logger: global.makeLogger("circuit")).run()
     }
 }
