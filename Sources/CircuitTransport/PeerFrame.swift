@@ -19,7 +19,10 @@ public enum PeerFrame: Sendable, Hashable {
     /// A piece of an InstallSnapshot stream, or its acknowledgement.
     case snapshotChunk(SnapshotChunk)
 
-    public static let protocolVersion: UInt16 = 1
+    /// Peers must speak the same version; the handshake refuses any other, naming both. 2: Raft messages of kinds 11
+    /// to 14 (a follower's read-index requests and its proposals handed to the leader, and their answers), which a
+    /// node of version 1 cannot read.
+    public static let protocolVersion: UInt16 = 2
 }
 
 /// Why bytes from a peer could not be read as a frame. The connection that sent them is closed.

@@ -68,7 +68,7 @@ struct HandshakeTests {
         "a peer of another cluster, another version, or claiming this host's id is refused and disconnected",
         arguments: [
             (PeerFrame.hello(version: PeerFrame.protocolVersion, clusterID: 2, hostID: 2), "cluster id 2, this node belongs to 1"),
-            (.hello(version: 99, clusterID: 1, hostID: 2), "protocol version 99, this node speaks 1"),
+            (.hello(version: 1, clusterID: 1, hostID: 2), "protocol version 1, this node speaks 2"),
             (.hello(version: PeerFrame.protocolVersion, clusterID: 1, hostID: 1), "host id 1 is not a peer of host 1"),
             (.raft([]), "expected a hello first"),
         ])
