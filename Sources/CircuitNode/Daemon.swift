@@ -453,6 +453,9 @@ struct WatchCloser: Service {
 /// silent.
 struct HostAgent: Service {
     let node: NodeContext
+    /// Failures of a registration or keep-alive: a new one is logged at once, the same one again after 10 s (the loop
+    /// retries every 100 ms).
+    private let problems = RepeatedProblems(every: .seconds(10))
 
     func run() async throws {
         // Ends quietly at graceful shutdown: the loop's sleep is cancelled.
@@ -526,11 +529,24 @@ struct HostAgent: Service {
     }
 
     private func call(_ method: String, _ path: String, body: Data? = nil) async -> (Int, Data)? {
-        guard let answer = try? await HTTPExchange.perform(
-            NIOHTTP1.HTTPMethod(rawValue: method), path, to: node.config.advertisedClient, body: body.map { Array($0) },
-            timeout: .seconds(5))
-        else { return nil }
+        let answer: HTTPExchange.Answer
+        do {
+            answer = try await HTTPExchange.perform(
+                NIOHTTP1.HTTPMethod(rawValue: method), path, to: node.config.advertisedClient, body: body.map { Array($0) },
+                timeout: .seconds(5))
+        } catch {
+            problem("\(method) \(path): no answer from this host's API: \(error)")
+            return nil
+        }
+        if answer.status != 200 {
+            problem("\(method) \(path): HTTP \(answer.status) \(String(decoding: answer.body.prefix(300), as: UTF8.self))")
+        }
         return (answer.status, Data(answer.body))
+    }
+
+    /// Logs why the host could not register or keep its session alive (see `problems`).
+    private func problem(_ what: String) {
+        if problems.isNew(what) { node.logger.info("the host's membership call failed", metadata: ["call": "\(what)"]) }
     }
 
     private func register(ttl: UInt64) async -> SessionID? {
@@ -561,4 +577,22 @@ func registerHost(
     else { return nil }
     logger.info("registered", metadata: ["role": "\(role)", "session": "\(view.session)", "revision": "\(view.revision)"])
     return view.session
+}
+
+/// Which failures to log when a loop retries often: a new one, or the same one again after `every`.
+final class RepeatedProblems: Sendable {
+    private let every: Duration
+    private let last = Mutex<(what: String, at: ContinuousClock.Instant)?>(nil)
+
+    init(every: Duration) { self.every = every }
+
+    /// Whether `what` is to be logged now; if so, it is remembered as logged.
+    func isNew(_ what: String) -> Bool {
+        let now = ContinuousClock.now
+        return last.withLock { last in
+            if let seen = last, seen.what == what, now - seen.at < every { return false }
+            last = (what, now)
+            return true
+        }
+    }
 }
