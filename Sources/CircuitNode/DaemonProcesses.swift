@@ -186,20 +186,16 @@ public final class DaemonProcesses: @unchecked Sendable {
         }
     }
 
-    /// Waits until `process` has ended (a zombie not yet reaped counts as ended), at most `timeout`; whether it
-    /// did. Not `Process.waitUntilExit()`: on Linux it spins a run loop until Foundation's own reaper notices,
-    /// and once (a daemon killed inside a network namespace) it never did, holding a thread of the cooperative pool
-    /// at 100% for good.
+    /// Waits until `process` has ended (a zombie not yet reaped counts as ended once its last thread has left: until
+    /// then its files, the data folder's lock among them, are still open), at most `timeout`; whether it did. Not
+    /// `Process.waitUntilExit()`: on Linux it spins a run loop until Foundation's own reaper notices, and once (a
+    /// daemon killed inside a network namespace) it never did, holding a thread of the cooperative pool at 100% for
+    /// good.
     public static func waitForExit(_ process: Process, timeout: Duration) -> Bool {
         let deadline = ContinuousClock.now + timeout
         let pid = process.processIdentifier
         while ContinuousClock.now < deadline {
-            if !process.isRunning { return true }
-            // The third field of /proc/PID/stat is the state: Z for a zombie; no file, no process.
-            guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return true }
-            if let close = stat.lastIndex(of: ")"), stat[stat.index(after: close)...].split(separator: " ").first == "Z" {
-                return true
-            }
+            if !process.isRunning || DataFolder.hasEnded(pid) { return true }
             usleep(2_000)
         }
         return false

@@ -69,13 +69,20 @@ public struct DataFolder: Sendable {
     public func setWorker() throws { try Self.writeDurably("worker\n", to: "\(path)/role") }
 
     /// Takes the folder's lock for the life of the process (an advisory `flock` on `lock`, released by the kernel
-    /// when the process dies, even by kill -9). Throws if another daemon holds it.
-    public func lock() throws -> FolderLock {
+    /// when the process dies, even by kill -9). Throws if another daemon holds it. A holder that is dying (killed, its
+    /// threads still leaving the kernel, as one in an fsync does) is waited for, up to `dyingHolder`: a supervisor
+    /// that restarts a killed daemon at once would otherwise find the folder still taken.
+    public func lock(dyingHolder: Duration = .seconds(10)) throws -> FolderLock {
         let file = "\(path)/lock"
         let fd = open(file, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw DataFolderError.unreadable(path: file, why: String(cString: strerror(errno))) }
-        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+        let deadline = ContinuousClock.now + dyingHolder
+        while flock(fd, LOCK_EX | LOCK_NB) != 0 {
             let holder = (try? String(contentsOfFile: file, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+            if let pid = holder.flatMap({ pid_t($0) }), Self.isExiting(pid), ContinuousClock.now < deadline {
+                usleep(10_000)
+                continue
+            }
             close(fd)
             throw DataFolderError.locked(path: file, holder: holder.map { "pid \($0)" } ?? "unknown")
         }
@@ -83,6 +90,22 @@ public struct DataFolder: Sendable {
         _ = ftruncate(fd, 0)
         _ = pid.withCString { pwrite(fd, $0, strlen($0), 0) }
         return FolderLock(fd: fd)
+    }
+
+    /// Whether process `pid` is gone or on its way out: its main thread a zombie (`Z`), other threads perhaps still
+    /// leaving the kernel with the process's files, locks included, still open.
+    public static func isExiting(_ pid: pid_t) -> Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return true }
+        guard let close = stat.lastIndex(of: ")") else { return false }
+        return stat[stat.index(after: close)...].split(separator: " ").first == "Z"
+    }
+
+    /// Whether process `pid` has ended altogether: gone, or a zombie with no thread left but its main one (the
+    /// kernel has closed its files).
+    public static func hasEnded(_ pid: pid_t) -> Bool {
+        guard isExiting(pid) else { return false }
+        let threads = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+        return threads.count <= 1
     }
 
     static func writeDurably(_ text: String, to file: String) throws {

@@ -664,7 +664,8 @@ struct ProcessTests {
         _ = try await client.run("/\(member)/orphan", ProcCommandView(path: "/bin/sleep", args: ["30"]))
         try await eventually("the orphan running", timeout: .seconds(20)) { (try? await client.peek("/\(member)/orphan"))?.phase == "running" }
         let orphanPID = try #require(try await client.peek("/\(member)/orphan").pid)
-        defer { kill(pid_t(orphanPID), SIGKILL) }
+        let orphanStart = processStartTime(pid_t(orphanPID))
+        defer { killIfStill(pid_t(orphanPID), startedAt: orphanStart) }
         cluster.kill9(m)
         try cluster.start(m)
         try await eventually("the restarted daemon delivering signals to the process it adopted", timeout: .seconds(20)) {

@@ -26,7 +26,8 @@ struct JobDaemonTests {
         let firstHost = try #require(first.host)
         #expect(first.phase == "placed" && first.attempts == 1)
         let orphan = try #require(try await client.peek("/\(firstHost)/jobs/work").pid)
-        defer { kill(pid_t(orphan), SIGKILL) }
+        let orphanStart = processStartTime(pid_t(orphan))
+        defer { killIfStill(pid_t(orphan), startedAt: orphanStart) }
 
         // Its host's daemon dies; its session expires; the job goes to another host.
         let victim = try #require(cluster.members.firstIndex { $0.folder.hostID == firstHost })
