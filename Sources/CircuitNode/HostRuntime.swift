@@ -77,16 +77,18 @@ final class HostRuntime: Sendable {
             }
         }
         self.procs.keep(only: procs)
-        channels.keep(only: chans, listedAt: from - 1)
+        // Feeds first, as for a removal below: an ended feed puts no channel back.
         for path in feeds.withLock({ f in f.filter { subscriptions[$0.key] != $0.value.createRevision }.map(\.key) }) {
             unsubscribe(path)
         }
+        channels.keep(only: chans, listedAt: from - 1)
         for try await event in client.watch(root, from: from) {
             if event.kind == "delete" {
                 // Each leaves alone a newer element at the path, started from a peek that was ahead of this event.
                 self.procs.scrubbed(event.path, deletedAt: event.revision)
-                channels.removed(event.path, at: event.revision)
+                // The feed first: once it is gone it delivers nothing, so the channel removed stays removed.
                 unsubscribe(event.path, deletedAt: event.revision)
+                channels.removed(event.path, at: event.revision)
             } else if event.kind == "put", let view = try await Self.peekIfPresent(event.path, at: api) {
                 if view.kind == "proc" { self.procs.consider(event.path, view) }
                 if view.kind == "subscription" { subscribe(event.path, view) }
@@ -123,7 +125,13 @@ final class HostRuntime: Sendable {
         var sent = Set<String>()
         func send(_ host: String) {
             logger.debug("subscription event", metadata: ["path": "\(path)", "event": "\(host)"])
-            if !channels.deliver(path, createRevision: createRevision, Array(host.utf8)) {
+            // Delivered only while this is the path's feed, checked under the same lock `unsubscribe` takes: a feed
+            // ended (its element removed) must not put its channel back.
+            let taken = feeds.withLock { f -> Bool? in
+                guard f[path]?.createRevision == createRevision else { return nil }
+                return channels.deliver(path, createRevision: createRevision, Array(host.utf8))
+            }
+            if taken == false {
                 logger.warning("a subscription holds all it can: an event was dropped", metadata: ["path": "\(path)", "event": "\(host)"])
             }
         }

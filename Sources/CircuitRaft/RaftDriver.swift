@@ -179,6 +179,9 @@ public final class RaftDriver: @unchecked Sendable {
     private var finished = false
     /// Under `condition`, with an executor: a turn is queued on it.
     private var turnQueued = false
+    /// Under `condition`: `start()` has run. With an executor, no turn is queued before (what arrives waits in the
+    /// inbox, as it does for the thread): a turn must not race `start()`.
+    private var loopStarted = false
     private let done = NSCondition()
     /// Under `done`: the loop thread was started, and has ended.
     private var started = false
@@ -281,6 +284,9 @@ public final class RaftDriver: @unchecked Sendable {
             done.lock()
             started = true
             done.unlock()
+            condition.lock()
+            loopStarted = true
+            condition.unlock()
             tickTimer.withLock { $0 = executor.every(options.tickInterval) { [weak self] in self?.wake() } }
             wake()
             return
@@ -368,7 +374,7 @@ public final class RaftDriver: @unchecked Sendable {
             condition.signal()
             return true
         }
-        if !turnQueued {
+        if !turnQueued && loopStarted {
             turnQueued = true
             executor.execute { [self] in runTurn() }
         }
@@ -379,7 +385,7 @@ public final class RaftDriver: @unchecked Sendable {
     private func wake() {
         guard let executor = options.executor else { return }
         condition.lock()
-        let queue = !turnQueued && !finished
+        let queue = !turnQueued && !finished && loopStarted
         if queue { turnQueued = true }
         condition.unlock()
         if queue { executor.execute { [self] in runTurn() } }

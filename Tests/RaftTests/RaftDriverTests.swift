@@ -45,13 +45,18 @@ private final class IndexEcho: RaftStateMachine {
 private final class QueueExecutor: RaftLoopExecutor, @unchecked Sendable {
     private let queue: DispatchQueue
     private let key = DispatchSpecificKey<Bool>()
+    /// How many pieces of work were given to `execute`.
+    let executed = Atomic(0)
 
     init(_ label: String) {
         queue = DispatchQueue(label: label)
         queue.setSpecific(key: key, value: true)
     }
 
-    func execute(_ work: @escaping @Sendable () -> Void) { queue.async(execute: work) }
+    func execute(_ work: @escaping @Sendable () -> Void) {
+        executed.add(1, ordering: .relaxed)
+        queue.async(execute: work)
+    }
 
     func every(_ interval: Duration, _ work: @escaping @Sendable () -> Void) -> any RaftLoopTimer {
         let timer = DispatchSource.makeTimerSource(queue: queue)
@@ -197,6 +202,23 @@ struct RaftDriverTests {
 
         transport.setFilter(nil)
         #expect(try await follower.readBarrier() >= committed, "caught up, it serves reads again")
+    }
+
+    @Test("on an executor, a message that arrives before start() waits in the inbox: no turn runs until the driver starts")
+    func noTurnBeforeStart() async throws {
+        let dir = try temporaryFolder()
+        let executor = QueueExecutor("raft-early")
+        var options = RaftDriver.Options()
+        options.executor = executor
+        let driver = try RaftDriver(
+            config: RaftConfig(id: 1, voters: [1, 2, 3]), store: try SQLiteLogStore(path: "\(dir)/1.sqlite", logger: logger),
+            stateMachine: IndexEcho(), transport: LocalTransport().endpoint(for: 1), options: options, logger: logger)
+        defer { driver.stop() }
+        driver.receive([Message(kind: .heartbeat, from: 2, to: 1, term: 7)])
+        #expect(executor.executed.load(ordering: .relaxed) == 0, "a turn was queued before start()")
+        #expect(driver.status.term == 0)
+        driver.start()
+        try await waitFor("the early heartbeat stepped once started") { driver.status.term == 7 && driver.status.leader == 2 }
     }
 
     @Test("a killed leader is replaced, the survivors keep committing, and the restarted node catches up from disk", arguments: LoopMode.allCases)
