@@ -195,7 +195,7 @@ public final class DaemonProcesses: @unchecked Sendable {
         let deadline = ContinuousClock.now + timeout
         let pid = process.processIdentifier
         while ContinuousClock.now < deadline {
-            if !process.isRunning || DataFolder.hasEnded(pid) { return true }
+            if !process.isRunning || ProcessIdentity.hasEnded(pid) { return true }
             usleep(2_000)
         }
         return false

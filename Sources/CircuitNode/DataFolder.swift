@@ -79,7 +79,7 @@ public struct DataFolder: Sendable {
         let deadline = ContinuousClock.now + dyingHolder
         while flock(fd, LOCK_EX | LOCK_NB) != 0 {
             let holder = (try? String(contentsOfFile: file, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
-            if let pid = holder.flatMap({ pid_t($0) }), Self.isExiting(pid), ContinuousClock.now < deadline {
+            if let pid = holder.flatMap({ pid_t($0) }), ProcessIdentity.isExiting(pid), ContinuousClock.now < deadline {
                 usleep(10_000)
                 continue
             }
@@ -90,22 +90,6 @@ public struct DataFolder: Sendable {
         _ = ftruncate(fd, 0)
         _ = pid.withCString { pwrite(fd, $0, strlen($0), 0) }
         return FolderLock(fd: fd)
-    }
-
-    /// Whether process `pid` is gone or on its way out: its main thread a zombie (`Z`), other threads perhaps still
-    /// leaving the kernel with the process's files, locks included, still open.
-    public static func isExiting(_ pid: pid_t) -> Bool {
-        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return true }
-        guard let close = stat.lastIndex(of: ")") else { return false }
-        return stat[stat.index(after: close)...].split(separator: " ").first == "Z"
-    }
-
-    /// Whether process `pid` has ended altogether: gone, or a zombie with no thread left but its main one (the
-    /// kernel has closed its files).
-    public static func hasEnded(_ pid: pid_t) -> Bool {
-        guard isExiting(pid) else { return false }
-        let threads = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
-        return threads.count <= 1
     }
 
     static func writeDurably(_ text: String, to file: String) throws {

@@ -104,7 +104,7 @@ final class ProcRunner: Sendable {
         case "running":
             guard started.withLock({ $0.insert(key).inserted }) else { return }  // ours, or already reported
             let pid = pid_t(view.pid ?? 0)
-            if pid > 0, let startedAt = view.startedAt, Self.isSame(pid, startedAt: startedAt) {
+            if pid > 0, let startedAt = view.startedAt, ProcessIdentity.isSame(pid, startedAt: startedAt) {
                 adopt(path, pid: pid, createRevision: created, startedAt: startedAt, attempts: view.attempts ?? 0)
                 return
             }
@@ -200,23 +200,6 @@ final class ProcRunner: Sendable {
 
     // MARK: - Adopting the children of an earlier run
 
-    /// Whether `pid` is the process this host started at `startedAt` (milliseconds since the epoch): it runs, it leads
-    /// its own process group (as every child started here does), and it started then (from /proc: boot time plus its
-    /// start in clock ticks; the boot time is known to the second).
-    static func isSame(_ pid: pid_t, startedAt: UInt64) -> Bool {
-        guard getpgid(pid) == pid, let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-            let close = stat.lastIndex(of: ")"),
-            let boot = (try? String(contentsOfFile: "/proc/stat", encoding: .utf8))?.split(separator: "\n")
-                .first(where: { $0.hasPrefix("btime ") }).flatMap({ UInt64($0.dropFirst(6)) })
-        else { return false }
-        // After the command's closing parenthesis: state is field 3, start time field 22.
-        let fields = stat[stat.index(after: close)...].split(separator: " ")
-        guard fields.count > 19, fields[0] != "Z", let ticks = UInt64(fields[19]) else { return false }
-        let started = boot * 1000 + ticks * 1000 / UInt64(sysconf(Int32(_SC_CLK_TCK)))
-        let difference = started > startedAt ? started - startedAt : startedAt - started
-        return difference < 2500
-    }
-
     /// glibc's pidfd_open (2.36 and later): a descriptor that becomes readable when the process ends.
     private static let pidfdOpen: (@convention(c) (pid_t, UInt32) -> Int32)? = {
         guard let symbol = dlsym(dlopen(nil, RTLD_NOW), "pidfd_open") else { return nil }
@@ -235,7 +218,7 @@ final class ProcRunner: Sendable {
                 while poll(&poller, 1, -1) == -1 && errno == EINTR {}
                 Glibc.close(fd)
             } else {
-                while Self.isSame(pid, startedAt: startedAt) { usleep(100_000) }
+                while ProcessIdentity.isSame(pid, startedAt: startedAt) { usleep(100_000) }
             }
             launching.withLock { _ in
                 let ours = running.withLock { running -> Bool in

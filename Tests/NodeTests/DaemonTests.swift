@@ -663,9 +663,10 @@ struct ProcessTests {
         let m = (leader + 1) % 3
         _ = try await client.run("/\(member)/orphan", ProcCommandView(path: "/bin/sleep", args: ["30"]))
         try await eventually("the orphan running", timeout: .seconds(20)) { (try? await client.peek("/\(member)/orphan"))?.phase == "running" }
-        let orphanPID = try #require(try await client.peek("/\(member)/orphan").pid)
-        let orphanStart = processStartTime(pid_t(orphanPID))
-        defer { killIfStill(pid_t(orphanPID), startedAt: orphanStart) }
+        let orphanView = try await client.peek("/\(member)/orphan")
+        let orphanPID = try #require(orphanView.pid), orphanStart = try #require(orphanView.startedAt)
+        // Only while the pid is still the orphan: once it has ended, the pid may be another test's daemon.
+        defer { if ProcessIdentity.isSame(pid_t(orphanPID), startedAt: orphanStart) { kill(pid_t(orphanPID), SIGKILL) } }
         cluster.kill9(m)
         try cluster.start(m)
         try await eventually("the restarted daemon delivering signals to the process it adopted", timeout: .seconds(20)) {

@@ -25,9 +25,10 @@ struct JobDaemonTests {
         let first = try await client.peek("/jobs/work")
         let firstHost = try #require(first.host)
         #expect(first.phase == "placed" && first.attempts == 1)
-        let orphan = try #require(try await client.peek("/\(firstHost)/jobs/work").pid)
-        let orphanStart = processStartTime(pid_t(orphan))
-        defer { killIfStill(pid_t(orphan), startedAt: orphanStart) }
+        let attempt = try await client.peek("/\(firstHost)/jobs/work")
+        let orphan = try #require(attempt.pid), orphanStart = try #require(attempt.startedAt)
+        // Only while the pid is still the first attempt: once it has ended, the pid may be another test's daemon.
+        defer { if ProcessIdentity.isSame(pid_t(orphan), startedAt: orphanStart) { kill(pid_t(orphan), SIGKILL) } }
 
         // Its host's daemon dies; its session expires; the job goes to another host.
         let victim = try #require(cluster.members.firstIndex { $0.folder.hostID == firstHost })
