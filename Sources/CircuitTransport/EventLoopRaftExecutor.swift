@@ -11,7 +11,7 @@ public struct EventLoopRaftExecutor: RaftLoopExecutor {
     public func execute(_ work: @escaping @Sendable () -> Void) { eventLoop.execute(work) }
 
     public func every(_ interval: Duration, _ work: @escaping @Sendable () -> Void) -> any RaftLoopTimer {
-        let delay = TimeAmount.nanoseconds(Int64(interval.components.seconds) * 1_000_000_000 + interval.components.attoseconds / 1_000_000_000)
+        let delay = TimeAmount(interval)
         return Timer(task: eventLoop.scheduleRepeatedTask(initialDelay: delay, delay: delay) { _ in work() })
     }
 
