@@ -269,10 +269,7 @@ extension ControlState {
         }
         let retained = (try? events(after: compactedThrough).get()) ?? []
         w.int(UInt32(retained.count))
-        for e in retained {
-            w.int(e.revision); w.int(e.kind.rawValue); w.string(e.path); w.int(e.version); w.bool(e.element != nil)
-            e.element?.write(to: &w)
-        }
+        for e in retained { e.write(to: &w) }
         return w.bytes
     }
 
@@ -314,14 +311,7 @@ extension ControlState {
             if try r.bool("has element") { a.element = try Element(from: &r) }
             setAnchorRestoring(path, a)
         }
-        for _ in 0..<(try r.int("event count") as UInt32) {
-            let rev: Revision = try r.int("event revision")
-            let kind = WatchEvent.Kind(rawValue: try r.int("event kind")) ?? .put
-            let path = try r.string("event path")
-            let v: UInt64 = try r.int("event version")
-            let element = try r.bool("event has element") ? try Element(from: &r) : nil
-            appendRestoredEvent(WatchEvent(revision: rev, kind: kind, path: path, version: v, element: element))
-        }
+        for _ in 0..<(try r.int("event count") as UInt32) { appendRestoredEvent(try WatchEvent(from: &r)) }
         guard r.isAtEnd else { throw .malformedCommand("\(bytes.count - r.at) bytes after the snapshot") }
     }
 }

@@ -16,7 +16,7 @@ public struct ControlState: Sendable {
     /// Session → paths of the ephemeral elements tied to it.
     private var ephemerals: [SessionID: Set<String>] = [:]
     /// The retained changes, oldest first.
-    private var history: [WatchEvent] = []
+    private var history: WatchHistory
     /// Events up to this revision are no longer retained.
     public internal(set) var compactedThrough: Revision = 0
     /// How many events to retain for watches that resume from a revision.
@@ -31,6 +31,7 @@ public struct ControlState: Sendable {
 
     public init(historyLimit: Int = 100_000) {
         self.historyLimit = max(1, historyLimit)
+        self.history = WatchHistory(limit: historyLimit)
     }
 
     /// The outcome of one command: its result and the changes it made, in order.
@@ -373,13 +374,9 @@ public struct ControlState: Sendable {
     }
 
     private mutating func record(_ events: [WatchEvent]) {
-        history.append(contentsOf: events)
-        if history.count > historyLimit + historyLimit / 4 {
-            // Drop in chunks, never splitting a revision: a watcher resumes at a revision boundary.
-            var cut = history.count - historyLimit
-            while cut < history.count && cut > 0 && history[cut].revision == history[cut - 1].revision { cut += 1 }
-            compactedThrough = history[cut - 1].revision
-            history.removeFirst(cut)
+        for event in events {
+            // Dropped in chunks that never split a revision: a watcher resumes at a revision boundary.
+            if let dropped = history.append(event) { compactedThrough = dropped }
         }
     }
 
@@ -417,7 +414,7 @@ public struct ControlState: Sendable {
         let matches: (String) -> Bool = { p in
             prefix == "/" || p == prefix || p.hasPrefix(prefix.hasSuffix("/") ? prefix : prefix + "/")
         }
-        return .success(history.filter { $0.revision > revision && matches($0.path) })
+        return .success(history.events(after: revision, matching: matches))
     }
 
     mutating func setAnchorRestoring(_ path: String, _ anchor: Anchor) {
@@ -425,7 +422,9 @@ public struct ControlState: Sendable {
         setAnchor(key, anchor, previous: anchors[key])
     }
     mutating func reserveAnchors(_ n: Int) { anchors.reserveCapacity(n) }
-    mutating func appendRestoredEvent(_ event: WatchEvent) { history.append(event) }
+    mutating func appendRestoredEvent(_ event: WatchEvent) {
+        if let dropped = history.append(event) { compactedThrough = dropped }
+    }
 
     /// The retained history's first revision (after `compactedThrough`).
     public var retainedFrom: Revision { compactedThrough + 1 }

@@ -283,6 +283,28 @@ struct OperationTests {
         #expect(failure(again) == .hostNotAlive(hostB))
     }
 
+    @Test("the history keeps at least its limit of events, drops whole revisions, and reads back what was applied")
+    func historyRetention() throws {
+        var s = ControlState(historyLimit: 100)
+        for i in 0..<1000 {
+            s.run(.put(path: "/records/h/\(i % 7)", value: [UInt8](repeating: UInt8(i % 251), count: 64), session: 0))
+            if i == 500 {
+                // One revision of many events: a transaction of 40 puts.
+                let r = s.run(.transaction((0..<40).map { .put(path: "/records/t/\($0)", value: [1], session: 0) }))
+                #expect(ok(r[0]))
+            }
+        }
+        let retained = try s.events(after: s.compactedThrough).get()
+        #expect(retained.count >= 100 && retained.count <= 100 + 100 / 8 + 40, "retained \(retained.count)")
+        #expect(retained.first!.revision == s.compactedThrough + 1, "the history starts right after what it dropped")
+        #expect(retained.last!.revision == s.revision)
+        #expect(zip(retained, retained.dropFirst()).allSatisfy { $0.revision <= $1.revision })
+        // What it reads back is what was applied, value and all.
+        #expect(retained.last!.element == .record([UInt8](repeating: UInt8(999 % 251), count: 64)))
+        #expect(retained.last!.path == "/records/h/\(999 % 7)")
+        #expect(s.events(after: s.compactedThrough - 1) == .failure(.compacted(resumeFrom: s.compactedThrough + 1)))
+    }
+
     @Test("watches read every change after a revision under a prefix, or learn the history was compacted")
     func watches() {
         var s = ControlState(historyLimit: 4)
