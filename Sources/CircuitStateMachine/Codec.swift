@@ -248,6 +248,8 @@ extension ControlState {
     /// The whole state as bytes: equal states give equal bytes (everything is written in sorted order).
     public func snapshot() -> [UInt8] {
         var w = BinaryWriter()
+        // Room for all of it at once (a record's anchor takes about 100 bytes), not doublings of a large array.
+        w.bytes.reserveCapacity(historyBytes + anchors.count * 128 + hosts.count * 128 + sessions.count * 64 + 4096)
         w.bytes.append(contentsOf: Self.snapshotMagic)
         w.int(Self.snapshotVersion)
         w.int(UInt64(historyLimit)); w.int(revision); w.int(appliedIndex); w.int(compactedThrough)
@@ -267,9 +269,7 @@ extension ControlState {
             w.int(sequences[path] ?? 0); w.bool(a.element != nil)
             a.element?.write(to: &w)
         }
-        let retained = (try? events(after: compactedThrough).get()) ?? []
-        w.int(UInt32(retained.count))
-        for e in retained { e.write(to: &w) }
+        writeHistory(to: &w)
         return w.bytes
     }
 

@@ -426,6 +426,12 @@ public struct ControlState: Sendable {
         if let dropped = history.append(event) { compactedThrough = dropped }
     }
 
+    /// The bytes of the retained history, encoded.
+    var historyBytes: Int { history.encodedBytes }
+
+    /// The retained history as a snapshot holds it: the count of events, then each.
+    func writeHistory(to w: inout BinaryWriter) { history.write(to: &w) }
+
     /// The retained history's first revision (after `compactedThrough`).
     public var retainedFrom: Revision { compactedThrough + 1 }
 }

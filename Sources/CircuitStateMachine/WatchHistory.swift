@@ -55,6 +55,16 @@ struct WatchHistory: Sendable {
         return dropped
     }
 
+    /// The bytes of every retained event, as a snapshot holds them.
+    var encodedBytes: Int { chunks.reduce(0) { $0 + $1.encoded.bytes.count } }
+
+    /// Writes the count of retained events, then each as `WatchEvent.write(to:)` does: the bytes kept, not decoded
+    /// and encoded again.
+    func write(to w: inout BinaryWriter) {
+        w.int(UInt32(count))
+        for chunk in chunks { w.bytes.append(contentsOf: chunk.encoded.bytes) }
+    }
+
     /// Every retained event after `revision` whose path `matches`, oldest first.
     func events(after revision: Revision, matching matches: (String) -> Bool) -> [WatchEvent] {
         var out: [WatchEvent] = []

@@ -41,6 +41,22 @@ private final class IndexEcho: RaftStateMachine {
     }
 }
 
+/// Counts applied entries; its snapshot is large (40,000 bytes of padding after the count).
+private final class Bulky: RaftStateMachine {
+    private(set) var count: UInt64 = 0
+    func apply(_ entry: Entry) -> [UInt8] {
+        count += 1
+        return []
+    }
+    func snapshot() -> @Sendable () throws -> [UInt8] {
+        let n = count
+        return { withUnsafeBytes(of: n.littleEndian) { Array($0) } + [UInt8](repeating: 0, count: 40_000) }
+    }
+    func restore(_ payload: [UInt8]) throws {
+        count = payload.prefix(8).withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) }
+    }
+}
+
 /// A driver's turns on a serial dispatch queue: the executor mode a daemon uses (there, a NIO event loop).
 private final class QueueExecutor: RaftLoopExecutor, @unchecked Sendable {
     private let queue: DispatchQueue
@@ -257,6 +273,34 @@ struct RaftDriverTests {
         let target = second.status.commitIndex
         try await waitFor("the restarted node to catch up") { restarted.status.appliedIndex >= target }
         #expect(machine.applied.filter { $0.kind == .normal }.count >= 40)
+    }
+
+    @Test("after a large snapshot the next waits until the log since holds a quarter of its bytes, not only snapshotEntries entries", arguments: LoopMode.allCases)
+    func snapshotsWaitForAQuarter(_ mode: LoopMode) async throws {
+        let dir = try temporaryFolder()
+        let transport = LocalTransport()
+        var options = RaftDriver.Options()
+        options.tickInterval = .milliseconds(10)
+        options.snapshotEntries = 10
+        mode.apply(&options, 1)
+        let driver = try RaftDriver(
+            config: RaftConfig(id: 1, voters: [1]), store: try SQLiteLogStore(path: "\(dir)/1.sqlite", logger: logger),
+            stateMachine: Bulky(), transport: transport.endpoint(for: 1),
+            snapshots: try SnapshotFiles(directory: "\(dir)/1-snapshots", logger: logger), options: options, logger: logger)
+        transport.register(driver)
+        driver.start()
+        defer { driver.stop() }
+        try await waitFor("a leader") { driver.status.role == .leader }
+        let entry = [UInt8](repeating: 7, count: 76)  // 100 bytes with the entry's header
+        for _ in 0..<12 { _ = try await driver.propose(entry) }
+        try await waitFor("the first snapshot") { driver.status.snapshotIndex > 0 && !driver.status.snapshotting }
+        let first = driver.status.snapshotIndex
+        // Its 40,008 bytes ask for 10,002 bytes of entries before the next, about 100 entries: 60 are not enough.
+        for _ in 0..<60 { _ = try await driver.propose(entry) }
+        #expect(driver.status.snapshotIndex == first && !driver.status.snapshotting, "a snapshot after only 60 entries")
+        for _ in 0..<60 { _ = try await driver.propose(entry) }
+        try await waitFor("the second snapshot") { driver.status.snapshotIndex > first }
+        #expect(driver.status.snapshotIndex - first >= 100)
     }
 
     @Test("snapshots compact the log; a new learner catches up by a streamed InstallSnapshot; membership changes and transfers work end to end", arguments: LoopMode.allCases)
