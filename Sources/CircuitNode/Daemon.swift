@@ -450,7 +450,9 @@ struct WatchCloser: Service {
 
 /// The host's own part in the membership: it registers itself (through its own API, which forwards to the leader)
 /// and keeps its session alive; while this node leads, it also expires the sessions of hosts and clients that went
-/// silent.
+/// silent, and replaces voters lost for long. The expiries have a loop of their own: a keep-alive or a membership
+/// change that is slow to answer (each waits for a commit, a keep-alive up to 5 s) never holds back another host's
+/// expiry.
 struct HostAgent: Service {
     let node: NodeContext
     /// Failures of a registration or keep-alive: a new one is logged at once, the same one again after 10 s (the loop
@@ -458,8 +460,21 @@ struct HostAgent: Service {
     private let problems = RepeatedProblems(every: .seconds(10))
 
     func run() async throws {
-        // Ends quietly at graceful shutdown: the loop's sleep is cancelled.
-        try? await cancelWhenGracefulShutdown { try await loop() }
+        // Ends quietly at graceful shutdown: the loops' sleeps are cancelled.
+        try? await cancelWhenGracefulShutdown {
+            try await withThrowingDiscardingTaskGroup { group in
+                group.addTask { try await expiries() }
+                group.addTask { try await loop() }
+            }
+        }
+    }
+
+    /// Every 100 ms: while leader, proposes the end of each session whose lease ran out.
+    private func expiries() async throws {
+        while !Task.isCancelled {
+            await node.service.expireLeases()
+            try await Task.sleep(for: .milliseconds(100))
+        }
     }
 
     private func loop() async throws {
@@ -469,7 +484,6 @@ struct HostAgent: Service {
         var keeper = VoterKeeper(lostAfter: node.config.voterReplaceAfterMillis)
         while !Task.isCancelled {
             node.syncPeers()
-            await node.service.expireLeases()
             if node.service.driver.status.role == .leader {
                 await keepVoters(&keeper)
             } else {

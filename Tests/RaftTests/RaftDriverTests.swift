@@ -333,14 +333,25 @@ struct RaftDriverTests {
         defer { for d in drivers.values { d.stop() } }
         func leader() -> RaftDriver? { drivers.values.first { $0.status.role == .leader && $0.status.running } }
         func leading() async throws -> RaftDriver { try await waitForSome("a leader", leader) }
+        /// `call` on the leader; again on the next one if leadership moved between finding it and calling it (with
+        /// 10 ms ticks, an election can come at any time on a busy machine).
+        func onLeader<T>(_ call: (RaftDriver) async throws -> T) async throws -> T {
+            while true {
+                do {
+                    return try await call(try await leading())
+                } catch RaftDriverError.refused(.notLeader) {
+                    continue
+                }
+            }
+        }
         try await waitFor("a leader") { leader() != nil }
-        for i in 0..<100 { _ = try await leading().propose(Array("e\(i)".utf8)) }
+        for i in 0..<100 { _ = try await onLeader { try await $0.propose(Array("e\(i)".utf8)) } }
         try await waitFor("a snapshot on every node") { drivers.values.allSatisfy { $0.status.snapshotIndex > 0 } }
 
         // A fresh learner joins: the entries it needs are compacted away, so it gets the snapshot, then the tail.
         drivers[4] = try start(4, voters: [])
-        try await leading().changeMembership(.addLearner(4))
-        _ = try await leading().propose(Array("after".utf8))
+        try await onLeader { try await $0.changeMembership(.addLearner(4)) }
+        _ = try await onLeader { try await $0.propose(Array("after".utf8)) }
         let target = (try await leading()).status.commitIndex
         try await waitFor("the learner to catch up") { drivers[4]!.status.appliedIndex >= target }
         #expect(drivers[4]!.status.snapshotsInstalled >= 1, "the learner started from a streamed snapshot")
@@ -349,10 +360,10 @@ struct RaftDriverTests {
         #expect(machines[4]!.applied.count >= 101)
 
         // Promote it, remove node 3, move leadership to it.
-        try await leading().changeMembership(.promote(4))
-        try await leading().changeMembership(.remove(3))
+        try await onLeader { try await $0.changeMembership(.promote(4)) }
+        try await onLeader { try await $0.changeMembership(.remove(3)) }
         #expect((try await leading()).status.membership == Membership(voters: [1, 2, 4]))
-        let to = try await leading().transferLeadership(to: 4)
+        let to = try await onLeader { try await $0.transferLeadership(to: 4) }
         #expect(to == 4)
         try await waitFor("node 4 to lead") { drivers[4]!.status.role == .leader }
         _ = try await drivers[4]!.propose(Array("led by 4".utf8))
