@@ -22,9 +22,14 @@ extension CircuitClient {
         return try await create(path, view)
     }
 
-    /// The channel at `path`, reached at its owning host's API directly (found in the membership).
+    /// The channel at `path`, reached at its owning host's API directly (found in the membership). Its create
+    /// revision is read first (linearizably), so that every operation through the handle reaches that channel and
+    /// no other: a channel removed and made again at the same path meanwhile answers `gone`.
     public func channel(_ path: String) async throws(CircuitClientError) -> Chan {
-        Chan(path: Self.rooted(path), through: try await owner(of: path))
+        var chan = Chan(path: Self.rooted(path), through: try await owner(of: path))
+        // Not known (no element there yet, or not readable now): the host takes on whatever is at the path.
+        chan.createRevision = try? await peek(path).createRevision
+        return chan
     }
 
     /// A client of the API of the host that owns `path` (`/X<host>/...`), found in the membership.
@@ -49,6 +54,17 @@ public struct Chan: Sendable {
     public let path: String
     /// The owning host's API (or a node that forwards to it).
     public var owner: CircuitClient
+    /// The create revision of the channel meant, if known: the owning host then serves that channel only, even if
+    /// its watch has not yet told it that the path's channel was removed and made again (the older one is dropped
+    /// there and then), and answers `gone` once that channel was removed.
+    public var createRevision: UInt64?
+
+    /// The query every operation carries: the channel meant, if known, and `extra`.
+    private func query(_ extra: [String: String] = [:]) -> [String: String] {
+        var q = extra
+        if let createRevision { q["created"] = String(createRevision) }
+        return q
+    }
 
     /// The channel at `path`, reached through `node`: the owning host's API, or any node's, which forwards each
     /// operation to the owner (one hop more).
@@ -67,13 +83,13 @@ public struct Chan: Sendable {
     public func send(_ message: [UInt8]) async throws(CircuitClientError) -> ChanStatView {
         try await Self.tryFirst { () async throws(CircuitClientError) in try await trySend(message) } then: {
             () async throws(CircuitClientError) in
-            try await owner.call("POST", "/v1/chan/send" + path, bytes: message, ownConnection: true)
+            try await owner.call("POST", "/v1/chan/send" + path, query: query(), bytes: message, ownConnection: true)
         }
     }
 
     @discardableResult
     public func trySend(_ message: [UInt8]) async throws(CircuitClientError) -> ChanStatView {
-        try await owner.call("POST", "/v1/chan/send" + path, query: ["try": "1"], bytes: message)
+        try await owner.call("POST", "/v1/chan/send" + path, query: query(["try": "1"]), bytes: message)
     }
 
     /// Receives the next message; waits for one as long as the client's `timeout`. As `send`: a try first, then a
@@ -81,7 +97,7 @@ public struct Chan: Sendable {
     public func receive() async throws(CircuitClientError) -> [UInt8] {
         try await Self.tryFirst { () async throws(CircuitClientError) in try await tryReceive() } then: {
             () async throws(CircuitClientError) in
-            try await owner.callRaw("POST", "/v1/chan/recv" + path, ownConnection: true)
+            try await owner.callRaw("POST", "/v1/chan/recv" + path, query: query(), ownConnection: true)
         }
     }
 
@@ -98,16 +114,16 @@ public struct Chan: Sendable {
     }
 
     public func tryReceive() async throws(CircuitClientError) -> [UInt8] {
-        try await owner.callRaw("POST", "/v1/chan/recv" + path, query: ["try": "1"])
+        try await owner.callRaw("POST", "/v1/chan/recv" + path, query: query(["try": "1"]))
     }
 
     @discardableResult
     public func close() async throws(CircuitClientError) -> ChanStatView {
-        try await owner.call("POST", "/v1/chan/close" + path)
+        try await owner.call("POST", "/v1/chan/close" + path, query: query())
     }
 
     public func stat() async throws(CircuitClientError) -> ChanStatView {
-        try await owner.call("GET", "/v1/chan/stat" + path)
+        try await owner.call("GET", "/v1/chan/stat" + path, query: query())
     }
 }
 
@@ -140,7 +156,7 @@ extension Chan {
             body.writeBytes(m)
         }
         let answer = try await owner.callRaw(
-            "POST", "/v1/chan/send" + path, query: ["stream": "1"], buffer: body, ownConnection: true)
+            "POST", "/v1/chan/send" + path, query: query(["stream": "1"]), buffer: body, ownConnection: true)
         do {
             return try JSONDecoder().decode([String: Int].self, from: Data(answer))["sent"] ?? 0
         } catch {
@@ -161,7 +177,8 @@ extension Chan {
         let answer: (status: Int, errorBody: [UInt8])
         do {
             // Each message's bytes are copied once, from the chunks NIO read into the array handed over.
-            answer = try await HTTPExchange.streamBuffers(.POST, "/v1/chan/recv\(path)?stream=\(count)", to: endpoint, tls: owner.tls) { chunk in
+            let created = createRevision.map { "&created=\($0)" } ?? ""
+            answer = try await HTTPExchange.streamBuffers(.POST, "/v1/chan/recv\(path)?stream=\(count)\(created)", to: endpoint, tls: owner.tls) { chunk in
                 var chunk = chunk
                 while chunk.readableBytes > 0 {
                     if missing > 0 {

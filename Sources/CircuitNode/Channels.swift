@@ -86,15 +86,20 @@ final class Channels: Sendable {
     // MARK: - Operations
 
     /// Sends `message`; waits (unless `wait` is false) until it is buffered or, at capacity 0, received.
-    func send(_ path: String, _ message: ByteBuffer, wait: Bool) async throws(APIError) -> ChanStatView {
-        try await sendOne(path, message, wait: wait)
+    ///
+    /// `created`, in every operation: the create revision of the channel the client means, if it knows it. A
+    /// channel here from before it (removed and made again, and the watch has not told this host yet) is dropped
+    /// as its removal would drop it, so the message goes to the channel the client means; a channel here from after
+    /// it means the client's channel is gone (410).
+    func send(_ path: String, _ message: ByteBuffer, wait: Bool, created: UInt64? = nil) async throws(APIError) -> ChanStatView {
+        try await sendOne(path, message, wait: wait, created: created)
         return try stat(local: path)
     }
 
     /// The same, answering nothing (for a stream of sends).
-    func sendOne(_ path: String, _ message: ByteBuffer, wait: Bool) async throws(APIError) {
+    func sendOne(_ path: String, _ message: ByteBuffer, wait: Bool, created: UInt64? = nil) async throws(APIError) {
         guard message.readableBytes <= maxMessageBytes else { throw Self.tooLarge(maxMessageBytes) }
-        try await ensureWritable(path)
+        try await ensureWritable(path, created: created)
         let outcome = await perform(path) { hostBuffered, core, waiter in
             if core.waitingReceivers == 0, core.buffered < core.capacity, hostBuffered + message.readableBytes > maxBufferedBytes {
                 return nil
@@ -110,8 +115,8 @@ final class Channels: Sendable {
     }
 
     /// Receives the next message; waits (unless `wait` is false) until there is one or the channel is closed.
-    func receive(_ path: String, wait: Bool) async throws(APIError) -> ByteBuffer {
-        try await ensure(path)
+    func receive(_ path: String, wait: Bool, created: UInt64? = nil) async throws(APIError) -> ByteBuffer {
+        try await ensure(path, created: created)
         let outcome = await perform(path) { _, core, waiter in core.receive(waiter, wait: wait) }
         switch outcome {
         case .received(let message): return message
@@ -121,8 +126,8 @@ final class Channels: Sendable {
     }
 
     /// Closes the channel: what it holds is still delivered, then receives answer `closed`.
-    func close(_ path: String) async throws(APIError) -> ChanStatView {
-        try await ensureWritable(path)
+    func close(_ path: String, created: UInt64? = nil) async throws(APIError) -> ChanStatView {
+        try await ensureWritable(path, created: created)
         var closedNow = false
         let settled = mutate(path) { entry, _ in
             guard let actions = entry.core.close() else { return Settled() }
@@ -134,8 +139,8 @@ final class Channels: Sendable {
         return try stat(local: path)
     }
 
-    func stat(_ path: String) async throws(APIError) -> ChanStatView {
-        try await ensure(path)
+    func stat(_ path: String, created: UInt64? = nil) async throws(APIError) -> ChanStatView {
+        try await ensure(path, created: created)
         return try stat(local: path)
     }
 
@@ -266,13 +271,27 @@ final class Channels: Sendable {
     // MARK: - The shell
 
     /// The same, for an operation that sends or closes: a subscription is sent to by its host only.
-    private func ensureWritable(_ path: String) async throws(APIError) {
-        try await ensure(path)
+    private func ensureWritable(_ path: String, created: UInt64? = nil) async throws(APIError) {
+        try await ensure(path, created: created)
         if state.withLock({ $0.entries[path]?.subscription == true }) { throw Self.readOnly(path) }
     }
 
-    /// Takes the channel on at its first use here: reads its element (again if a removal happened meanwhile).
-    private func ensure(_ path: String) async throws(APIError) {
+    /// Takes the channel on at its first use here: reads its element (again if a removal happened meanwhile). With
+    /// `created` (see `send`), first drops a channel from before it, and refuses if the one here is from after it.
+    private func ensure(_ path: String, created: UInt64? = nil) async throws(APIError) {
+        // The channel here is older: its element was removed at `created` at the latest.
+        if let created, state.withLock({ $0.entries[path].map { $0.createRevision < created } ?? false }) {
+            removed(path, at: created)
+        }
+        try await takeOn(path)
+        if let created, let have = state.withLock({ $0.entries[path]?.createRevision }), have != created {
+            throw APIError(
+                status: 410, code: "gone",
+                message: "\(path) was removed: the channel there now was created at revision \(have), not \(created)")
+        }
+    }
+
+    private func takeOn(_ path: String) async throws(APIError) {
         for _ in 0..<5 {
             let removals: UInt64? = state.withLock { $0.entries[path] != nil ? nil : $0.removals }
             guard let removals else { return }
@@ -464,32 +483,38 @@ struct ChannelRoutes: RouterMiddleware {
         }
         // Point to point: any other node names the owning host (307), and the client asks it.
         if owner != hostID { return try await OwnerRouting.redirect(request, owner: owner, path: path, ownerAddress: ownerAddress) }
+        // The create revision of the channel the client means, if it knows it (see `Channels.send`).
+        var created: UInt64? = nil
+        if let raw = request.uri.queryParameters.get("created") {
+            guard let revision = UInt64(raw) else { throw APIError.badRequest("created=\(raw) is not a revision") }
+            created = revision
+        }
         switch op {
         case "send" where request.uri.queryParameters.get("stream") == "1":
             return try await OwnerRouting.whileConnected(request, if: true) { body in
-                try json(["sent": try await sendStream(body, to: path)])
+                try json(["sent": try await sendStream(body, to: path, created: created)])
             }
         case "recv" where request.uri.queryParameters.get("stream") != nil:
             guard let count = request.uri.queryParameters.get("stream").flatMap({ Int($0) }), (1...1_000_000).contains(count) else {
                 throw APIError.badRequest("stream is the number of messages to receive, 1 to 1,000,000")
             }
-            return receiveStream(request, from: path, count: count)
+            return receiveStream(request, from: path, count: count, created: created)
         case "send":
             return try await OwnerRouting.whileConnected(request, if: wait) { body in
                 let message = try await OwnerRouting.collect(body, upTo: channels.maxMessageBytes)
-                return try json(try await channels.send(path, message, wait: wait))
+                return try json(try await channels.send(path, message, wait: wait, created: created))
             }
         case "recv":
             return try await OwnerRouting.whileConnected(request, if: wait) { _ in
-                let message = try await channels.receive(path, wait: wait)
+                let message = try await channels.receive(path, wait: wait, created: created)
                 return Response(
                     status: .ok, headers: [.contentType: "application/octet-stream"],
                     body: .init(byteBuffer: message))
             }
         case "close":
-            return try json(try await channels.close(path))
+            return try json(try await channels.close(path, created: created))
         default:
-            return try json(try await channels.stat(path))
+            return try json(try await channels.stat(path, created: created))
         }
     }
 
@@ -497,7 +522,7 @@ struct ChannelRoutes: RouterMiddleware {
     /// after the last was taken (a waiting send holds back the rest of the body: back-pressure to the sender). A large
     /// message that lies within one of the body's chunks is sent as a slice of it, not copied; one spread over several
     /// is gathered once. A small one is copied out, so that it never holds a whole read buffer (up to 1 MiB) alive.
-    private func sendStream(_ body: RequestBody, to path: String) async throws -> Int {
+    private func sendStream(_ body: RequestBody, to path: String, created: UInt64?) async throws -> Int {
         var pending = ByteBuffer()
         var sent = 0
         for try await chunk in body {
@@ -521,7 +546,7 @@ struct ChannelRoutes: RouterMiddleware {
                 pending.moveReaderIndex(forwardBy: 4)
                 var message = pending.readSlice(length: Int(length))!
                 if message.readableBytes < 1 << 16 { message = ByteBuffer(bytes: message.readableBytesView) }
-                try await channels.sendOne(path, message, wait: true)
+                try await channels.sendOne(path, message, wait: true, created: created)
                 sent += 1
             }
         }
@@ -533,7 +558,7 @@ struct ChannelRoutes: RouterMiddleware {
 
     /// A stream of receives: up to `count` messages, each framed as in a stream of sends, written as they come (those
     /// already there together); it ends early when the channel is closed and empty. A client that hangs up ends it.
-    private func receiveStream(_ request: Request, from path: String, count: Int) -> Response {
+    private func receiveStream(_ request: Request, from path: String, count: Int, created: UInt64?) -> Response {
         let body = ResponseBody { writer in
             do {
                 try await request.body.consumeWithCancellationOnInboundClose { _ in
@@ -545,7 +570,7 @@ struct ChannelRoutes: RouterMiddleware {
                         while received < count, frames.readableBytes < 1 << 20 {
                             let message: ByteBuffer
                             do {
-                                message = try await channels.receive(path, wait: wait)
+                                message = try await channels.receive(path, wait: wait, created: created)
                             } catch {
                                 if (error as? APIError)?.code == "would_block" { break }
                                 if frames.readableBytes > 0 { try await writer.write(frames) }

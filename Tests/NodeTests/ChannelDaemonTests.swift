@@ -115,6 +115,23 @@ struct ChannelDaemonTests {
         let torn = try await HTTPExchange.perform(.POST, "/v1/chan/send\(piped)?stream=1", to: cluster.members[b].api, body: [0, 0, 0, 9, 1])
         #expect(torn.status == 400 && String(decoding: torn.body, as: UTF8.self).contains("ends inside a message"))
 
+        // A handle names the channel it was made for (its create revision): once that channel is removed and another
+        // made at the same path, the old handle answers gone and the new one reaches the new channel.
+        let again = "/\(owner)/again"
+        let first = try await client.makeChannel(again, capacity: 4)
+        let oldHandle = try await client.channel(again)
+        #expect(oldHandle.createRevision == first.revision)
+        try await oldHandle.send([1])
+        _ = try await client.remove(element: again)
+        let second = try await client.makeChannel(again, capacity: 4)
+        let newHandle = try await client.channel(again)
+        #expect(newHandle.createRevision == second.revision)
+        try await newHandle.send([2])
+        #expect(await apiCode { try await oldHandle.send([3]) } == "gone")
+        #expect(try await newHandle.receive() == [2], "the new channel holds only what was sent to it")
+        let badRevision = try await HTTPExchange.perform(.GET, "/v1/chan/stat\(again)?created=x", to: cluster.members[b].api)
+        #expect(badRevision.status == 400 && String(decoding: badRevision.body, as: UTF8.self).contains("created=x"))
+
         // The CLI: all of standard input is one message; recv writes it out as it came.
         let api = cluster.members[c].api
         let path = "/\(worker)/cli"

@@ -2,6 +2,7 @@ import CircuitAPI
 import CircuitTestSupport
 import Foundation
 import NIOCore
+import Synchronization
 import Testing
 
 @testable import CircuitNode
@@ -265,6 +266,34 @@ struct ChannelsTests {
         _ = try await ch.close(path)  // taken on again: its element is still there as far as the lookup knows
         #expect(await Self.code { _ = try await ch.close(path) } == "closed")
         #expect(await Self.code { _ = try await ch.send(path, [1], wait: true) } == "closed")
+    }
+
+    @Test("a client that names the channel's create revision reaches that channel: an older one still here (its removal not told yet) is dropped with its waiters; a newer one answers gone")
+    func namedChannel() async throws {
+        let created = Mutex<UInt64>(7)
+        let ch = Channels(maxMessageBytes: 16, maxBufferedBytes: 1 << 20) { _ in
+            var view = ElementView(kind: "chan")
+            view.capacity = 4
+            view.createRevision = created.withLock { $0 }
+            return view
+        }
+        let path = "/X0000000000000001/c"
+        _ = try await ch.send(path, [1], wait: true, created: 7)
+        for m in [2, 3, 4] as [UInt8] { _ = try await ch.send(path, [m], wait: true) }
+        let stuck = Task { try await ch.send(path, [0], wait: true) }  // the fifth message: it waits for room
+        try await eventually("a sender waiting on the old channel") { (try? await ch.stat(path))?.waitingSenders == 1 }
+        // Removed and made again at revision 9; this host's watch has not told it yet.
+        created.withLock { $0 = 9 }
+        #expect(try await ch.stat(path).buffered == 4, "a client that names no revision still gets the channel here")
+        _ = try await ch.send(path, [5], wait: true, created: 9)
+        #expect(await Self.code { _ = try await stuck.value } == "gone", "the old channel's waiter fails as its removal would fail it")
+        #expect(try await ch.stat(path, created: 9).buffered == 1, "the old channel's messages went with it")
+        #expect(Array(buffer: try await ch.receive(path, wait: false, created: 9)) == [5])
+        #expect(await Self.code { _ = try await ch.send(path, [6], wait: true, created: 7) } == "gone", "the channel made at 7 is gone")
+        #expect(await Self.code { _ = try await ch.receive(path, wait: false, created: 7) } == "gone")
+        ch.removed(path, at: 8)  // the old one's removal, told late: the new one stays
+        _ = try await ch.send(path, [7], wait: true, created: 9)
+        #expect(try await ch.stat(path, created: 9).buffered == 1)
     }
 
     @Test("a removal told late (by a lagging watch) leaves a newer channel at the path alone; so does a scan for one created after it; an older subscription's entry gives way to a newer one's events")
