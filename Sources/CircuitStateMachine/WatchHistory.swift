@@ -36,8 +36,11 @@ struct WatchHistory: Sendable {
         let range = event.revision / revisionsPerChunk
         if chunks.last?.range != range {
             if let i = chunks.indices.last {
-                // Closed: its bytes without the room left for growth.
-                chunks[i].encoded.bytes = Array(chunks[i].encoded.bytes[...])
+                // Closed: its bytes without the room left for growth (up to half of what the array holds).
+                let closed = chunks[i].encoded.bytes
+                chunks[i].encoded.bytes = [UInt8](unsafeUninitializedCapacity: closed.count) { target, count in
+                    count = closed.withUnsafeBufferPointer { target.initialize(fromContentsOf: $0) }
+                }
             }
             chunks.append(Chunk(range: range))
         }
