@@ -40,22 +40,35 @@ public final class SnapshotFiles: Sendable {
 
     /// Writes a snapshot durably and atomically, at most `bytesPerSecond` if given (so that a large snapshot does not
     /// take the disk from the log's fsyncs).
+    ///
+    /// The payload is written from where it is, a MiB at a time: not copied into the file's bytes first (a snapshot
+    /// of a large state would be held twice meanwhile).
     public func write(_ meta: SnapshotMetadata, payload: [UInt8], bytesPerSecond: Int? = nil) throws {
         let receiver = try SnapshotReceiver(files: self, meta: meta)
-        let bytes = Self.encode(meta, payload: payload)
+        let header = Self.header(meta, payloadCount: payload.count)
+        var sum = Checksum()
+        header.withUnsafeBytes { sum.add($0) }
+        try receiver.append(offset: 0, header)
         let step = 1 << 20
         let clock = ContinuousClock()
         let start = clock.now
         var offset = 0
-        while offset < bytes.count {
-            let end = min(bytes.count, offset + step)
-            try receiver.append(offset: UInt64(offset), Array(bytes[offset..<end]))
+        while offset < payload.count {
+            let end = min(payload.count, offset + step)
+            try payload.withUnsafeBytes { all in
+                let piece = UnsafeRawBufferPointer(rebasing: all[offset..<end])
+                sum.add(piece)
+                try receiver.append(offset: UInt64(header.count + offset), piece)
+            }
             offset = end
             if let rate = bytesPerSecond, rate > 0 {
                 let due = start + .milliseconds(offset * 1000 / rate)
                 if clock.now < due { Thread.sleep(forTimeInterval: Double((due - clock.now).components.attoseconds) / 1e18 + Double((due - clock.now).components.seconds)) }
             }
         }
+        var trailer: [UInt8] = []
+        appendBigEndian(sum.value, to: &trailer)
+        try receiver.append(offset: UInt64(header.count + payload.count), trailer)
         try receiver.finish(verify: false)  // written from memory just now: no need to read it back
     }
 
@@ -114,18 +127,25 @@ public final class SnapshotFiles: Sendable {
 
     /// The bytes of a snapshot file (what `write` stores and what a peer streams).
     public static func encode(_ meta: SnapshotMetadata, payload: [UInt8]) -> [UInt8] {
+        var out = header(meta, payloadCount: payload.count)
+        out.reserveCapacity(out.count + payload.count + 8)
+        out += payload
+        appendBigEndian(checksum(out[...]), to: &out)
+        return out
+    }
+
+    /// What comes before the payload: the format, the snapshot's index, term and membership, the payload's size.
+    static func header(_ meta: SnapshotMetadata, payloadCount: Int) -> [UInt8] {
         var out: [UInt8] = []
         let membership = meta.membership.encoded
-        out.reserveCapacity(48 + membership.count + payload.count)
+        out.reserveCapacity(40 + membership.count)
         out += magic
         appendBigEndian(version, to: &out)
         appendBigEndian(meta.index, to: &out)
         appendBigEndian(meta.term, to: &out)
         appendBigEndian(UInt32(membership.count), to: &out)
         out += membership
-        appendBigEndian(UInt64(payload.count), to: &out)
-        out += payload
-        appendBigEndian(checksum(out[...]), to: &out)
+        appendBigEndian(UInt64(payloadCount), to: &out)
         return out
     }
 
@@ -179,6 +199,11 @@ public final class SnapshotReceiver {
 
     /// Appends the bytes at `offset`, which must be where the previous chunk ended.
     public func append(offset: UInt64, _ bytes: [UInt8]) throws {
+        try bytes.withUnsafeBytes { try append(offset: offset, $0) }
+    }
+
+    /// The same, from memory the caller holds.
+    public func append(offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws {
         guard fd >= 0 else { throw SnapshotFileError.io(path: temporary, operation: "write after close", errno: EBADF) }
         guard offset == received else {
             throw SnapshotFileError.outOfOrder(expected: received, got: offset)
@@ -186,7 +211,7 @@ public final class SnapshotReceiver {
         var done = 0
         while done < bytes.count {
             let piece = min(bytes.count - done, Self.writebackBytes)
-            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + done, piece) }
+            let n = write(fd, bytes.baseAddress! + done, piece)
             guard n > 0 else { throw SnapshotFileError.io(path: temporary, operation: "write", errno: errno) }
             done += n
             // Write back as we go (as RocksDB's bytes_per_sync does): a large snapshot never piles up dirty pages
@@ -253,6 +278,42 @@ private func readBigEndian(_ bytes: [UInt8], at: Int, width: Int = 8) -> UInt64 
 
 /// FNV-1a over 8-byte little-endian words (then the remaining bytes), with a shift after each step so high bits
 /// reach low ones. Detects torn and misplaced writes; it is not a cryptographic hash.
+/// `checksum` over bytes given in pieces: the same value as over all of them at once.
+struct Checksum {
+    private var hash: UInt64 = 0xCBF2_9CE4_8422_2325
+    /// The bytes of an unfinished 8-byte word (fewer than 8).
+    private var carry: [UInt8] = []
+
+    mutating func add(_ raw: UnsafeRawBufferPointer) {
+        var at = 0
+        if !carry.isEmpty {
+            while carry.count < 8 && at < raw.count {
+                carry.append(raw[at])
+                at += 1
+            }
+            guard carry.count == 8 else { return }
+            word(carry.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
+            carry.removeAll(keepingCapacity: true)
+        }
+        while at + 8 <= raw.count {
+            word(raw.loadUnaligned(fromByteOffset: at, as: UInt64.self))
+            at += 8
+        }
+        carry.append(contentsOf: raw[at...])
+    }
+
+    var value: UInt64 {
+        var h = hash
+        for b in carry { h = (h ^ UInt64(b)) &* 0x100_0000_01B3 }
+        return h
+    }
+
+    private mutating func word(_ w: UInt64) {
+        hash = (hash ^ UInt64(littleEndian: w)) &* 0x100_0000_01B3
+        hash ^= hash >> 29
+    }
+}
+
 func checksum(_ bytes: ArraySlice<UInt8>) -> UInt64 {
     bytes.withUnsafeBytes { raw in
         var hash: UInt64 = 0xCBF2_9CE4_8422_2325

@@ -130,6 +130,14 @@ struct RaftDriverTests {
 
     private func temporaryFolder() throws -> String { try CircuitTestSupport.temporaryFolder("raft-driver") }
 
+    /// 10 ms ticks, and a snapshot once `entries` entries were applied since the last.
+    private func snapshotting(every entries: UInt64) -> RaftDriver.Options {
+        var options = RaftDriver.Options()
+        options.tickInterval = .milliseconds(10)
+        options.snapshotEntries = entries
+        return options
+    }
+
     @Test("proposals commit on a quorum, through the leader or handed to it by a follower; reads are linearizable barriers on the leader and on a follower", arguments: LoopMode.allCases)
     func proposeAndRead(_ mode: LoopMode) async throws {
         let dir = try temporaryFolder()
@@ -279,9 +287,7 @@ struct RaftDriverTests {
     func snapshotsWaitForAQuarter(_ mode: LoopMode) async throws {
         let dir = try temporaryFolder()
         let transport = LocalTransport()
-        var options = RaftDriver.Options()
-        options.tickInterval = .milliseconds(10)
-        options.snapshotEntries = 10
+        var options = snapshotting(every: 10)
         mode.apply(&options, 1)
         let driver = try RaftDriver(
             config: RaftConfig(id: 1, voters: [1]), store: try SQLiteLogStore(path: "\(dir)/1.sqlite", logger: logger),
@@ -307,9 +313,7 @@ struct RaftDriverTests {
     func snapshotsAndMembership(_ mode: LoopMode) async throws {
         let dir = try temporaryFolder()
         let transport = LocalTransport()
-        var options = RaftDriver.Options()
-        options.tickInterval = .milliseconds(10)
-        options.snapshotEntries = 25
+        var options = snapshotting(every: 25)
         options.snapshotChunkBytes = 100  // many chunks, to exercise the window
         options.snapshotWindow = 3
         var machines: [NodeID: IndexEcho] = [:]

@@ -181,6 +181,17 @@ struct SnapshotFilesTests {
         #expect(throws: SnapshotFileError.self) { try files.load(other) }
     }
 
+    @Test("a snapshot written a MiB at a time from its payload is the file encode makes, checksum included", arguments: [0, 1, 7, 8, 9, 1 << 20, (1 << 20) + 3, 3 * (1 << 20) - 5])
+    func streamedWrite(_ count: Int) throws {
+        let dir = try folder()
+        let files = try SnapshotFiles(directory: dir, logger: logger)
+        let payload = (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 5) }
+        try files.write(meta, payload: payload)
+        let written = try [UInt8](Data(contentsOf: URL(fileURLWithPath: files.path(for: meta))))
+        #expect(written == SnapshotFiles.encode(meta, payload: payload))
+        #expect(try files.load(meta) == payload)
+    }
+
     @Test("streamed chunks must arrive in order; a torn or foreign file is refused at finish")
     func receiverChecks() throws {
         let files = try SnapshotFiles(directory: try folder(), logger: logger)
