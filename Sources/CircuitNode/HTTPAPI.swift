@@ -721,9 +721,12 @@ func ndjsonLine(_ value: some Encodable) throws -> ByteBuffer {
 func json(_ value: some Encodable) throws -> Response {
     let encoder = JSONEncoder()
     encoder.outputFormatting = [.sortedKeys]
-    return Response(
-        status: .ok, headers: [.contentType: "application/json"],
-        body: .init(byteBuffer: ByteBuffer(bytes: try encoder.encode(value))))
+    return jsonResponse(ByteBuffer(bytes: try encoder.encode(value)))
+}
+
+/// 200 with `body`, a JSON document.
+func jsonResponse(_ body: ByteBuffer) -> Response {
+    Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: body))
 }
 
 

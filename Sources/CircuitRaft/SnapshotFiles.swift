@@ -277,8 +277,8 @@ private func readBigEndian(_ bytes: [UInt8], at: Int, width: Int = 8) -> UInt64 
 }
 
 /// FNV-1a over 8-byte little-endian words (then the remaining bytes), with a shift after each step so high bits
-/// reach low ones. Detects torn and misplaced writes; it is not a cryptographic hash.
-/// `checksum` over bytes given in pieces: the same value as over all of them at once.
+/// reach low ones. Detects torn and misplaced writes; it is not a cryptographic hash. Bytes may be given in pieces:
+/// the value is the same as over all of them at once.
 struct Checksum {
     private var hash: UInt64 = 0xCBF2_9CE4_8422_2325
     /// The bytes of an unfinished 8-byte word (fewer than 8).
@@ -314,19 +314,11 @@ struct Checksum {
     }
 }
 
+/// `Checksum` over `bytes` at once.
 func checksum(_ bytes: ArraySlice<UInt8>) -> UInt64 {
-    bytes.withUnsafeBytes { raw in
-        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
-        let words = raw.count / 8
-        for i in 0..<words {
-            hash = (hash ^ UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self))) &* 0x100_0000_01B3
-            hash ^= hash >> 29
-        }
-        for i in (words * 8)..<raw.count {
-            hash = (hash ^ UInt64(raw[i])) &* 0x100_0000_01B3
-        }
-        return hash
-    }
+    var sum = Checksum()
+    bytes.withUnsafeBytes { sum.add($0) }
+    return sum.value
 }
 
 private func readFile(_ path: String) throws -> [UInt8] {

@@ -249,7 +249,7 @@ extension ControlState {
     public func snapshot() -> [UInt8] {
         var w = BinaryWriter()
         // Room for all of it at once (a record's anchor takes about 100 bytes), not doublings of a large array.
-        w.bytes.reserveCapacity(historyBytes + anchors.count * 128 + hosts.count * 128 + sessions.count * 64 + 4096)
+        w.bytes.reserveCapacity(history.encodedBytes + anchors.count * 128 + hosts.count * 128 + sessions.count * 64 + 4096)
         w.bytes.append(contentsOf: Self.snapshotMagic)
         w.int(Self.snapshotVersion)
         w.int(UInt64(historyLimit)); w.int(revision); w.int(appliedIndex); w.int(compactedThrough)
@@ -269,7 +269,7 @@ extension ControlState {
             w.int(sequences[path] ?? 0); w.bool(a.element != nil)
             a.element?.write(to: &w)
         }
-        writeHistory(to: &w)
+        history.write(to: &w)
         return w.bytes
     }
 
@@ -311,7 +311,7 @@ extension ControlState {
             if try r.bool("has element") { a.element = try Element(from: &r) }
             setAnchorRestoring(path, a)
         }
-        for _ in 0..<(try r.int("event count") as UInt32) { appendRestoredEvent(try WatchEvent(from: &r)) }
+        for _ in 0..<(try r.int("event count") as UInt32) { retain(try WatchEvent(from: &r)) }
         guard r.isAtEnd else { throw .malformedCommand("\(bytes.count - r.at) bytes after the snapshot") }
     }
 }

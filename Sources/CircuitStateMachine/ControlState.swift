@@ -16,11 +16,11 @@ public struct ControlState: Sendable {
     /// Session → paths of the ephemeral elements tied to it.
     private var ephemerals: [SessionID: Set<String>] = [:]
     /// The retained changes, oldest first.
-    private var history: WatchHistory
+    private(set) var history: WatchHistory
     /// Events up to this revision are no longer retained.
     public internal(set) var compactedThrough: Revision = 0
     /// How many events to retain for watches that resume from a revision.
-    public let historyLimit: Int
+    public var historyLimit: Int { history.limit }
     /// Inside a transaction: the first previous value of every anchor touched, to roll back.
     private var journal: [(AnchorTable.Key, Anchor?)]?
     /// Parent path → the next suffix for a sequential child, for the parents that have had one.
@@ -30,7 +30,6 @@ public struct ControlState: Sendable {
     private var pending: [WatchEvent] = []
 
     public init(historyLimit: Int = 100_000) {
-        self.historyLimit = max(1, historyLimit)
         self.history = WatchHistory(limit: historyLimit)
     }
 
@@ -374,10 +373,7 @@ public struct ControlState: Sendable {
     }
 
     private mutating func record(_ events: [WatchEvent]) {
-        for event in events {
-            // Dropped in chunks that never split a revision: a watcher resumes at a revision boundary.
-            if let dropped = history.append(event) { compactedThrough = dropped }
-        }
+        for event in events { retain(event) }
     }
 
     // MARK: - Reading
@@ -422,15 +418,11 @@ public struct ControlState: Sendable {
         setAnchor(key, anchor, previous: anchors[key])
     }
     mutating func reserveAnchors(_ n: Int) { anchors.reserveCapacity(n) }
-    mutating func appendRestoredEvent(_ event: WatchEvent) {
+    /// Adds `event` to the history, which drops its oldest chunks to stay near its limit (never splitting a
+    /// revision: a watcher resumes at a revision boundary).
+    mutating func retain(_ event: WatchEvent) {
         if let dropped = history.append(event) { compactedThrough = dropped }
     }
-
-    /// The bytes of the retained history, encoded.
-    var historyBytes: Int { history.encodedBytes }
-
-    /// The retained history as a snapshot holds it: the count of events, then each.
-    func writeHistory(to w: inout BinaryWriter) { history.write(to: &w) }
 
     /// The retained history's first revision (after `compactedThrough`).
     public var retainedFrom: Revision { compactedThrough + 1 }

@@ -37,10 +37,8 @@ struct WatchHistory: Sendable {
         if chunks.last?.range != range {
             if let i = chunks.indices.last {
                 // Closed: its bytes without the room left for growth (up to half of what the array holds).
-                let closed = chunks[i].encoded.bytes
-                chunks[i].encoded.bytes = [UInt8](unsafeUninitializedCapacity: closed.count) { target, count in
-                    count = closed.withUnsafeBufferPointer { target.initialize(fromContentsOf: $0) }
-                }
+                // (Copied from a buffer pointer: `Array(bytes[...])` would keep the same storage.)
+                chunks[i].encoded.bytes = chunks[i].encoded.bytes.withUnsafeBufferPointer { Array($0) }
             }
             chunks.append(Chunk(range: range))
         }
