@@ -3,6 +3,7 @@ import CircuitAPI
 import CircuitClient
 import CircuitNode
 import Foundation
+import NIOCore
 import Synchronization
 
 /// `circuit bench elements`: the circuit's elements on a 3-node cluster of real daemons on loopback: channel messages
@@ -60,6 +61,7 @@ struct ElementsBench: AsyncParsableCommand {
         rows.append(("channel messages/s, 64 B, a pipelining sender (1,000 a request) and a streaming receiver, capacity 1024", "msg/s", piped))
 
         var channelMB: [Double] = []
+        var arrayMB: [Double] = []
         var stdoutMB: [Double] = []
         var tcpMB: [Double] = []
         var relayMB: [Double] = []
@@ -68,7 +70,11 @@ struct ElementsBench: AsyncParsableCommand {
             try await client.makeChannel(path, capacity: 4)
             let chan = try await client.channel(path)
             progress("bulk channel")
-            channelMB.append(try await pipelined(chan, size: 1 << 20, batch: 8) * Double(1 << 20) / seconds / 1e6)
+            channelMB.append(try await pipelined(chan, size: 1 << 20, batch: 8, buffers: true) * Double(1 << 20) / seconds / 1e6)
+            progress("bulk channel, byte arrays")
+            let arrays = fresh("bulk-arrays")
+            try await client.makeChannel(arrays, capacity: 4)
+            arrayMB.append(try await pipelined(try await client.channel(arrays), size: 1 << 20, batch: 8) * Double(1 << 20) / seconds / 1e6)
             progress("stdout")
             stdoutMB.append(try await stdout(client, fresh("out")))
             progress("raw TCP")
@@ -76,7 +82,8 @@ struct ElementsBench: AsyncParsableCommand {
             progress("raw TCP relayed")
             relayMB.append(try await onThread { try Self.rawTCP(seconds: seconds, relayed: true) })
         }
-        rows.append(("channel bulk, 1 MiB messages, capacity 4, a pipelining sender (8 a request) and a streaming receiver", "MB/s", channelMB))
+        rows.append(("channel bulk, 1 MiB messages, capacity 4, a pipelining sender (8 a request) and a streaming receiver, as ByteBuffers", "MB/s", channelMB))
+        rows.append(("the same as byte arrays (each message copied into the request and out of the answer)", "MB/s", arrayMB))
         rows.append(("a process's stdout read by a client (head -c of /dev/zero)", "MB/s", stdoutMB))
         rows.append(("raw TCP on loopback, one connection, 1 MiB writes (the baseline)", "MB/s", tcpMB))
         rows.append(("raw TCP through a relay thread, two connections, 1 MiB writes (a channel's ceiling)", "MB/s", relayMB))
@@ -174,14 +181,19 @@ struct ElementsBench: AsyncParsableCommand {
     }
 
     /// Messages received in `seconds` from one sender sending 1,000 at a time, by one receiver streaming them.
-    private func pipelined(_ chan: Chan, size: Int = 64, batch count: Int = 1000) async throws -> Double {
+    /// `buffers`: through the library's ByteBuffer calls (a large message is neither copied into the request nor out of
+    /// the answer) instead of its byte-array ones.
+    private func pipelined(_ chan: Chan, size: Int = 64, batch count: Int = 1000, buffers: Bool = false) async throws -> Double {
         let batch = [[UInt8]](repeating: [UInt8](repeating: 0x70, count: size), count: count)
+        let bufferBatch = [ByteBuffer](repeating: ByteBuffer(repeating: 0x70, count: size), count: count)
         let received = Counter()
         let deadline = ContinuousClock.now + .milliseconds(Int64(seconds * 1000))
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask {
                 do {
-                    while ContinuousClock.now < deadline { try await chan.send(contentsOf: batch) }
+                    while ContinuousClock.now < deadline {
+                        if buffers { try await chan.send(contentsOf: bufferBatch) } else { try await chan.send(contentsOf: batch) }
+                    }
                     try await chan.close()
                 } catch {
                     progress("the sender failed: \(error)")
@@ -192,7 +204,9 @@ struct ElementsBench: AsyncParsableCommand {
             group.addTask {
                 do {
                     while true {
-                        let n = try await chan.receive(upTo: 1_000_000) { _ in received.add(1) }
+                        let n = buffers
+                            ? try await chan.receive(upTo: 1_000_000) { (_: [ByteBuffer]) in received.add(1) }
+                            : try await chan.receive(upTo: 1_000_000) { (_: [UInt8]) in received.add(1) }
                         if n < 1_000_000 { break }  // closed and drained
                     }
                 } catch {

@@ -155,8 +155,33 @@ extension Chan {
             body.writeInteger(UInt32(m.count))
             body.writeBytes(m)
         }
+        return try await sendStream([body])
+    }
+
+    /// The same from buffers: a large message (64 KiB or more) goes out as it is, not copied into the request; small
+    /// ones are gathered with the framing around them.
+    @discardableResult
+    public func send(contentsOf messages: [ByteBuffer]) async throws(CircuitClientError) -> Int {
+        var parts: [ByteBuffer] = []
+        var frames = ByteBuffer()
+        for m in messages {
+            frames.writeInteger(UInt32(m.readableBytes))
+            if m.readableBytes < 1 << 16 {
+                frames.writeImmutableBuffer(m)
+            } else {
+                parts.append(frames)
+                parts.append(m)
+                frames = ByteBuffer()
+            }
+        }
+        if frames.readableBytes > 0 { parts.append(frames) }
+        return try await sendStream(parts)
+    }
+
+    /// A stream of sends whose body is `parts` (framed messages), on a connection of its own.
+    private func sendStream(_ parts: [ByteBuffer]) async throws(CircuitClientError) -> Int {
         let answer = try await owner.callRaw(
-            "POST", "/v1/chan/send" + path, query: query(["stream": "1"]), buffer: body, ownConnection: true)
+            "POST", "/v1/chan/send" + path, query: query(["stream": "1"]), parts: parts, ownConnection: true)
         do {
             return try JSONDecoder().decode([String: Int].self, from: Data(answer))["sent"] ?? 0
         } catch {
@@ -168,41 +193,30 @@ extension Chan {
     /// closed and empty first. Answers how many.
     @discardableResult
     public func receive(upTo count: Int, each: ([UInt8]) async throws -> Void) async throws(CircuitClientError) -> Int {
+        // Each message's bytes are copied once, from the buffers NIO read into the array handed over.
+        try await receive(upTo: count) { (pieces: [ByteBuffer]) in
+            var message: [UInt8] = []
+            message.reserveCapacity(pieces.reduce(0) { $0 + $1.readableBytes })
+            for piece in pieces { piece.withUnsafeReadableBytes { message.append(contentsOf: $0) } }
+            try await each(message)
+        }
+    }
+
+    /// The same, each message handed over as the buffers it was read in, in order (one, unless it arrived over
+    /// several reads of the socket), without a copy: their concatenation is the message.
+    @discardableResult
+    public func receive(upTo count: Int, pieces each: ([ByteBuffer]) async throws -> Void) async throws(CircuitClientError) -> Int {
         guard let endpoint = owner.endpoints.first else { throw .unreachable(endpoints: [], why: "no endpoints given") }
-        // Framing bytes not yet whole (a length split across chunks), and a message being gathered from several.
-        var header = ByteBuffer()
-        var message: [UInt8] = []
-        var missing = 0
+        var frames = MessageFrameReader()
         var received = 0
         let answer: (status: Int, errorBody: [UInt8])
         do {
-            // Each message's bytes are copied once, from the chunks NIO read into the array handed over.
             let created = createRevision.map { "&created=\($0)" } ?? ""
             answer = try await HTTPExchange.streamBuffers(.POST, "/v1/chan/recv\(path)?stream=\(count)\(created)", to: endpoint, tls: owner.tls) { chunk in
                 var chunk = chunk
-                while chunk.readableBytes > 0 {
-                    if missing > 0 {
-                        let n = min(missing, chunk.readableBytes)
-                        chunk.withUnsafeReadableBytes { message.append(contentsOf: $0.prefix(n)) }
-                        chunk.moveReaderIndex(forwardBy: n)
-                        missing -= n
-                        if missing == 0 {
-                            try await each(message)
-                            received += 1
-                        }
-                        continue
-                    }
-                    let n = min(4 - header.readableBytes, chunk.readableBytes)
-                    header.writeImmutableBuffer(chunk.readSlice(length: n)!)
-                    guard let length = header.readInteger(as: UInt32.self).map(Int.init) else { continue }
-                    header.clear()
-                    message = []
-                    message.reserveCapacity(length)
-                    missing = length
-                    if length == 0 {
-                        try await each(message)
-                        received += 1
-                    }
+                while let message = try frames.next(&chunk) {
+                    try await each(message)
+                    received += 1
                 }
             }
         } catch {

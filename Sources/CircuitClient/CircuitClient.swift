@@ -228,6 +228,14 @@ public struct CircuitClient: Sendable {
     func callRaw(
         _ method: String, _ path: String, query: [String: String] = [:], buffer body: ByteBuffer?, ownConnection: Bool = false
     ) async throws(CircuitClientError) -> [UInt8] {
+        try await callRaw(method, path, query: query, parts: body.map { [$0] } ?? [], ownConnection: ownConnection)
+    }
+
+    /// The same with the body as the concatenation of `parts`: on a connection of its own, sent as they are; on a
+    /// kept-alive one, gathered first.
+    func callRaw(
+        _ method: String, _ path: String, query: [String: String] = [:], parts body: [ByteBuffer], ownConnection: Bool = false
+    ) async throws(CircuitClientError) -> [UInt8] {
         var uri = path.split(separator: "/", omittingEmptySubsequences: false).map { Self.escape(String($0)) }.joined(separator: "/")
         if !query.isEmpty {
             uri += "?" + query.sorted { $0.key < $1.key }.map { "\(Self.escape($0.key))=\(Self.escape($0.value))" }.joined(separator: "&")
@@ -235,9 +243,12 @@ public struct CircuitClient: Sendable {
         var lastError = "no endpoints given"
         let deadline = Duration.milliseconds(Int64(timeout * 1000))
         func send(to endpoint: String) async throws -> HTTPExchange.Answer {
-            ownConnection
-                ? try await HTTPExchange.perform(HTTPMethod(rawValue: method), uri, to: endpoint, buffer: body, timeout: deadline, tls: tls)
-                : try await HTTPPool.shared(endpoint, tls: tls).perform(HTTPMethod(rawValue: method), uri, buffer: body, timeout: deadline)
+            if ownConnection {
+                return try await HTTPExchange.perform(HTTPMethod(rawValue: method), uri, to: endpoint, parts: body, timeout: deadline, tls: tls)
+            }
+            var gathered = body.first
+            for part in body.dropFirst() { gathered!.writeImmutableBuffer(part) }
+            return try await HTTPPool.shared(endpoint, tls: tls).perform(HTTPMethod(rawValue: method), uri, buffer: gathered, timeout: deadline)
         }
         for endpoint in endpoints {
             var answer: HTTPExchange.Answer

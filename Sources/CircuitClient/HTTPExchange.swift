@@ -84,6 +84,18 @@ public enum HTTPExchange {
         headers extra: [(String, String)] = [], timeout: Duration = .seconds(10), tls: TLSFiles? = ClientTLS.default,
         sslContext: NIOSSLContext? = nil
     ) async throws -> Answer {
+        try await perform(
+            method, uri, to: address, parts: body.map { [$0] } ?? [], headers: extra, timeout: timeout, tls: tls,
+            sslContext: sslContext)
+    }
+
+    /// The same with the body as the concatenation of `parts`, each sent as it is (not copied, nor gathered: the
+    /// parts go out together in one vectored write).
+    public static func perform(
+        _ method: HTTPMethod, _ uri: String, to address: String, parts body: [ByteBuffer],
+        headers extra: [(String, String)] = [], timeout: Duration = .seconds(10), tls: TLSFiles? = ClientTLS.default,
+        sslContext: NIOSSLContext? = nil
+    ) async throws -> Answer {
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
         let channel = try await connect(address, timeout: timeout, tls: tls, sslContext: sslContext)
@@ -166,7 +178,7 @@ public enum HTTPExchange {
         return try await withTaskCancellationHandler {
             try await channel.executeThenClose { inbound, outbound in
                 let unsent = await sendKeepingFailure(
-                    method, uri, to: address, body: body.map { ByteBuffer(bytes: $0) }, headers: [], on: outbound)
+                    method, uri, to: address, body: body.map { [ByteBuffer(bytes: $0)] } ?? [], headers: [], on: outbound)
                 var status = 0
                 var errorBody: [UInt8] = []
                 do {
@@ -220,7 +232,7 @@ public enum HTTPExchange {
     /// the whole body (a refusal) and close, or answer and close while the request's last part is still on its way
     /// here (the write then fails on a closed channel). Either way its answer, read next, is what the caller needs.
     private static func sendKeepingFailure(
-        _ method: HTTPMethod, _ uri: String, to address: String, body: ByteBuffer?, headers extra: [(String, String)],
+        _ method: HTTPMethod, _ uri: String, to address: String, body: [ByteBuffer], headers extra: [(String, String)],
         on outbound: NIOAsyncChannelOutboundWriter<HTTPClientRequestPart>
     ) async -> (any Error)? {
         do {
@@ -232,14 +244,17 @@ public enum HTTPExchange {
     }
 
     private static func send(
-        _ method: HTTPMethod, _ uri: String, to address: String, body: ByteBuffer?, headers extra: [(String, String)],
+        _ method: HTTPMethod, _ uri: String, to address: String, body: [ByteBuffer], headers extra: [(String, String)],
         on outbound: NIOAsyncChannelOutboundWriter<HTTPClientRequestPart>
     ) async throws {
         var headers = HTTPHeaders([("Host", address), ("Connection", "close")])
-        headers.add(name: "Content-Length", value: "\(body?.readableBytes ?? 0)")
+        headers.add(name: "Content-Length", value: "\(body.reduce(0) { $0 + $1.readableBytes })")
         for (name, value) in extra { headers.add(name: name, value: value) }
-        try await outbound.write(.head(HTTPRequestHead(version: .http1_1, method: method, uri: uri, headers: headers)))
-        if let body, body.readableBytes > 0 { try await outbound.write(.body(.byteBuffer(body))) }
-        try await outbound.write(.end(nil))
+        // One write of all the parts: NIO hands them to the socket together (writev), with one flush.
+        var parts: [HTTPClientRequestPart] = [.head(HTTPRequestHead(version: .http1_1, method: method, uri: uri, headers: headers))]
+        parts.reserveCapacity(body.count + 2)
+        for part in body where part.readableBytes > 0 { parts.append(.body(.byteBuffer(part))) }
+        parts.append(.end(nil))
+        try await outbound.write(contentsOf: parts)
     }
 }

@@ -30,12 +30,12 @@ struct ChannelCore: Sendable {
         /// The send by this waiter is done: its message is buffered or was taken by a receiver.
         case sent(Waiter)
         /// This receiver gets this message.
-        case received(Waiter, ByteBuffer)
+        case received(Waiter, ChanMessage)
         case failed(Waiter, Failure)
         /// Ask the select behind `offer` whether it takes this match: `message` is what a receive offer would get
         /// (nil for a send offer). With `closed`, the channel is closed and empty: a receive offer fires as closed,
         /// and no answer is awaited.
-        case propose(offer: Waiter, message: ByteBuffer?, closed: Bool)
+        case propose(offer: Waiter, message: ChanMessage?, closed: Bool)
     }
 
     /// A match held aside while its select decides.
@@ -43,7 +43,7 @@ struct ChannelCore: Sendable {
         enum From: Sendable { case buffer, sender(Waiter) }
         enum To: Sendable { case receiver(Waiter), buffer }
         var offer: Waiter
-        var message: ByteBuffer
+        var message: ChanMessage
         var from: From
         var to: To
     }
@@ -51,8 +51,8 @@ struct ChannelCore: Sendable {
     let capacity: Int
     private(set) var closed = false
     private(set) var removed = false
-    private var buffer = CircularBuffer<ByteBuffer>()
-    private var senders = CircularBuffer<(waiter: Waiter, message: ByteBuffer)>()
+    private var buffer = CircularBuffer<ChanMessage>()
+    private var senders = CircularBuffer<(waiter: Waiter, message: ChanMessage)>()
     private var receivers = CircularBuffer<Waiter>()
     private var offers = Set<Waiter>()
     private var proposal: Proposal?
@@ -75,7 +75,7 @@ struct ChannelCore: Sendable {
 
     // MARK: - Events
 
-    mutating func send(_ waiter: Waiter, _ message: ByteBuffer, wait: Bool) -> [Action] {
+    mutating func send(_ waiter: Waiter, _ message: ChanMessage, wait: Bool) -> [Action] {
         if removed { return [.failed(waiter, .gone)] }
         if closed { return [.failed(waiter, .closed)] }
         senders.append((waiter, message))
@@ -89,7 +89,7 @@ struct ChannelCore: Sendable {
     }
 
     /// A select's send clause waits here with its message.
-    mutating func offerSend(_ offer: Waiter, _ message: ByteBuffer) -> [Action] {
+    mutating func offerSend(_ offer: Waiter, _ message: ChanMessage) -> [Action] {
         if removed { return [.failed(offer, .gone)] }
         if closed { return [.failed(offer, .closed)] }
         offers.insert(offer)
@@ -119,7 +119,7 @@ struct ChannelCore: Sendable {
                 if r != offer { actions.append(.received(r, p.message)) }
             case .buffer:
                 buffer.append(p.message)
-                bufferedBytes += p.message.readableBytes
+                bufferedBytes += p.message.byteCount
             }
             if case .sender(let s) = p.from {
                 sends += 1
@@ -129,7 +129,7 @@ struct ChannelCore: Sendable {
             switch p.from {
             case .buffer:
                 buffer.prepend(p.message)
-                bufferedBytes += p.message.readableBytes
+                bufferedBytes += p.message.byteCount
             case .sender(let s) where s != offer:
                 if leaving.contains(s) { actions.append(.failed(s, .wouldBlock)) } else { senders.prepend((s, p.message)) }
             case .sender:
@@ -238,7 +238,7 @@ struct ChannelCore: Sendable {
             if let message = buffer.first {
                 receivers.remove(at: receivers.index(receivers.startIndex, offsetBy: ri))
                 buffer.removeFirst()
-                bufferedBytes -= message.readableBytes
+                bufferedBytes -= message.byteCount
                 if receiverIsOffer {
                     proposal = Proposal(offer: r, message: message, from: .buffer, to: .receiver(r))
                     actions.append(.propose(offer: r, message: message, closed: false))
@@ -270,7 +270,7 @@ struct ChannelCore: Sendable {
                 actions.append(.propose(offer: s.waiter, message: nil, closed: false))
             } else {
                 buffer.append(s.message)
-                bufferedBytes += s.message.readableBytes
+                bufferedBytes += s.message.byteCount
                 sends += 1
                 actions.append(.sent(s.waiter))
             }

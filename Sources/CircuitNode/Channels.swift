@@ -24,7 +24,7 @@ final class Channels: Sendable {
 
     enum Outcome: Sendable {
         case sent
-        case received(ByteBuffer)
+        case received(ChanMessage)
         case failed(ChannelCore.Failure)
         case cancelled
     }
@@ -51,7 +51,7 @@ final class Channels: Sendable {
     /// What a change to a channel leaves to do outside the lock: requests to answer, selects to ask.
     private struct Settled {
         var resumes: [(CheckedContinuation<Outcome, Never>, Outcome)] = []
-        var asks: [(waiter: Waiter, offer: Offer, message: ByteBuffer?, closed: Bool, failure: ChannelCore.Failure?)] = []
+        var asks: [(waiter: Waiter, offer: Offer, message: ChanMessage?, closed: Bool, failure: ChannelCore.Failure?)] = []
     }
 
     private struct State {
@@ -91,17 +91,17 @@ final class Channels: Sendable {
     /// channel here from before it (removed and made again, and the watch has not told this host yet) is dropped
     /// as its removal would drop it, so the message goes to the channel the client means; a channel here from after
     /// it means the client's channel is gone (410).
-    func send(_ path: String, _ message: ByteBuffer, wait: Bool, created: UInt64? = nil) async throws(APIError) -> ChanStatView {
+    func send(_ path: String, _ message: ChanMessage, wait: Bool, created: UInt64? = nil) async throws(APIError) -> ChanStatView {
         try await sendOne(path, message, wait: wait, created: created)
         return try stat(local: path)
     }
 
     /// The same, answering nothing (for a stream of sends).
-    func sendOne(_ path: String, _ message: ByteBuffer, wait: Bool, created: UInt64? = nil) async throws(APIError) {
-        guard message.readableBytes <= maxMessageBytes else { throw Self.tooLarge(maxMessageBytes) }
+    func sendOne(_ path: String, _ message: ChanMessage, wait: Bool, created: UInt64? = nil) async throws(APIError) {
+        guard message.byteCount <= maxMessageBytes else { throw Self.tooLarge(maxMessageBytes) }
         try await ensureWritable(path, created: created)
         let outcome = await perform(path) { hostBuffered, core, waiter in
-            if core.waitingReceivers == 0, core.buffered < core.capacity, hostBuffered + message.readableBytes > maxBufferedBytes {
+            if core.waitingReceivers == 0, core.buffered < core.capacity, hostBuffered + message.byteCount > maxBufferedBytes {
                 return nil
             }
             return core.send(waiter, message, wait: wait)
@@ -115,7 +115,7 @@ final class Channels: Sendable {
     }
 
     /// Receives the next message; waits (unless `wait` is false) until there is one or the channel is closed.
-    func receive(_ path: String, wait: Bool, created: UInt64? = nil) async throws(APIError) -> ByteBuffer {
+    func receive(_ path: String, wait: Bool, created: UInt64? = nil) async throws(APIError) -> ChanMessage {
         try await ensure(path, created: created)
         let outcome = await perform(path) { _, core, waiter in core.receive(waiter, wait: wait) }
         switch outcome {
@@ -148,8 +148,8 @@ final class Channels: Sendable {
 
     /// A select's clause waits here: a receive (`message` nil) or a send of `message`. Answers at once, and whether
     /// the select is being asked already (the clause could fire at once); else it is asked when the clause could.
-    func offer(_ path: String, _ offer: Offer, sending message: ByteBuffer?) async throws(APIError) -> Bool {
-        if let message, message.readableBytes > maxMessageBytes { throw Self.tooLarge(maxMessageBytes) }
+    func offer(_ path: String, _ offer: Offer, sending message: ChanMessage?) async throws(APIError) -> Bool {
+        if let message, message.byteCount > maxMessageBytes { throw Self.tooLarge(maxMessageBytes) }
         if message != nil { try await ensureWritable(path) } else { try await ensure(path) }
         let waiter = state.withLock { s in
             defer { s.nextWaiter += 1 }
@@ -177,7 +177,7 @@ final class Channels: Sendable {
     }
 
     /// Asks the select whether it takes the match its offer is in; then completes or undoes it.
-    private func ask(_ path: String, _ waiter: Waiter, _ offer: Offer, message: ByteBuffer?, closed: Bool, failure: ChannelCore.Failure?) async {
+    private func ask(_ path: String, _ waiter: Waiter, _ offer: Offer, message: ChanMessage?, closed: Bool, failure: ChannelCore.Failure?) async {
         var query = "run=\(offer.run)&clause=\(offer.clause)&chan=\(path)&op=\(offer.receiving ? "recv" : "send")"
         if closed { query += "&closed=1" }
         if let failure { query += "&failure=\(failure == .closed ? "closed" : "gone")" }
@@ -187,7 +187,7 @@ final class Channels: Sendable {
         let giveUp = ContinuousClock.now + Selects.retention
         while true {
             if let answer = try? await HTTPPool.shared(offer.coordinator).perform(
-                .POST, "/v1/select/propose\(offer.select)?\(query)", body: message.map { Array(buffer: $0) }, timeout: .seconds(5)),
+                .POST, "/v1/select/propose\(offer.select)?\(query)", body: message.map { Array(buffer: $0.gathered) }, timeout: .seconds(5)),
                 answer.status == 200
             {
                 accepted = (try? JSONDecoder().decode([String: Bool].self, from: Data(answer.body)))?["commit"] ?? false
@@ -233,7 +233,7 @@ final class Channels: Sendable {
                 entry.core.buffered + entry.core.waitingSenders < entry.core.capacity
             else { return Settled() }
             taken = true
-            return Self.settle(entry.core.send(0, ByteBuffer(bytes: event), wait: true), &entry)
+            return Self.settle(entry.core.send(0, ChanMessage(ByteBuffer(bytes: event)), wait: true), &entry)
         }
         if let settled { finish(settled, path) }
         return taken
@@ -478,7 +478,7 @@ struct ChannelRoutes: RouterMiddleware {
             else { throw APIError.badRequest("offer needs run, clause, coordinator, select and op (recv or send)") }
             let body = try await OwnerRouting.collect(request.body, upTo: channels.maxMessageBytes)
             let offer = Channels.Offer(coordinator: coordinator, select: select, run: run, clause: clause, receiving: kind == "recv")
-            let asking = try await channels.offer(path, offer, sending: kind == "send" ? body : nil)
+            let asking = try await channels.offer(path, offer, sending: kind == "send" ? ChanMessage(body) : nil)
             return try json(["offered": true, "proposing": asking])
         }
         // Point to point: any other node names the owning host (307), and the client asks it.
@@ -502,14 +502,14 @@ struct ChannelRoutes: RouterMiddleware {
         case "send":
             return try await OwnerRouting.whileConnected(request, if: wait) { body in
                 let message = try await OwnerRouting.collect(body, upTo: channels.maxMessageBytes)
-                return try json(try await channels.send(path, message, wait: wait, created: created))
+                return try json(try await channels.send(path, ChanMessage(message), wait: wait, created: created))
             }
         case "recv":
             return try await OwnerRouting.whileConnected(request, if: wait) { _ in
                 let message = try await channels.receive(path, wait: wait, created: created)
                 return Response(
                     status: .ok, headers: [.contentType: "application/octet-stream"],
-                    body: .init(byteBuffer: message))
+                    body: .init(byteBuffer: message.gathered))
             }
         case "close":
             return try json(try await channels.close(path, created: created))
@@ -520,38 +520,30 @@ struct ChannelRoutes: RouterMiddleware {
 
     /// A stream of sends: the body is messages, each a 4-byte big-endian length and its bytes, sent in order, each
     /// after the last was taken (a waiting send holds back the rest of the body: back-pressure to the sender). A large
-    /// message that lies within one of the body's chunks is sent as a slice of it, not copied; one spread over several
-    /// is gathered once. A small one is copied out, so that it never holds a whole read buffer (up to 1 MiB) alive.
+    /// message is sent as the slices of the body's chunks it arrived in, not copied: within one chunk, one slice; over
+    /// several, one slice of each. A small one (or a small slice of a large one) is copied out, so that it never holds
+    /// a whole read buffer (up to 1 MiB) alive.
     private func sendStream(_ body: RequestBody, to path: String, created: UInt64?) async throws -> Int {
-        var pending = ByteBuffer()
+        var frames = MessageFrameReader(limit: channels.maxMessageBytes)
         var sent = 0
-        for try await chunk in body {
-            if pending.readableBytes == 0 {
-                pending = chunk
-            } else {
-                pending.writeImmutableBuffer(chunk)
-            }
-            while let length = pending.getInteger(at: pending.readerIndex, as: UInt32.self) {
-                guard Int(length) <= channels.maxMessageBytes else { throw Channels.tooLarge(channels.maxMessageBytes) }
-                guard pending.readableBytes >= 4 + Int(length) else {
-                    // The rest of a large message is coming: room for all of it at once, not doubling as it grows.
-                    if pending.writableBytes < 4 + Int(length) - pending.readableBytes {
-                        var whole = ByteBuffer()
-                        whole.reserveCapacity(4 + Int(length))
-                        whole.writeBuffer(&pending)
-                        pending = whole
-                    }
-                    break
+        func kept(_ piece: ByteBuffer) -> ByteBuffer {
+            piece.readableBytes < 1 << 16 ? ByteBuffer(bytes: piece.readableBytesView) : piece
+        }
+        for try await var chunk in body {
+            do {
+                while let pieces = try frames.next(&chunk) {
+                    let message = ChanMessage(pieces: pieces)
+                    try await channels.sendOne(
+                        path, message.byteCount < 1 << 16 ? ChanMessage(message.copied) : ChanMessage(pieces: pieces.map(kept)),
+                        wait: true, created: created)
+                    sent += 1
                 }
-                pending.moveReaderIndex(forwardBy: 4)
-                var message = pending.readSlice(length: Int(length))!
-                if message.readableBytes < 1 << 16 { message = ByteBuffer(bytes: message.readableBytesView) }
-                try await channels.sendOne(path, message, wait: true, created: created)
-                sent += 1
+            } catch is MessageFrameReader.TooLarge {
+                throw Channels.tooLarge(channels.maxMessageBytes)
             }
         }
-        guard pending.readableBytes == 0 else {
-            throw APIError.badRequest("the stream of messages ends inside a message (\(pending.readableBytes) bytes left over)")
+        guard frames.unfinished == 0 else {
+            throw APIError.badRequest("the stream of messages ends inside a message (\(frames.unfinished) bytes missing)")
         }
         return sent
     }
@@ -563,32 +555,43 @@ struct ChannelRoutes: RouterMiddleware {
             do {
                 try await request.body.consumeWithCancellationOnInboundClose { _ in
                     var received = 0
+                    // What goes out in the next write: whole buffers (large messages' pieces, not copied) and, behind
+                    // them, small messages framed together.
+                    var parts: [ByteBuffer] = []
+                    var frames = ByteBuffer()
+                    var bytes = 0
+                    func flush() async throws {
+                        if frames.readableBytes > 0 { parts.append(frames) }
+                        if !parts.isEmpty { try await writer.write(contentsOf: parts) }
+                        parts.removeAll(keepingCapacity: true)
+                        frames = ByteBuffer()
+                        bytes = 0
+                    }
                     receiving: while received < count {
-                        var frames = ByteBuffer()
-                        // The first waits; those already there come along without waiting.
+                        // The first waits; those already there come along without waiting, up to a MiB a write.
                         var wait = true
-                        while received < count, frames.readableBytes < 1 << 20 {
-                            let message: ByteBuffer
+                        while received < count, bytes < 1 << 20 {
+                            let message: ChanMessage
                             do {
                                 message = try await channels.receive(path, wait: wait, created: created)
                             } catch {
                                 if (error as? APIError)?.code == "would_block" { break }
-                                if frames.readableBytes > 0 { try await writer.write(frames) }
+                                try await flush()
                                 break receiving
                             }
-                            frames.writeInteger(UInt32(message.readableBytes))
-                            if message.readableBytes < 1 << 16 {
-                                frames.writeImmutableBuffer(message)
+                            frames.writeInteger(UInt32(message.byteCount))
+                            if message.byteCount < 1 << 16 {
+                                message.forEachPiece { frames.writeImmutableBuffer($0) }
                             } else {
-                                // A large message goes out as it is, behind what was framed before it: not copied.
-                                try await writer.write(frames)
-                                frames.clear()
-                                try await writer.write(message)
+                                parts.append(frames)
+                                frames = ByteBuffer()
+                                message.forEachPiece { parts.append($0) }
                             }
+                            bytes += 4 + message.byteCount
                             received += 1
                             wait = false
                         }
-                        if frames.readableBytes > 0 { try await writer.write(frames) }
+                        try await flush()
                     }
                 }
             } catch is CancellationError {

@@ -3,6 +3,7 @@ import CircuitClient
 import CircuitNode
 import CircuitTestSupport
 import Foundation
+import NIOCore
 import NIOHTTP1
 import Synchronization
 import Testing
@@ -112,6 +113,16 @@ struct ChannelDaemonTests {
         #expect(try await pipe.send(contentsOf: large) == 6)
         #expect(try await bulkDrained.value == 6)
         #expect(bulk.all == large, "every large message whole, in order")
+        // The same through the ByteBuffer calls (a large message neither copied into the request nor out of the
+        // answer), with sizes around the host's 64 KiB copy threshold mixed in.
+        let mixed = [0, 3, 70_000, 1 << 20, 5, (1 << 20) - 1, 65_535, 65_536].enumerated().map { i, n in
+            (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ i) }
+        }
+        let pieces = Collected()
+        let piecesDrained = Task { try await pipe.receive(upTo: mixed.count) { (p: [ByteBuffer]) in pieces.add(p.flatMap { Array(buffer: $0) }) } }
+        #expect(try await pipe.send(contentsOf: mixed.map { ByteBuffer(bytes: $0) }) == mixed.count)
+        #expect(try await piecesDrained.value == mixed.count)
+        #expect(pieces.all == mixed, "every message whole, in order, from its pieces")
         let torn = try await HTTPExchange.perform(.POST, "/v1/chan/send\(piped)?stream=1", to: cluster.members[b].api, body: [0, 0, 0, 9, 1])
         #expect(torn.status == 400 && String(decoding: torn.body, as: UTF8.self).contains("ends inside a message"))
 

@@ -7,14 +7,9 @@ import Testing
 
 @testable import CircuitNode
 
-private let m1: ByteBuffer = [1]
-private let m2: ByteBuffer = [2]
-private let m3: ByteBuffer = [3]
-
-/// Messages are ByteBuffers (sent and received without copies); here they are written as byte literals.
-extension ByteBuffer: @retroactive ExpressibleByArrayLiteral {
-    public init(arrayLiteral elements: UInt8...) { self.init(bytes: elements) }
-}
+private let m1: ChanMessage = [1]
+private let m2: ChanMessage = [2]
+private let m3: ChanMessage = [3]
 
 @Suite("ChannelCore: Go's channel semantics as a pure value")
 struct ChannelCoreTests {
@@ -254,10 +249,10 @@ struct ChannelsTests {
         let ch = Self.channels(capacity: 4, maxBuffered: 20)
         let path = "/X0000000000000001/c"
         #expect(await Self.code { _ = try await ch.send("/X0000000000000001/none", [1], wait: true) } == "not_found")
-        #expect(await Self.code { _ = try await ch.send(path, ByteBuffer(repeating: 0, count: 17), wait: true) } == "too_large")
-        _ = try await ch.send(path, ByteBuffer(repeating: 0, count: 16), wait: true)
-        #expect(await Self.code { _ = try await ch.send(path, ByteBuffer(repeating: 0, count: 8), wait: true) } == "buffers_full")
-        #expect(try await ch.receive(path, wait: false).readableBytes == 16)
+        #expect(await Self.code { _ = try await ch.send(path, ChanMessage(ByteBuffer(repeating: 0, count: 17)), wait: true) } == "too_large")
+        _ = try await ch.send(path, ChanMessage(ByteBuffer(repeating: 0, count: 16)), wait: true)
+        #expect(await Self.code { _ = try await ch.send(path, ChanMessage(ByteBuffer(repeating: 0, count: 8)), wait: true) } == "buffers_full")
+        #expect(try await ch.receive(path, wait: false).byteCount == 16)
         #expect(await Self.code { _ = try await ch.receive(path, wait: false) } == "would_block")
         let waiting = Task { try await ch.receive(path, wait: true) }
         try await eventually("the receiver waiting") { (try? await ch.stat(path))?.waitingReceivers == 1 }
@@ -288,7 +283,7 @@ struct ChannelsTests {
         _ = try await ch.send(path, [5], wait: true, created: 9)
         #expect(await Self.code { _ = try await stuck.value } == "gone", "the old channel's waiter fails as its removal would fail it")
         #expect(try await ch.stat(path, created: 9).buffered == 1, "the old channel's messages went with it")
-        #expect(Array(buffer: try await ch.receive(path, wait: false, created: 9)) == [5])
+        #expect(Array(buffer: try await ch.receive(path, wait: false, created: 9).gathered) == [5])
         #expect(await Self.code { _ = try await ch.send(path, [6], wait: true, created: 7) } == "gone", "the channel made at 7 is gone")
         #expect(await Self.code { _ = try await ch.receive(path, wait: false, created: 7) } == "gone")
         ch.removed(path, at: 8)  // the old one's removal, told late: the new one stays
@@ -317,7 +312,7 @@ struct ChannelsTests {
         #expect(ch.deliver(feed, createRevision: 5, Array("/old".utf8)))
         #expect(ch.deliver(feed, createRevision: 9, Array("/new".utf8)), "the newer subscription's event is taken")
         ch.removed(feed, at: 6)  // the older one's removal, told late
-        #expect(Array(buffer: try await ch.receive(feed, wait: false)) == Array("/new".utf8))
+        #expect(Array(buffer: try await ch.receive(feed, wait: false).gathered) == Array("/new".utf8))
         #expect(await Self.code { _ = try await ch.receive(feed, wait: false) } == "would_block")
     }
 }

@@ -1,0 +1,96 @@
+import NIOCore
+import Testing
+
+@testable import CircuitClient
+@testable import CircuitNode
+
+@Suite("The framing of a stream of channel messages, read from chunks as they come")
+struct MessageFrameTests {
+    /// Messages of awkward lengths: empty, shorter than a length, around the daemon's 64 KiB copy threshold, large.
+    static let messages: [[UInt8]] = [0, 1, 3, 4, 5, 65_535, 65_536, 200_000, 0, 7].enumerated().map { i, n in
+        (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ i) }
+    }
+
+    static var stream: [UInt8] {
+        var out: [UInt8] = []
+        for m in messages {
+            withUnsafeBytes(of: UInt32(m.count).bigEndian) { out += $0 }
+            out += m
+        }
+        return out
+    }
+
+    /// Reads `stream` cut into chunks at `cuts`: the messages, each as its pieces.
+    static func read(_ stream: [UInt8], cuts: [Int], limit: Int = .max) throws -> (messages: [[ByteBuffer]], unfinished: Int) {
+        var reader = MessageFrameReader(limit: limit)
+        var out: [[ByteBuffer]] = []
+        var start = 0
+        for end in cuts + [stream.count] where end >= start {
+            var chunk = ByteBuffer(bytes: stream[start..<end])
+            start = end
+            while let message = try reader.next(&chunk) { out.append(message) }
+            #expect(chunk.readableBytes == 0, "a chunk is always used up")
+        }
+        return (out, reader.unfinished)
+    }
+
+    @Test("every message comes out whole and in order, wherever the chunks are cut (one cut, at every offset near each boundary)")
+    func everyCut() throws {
+        let stream = Self.stream
+        var boundaries: [Int] = [0]
+        for m in Self.messages { boundaries.append(boundaries.last! + 4 + m.count) }
+        var offsets = Set<Int>()
+        for b in boundaries { for d in -6...6 where (0...stream.count).contains(b + d) { offsets.insert(b + d) } }
+        for cut in offsets.sorted() {
+            let (messages, unfinished) = try Self.read(stream, cuts: [cut])
+            #expect(messages.map { $0.flatMap { Array(buffer: $0) } } == Self.messages, "cut at \(cut)")
+            #expect(unfinished == 0)
+        }
+    }
+
+    @Test("a message within one chunk is one slice of it; one spread over several is a slice of each, not gathered")
+    func pieces() throws {
+        let stream = Self.stream
+        let whole = try Self.read(stream, cuts: [])
+        #expect(whole.messages.allSatisfy { $0.count == 1 })
+        // Chunks of 1,000 bytes: the 200,000-byte message spans 201 or 202 of them.
+        let cuts = Array(stride(from: 1000, to: stream.count, by: 1000))
+        let small = try Self.read(stream, cuts: cuts)
+        #expect(small.messages.map { $0.flatMap { Array(buffer: $0) } } == Self.messages)
+        let large = try #require(small.messages.first { $0.reduce(0) { $0 + $1.readableBytes } == 200_000 })
+        #expect((201...202).contains(large.count))
+        // Byte by byte: every length is split, and still read.
+        let bytewise = try Self.read(Array(stream.prefix(4 + 0 + 4 + 1 + 4 + 3)), cuts: Array(1..<16))
+        #expect(bytewise.messages.map { $0.flatMap { Array(buffer: $0) } } == Array(Self.messages.prefix(3)))
+    }
+
+    @Test("a stream that stops inside a message or its length says how much is missing")
+    func unfinished() throws {
+        let stream = Self.stream
+        #expect(try Self.read(Array(stream.prefix(2)), cuts: []).unfinished == 2, "half a length")
+        #expect(try Self.read(Array(stream.prefix(4 + 0 + 4 + 1 + 4 + 1)), cuts: []).unfinished == 2, "a third message, 1 of 3 bytes")
+    }
+
+    @Test("a length above the limit is refused before its bytes are waited for")
+    func limit() throws {
+        var length = ByteBuffer()
+        length.writeInteger(UInt32(70_000))
+        var reader = MessageFrameReader(limit: 65_536)
+        #expect(throws: MessageFrameReader.TooLarge(length: 70_000, limit: 65_536)) { _ = try reader.next(&length) }
+    }
+}
+
+@Suite("A channel's message kept as the pieces it arrived in")
+struct ChanMessageTests {
+    @Test("equal bytes are equal messages, however they are split; gathered and copied give the bytes")
+    func pieces() {
+        let bytes = (0..<100).map { UInt8($0) }
+        let one = ChanMessage(ByteBuffer(bytes: bytes))
+        let three = ChanMessage(pieces: [ByteBuffer(bytes: bytes[..<10]), ByteBuffer(bytes: bytes[10..<60]), ByteBuffer(bytes: bytes[60...])])
+        #expect(one == three && one.hashValue == three.hashValue)
+        #expect(three.byteCount == 100 && three.pieces.count == 3 && one.pieces.count == 1)
+        #expect(Array(buffer: three.gathered) == bytes && Array(buffer: one.copied) == bytes)
+        #expect(ChanMessage(pieces: []) == ChanMessage(ByteBuffer()) && ChanMessage(pieces: []).byteCount == 0)
+        #expect(three != ChanMessage(pieces: [ByteBuffer(bytes: bytes[..<99])]))
+    }
+}
