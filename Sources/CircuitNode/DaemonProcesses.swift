@@ -168,7 +168,8 @@ public final class DaemonProcesses: @unchecked Sendable {
 
     public func kill9(_ i: Int) {
         guard let p = members[i].process else { return }
-        kill(p.processIdentifier, SIGKILL)
+        // Not a process already ended and reaped: its pid may be another's by now.
+        if p.isRunning { kill(p.processIdentifier, SIGKILL) }
         _ = Self.waitForExit(p, timeout: .seconds(10))
         table.withLock { $0[i].process = nil }
     }

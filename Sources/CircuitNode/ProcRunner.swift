@@ -379,7 +379,13 @@ final class ProcRunner: Sendable {
         let grace = scrubGrace
         Task {
             try? await Task.sleep(for: grace)
-            kill(-pid, SIGKILL)
+            // The group's id is its leader's pid. While the leader is this path's child not yet reaped, or while no
+            // process has that pid (what is left of the group holds the id: the kernel gives it to no new process
+            // meanwhile), the id names this group. Otherwise the group is gone and its id may be another process's,
+            // which must not be killed.
+            running.withLock { running in
+                if running[path]?.pid == pid || kill(pid, 0) != 0 { kill(-pid, SIGKILL) }
+            }
         }
     }
 
