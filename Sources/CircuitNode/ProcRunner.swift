@@ -376,9 +376,9 @@ final class ProcRunner: Sendable {
         }
         guard let pid else { return }
         logger.info("stopping a scrubbed process", metadata: ["path": "\(path)", "pid": "\(pid)"])
-        let grace = scrubGrace
-        Task {
-            try? await Task.sleep(for: grace)
+        let grace = Double(scrubGrace.components.seconds) + Double(scrubGrace.components.attoseconds) / 1e18
+        // On a timer of Dispatch's, not a task's sleep: the kill is not held up by a busy cooperative pool.
+        DispatchQueue.global().asyncAfter(deadline: .now() + grace) { [self] in
             // The group's id is its leader's pid. While the leader is this path's child not yet reaped, or while no
             // process has that pid (what is left of the group holds the id: the kernel gives it to no new process
             // meanwhile), the id names this group. Otherwise the group is gone and its id may be another process's,

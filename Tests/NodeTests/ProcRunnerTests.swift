@@ -52,22 +52,22 @@ struct ProcRunnerTests {
         // The leader and its child both ignore SIGTERM: only the SIGKILL after the grace ends them.
         let stubborn = "/X0000000000000001/stubborn"
         var view = Self.pending(3, pidFile: dir + "/leader")
-        view.command = ProcCommandView(path: "/bin/sh", args: ["-c", "trap '' TERM; sleep 30 & echo $! > \(dir)/child; echo $$ > \(dir)/leader; wait"])
+        view.command = ProcCommandView(path: "/bin/sh", args: ["-c", "trap '' TERM; sleep 300 & echo $! > \(dir)/child; echo $$ > \(dir)/leader; wait"])
         runner.consider(stubborn, view)
         let leader = try await Self.pid(dir + "/leader"), child = try await Self.pid(dir + "/child")
         runner.scrubbed(stubborn)
         // Gone, or a zombie: a child whose parent died is reaped by whoever adopts it, perhaps never here.
         func gone(_ pid: pid_t) -> Bool { kill(pid, 0) != 0 || ProcessIdentity.isExiting(pid) }
-        try await eventually("the leader and its child killed after the grace", timeout: .seconds(10)) { gone(leader) && gone(child) }
+        try await eventually("the leader and its child killed after the grace", timeout: .seconds(30)) { gone(leader) && gone(child) }
         // The leader ends at SIGTERM; its child, which ignores it, is left in the group: the SIGKILL, sent once the
         // leader has been reaped, still reaches it (what is left of the group holds its id).
         let orphaned = "/X0000000000000001/orphaned"
         view = Self.pending(4, pidFile: dir + "/leader2")
-        view.command = ProcCommandView(path: "/bin/sh", args: ["-c", "(trap '' TERM; exec sleep 30) & echo $! > \(dir)/child2; echo $$ > \(dir)/leader2; exec sleep 30"])
+        view.command = ProcCommandView(path: "/bin/sh", args: ["-c", "(trap '' TERM; exec sleep 300) & echo $! > \(dir)/child2; echo $$ > \(dir)/leader2; exec sleep 300"])
         runner.consider(orphaned, view)
         let leader2 = try await Self.pid(dir + "/leader2"), child2 = try await Self.pid(dir + "/child2")
         runner.scrubbed(orphaned)
         try await eventually("the leader ended by SIGTERM", timeout: .seconds(10)) { gone(leader2) }
-        try await eventually("the left-behind child killed after the grace", timeout: .seconds(10)) { gone(child2) }
+        try await eventually("the left-behind child killed after the grace", timeout: .seconds(30)) { gone(child2) }
     }
 }
