@@ -225,7 +225,30 @@ public final class DaemonProcesses: @unchecked Sendable {
             try await Task.sleep(for: .milliseconds(10))
         }
         let report = said.keys.sorted().map { "member \($0) names \(said[$0] ?? "?")" }.joined(separator: "; ")
-        throw DaemonProcessesError.noLeader(base, timeout, report + "\n" + logTails())
+        throw DaemonProcessesError.noLeader(base, timeout, report + "\n" + diagnostics() + "\n" + logTails())
+    }
+
+    /// For a report of members that cannot be reached: each one's pid, whether it runs, its network namespace beside
+    /// this process's, and whether its API port is listening as this process sees it (/proc/net/tcp).
+    public func diagnostics() -> String {
+        func namespace(_ pid: String) -> String {
+            (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/ns/net")) ?? "?"
+        }
+        let table = (try? String(contentsOfFile: "/proc/net/tcp", encoding: .utf8)) ?? ""
+        // Each line: "sl local_address rem_address st ...", the address as hex IP:PORT; state 0A is LISTEN.
+        let listening = Set(table.split(separator: "\n").dropFirst().compactMap { line -> Int? in
+            let fields = line.split(separator: " ")
+            guard fields.count > 3, fields[3] == "0A", let port = fields[1].split(separator: ":").last else { return nil }
+            return Int(port, radix: 16)
+        })
+        let own = namespace("self")
+        return members.enumerated().map { i, m in
+            guard let p = m.process else { return "member \(i): not running" }
+            let port = m.api.split(separator: ":").last.flatMap { Int($0) } ?? 0
+            return "member \(i): pid \(p.processIdentifier), running \(p.isRunning), network namespace "
+                + "\(namespace(String(p.processIdentifier))) (this process's \(own)), API port \(port) "
+                + (listening.contains(port) ? "listening" : "not listening") + " as seen from here"
+        }.joined(separator: "\n")
     }
 
     /// Throws if a daemon started by this object has exited on its own.

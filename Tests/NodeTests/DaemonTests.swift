@@ -117,6 +117,9 @@ struct DaemonTests {
         let cluster = try daemons(1)
         defer { cluster.stopAll(signal: SIGKILL) }
         _ = try await cluster.leader()
+        // What a "no leader" report adds about each member: here, running, in this namespace, its API listening.
+        let diagnostics = cluster.diagnostics()
+        #expect(diagnostics.contains("running true") && diagnostics.hasSuffix(" listening as seen from here"), "\(diagnostics)")
         let client = cluster.client(0)
         _ = try await eventuallySucceeds("the first write", timeout: .seconds(20)) {
             try await client.put("/records/a", Array("1".utf8))
