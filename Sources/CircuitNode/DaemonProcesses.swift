@@ -234,7 +234,8 @@ public final class DaemonProcesses: @unchecked Sendable {
         func namespace(_ pid: String) -> String {
             (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/ns/net")) ?? "?"
         }
-        let table = (try? String(contentsOfFile: "/proc/net/tcp", encoding: .utf8)) ?? ""
+        // Read to its end: /proc files claim a size of 0, and a large table comes in many reads.
+        let table = String(decoding: FileHandle(forReadingAtPath: "/proc/net/tcp")?.readDataToEndOfFile() ?? Data(), as: UTF8.self)
         // Each line: "sl local_address rem_address st ...", the address as hex IP:PORT; state 0A is LISTEN.
         let listening = Set(table.split(separator: "\n").dropFirst().compactMap { line -> Int? in
             let fields = line.split(separator: " ")
