@@ -479,8 +479,8 @@ struct HostAgent: Service {
 
     private func loop() async throws {
         var session: SessionID?
-        var lastKeepAlive = ContinuousClock.now
         let ttl = node.config.sessionTTLMillis
+        var schedule = KeepAliveSchedule(ttlMillis: ttl, now: .now)
         var keeper = VoterKeeper(lostAfter: node.config.voterReplaceAfterMillis)
         while !Task.isCancelled {
             node.syncPeers()
@@ -497,10 +497,20 @@ struct HostAgent: Service {
             // A host removed from Raft's membership (or not yet in it) does not register itself.
             if !registered, raft.leader != .none, raft.membership.members.contains(node.folder.nodeID) {
                 session = await register(ttl: ttl)
-                lastKeepAlive = .now
-            } else if let s = session, ContinuousClock.now - lastKeepAlive > .milliseconds(Int64(ttl / 3)) {
-                if await !keepAlive(s) { session = nil }
-                lastKeepAlive = .now
+                if session != nil { schedule.answered(at: .now) }
+            } else if let s = session, schedule.isDue(now: .now) {
+                switch await keepAlive(s, timeout: schedule.callTimeout) {
+                case true?:
+                    if let silent = schedule.answered(at: .now) {
+                        node.logger.warning("a keep-alive was answered late", metadata: ["session": "\(s)", "since_the_last": "\(silent)"])
+                    }
+                case false?: session = nil
+                case nil:
+                    if let silent = schedule.failed(at: .now) {
+                        node.logger.warning(
+                            "the session's lease is at risk: no keep-alive answered", metadata: ["session": "\(s)", "for": "\(silent)"])
+                    }
+                }
             }
             try await Task.sleep(for: .milliseconds(100))
         }
@@ -542,12 +552,12 @@ struct HostAgent: Service {
         }
     }
 
-    private func call(_ method: String, _ path: String, body: Data? = nil) async -> (Int, Data)? {
+    private func call(_ method: String, _ path: String, body: Data? = nil, timeout: Duration = .seconds(5)) async -> (Int, Data)? {
         let answer: HTTPExchange.Answer
         do {
             answer = try await HTTPExchange.perform(
                 NIOHTTP1.HTTPMethod(rawValue: method), path, to: node.config.advertisedClient, body: body.map { Array($0) },
-                timeout: .seconds(5))
+                timeout: timeout)
         } catch {
             problem("\(method) \(path): no answer from this host's API: \(error)")
             return nil
@@ -570,9 +580,10 @@ struct HostAgent: Service {
         }
     }
 
-    private func keepAlive(_ session: SessionID) async -> Bool {
-        guard let (status, _) = await call("POST", "/v1/sessions/\(session)/keepalive") else { return true }
-        return status != 404
+    /// true: the lease was renewed; false: the session is gone (404); nil: no answer, or another error.
+    private func keepAlive(_ session: SessionID, timeout: Duration) async -> Bool? {
+        guard let (status, _) = await call("POST", "/v1/sessions/\(session)/keepalive", timeout: timeout) else { return nil }
+        return status == 200 ? true : status == 404 ? false : nil
     }
 }
 

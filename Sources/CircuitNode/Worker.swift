@@ -309,22 +309,26 @@ struct WorkerAgent: Service {
         }
         defer { refresher.cancel() }
         var session: UInt64?
-        var lastKeepAlive = ContinuousClock.now
         let ttl = worker.config.sessionTTLMillis
-        let keepAliveTimeout = Duration.milliseconds(Int64(max(200, ttl / 3)))
+        var schedule = KeepAliveSchedule(ttlMillis: ttl, now: .now)
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
             if session == nil {
                 session = await register(ttl: ttl)
-                lastKeepAlive = .now
-            } else if let s = session, ContinuousClock.now - lastKeepAlive > .milliseconds(Int64(ttl / 3)) {
-                if let answer = try? await worker.relay(
-                    .POST, "/v1/sessions/\(s)/keepalive", body: nil, idempotent: true, timeout: keepAliveTimeout),
-                    answer.status == 404
-                {
+                if session != nil { schedule.answered(at: .now) }
+            } else if let s = session, schedule.isDue(now: .now) {
+                let answer = try? await worker.relay(
+                    .POST, "/v1/sessions/\(s)/keepalive", body: nil, idempotent: true, timeout: schedule.callTimeout)
+                if answer?.status == 200 {
+                    if let silent = schedule.answered(at: .now) {
+                        worker.logger.warning("a keep-alive was answered late", metadata: ["session": "\(s)", "since_the_last": "\(silent)"])
+                    }
+                } else if answer?.status == 404 {
                     worker.logger.warning("the session was lost; registering again", metadata: ["session": "\(s)"])
                     session = nil
+                } else if let silent = schedule.failed(at: .now) {
+                    worker.logger.warning(
+                        "the session's lease is at risk: no keep-alive answered", metadata: ["session": "\(s)", "for": "\(silent)"])
                 }
-                lastKeepAlive = .now
             }
             try? await cancelWhenGracefulShutdown { try await Task.sleep(for: .milliseconds(100)) }
         }

@@ -1,0 +1,54 @@
+/// When a host (member or worker) sends its session's keep-alives, how long it waits for each, and when to say that the
+/// session is at risk. A pure value: the caller passes the time.
+///
+/// A keep-alive is due a third of the TTL after the last one answered, as ZooKeeper's clients ping. One that is not
+/// answered (no answer within its timeout, or an error) does not count: the next goes out a tenth of the TTL later (not
+/// at once: thousands of workers retrying through an election would flood the members), not a third of the TTL later. Each waits at most a third of the TTL (at least 200 ms), so that a call stuck on a dead
+/// connection leaves time for two more before the lease runs out. Before, a call that hung for its whole 5 s timeout
+/// was followed by a pause of a third of the TTL: with the default TTL of 5 s, one stuck call was an expiry.
+struct KeepAliveSchedule: Sendable {
+    typealias Instant = ContinuousClock.Instant
+
+    let ttl: Duration
+    /// When a keep-alive (or the registration) was last answered: the lease runs from about then.
+    private(set) var lastAnswered: Instant
+    /// When a keep-alive last went unanswered, if one has since the last answer.
+    private var lastFailed: Instant?
+    /// Whether `atRisk` has been reported since the last answer.
+    private var warned = false
+
+    init(ttlMillis: UInt64, now: Instant) {
+        ttl = .milliseconds(Int64(clamping: ttlMillis))
+        lastAnswered = now
+    }
+
+    /// How long one keep-alive may wait for its answer.
+    var callTimeout: Duration { max(.milliseconds(200), ttl / 3) }
+
+    /// Whether a keep-alive is to be sent now.
+    func isDue(now: Instant) -> Bool {
+        now - lastAnswered >= ttl / 3 && lastFailed.map { now - $0 >= ttl / 10 } ?? true
+    }
+
+    /// A keep-alive (or the registration) was answered at `now`. Answers how long the session had gone without one if
+    /// that was more than two thirds of its TTL (it came close to running out: a host starved of time, or a slow
+    /// path to the leader), nil otherwise.
+    @discardableResult
+    mutating func answered(at now: Instant) -> Duration? {
+        let silent = now - lastAnswered
+        lastAnswered = now
+        lastFailed = nil
+        warned = false
+        return silent > ttl * 2 / 3 ? silent : nil
+    }
+
+    /// A keep-alive went unanswered at `now`. Answers how long the session has gone without one if that is more than
+    /// two thirds of its TTL and not yet reported (the lease may run out before the next is answered); nil otherwise.
+    mutating func failed(at now: Instant) -> Duration? {
+        lastFailed = now
+        let silent = now - lastAnswered
+        guard !warned, silent > ttl * 2 / 3 else { return nil }
+        warned = true
+        return silent
+    }
+}
