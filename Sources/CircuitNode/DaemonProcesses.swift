@@ -208,13 +208,20 @@ public final class DaemonProcesses: @unchecked Sendable {
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
         var said: [Int: String] = [:]
+        // How often every member was asked, and the longest a call took: a process whose awaits are starved (its
+        // cooperative pool's threads blocked elsewhere) asks once, and its calls take far longer than their 2 s.
+        var rounds = 0
+        var slowest = Duration.zero
         while clock.now < deadline {
             try checkRunning()
             said = [:]
+            rounds += 1
             for (i, m) in members.enumerated() where m.process != nil {
                 var c = client(i)
                 c.timeout = 2
+                let asked = clock.now
                 do { said[i] = try await c.status().leader ?? "none" } catch { said[i] = "\(error)" }
+                slowest = max(slowest, clock.now - asked)
             }
             let named = Set(said.values)
             if named.count == 1, let id = named.first, let i = members.firstIndex(where: { $0.folder.hostID == id }),
@@ -225,6 +232,7 @@ public final class DaemonProcesses: @unchecked Sendable {
             try await Task.sleep(for: .milliseconds(10))
         }
         let report = said.keys.sorted().map { "member \($0) names \(said[$0] ?? "?")" }.joined(separator: "; ")
+            + "\nasked \(rounds) times; the slowest call took \(slowest)"
         throw DaemonProcessesError.noLeader(base, timeout, report + "\n" + diagnostics() + "\n" + logTails())
     }
 

@@ -1,5 +1,6 @@
 import CircuitClient
 import CircuitNode
+import CircuitTestSupport
 import Foundation
 
 /// A network of its own for each daemon: a Linux network namespace per member, joined by veth pairs to one bridge in
@@ -72,7 +73,12 @@ final class ChaosNetwork: Partitioner, @unchecked Sendable {
 
     /// Sets exactly these cuts (and heals every other): `pairs` (from, to) drop from's packets to `to`. Each side
     /// of a cut is enforced where it leaves and where it arrives, so a cut holds even for packets already queued.
-    func set(_ pairs: Set<Pair>) throws {
+    func set(_ pairs: Set<Pair>) async throws {
+        // `nft` runs once per member and is waited for: off the cooperative pool.
+        try await onOwnThread { try self.apply(pairs) }
+    }
+
+    private func apply(_ pairs: Set<Pair>) throws {
         for i in 0..<count {
             var rules = "flush chain inet chaos in; flush chain inet chaos out;"
             for p in pairs where p.from == i { rules += " add rule inet chaos out ip daddr \(addresses[p.to]) drop;" }

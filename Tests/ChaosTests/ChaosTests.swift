@@ -34,7 +34,9 @@ struct ChaosTests {
     func chaos() async throws {
         let binary = try #require(circuitBinary(), "the circuit executable was not built next to the tests")
         // CHAOS_MODE=loopback runs the fallback even where namespaces can be made.
-        let (network, why) = ChaosSettings.environment["CHAOS_MODE"] == "loopback" ? (nil, "asked for") : ChaosNetwork.make(count: 5)
+        // Building the network runs `ip` and `nft` a few dozen times and waits for each: off the cooperative pool.
+        let (network, why) =
+            ChaosSettings.environment["CHAOS_MODE"] == "loopback" ? (nil, "asked for") : try await onOwnThread { ChaosNetwork.make(count: 5) }
         defer { network?.remove() }
         let cluster = try DaemonProcesses(
             binary: binary, base: try temporaryFolder("chaos"), count: 5, sessionTTLMillis: 3000,

@@ -146,14 +146,14 @@ struct ChannelDaemonTests {
         // The CLI: all of standard input is one message; recv writes it out as it came.
         let api = cluster.members[c].api
         let path = "/\(worker)/cli"
-        let made = try await onOwnThread { try runCircuit(["mkchan", "--node", api, path, "1"]) }
+        let made = try await runCircuit(["mkchan", "--node", api, path, "1"])
         #expect(made.0 == 0, "\(made)")
         let text = Array("line one\nline two\n".utf8)
-        let sent = try await onOwnThread { try runCircuit(["send", "--node", api, path], input: text) }
+        let sent = try await runCircuit(["send", "--node", api, path], input: text)
         #expect(sent.0 == 0, "\(sent)")
-        let got = try await onOwnThread { try runCircuit(["recv", "--node", api, path]) }
+        let got = try await runCircuit(["recv", "--node", api, path])
         #expect(got.0 == 0 && Array(got.1.utf8) == text, "\(got)")
-        let empty = try await onOwnThread { try runCircuit(["recv", "--try", "--node", api, path]) }
+        let empty = try await runCircuit(["recv", "--try", "--node", api, path])
         #expect(empty.0 == 1 && empty.2.contains("holds no message"), "\(empty)")
     }
 
@@ -188,9 +188,9 @@ struct ChannelDaemonTests {
 
         // The CLI: mk@join, then recv prints one host's path.
         let api = cluster.members[leader].api
-        let made = try await onOwnThread { try runCircuit(["mk@join", "--node", api, "/\(owner)/cli"]) }
+        let made = try await runCircuit(["mk@join", "--node", api, "/\(owner)/cli"])
         #expect(made.0 == 0, "\(made)")
-        let got = try await onOwnThread { try runCircuit(["recv", "--node", api, "/\(owner)/cli"]) }
+        let got = try await runCircuit(["recv", "--node", api, "/\(owner)/cli"])
         #expect(got.0 == 0 && got.1 == hosts[0], "\(got)")
     }
 }

@@ -16,7 +16,7 @@ struct CompareBenchTests {
         if FileManager.default.fileExists(atPath: "/usr/share/java/zookeeper.jar") { systems.append("zookeeper") }
         let results = try temporaryFolder("compare-results")
         defer { try? FileManager.default.removeItem(atPath: results) }
-        let (status, out, err) = try runCircuit([
+        let (status, out, err) = try await runCircuit([
             "bench", "compare", "--no-install", "--systems", systems.joined(separator: ","), "--clients", "2", "--seconds", "1",
             "--rounds", "1", "--failovers", "1", "--keys", "50", "--inserts", "200", "--watch-samples", "3", "--results", results,
         ])

@@ -44,12 +44,12 @@ struct JobDaemonTests {
 
         // The CLI: run under /jobs, then wait (exit status 0 for exit 0).
         let api = cluster.members[victim == leader ? (leader + 1) % 3 : leader].api
-        let ran = try await onOwnThread { try runCircuit(["run", "--node", api, "--attempts", "2", "/jobs/cli", "/bin/sh", "-c", "exit 0"]) }
+        let ran = try await runCircuit(["run", "--node", api, "--attempts", "2", "/jobs/cli", "/bin/sh", "-c", "exit 0"])
         #expect(ran.0 == 0, "\(ran)")
-        let waited = try await onOwnThread { try runCircuit(["wait", "--node", api, "/jobs/cli"]) }
+        let waited = try await runCircuit(["wait", "--node", api, "/jobs/cli"])
         #expect(waited.0 == 0 && waited.1.contains("\"max_attempts\" : 2"), "\(waited)")
         // A job's name lives under /jobs only.
-        let misplaced = try await onOwnThread { try runCircuit(["run", "--node", api, "/records/x", "/bin/true"]) }
+        let misplaced = try await runCircuit(["run", "--node", api, "/records/x", "/bin/true"])
         #expect(misplaced.0 == 1 && misplaced.2.contains("is a proc, not a record: only records live under /records"), "\(misplaced)")
     }
 }

@@ -354,7 +354,7 @@ struct MountTests {
     func ownerAndIdentity() async throws {
         let binary = try #require(circuitBinary())
         let base = try temporaryFolder("mount-tls")
-        let cluster = try DaemonProcesses(binary: binary, base: base, count: 3)
+        let cluster = try DaemonProcesses(binary: binary, base: base, count: 3, sessionTTLMillis: loadedMachineTTL)
         try cluster.enableTLS()
         let reader = try cluster.issueClient("mount-reader", roles: [.read])
         let own = "\(base)/own", shared = "\(base)/shared"
@@ -432,7 +432,7 @@ struct MountTests {
             ((try? FileManager.default.contentsOfDirectory(atPath: m1)) ?? []).contains(b)
         }
         kill(second.processIdentifier, SIGKILL)
-        second.waitUntilExit()
+        try await onOwnThread { second.waitUntilExit() }
         let dead = try await sh("ls \(m1)")
         #expect(dead.err.contains("Transport endpoint is not connected"), "\(dead)")
         let third = try startMount(m1, node: cluster.members[0].api)

@@ -222,7 +222,7 @@ struct SecurityDaemonTests {
     @Test("clients are served by role; a client without a certificate or with another CA's is refused; the cluster serves on; a member's rotated certificate is taken up on SIGHUP")
     func rolesOverTLS() async throws {
         let binary = try #require(circuitBinary(), "the circuit executable was not built next to the tests")
-        let cluster = try DaemonProcesses(binary: binary, base: try temporaryFolder("tls-daemons"), count: 3)
+        let cluster = try DaemonProcesses(binary: binary, base: try temporaryFolder("tls-daemons"), count: 3, sessionTTLMillis: loadedMachineTTL)
         try cluster.enableTLS()
         try cluster.startAll()
         defer { cluster.stopAll(signal: SIGKILL) }
@@ -302,7 +302,7 @@ struct SecurityDaemonTests {
     @Test("a host joins with a join token and no certificate: the cluster issues it; an expired, forged or foreign token is refused, and the refusal logged with the address; the cluster serves on")
     func joinWithToken() async throws {
         let binary = try #require(circuitBinary(), "the circuit executable was not built next to the tests")
-        let cluster = try DaemonProcesses(binary: binary, base: try temporaryFolder("token-daemons"), count: 3)
+        let cluster = try DaemonProcesses(binary: binary, base: try temporaryFolder("token-daemons"), count: 3, sessionTTLMillis: loadedMachineTTL)
         try cluster.enableTLS()
         try cluster.startAll()
         defer { cluster.stopAll(signal: SIGKILL) }
@@ -398,7 +398,7 @@ extension SecurityDaemonTests {
     @Test("each client's sessions, watches and open requests are limited, and it is counted as itself through a follower and through a worker that joined with a token; other clients are served meanwhile")
     func perClientLimits() async throws {
         let binary = try #require(circuitBinary(), "the circuit executable was not built next to the tests")
-        let cluster = try DaemonProcesses(binary: binary, base: try temporaryFolder("limit-daemons"), count: 3)
+        let cluster = try DaemonProcesses(binary: binary, base: try temporaryFolder("limit-daemons"), count: 3, sessionTTLMillis: loadedMachineTTL)
         try cluster.enableTLS()
         cluster.extraArguments = ["--max-sessions-per-client", "2", "--max-watches-per-client", "2", "--max-streams-per-client", "3"]
         try cluster.startAll()

@@ -97,11 +97,9 @@ struct SelectDaemonTests {
 
         // The CLI: mksel, then select prints the outcome.
         let api = cluster.members[leader].api
-        let made = try await onOwnThread {
-            try runCircuit(["mksel", "--node", api, "/\(a)/cli", #"[{"op": "recv", "chan": "\#(left)"}, {"op": "default"}]"#])
-        }
+        let made = try await runCircuit(["mksel", "--node", api, "/\(a)/cli", #"[{"op": "recv", "chan": "\#(left)"}, {"op": "default"}]"#])
         #expect(made.0 == 0, "\(made)")
-        let fired = try await onOwnThread { try runCircuit(["select", "--node", api, "/\(a)/cli"]) }
+        let fired = try await runCircuit(["select", "--node", api, "/\(a)/cli"])
         #expect(fired.0 == 0 && fired.1.contains("\"op\" : \"default\""), "\(fired)")
     }
 }

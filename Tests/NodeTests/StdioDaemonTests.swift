@@ -88,25 +88,23 @@ struct StdioDaemonTests {
         // The CLI: mkproc reads the command as JSON; stdin writes and closes; stdout copies; waitall waits.
         let api = cluster.members[leader].api
         let path = "/\(host)/tr"
-        let made = try await onOwnThread {
-            try runCircuit(["mkproc", "--node", api, path], input: Array(#"{"path": "/usr/bin/tr", "args": ["a-z", "A-Z"]}"#.utf8))
-        }
+        let made = try await runCircuit(["mkproc", "--node", api, path], input: Array(#"{"path": "/usr/bin/tr", "args": ["a-z", "A-Z"]}"#.utf8))
         #expect(made.0 == 0, "\(made)")
-        let fed = try await onOwnThread { try runCircuit(["stdin", "--node", api, path], input: Array("shout\n".utf8)) }
+        let fed = try await runCircuit(["stdin", "--node", api, path], input: Array("shout\n".utf8))
         #expect(fed.0 == 0, "\(fed)")
-        let shown = try await onOwnThread { try runCircuit(["stdout", "--node", api, path]) }
+        let shown = try await runCircuit(["stdout", "--node", api, path])
         #expect(shown.0 == 0 && shown.1 == "SHOUT\n", "\(shown)")
-        let all = try await onOwnThread { try runCircuit(["waitall", "--node", api], input: Array("\(path)\n/\(host)/cat\n".utf8)) }
+        let all = try await runCircuit(["waitall", "--node", api], input: Array("\(path)\n/\(host)/cat\n".utf8))
         #expect(all.0 == 0 && all.1.split(separator: "\n").count == 2, "\(all)")
         // runall: every live host runs it; each line comes tagged with its host; the elements are removed after.
-        let everywhere = try await onOwnThread { try runCircuit(["runall", "--node", api, "/bin/sh", "-c", "echo hello; echo oops >&2"]) }
+        let everywhere = try await runCircuit(["runall", "--node", api, "/bin/sh", "-c", "echo hello; echo oops >&2"])
         let ids = (0..<3).map { cluster.members[$0].folder.hostID }.sorted()
         #expect(everywhere.0 == 0, "\(everywhere)")
         #expect(everywhere.1.split(separator: "\n").map(String.init).sorted() == ids.map { "\($0): hello" }, "\(everywhere)")
         #expect(everywhere.2.split(separator: "\n").map(String.init).sorted() == ids.map { "\($0): oops" }, "\(everywhere)")
-        let failing = try await onOwnThread { try runCircuit(["runall", "--node", api, "/bin/sh", "-c", "exit 3"]) }
+        let failing = try await runCircuit(["runall", "--node", api, "/bin/sh", "-c", "exit 3"])
         #expect(failing.0 == 1 && failing.2.contains("exited with 3"), "\(failing)")
-        let bad = try await onOwnThread { try runCircuit(["mkproc", "--node", api, "/\(host)/bad"], input: Array("{not json".utf8)) }
+        let bad = try await runCircuit(["mkproc", "--node", api, "/\(host)/bad"], input: Array("{not json".utf8))
         #expect(bad.0 == 2 && bad.2.contains("not valid JSON"), "\(bad)")
     }
 }

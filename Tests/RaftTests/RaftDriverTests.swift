@@ -448,17 +448,21 @@ private final class FailingStore: RaftLogStore {
 @Suite("the main job")
 struct DemoTests {
     @Test("`circuit demo` runs a 3-node cluster through a leader kill and restart and reports identical replicas")
-    func demoRuns() throws {
+    func demoRuns() async throws {
         let binary = try #require(circuitBinary(), "the circuit executable was not built next to the tests")
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = ["demo", "--entries", "100"]
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        try process.run()
-        let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        #expect(process.terminationStatus == 0, "\(output)")
+        // The waits block: off the cooperative pool, which the other suites' awaits share.
+        let (status, output) = try await onOwnThread {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: binary)
+            process.arguments = ["demo", "--entries", "100"]
+            let pipe = Pipe()
+            process.standardOutput = pipe
+            try process.run()
+            let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            process.waitUntilExit()
+            return (process.terminationStatus, output)
+        }
+        #expect(status == 0, "\(output)")
         #expect(output.contains("took over"))
         #expect(output.contains("hands over first"))
         #expect(output.contains("ok: 201 entries acknowledged; all 3 replicas applied the same log"))
