@@ -332,6 +332,21 @@ public enum DaemonProcessesError: Error, CustomStringConvertible {
 /// neither has bound it yet.
 private let portsHandedOut = Mutex<Set<Int>>([])
 
+/// Where processes that hand out ports claim them from each other: a file per port, locked (flock) by the process
+/// that handed it out for as long as it runs. Two processes choosing at once (a test's `circuit dev` beside its
+/// `circuit bench compare`) both found a port free, and the second daemon to bind it failed.
+public let portClaims = "/tmp/circuit-port-claims"
+
+/// Claims `port` for this process until it ends; whether no other process holds it.
+private func claim(_ port: Int) -> Bool {
+    mkdir(portClaims, 0o1777)
+    let fd = open("\(portClaims)/\(port)", O_CREAT | O_RDWR | O_CLOEXEC, 0o666)
+    guard fd >= 0 else { return true }  // No claims here (a read-only /tmp): this process's own set still holds.
+    if flock(fd, LOCK_EX | LOCK_NB) == 0 { return true }  // Kept open: the claim lasts as long as this process.
+    close(fd)
+    return false
+}
+
 /// Ports for the daemons tests start; below the kernel's ephemeral range (32768 and up here): a port the kernel hands
 /// out with bind(0) can be taken by any outgoing connection before the daemon binds it, one of these only by an
 /// explicit bind.
@@ -339,7 +354,8 @@ public let testPortRange = 10_000..<22_000
 /// Ports for the clusters the CLI starts itself.
 public let cliPortRange = 22_000..<32_000
 
-/// A loopback port that is free now and that this process has not handed out before.
+/// A loopback port that is free now, that this process has not handed out before and that no other process running
+/// now has.
 public func freePort(in range: Range<Int> = testPortRange) throws -> Int {
     for _ in 0..<200 {
         let port = Int.random(in: range)
@@ -352,7 +368,7 @@ public func freePort(in range: Range<Int> = testPortRange) throws -> Int {
         let bound = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
         }
-        if bound, portsHandedOut.withLock({ $0.insert(port).inserted }) { return port }
+        if bound, portsHandedOut.withLock({ $0.insert(port).inserted }), claim(port) { return port }
     }
     throw DaemonProcessesError.noPort
 }

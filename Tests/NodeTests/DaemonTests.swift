@@ -739,3 +739,23 @@ struct FaultInjectionTests {
         }
     }
 }
+
+@Suite("Ports for test and development clusters")
+struct PortTests {
+    @Test("a port another process has claimed is never handed out, nor one this process handed out before")
+    func claimedPortsAreSkipped() throws {
+        // Above the CLI's range and below the kernel's ephemeral one: no other test uses these.
+        let range = 32_100..<32_104
+        mkdir(portClaims, 0o1777)
+        // Another process's claims, as far as flock is concerned: a lock through another open file.
+        var held: [Int32] = []
+        defer { for fd in held { close(fd) } }
+        for port in range.dropLast() {
+            let fd = open("\(portClaims)/\(port)", O_CREAT | O_RDWR | O_CLOEXEC, 0o666)
+            try #require(fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) == 0, "could not hold the claim of \(port)")
+            held.append(fd)
+        }
+        #expect(try freePort(in: range) == range.last!)
+        #expect(throws: DaemonProcessesError.self) { try freePort(in: range) }
+    }
+}
