@@ -162,20 +162,9 @@ extension Chan {
     /// ones are gathered with the framing around them.
     @discardableResult
     public func send(contentsOf messages: [ByteBuffer]) async throws(CircuitClientError) -> Int {
-        var parts: [ByteBuffer] = []
-        var frames = ByteBuffer()
-        for m in messages {
-            frames.writeInteger(UInt32(m.readableBytes))
-            if m.readableBytes < 1 << 16 {
-                frames.writeImmutableBuffer(m)
-            } else {
-                parts.append(frames)
-                parts.append(m)
-                frames = ByteBuffer()
-            }
-        }
-        if frames.readableBytes > 0 { parts.append(frames) }
-        return try await sendStream(parts)
+        var writer = MessageFrameWriter()
+        for m in messages { writer.append(m) }
+        return try await sendStream(writer.take())
     }
 
     /// A stream of sends whose body is `parts` (framed messages), on a connection of its own.

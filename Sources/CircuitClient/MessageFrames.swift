@@ -57,3 +57,47 @@ public struct MessageFrameReader: Sendable {
         return nil
     }
 }
+
+/// Writes the framing MessageFrameReader reads. Small messages are gathered with their lengths into one buffer; a
+/// large one (`largeMessage` bytes or more) goes out as the buffers it is held in, not copied. A pure value: the
+/// caller writes out what `take()` answers, in one vectored write.
+public struct MessageFrameWriter: Sendable {
+    /// Messages this size or larger are not copied (and, where they are read, not copied out of the read buffers).
+    public static let largeMessage = 1 << 16
+
+    private var parts: [ByteBuffer] = []
+    private var frames = ByteBuffer()
+    /// Bytes appended (lengths included) since the last `take()`.
+    public private(set) var bytes = 0
+
+    public init() {}
+
+    /// Appends a message of `length` bytes held in the buffers `pieces` hands to its argument, in order.
+    public mutating func append(length: Int, pieces: ((ByteBuffer) -> Void) -> Void) {
+        frames.writeInteger(UInt32(length))
+        if length < Self.largeMessage {
+            pieces { frames.writeImmutableBuffer($0) }
+        } else {
+            parts.append(frames)
+            frames = ByteBuffer()
+            pieces { parts.append($0) }
+        }
+        bytes += 4 + length
+    }
+
+    /// Appends a message held in one buffer.
+    public mutating func append(_ message: ByteBuffer) {
+        append(length: message.readableBytes) { $0(message) }
+    }
+
+    /// What to write, in order; the writer is empty after.
+    public mutating func take() -> [ByteBuffer] {
+        if frames.readableBytes > 0 { parts.append(frames) }
+        defer {
+            parts = []
+            frames = ByteBuffer()
+            bytes = 0
+        }
+        return parts
+    }
+}

@@ -527,14 +527,15 @@ struct ChannelRoutes: RouterMiddleware {
         var frames = MessageFrameReader(limit: channels.maxMessageBytes)
         var sent = 0
         func kept(_ piece: ByteBuffer) -> ByteBuffer {
-            piece.readableBytes < 1 << 16 ? ByteBuffer(bytes: piece.readableBytesView) : piece
+            piece.readableBytes < MessageFrameWriter.largeMessage ? ByteBuffer(bytes: piece.readableBytesView) : piece
         }
         for try await var chunk in body {
             do {
                 while let pieces = try frames.next(&chunk) {
                     let message = ChanMessage(pieces: pieces)
                     try await channels.sendOne(
-                        path, message.byteCount < 1 << 16 ? ChanMessage(message.copied) : ChanMessage(pieces: pieces.map(kept)),
+                        path,
+                        message.byteCount < MessageFrameWriter.largeMessage ? ChanMessage(message.copied) : ChanMessage(pieces: pieces.map(kept)),
                         wait: true, created: created)
                     sent += 1
                 }
@@ -557,20 +558,15 @@ struct ChannelRoutes: RouterMiddleware {
                     var received = 0
                     // What goes out in the next write: whole buffers (large messages' pieces, not copied) and, behind
                     // them, small messages framed together.
-                    var parts: [ByteBuffer] = []
-                    var frames = ByteBuffer()
-                    var bytes = 0
+                    var frames = MessageFrameWriter()
                     func flush() async throws {
-                        if frames.readableBytes > 0 { parts.append(frames) }
+                        let parts = frames.take()
                         if !parts.isEmpty { try await writer.write(contentsOf: parts) }
-                        parts.removeAll(keepingCapacity: true)
-                        frames = ByteBuffer()
-                        bytes = 0
                     }
                     receiving: while received < count {
                         // The first waits; those already there come along without waiting, up to a MiB a write.
                         var wait = true
-                        while received < count, bytes < 1 << 20 {
+                        while received < count, frames.bytes < 1 << 20 {
                             let message: ChanMessage
                             do {
                                 message = try await channels.receive(path, wait: wait, created: created)
@@ -579,15 +575,7 @@ struct ChannelRoutes: RouterMiddleware {
                                 try await flush()
                                 break receiving
                             }
-                            frames.writeInteger(UInt32(message.byteCount))
-                            if message.byteCount < 1 << 16 {
-                                message.forEachPiece { frames.writeImmutableBuffer($0) }
-                            } else {
-                                parts.append(frames)
-                                frames = ByteBuffer()
-                                message.forEachPiece { parts.append($0) }
-                            }
-                            bytes += 4 + message.byteCount
+                            frames.append(length: message.byteCount) { message.forEachPiece($0) }
                             received += 1
                             wait = false
                         }

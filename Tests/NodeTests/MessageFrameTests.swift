@@ -80,6 +80,33 @@ struct MessageFrameTests {
     }
 }
 
+@Suite("The framing of a stream of channel messages, written")
+struct MessageFrameWriterTests {
+    @Test("what the writer writes is the stream the reader reads: small messages gathered with their lengths, a large one its own buffer, not copied")
+    func writes() throws {
+        var writer = MessageFrameWriter()
+        for m in MessageFrameTests.messages { writer.append(ByteBuffer(bytes: m)) }
+        #expect(writer.bytes == MessageFrameTests.stream.count)
+        let parts = writer.take()
+        #expect(parts.flatMap { Array(buffer: $0) } == MessageFrameTests.stream)
+        // Gathered: lengths and the messages under 64 KiB (six with their lengths, then the next one's length);
+        // alone: each of the two large messages (65,536 and 200,000 bytes).
+        #expect(parts.map(\.readableBytes) == [6 * 4 + (0 + 1 + 3 + 4 + 5 + 65_535) + 4, 65_536, 4, 200_000, 4 + 0 + 4 + 7])
+        #expect(writer.bytes == 0 && writer.take().isEmpty, "take() empties the writer")
+        // A large message given as pieces goes out as those pieces.
+        let large = ByteBuffer(bytes: MessageFrameTests.messages[7])
+        writer.append(length: large.readableBytes) { each in
+            each(large.getSlice(at: 0, length: 1000)!)
+            each(large.getSlice(at: 1000, length: large.readableBytes - 1000)!)
+        }
+        let pieces = writer.take()
+        #expect(pieces.map(\.readableBytes) == [4, 1000, large.readableBytes - 1000])
+        var reader = MessageFrameReader()
+        var stream = ByteBuffer(bytes: pieces.flatMap { Array(buffer: $0) })
+        #expect(try reader.next(&stream).map { ChanMessage(pieces: $0) } == ChanMessage(large))
+    }
+}
+
 @Suite("A channel's message kept as the pieces it arrived in")
 struct ChanMessageTests {
     @Test("equal bytes are equal messages, however they are split; gathered and copied give the bytes")
