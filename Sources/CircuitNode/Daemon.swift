@@ -451,8 +451,8 @@ struct WatchCloser: Service {
 /// The host's own part in the membership: it registers itself (through its own API, which forwards to the leader)
 /// and keeps its session alive; while this node leads, it also expires the sessions of hosts and clients that went
 /// silent, and replaces voters lost for long. The expiries have a loop of their own: a keep-alive or a membership
-/// change that is slow to answer (each waits for a commit, a keep-alive up to 5 s) never holds back another host's
-/// expiry.
+/// change that is slow to answer (a membership change waits for a commit, a keep-alive up to a fifth of the TTL)
+/// never holds back another host's expiry.
 struct HostAgent: Service {
     let node: NodeContext
     /// Failures of a registration or keep-alive: a new one is logged at once, the same one again after 10 s (the loop
@@ -496,12 +496,14 @@ struct HostAgent: Service {
             let raft = node.service.driver.status
             // A host removed from Raft's membership (or not yet in it) does not register itself.
             if !registered, raft.leader != .none, raft.membership.members.contains(node.folder.nodeID) {
+                let sent = ContinuousClock.now
                 session = await register(ttl: ttl)
-                if session != nil { schedule.answered(at: .now) }
+                if session != nil { schedule.answered(sentAt: sent, at: .now) }
             } else if let s = session, schedule.isDue(now: .now) {
+                let sent = ContinuousClock.now
                 switch await keepAlive(s, timeout: schedule.callTimeout) {
                 case true?:
-                    if let silent = schedule.answered(at: .now) {
+                    if let silent = schedule.answered(sentAt: sent, at: .now) {
                         node.logger.warning("a keep-alive was answered late", metadata: ["session": "\(s)", "since_the_last": "\(silent)"])
                     }
                 case false?: session = nil

@@ -339,8 +339,9 @@ public let portClaims = "/tmp/circuit-port-claims"
 
 /// Claims `port` for this process until it ends; whether no other process holds it.
 private func claim(_ port: Int) -> Bool {
-    mkdir(portClaims, 0o1777)
-    let fd = open("\(portClaims)/\(port)", O_CREAT | O_RDWR | O_CLOEXEC, 0o666)
+    // Any user's processes claim here (the umask would narrow mkdir's mode); a claim needs only a file to read.
+    if mkdir(portClaims, 0o1777) == 0 { chmod(portClaims, 0o1777) }
+    let fd = open("\(portClaims)/\(port)", O_CREAT | O_RDONLY | O_CLOEXEC, 0o644)
     guard fd >= 0 else { return true }  // No claims here (a read-only /tmp): this process's own set still holds.
     if flock(fd, LOCK_EX | LOCK_NB) == 0 { return true }  // Kept open: the claim lasts as long as this process.
     close(fd)

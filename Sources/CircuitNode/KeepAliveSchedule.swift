@@ -1,16 +1,19 @@
 /// When a host (member or worker) sends its session's keep-alives, how long it waits for each, and when to say that the
 /// session is at risk. A pure value: the caller passes the time.
 ///
-/// A keep-alive is due a third of the TTL after the last one answered, as ZooKeeper's clients ping. One that is not
-/// answered (no answer within its timeout, or an error) does not count: the next goes out a tenth of the TTL later (not
-/// at once: thousands of workers retrying through an election would flood the members), not a third of the TTL later. Each waits at most a third of the TTL (at least 200 ms), so that a call stuck on a dead
-/// connection leaves time for two more before the lease runs out. Before, a call that hung for its whole 5 s timeout
-/// was followed by a pause of a third of the TTL: with the default TTL of 5 s, one stuck call was an expiry.
+/// A keep-alive is due a third of the TTL after the last answered one, as ZooKeeper's clients ping; the lease is
+/// counted from when the answered one was sent (the leader renewed it on receipt, not when its answer arrived). One
+/// that is not answered (no answer within its timeout, or an error) does not count: the next goes out a tenth of the
+/// TTL later (not at once: thousands of workers retrying through an election would flood the members), not a third of
+/// the TTL later. Each waits at most a fifth of the TTL (at least 200 ms): after a prompt answer, the next two can
+/// each be stuck for their whole timeout and a third still goes out (at about 0.93 of the TTL) before the lease runs
+/// out. Before, a call that hung for its whole 5 s timeout was followed by a pause of a third of the TTL: with the
+/// default TTL of 5 s, one stuck call was an expiry.
 struct KeepAliveSchedule: Sendable {
     typealias Instant = ContinuousClock.Instant
 
     let ttl: Duration
-    /// When a keep-alive (or the registration) was last answered: the lease runs from about then.
+    /// When the last keep-alive (or the registration) that was answered was sent: the lease runs from about then.
     private(set) var lastAnswered: Instant
     /// When a keep-alive last went unanswered, if one has since the last answer.
     private var lastFailed: Instant?
@@ -23,20 +26,20 @@ struct KeepAliveSchedule: Sendable {
     }
 
     /// How long one keep-alive may wait for its answer.
-    var callTimeout: Duration { max(.milliseconds(200), ttl / 3) }
+    var callTimeout: Duration { max(.milliseconds(200), ttl / 5) }
 
     /// Whether a keep-alive is to be sent now.
     func isDue(now: Instant) -> Bool {
         now - lastAnswered >= ttl / 3 && lastFailed.map { now - $0 >= ttl / 10 } ?? true
     }
 
-    /// A keep-alive (or the registration) was answered at `now`. Answers how long the session had gone without one if
-    /// that was more than two thirds of its TTL (it came close to running out: a host starved of time, or a slow
-    /// path to the leader), nil otherwise.
+    /// A keep-alive (or the registration) sent at `sent` was answered at `now`. Answers how long the session had gone
+    /// without one if that was more than two thirds of its TTL (it came close to running out: a host starved of time,
+    /// or a slow path to the leader), nil otherwise.
     @discardableResult
-    mutating func answered(at now: Instant) -> Duration? {
+    mutating func answered(sentAt sent: Instant, at now: Instant) -> Duration? {
         let silent = now - lastAnswered
-        lastAnswered = now
+        lastAnswered = sent
         lastFailed = nil
         warned = false
         return silent > ttl * 2 / 3 ? silent : nil

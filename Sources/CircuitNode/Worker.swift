@@ -313,13 +313,16 @@ struct WorkerAgent: Service {
         var schedule = KeepAliveSchedule(ttlMillis: ttl, now: .now)
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
             if session == nil {
+                let sent = ContinuousClock.now
                 session = await register(ttl: ttl)
-                if session != nil { schedule.answered(at: .now) }
+                if session != nil { schedule.answered(sentAt: sent, at: .now) }
             } else if let s = session, schedule.isDue(now: .now) {
+                // The timeout holds for each member the relay tries in turn (the leader it knows first).
+                let sent = ContinuousClock.now
                 let answer = try? await worker.relay(
                     .POST, "/v1/sessions/\(s)/keepalive", body: nil, idempotent: true, timeout: schedule.callTimeout)
                 if answer?.status == 200 {
-                    if let silent = schedule.answered(at: .now) {
+                    if let silent = schedule.answered(sentAt: sent, at: .now) {
                         worker.logger.warning("a keep-alive was answered late", metadata: ["session": "\(s)", "since_the_last": "\(silent)"])
                     }
                 } else if answer?.status == 404 {

@@ -351,6 +351,7 @@ struct CommandTests {
         while ContinuousClock.now < deadline {
             put = try await runCircuit(["put", "/records/cli/a", "hello"], environment: env)
             if put.0 == 0 { break }
+            try await Task.sleep(for: .milliseconds(100))
         }
         #expect(put.0 == 0, "\(put.2)")
         let get = try await runCircuit(["get", "/records/cli/a"], environment: env)
@@ -751,7 +752,7 @@ struct PortTests {
         var held: [Int32] = []
         defer { for fd in held { close(fd) } }
         for port in range.dropLast() {
-            let fd = open("\(portClaims)/\(port)", O_CREAT | O_RDWR | O_CLOEXEC, 0o666)
+            let fd = open("\(portClaims)/\(port)", O_CREAT | O_RDONLY | O_CLOEXEC, 0o644)
             try #require(fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) == 0, "could not hold the claim of \(port)")
             held.append(fd)
         }

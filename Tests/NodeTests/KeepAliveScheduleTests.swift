@@ -7,27 +7,28 @@ struct KeepAliveScheduleTests {
     let t0 = ContinuousClock.now
     func at(_ millis: Int64) -> ContinuousClock.Instant { t0 + .milliseconds(millis) }
 
-    @Test("one is due a third of the TTL after the last answer, and waits at most a third of the TTL (200 ms at least)")
+    @Test("one is due a third of the TTL after the last answered one was sent, and waits at most a fifth of the TTL (200 ms at least)")
     func dueAfterAThird() {
         var s = KeepAliveSchedule(ttlMillis: 6000, now: at(0))
-        #expect(s.callTimeout == .milliseconds(2000))
+        #expect(s.callTimeout == .milliseconds(1200))
         #expect(!s.isDue(now: at(1999)))
         #expect(s.isDue(now: at(2000)))
-        #expect(s.answered(at: at(2100)) == nil)
-        #expect(!s.isDue(now: at(4099)) && s.isDue(now: at(4100)))
+        // Sent at 2000, answered at 2100: the lease, and the next keep-alive, count from 2000.
+        #expect(s.answered(sentAt: at(2000), at: at(2100)) == nil)
+        #expect(!s.isDue(now: at(3999)) && s.isDue(now: at(4000)))
         #expect(KeepAliveSchedule(ttlMillis: 300, now: at(0)).callTimeout == .milliseconds(200))
     }
 
     @Test("one not answered is tried again a tenth of the TTL later, not a third: a stuck call leaves time for more before the lease ends")
     func retriesSoon() {
         var s = KeepAliveSchedule(ttlMillis: 6000, now: at(0))
-        // Sent at 2000; no answer within its 2 s.
-        #expect(s.failed(at: at(4000)) == nil)
-        #expect(!s.isDue(now: at(4599)))
-        #expect(s.isDue(now: at(4600)))
-        // The second is answered: a third of the TTL from then.
-        s.answered(at: at(4700))
-        #expect(!s.isDue(now: at(6699)) && s.isDue(now: at(6700)))
+        // Sent at 2000; no answer within its 1.2 s.
+        #expect(s.failed(at: at(3200)) == nil)
+        #expect(!s.isDue(now: at(3799)))
+        #expect(s.isDue(now: at(3800)))
+        // The second, sent at 3800, is answered: a third of the TTL from its sending.
+        s.answered(sentAt: at(3800), at: at(3900))
+        #expect(!s.isDue(now: at(5799)) && s.isDue(now: at(5800)))
     }
 
     @Test("past two thirds of the TTL without an answer the session is reported at risk, once until the next answer")
@@ -36,7 +37,7 @@ struct KeepAliveScheduleTests {
         #expect(s.failed(at: at(4000)) == nil)
         #expect(s.failed(at: at(4001)) == .milliseconds(4001))
         #expect(s.failed(at: at(5000)) == nil, "reported once")
-        #expect(s.answered(at: at(5500)) == .milliseconds(5500), "answered late: reported")
+        #expect(s.answered(sentAt: at(5500), at: at(5500)) == .milliseconds(5500), "answered late: reported")
         #expect(s.failed(at: at(9500)) == nil)
         #expect(s.failed(at: at(9501)) == .milliseconds(4001))
     }
