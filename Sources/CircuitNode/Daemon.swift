@@ -501,18 +501,9 @@ struct HostAgent: Service {
                 if session != nil { schedule.answered(sentAt: sent, at: .now) }
             } else if let s = session, schedule.isDue(now: .now) {
                 let sent = ContinuousClock.now
-                switch await keepAlive(s, timeout: schedule.callTimeout) {
-                case true?:
-                    if let silent = schedule.answered(sentAt: sent, at: .now) {
-                        node.logger.warning("a keep-alive was answered late", metadata: ["session": "\(s)", "since_the_last": "\(silent)"])
-                    }
-                case false?: session = nil
-                case nil:
-                    if let silent = schedule.failed(at: .now) {
-                        node.logger.warning(
-                            "the session's lease is at risk: no keep-alive answered", metadata: ["session": "\(s)", "for": "\(silent)"])
-                    }
-                }
+                let outcome = await keepAlive(s, timeout: schedule.callTimeout)
+                if outcome == .gone { session = nil }
+                schedule.record(outcome, sentAt: sent, at: .now)?.log(to: node.logger, session: s)
             }
             try await Task.sleep(for: .milliseconds(100))
         }
@@ -582,10 +573,8 @@ struct HostAgent: Service {
         }
     }
 
-    /// true: the lease was renewed; false: the session is gone (404); nil: no answer, or another error.
-    private func keepAlive(_ session: SessionID, timeout: Duration) async -> Bool? {
-        guard let (status, _) = await call("POST", "/v1/sessions/\(session)/keepalive", timeout: timeout) else { return nil }
-        return status == 200 ? true : status == 404 ? false : nil
+    private func keepAlive(_ session: SessionID, timeout: Duration) async -> KeepAliveOutcome {
+        KeepAliveOutcome(status: await call("POST", "/v1/sessions/\(session)/keepalive", timeout: timeout)?.0)
     }
 }
 

@@ -1,3 +1,5 @@
+import Logging
+
 /// When a host (member or worker) sends its session's keep-alives, how long it waits for each, and when to say that the
 /// session is at risk. A pure value: the caller passes the time.
 ///
@@ -17,7 +19,7 @@ struct KeepAliveSchedule: Sendable {
     private(set) var lastAnswered: Instant
     /// When a keep-alive last went unanswered, if one has since the last answer.
     private var lastFailed: Instant?
-    /// Whether `atRisk` has been reported since the last answer.
+    /// Whether `failed` has reported the lease at risk since the last answer.
     private var warned = false
 
     init(ttlMillis: UInt64, now: Instant) {
@@ -53,5 +55,42 @@ struct KeepAliveSchedule: Sendable {
         guard !warned, silent > ttl * 2 / 3 else { return nil }
         warned = true
         return silent
+    }
+
+    /// What a keep-alive sent at `sent` came to, recorded at `now`; answers what the host is to warn of, if anything.
+    /// A session found gone is the caller's to handle: nothing is recorded.
+    mutating func record(_ outcome: KeepAliveOutcome, sentAt sent: Instant, at now: Instant) -> LeaseWarning? {
+        switch outcome {
+        case .renewed: return answered(sentAt: sent, at: now).map(LeaseWarning.answeredLate)
+        case .unanswered: return failed(at: now).map(LeaseWarning.atRisk)
+        case .gone: return nil
+        }
+    }
+}
+
+/// What a keep-alive came to: the lease renewed, the session gone (404), or no answer (or another error).
+enum KeepAliveOutcome: Sendable {
+    case renewed, gone, unanswered
+
+    /// From the HTTP status of the answer (nil: none came).
+    init(status: Int?) {
+        self = status == 200 ? .renewed : status == 404 ? .gone : .unanswered
+    }
+}
+
+/// A lease that came close to running out, or may: logged by members and workers alike.
+enum LeaseWarning: Sendable, Equatable {
+    /// Answered after this long without an answer.
+    case answeredLate(Duration)
+    /// Unanswered for this long.
+    case atRisk(Duration)
+
+    func log(to logger: Logger, session: UInt64) {
+        switch self {
+        case .answeredLate(let silent):
+            logger.warning("a keep-alive was answered late", metadata: ["session": "\(session)", "since_the_last": "\(silent)"])
+        case .atRisk(let silent):
+            logger.warning("the session's lease is at risk: no keep-alive answered", metadata: ["session": "\(session)", "for": "\(silent)"])
+        }
     }
 }

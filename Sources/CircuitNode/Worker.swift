@@ -319,19 +319,15 @@ struct WorkerAgent: Service {
             } else if let s = session, schedule.isDue(now: .now) {
                 // The timeout holds for each member the relay tries in turn (the leader it knows first).
                 let sent = ContinuousClock.now
-                let answer = try? await worker.relay(
-                    .POST, "/v1/sessions/\(s)/keepalive", body: nil, idempotent: true, timeout: schedule.callTimeout)
-                if answer?.status == 200 {
-                    if let silent = schedule.answered(sentAt: sent, at: .now) {
-                        worker.logger.warning("a keep-alive was answered late", metadata: ["session": "\(s)", "since_the_last": "\(silent)"])
-                    }
-                } else if answer?.status == 404 {
+                let outcome = KeepAliveOutcome(
+                    status: try? await worker.relay(
+                        .POST, "/v1/sessions/\(s)/keepalive", body: nil, idempotent: true, timeout: schedule.callTimeout
+                    ).status)
+                if outcome == .gone {
                     worker.logger.warning("the session was lost; registering again", metadata: ["session": "\(s)"])
                     session = nil
-                } else if let silent = schedule.failed(at: .now) {
-                    worker.logger.warning(
-                        "the session's lease is at risk: no keep-alive answered", metadata: ["session": "\(s)", "for": "\(silent)"])
                 }
+                schedule.record(outcome, sentAt: sent, at: .now)?.log(to: worker.logger, session: s)
             }
             try? await cancelWhenGracefulShutdown { try await Task.sleep(for: .milliseconds(100)) }
         }

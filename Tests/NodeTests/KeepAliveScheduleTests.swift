@@ -41,4 +41,15 @@ struct KeepAliveScheduleTests {
         #expect(s.failed(at: at(9500)) == nil)
         #expect(s.failed(at: at(9501)) == .milliseconds(4001))
     }
+
+    @Test("an answer's status is what the keep-alive came to; recording it warns as answered and failed do, and a session gone records nothing")
+    func outcomes() {
+        #expect(KeepAliveOutcome(status: 200) == .renewed && KeepAliveOutcome(status: 404) == .gone)
+        #expect(KeepAliveOutcome(status: 503) == .unanswered && KeepAliveOutcome(status: nil) == .unanswered)
+        var s = KeepAliveSchedule(ttlMillis: 6000, now: at(0))
+        #expect(s.record(.unanswered, sentAt: at(3000), at: at(4001)) == .atRisk(.milliseconds(4001)))
+        #expect(s.record(.gone, sentAt: at(4100), at: at(4200)) == nil)
+        #expect(s.record(.renewed, sentAt: at(4300), at: at(4400)) == .answeredLate(.milliseconds(4400)))
+        #expect(!s.isDue(now: at(6299)) && s.isDue(now: at(6300)), "the lease counts from 4300, when the renewal was sent")
+    }
 }
