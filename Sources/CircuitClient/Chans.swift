@@ -167,6 +167,51 @@ extension Chan {
         return try await sendStream(writer.take())
     }
 
+    /// Sends each message of `messages`, in order, in one request that lasts as long as the sequence: a stream of
+    /// sends, as `send(contentsOf:)`, for a producer whose messages are not all there up front (a pipe, a generator).
+    /// Nothing waits a round trip between messages, and back-pressure reaches the producer: the next message is taken
+    /// from the sequence only once the connection took the last, and the host reads no further while a send waits on
+    /// a full channel. Each message is written as it comes, as it is (not copied). Answers how many were sent: all,
+    /// unless it throws. A refusal midway (the channel closed or removed) ends the stream with that error; an error
+    /// the sequence throws ends it too, and is thrown (the messages before it were sent).
+    @discardableResult
+    public func send<Messages: AsyncSequence>(streaming messages: Messages) async throws(CircuitClientError) -> Int
+    where Messages.Element == ByteBuffer {
+        guard let endpoint = owner.endpoints.first else { throw .unreachable(endpoints: [], why: "no endpoints given") }
+        let answer: HTTPExchange.Answer
+        do {
+            let created = createRevision.map { "&created=\($0)" } ?? ""
+            answer = try await HTTPExchange.performStreaming(.POST, "/v1/chan/send\(path)?stream=1\(created)", to: endpoint, tls: owner.tls) { write in
+                var iterator = messages.makeAsyncIterator()
+                while true {
+                    let next: ByteBuffer?
+                    do {
+                        next = try await iterator.next()
+                    } catch {
+                        throw StreamedMessagesFailed(error: error)
+                    }
+                    guard let message = next else { return }
+                    var frame = ByteBuffer()
+                    frame.writeInteger(UInt32(message.readableBytes))
+                    try await write([frame, message])
+                }
+            }
+        } catch let produced as StreamedMessagesFailed {
+            if let error = produced.error as? CircuitClientError { throw error }
+            throw .noAnswer(endpoint: endpoint, why: "the sequence of messages failed, after some may have been sent: \(produced.error)")
+        } catch let error as HTTPExchangeError where error.requestNotSent {
+            throw .unreachable(endpoints: [endpoint], why: "\(error)")
+        } catch {
+            throw .noAnswer(endpoint: endpoint, why: "\(error)")
+        }
+        if answer.status != 200 { throw CircuitClient.apiError(status: answer.status, body: answer.body) }
+        do {
+            return try JSONDecoder().decode([String: Int].self, from: Data(answer.body))["sent"] ?? 0
+        } catch {
+            throw .badAnswer("\(error)")
+        }
+    }
+
     /// A stream of sends whose body is `parts` (framed messages), on a connection of its own.
     private func sendStream(_ parts: [ByteBuffer]) async throws(CircuitClientError) -> Int {
         let answer = try await owner.callRaw(
@@ -214,4 +259,9 @@ extension Chan {
         if answer.status != 200 { throw CircuitClient.apiError(status: answer.status, body: answer.errorBody) }
         return received
     }
+}
+
+/// An error the sequence of messages of `send(streaming:)` threw, told apart from the connection's.
+private struct StreamedMessagesFailed: Error {
+    let error: any Error
 }

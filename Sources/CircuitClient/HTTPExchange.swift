@@ -110,24 +110,11 @@ public enum HTTPExchange {
             return try await withTaskCancellationHandler {
                 try await channel.executeThenClose { inbound, outbound in
                     let unsent = await sendKeepingFailure(method, uri, to: address, body: body, headers: extra, on: outbound)
-                    var answer = Answer(status: 0, contentType: nil, body: [])
                     do {
-                        for try await part in inbound {
-                            switch part {
-                            case .head(let head):
-                                answer.status = Int(head.status.code)
-                                answer.contentType = head.headers.first(name: "Content-Type")
-                                answer.location = head.headers.first(name: "Location")
-                            case .body(var buffer):
-                                answer.body += buffer.readBytes(length: buffer.readableBytes) ?? []
-                            case .end:
-                                return answer
-                            }
-                        }
+                        return try await readAnswer(inbound)
                     } catch {
                         throw unsent ?? error
                     }
-                    throw unsent ?? HTTPExchangeError.closed
                 }
             } onCancel: {
                 channel.channel.close(promise: nil)
@@ -136,6 +123,103 @@ public enum HTTPExchange {
             if clock.now >= deadline { throw HTTPExchangeError.timedOut(timeout) }
             throw error
         }
+    }
+
+    /// One request on a connection of its own whose body is written while `body` runs, in chunked transfer coding.
+    /// Back-pressure: each call of the `write` it is handed sends its parts and returns while less than
+    /// `streamingWindow` bytes are still on their way to the socket; past that, it waits for the oldest to go out, so
+    /// a server that reads no further holds the writer back. No deadline: a caller that gives up (its task cancelled)
+    /// hangs up. An answer that comes before the body ends (a refusal, or an error midway) closes the connection: the
+    /// next write fails, and that answer is what this returns. An error `body` throws itself hangs up and is rethrown.
+    public static func performStreaming(
+        _ method: HTTPMethod, _ uri: String, to address: String, tls: TLSFiles? = ClientTLS.default,
+        body: (_ write: ([ByteBuffer]) async throws -> Void) async throws -> Void
+    ) async throws -> Answer {
+        let channel = try await connect(address, timeout: .seconds(10), tls: tls)
+        let connection = channel.channel
+        return try await withTaskCancellationHandler {
+            try await channel.executeThenClose { inbound, _ in
+                // The answer is read while the body is written: it may come first.
+                let answer = Task {
+                    defer { connection.close(promise: nil) }
+                    return try await readAnswer(inbound)
+                }
+                defer { answer.cancel() }
+                struct WriteFailed: Error { let error: any Error }
+                // Writes straight to the channel, each with the future of its going out: the channel's writability
+                // alone (what NIOAsyncChannel's writer waits on) lets a fast producer queue writes without bound
+                // before it changes, and after a close, writes are dropped without an error.
+                var unwritten: [(written: EventLoopFuture<Void>, bytes: Int)] = []
+                var next = 0
+                var unwrittenBytes = 0
+                /// Writes `parts` with one flush; the last one's future stands for them all (writes complete in order).
+                func write(_ parts: [HTTPClientRequestPart], bytes: Int) async throws {
+                    guard let last = parts.last else { return }
+                    for part in parts.dropLast() { connection.write(part, promise: nil) }
+                    unwritten.append((connection.writeAndFlush(last), bytes))
+                    unwrittenBytes += bytes
+                    while next < unwritten.count && (unwrittenBytes > streamingWindow || unwritten.count - next > 1024) {
+                        do {
+                            try await unwritten[next].written.get()
+                        } catch {
+                            throw WriteFailed(error: error)
+                        }
+                        unwrittenBytes -= unwritten[next].bytes
+                        next += 1
+                    }
+                    if next > 4096 {
+                        unwritten.removeFirst(next)
+                        next = 0
+                    }
+                }
+                do {
+                    let headers = HTTPHeaders([("Host", address), ("Connection", "close"), ("Transfer-Encoding", "chunked")])
+                    try await write([.head(HTTPRequestHead(version: .http1_1, method: method, uri: uri, headers: headers))], bytes: 0)
+                    try await body { parts in
+                        try await write(
+                            parts.filter { $0.readableBytes > 0 }.map { .body(.byteBuffer($0)) }, bytes: parts.reduce(0) { $0 + $1.readableBytes })
+                    }
+                    try await write([.end(nil)], bytes: 0)
+                    for pending in unwritten[next...] {
+                        do { try await pending.written.get() } catch { throw WriteFailed(error: error) }
+                    }
+                } catch let failed as WriteFailed {
+                    // The server answered and hung up, or the connection broke: its answer, if one came.
+                    do {
+                        return try await answer.value
+                    } catch {
+                        throw failed.error
+                    }
+                } catch {
+                    connection.close(promise: nil)
+                    throw error
+                }
+                return try await answer.value
+            }
+        } onCancel: {
+            connection.close(promise: nil)
+        }
+    }
+
+    /// Bytes a streamed request's writer may have on their way to the socket before it waits.
+    static let streamingWindow = 8 << 20
+
+    /// The whole answer on `inbound`: status, the headers kept, body.
+    private static func readAnswer(_ inbound: NIOAsyncChannelInboundStream<HTTPClientResponsePart>) async throws -> Answer {
+        var answer = Answer(status: 0, contentType: nil, body: [])
+        for try await part in inbound {
+            switch part {
+            case .head(let head):
+                answer.status = Int(head.status.code)
+                answer.contentType = head.headers.first(name: "Content-Type")
+                answer.location = head.headers.first(name: "Location")
+            case .body(var buffer):
+                answer.body += buffer.readBytes(length: buffer.readableBytes) ?? []
+            case .end:
+                return answer
+            }
+        }
+        throw HTTPExchangeError.closed
     }
 
     /// Sends `GET uri` (or `method` with `body`) and calls `line` with each line of a streamed answer (a watch),
