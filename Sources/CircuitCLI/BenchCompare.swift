@@ -361,7 +361,7 @@ final class SharedBox<Value: Sendable>: Sendable {
 }
 
 extension Duration {
-    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+    var seconds: Double { self / .seconds(1) }
 }
 
 /// The comparison's rows: per system the values of its rounds (or of its members), summarised by their median (or

@@ -157,7 +157,5 @@ func temporaryDirectory(_ prefix: String) -> String {
 }
 
 extension Duration {
-    var milliseconds: Double {
-        Double(components.seconds) * 1000 + Double(components.attoseconds) / 1e15
-    }
+    var milliseconds: Double { self / .milliseconds(1) }
 }

@@ -103,7 +103,7 @@ public enum HTTPExchange {
         // task alone does not end a write suspended by back-pressure, or a read in flight (swift-nio #3472).
         let remaining = clock.now.duration(to: deadline)
         let timer = channel.channel.eventLoop.scheduleTask(
-            in: .nanoseconds(max(0, remaining.components.seconds * 1_000_000_000 + remaining.components.attoseconds / 1_000_000_000))
+            in: TimeAmount(max(.zero, remaining))
         ) { channel.channel.close(promise: nil) }
         defer { timer.cancel() }
         do {
@@ -296,7 +296,7 @@ public enum HTTPExchange {
         let host = String(address[..<colon])
         do {
             return try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-                .connectTimeout(.milliseconds(Int64(timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)))
+                .connectTimeout(TimeAmount(timeout))
                 .channelOption(.socketOption(.tcp_nodelay), value: 1)
                 // A streamed answer (a channel's large messages, a process's output) in reads of up to 1 MiB.
                 .channelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 1 << 20))

@@ -92,11 +92,10 @@ public final class HTTPPool: Sendable {
             throw HTTPExchangeError.connect("\(address) is not host:port")
         }
         let host = String(address[..<colon])
-        let millis = timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000
         let tls = self.tls
         do {
             let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-                .connectTimeout(.milliseconds(millis))
+                .connectTimeout(TimeAmount(timeout))
                 .channelOption(.socketOption(.tcp_nodelay), value: 1)
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
@@ -129,7 +128,6 @@ struct PooledConnection: Sendable {
         for (name, value) in extra { headers.add(name: name, value: value) }
         let head = HTTPRequestHead(version: .http1_1, method: method, uri: uri, headers: headers)
         let channel = self.channel
-        let nanos = timeout.components.seconds * 1_000_000_000 + timeout.components.attoseconds / 1_000_000_000
         channel.eventLoop.execute {
             // Closed since it was taken: nothing is written, the caller may use another connection.
             guard channel.isActive, let collector = try? channel.pipeline.syncOperations.handler(type: ResponseCollector.self) else {
@@ -146,7 +144,7 @@ struct PooledConnection: Sendable {
             let whole = NIOLoopBoundBox(false, eventLoop: channel.eventLoop)
             written.futureResult.whenSuccess { whole.value = true }
             channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: written)
-            let timer = channel.eventLoop.scheduleTask(in: .nanoseconds(nanos)) {
+            let timer = channel.eventLoop.scheduleTask(in: TimeAmount(timeout)) {
                 promise.fail(HTTPExchangeError.timedOut(timeout))
                 channel.close(promise: nil)
             }

@@ -18,6 +18,6 @@ enum HostFacts {
             host: status.host, role: status.role, term: status.term, leader: status.leader,
             cpus: ProcessInfo.processInfo.activeProcessorCount, memoryBytes: kilobytes("MemTotal"),
             memoryAvailableBytes: kilobytes("MemAvailable"), load: load, pid: getpid(),
-            uptimeSeconds: Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18)
+            uptimeSeconds: elapsed / .seconds(1))
     }
 }

@@ -376,7 +376,7 @@ final class ProcRunner: Sendable {
         }
         guard let pid else { return }
         logger.info("stopping a scrubbed process", metadata: ["path": "\(path)", "pid": "\(pid)"])
-        let grace = Double(scrubGrace.components.seconds) + Double(scrubGrace.components.attoseconds) / 1e18
+        let grace = scrubGrace / .seconds(1)
         // On a timer of Dispatch's, not a task's sleep: the kill is not held up by a busy cooperative pool.
         DispatchQueue.global().asyncAfter(deadline: .now() + grace) { [self] in
             // The group's id is its leader's pid. While the leader is this path's child not yet reaped, or while no

@@ -449,7 +449,7 @@ public final class RaftDriver: @unchecked Sendable {
     // MARK: - The loop
 
     private var tickSeconds: Double {
-        Double(options.tickInterval.components.seconds) + Double(options.tickInterval.components.attoseconds) / 1e18
+        options.tickInterval / .seconds(1)
     }
 
     /// The loop on a thread of its own: waits for something in the inbox or the next tick, then takes a turn.

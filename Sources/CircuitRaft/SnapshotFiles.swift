@@ -63,7 +63,7 @@ public final class SnapshotFiles: Sendable {
             offset = end
             if let rate = bytesPerSecond, rate > 0 {
                 let due = start + .milliseconds(offset * 1000 / rate)
-                if clock.now < due { Thread.sleep(forTimeInterval: Double((due - clock.now).components.attoseconds) / 1e18 + Double((due - clock.now).components.seconds)) }
+                if clock.now < due { Thread.sleep(forTimeInterval: (due - clock.now) / .seconds(1)) }
             }
         }
         var trailer: [UInt8] = []
