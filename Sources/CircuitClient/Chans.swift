@@ -169,19 +169,24 @@ extension Chan {
 
     /// Sends each message of `messages`, in order, in one request that lasts as long as the sequence: a stream of
     /// sends, as `send(contentsOf:)`, for a producer whose messages are not all there up front (a pipe, a generator).
-    /// Nothing waits a round trip between messages, and back-pressure reaches the producer: the next message is taken
-    /// from the sequence only once the connection took the last, and the host reads no further while a send waits on
-    /// a full channel. Each message is written as it comes, as it is (not copied). Answers how many were sent: all,
-    /// unless it throws. A refusal midway (the channel closed or removed) ends the stream with that error; an error
-    /// the sequence throws ends it too, and is thrown (the messages before it were sent).
+    /// Nothing waits a round trip between messages. Back-pressure reaches the producer: the next message is taken
+    /// from the sequence while less than 8 MiB (`HTTPExchange.streamingWindow`) of those before it are still on their
+    /// way to the socket, and the host reads no further while a send waits on a full channel. Each message is written
+    /// as it comes, as it is (not copied). Answers how many were sent: all, unless it throws.
+    ///
+    /// A refusal midway (the channel closed or removed, a message too large) ends the stream with that error, as a
+    /// `CircuitClientError`, even while the sequence has nothing to send (its task is cancelled: a sequence that heeds
+    /// cancellation, as AsyncStream does, ends then). An error the sequence throws ends the request cleanly and is
+    /// thrown as it is, once the host answered: every message before it was sent.
     @discardableResult
-    public func send<Messages: AsyncSequence>(streaming messages: Messages) async throws(CircuitClientError) -> Int
+    public func send<Messages: AsyncSequence & Sendable>(streaming messages: Messages) async throws -> Int
     where Messages.Element == ByteBuffer {
-        guard let endpoint = owner.endpoints.first else { throw .unreachable(endpoints: [], why: "no endpoints given") }
+        guard let endpoint = owner.endpoints.first else { throw CircuitClientError.unreachable(endpoints: [], why: "no endpoints given") }
         let answer: HTTPExchange.Answer
         do {
+            let escaped = path.split(separator: "/", omittingEmptySubsequences: false).map { CircuitClient.escape(String($0)) }.joined(separator: "/")
             let created = createRevision.map { "&created=\($0)" } ?? ""
-            answer = try await HTTPExchange.performStreaming(.POST, "/v1/chan/send\(path)?stream=1\(created)", to: endpoint, tls: owner.tls) { write in
+            answer = try await HTTPExchange.performStreaming(.POST, "/v1/chan/send\(escaped)?stream=1\(created)", to: endpoint, tls: owner.tls) { write in
                 var iterator = messages.makeAsyncIterator()
                 while true {
                     let next: ByteBuffer?
@@ -197,18 +202,17 @@ extension Chan {
                 }
             }
         } catch let produced as StreamedMessagesFailed {
-            if let error = produced.error as? CircuitClientError { throw error }
-            throw .noAnswer(endpoint: endpoint, why: "the sequence of messages failed, after some may have been sent: \(produced.error)")
+            throw produced.error
         } catch let error as HTTPExchangeError where error.requestNotSent {
-            throw .unreachable(endpoints: [endpoint], why: "\(error)")
+            throw CircuitClientError.unreachable(endpoints: [endpoint], why: "\(error)")
         } catch {
-            throw .noAnswer(endpoint: endpoint, why: "\(error)")
+            throw CircuitClientError.noAnswer(endpoint: endpoint, why: Task.isCancelled ? "cancelled" : "\(error)")
         }
         if answer.status != 200 { throw CircuitClient.apiError(status: answer.status, body: answer.body) }
         do {
             return try JSONDecoder().decode([String: Int].self, from: Data(answer.body))["sent"] ?? 0
         } catch {
-            throw .badAnswer("\(error)")
+            throw CircuitClientError.badAnswer("\(error)")
         }
     }
 

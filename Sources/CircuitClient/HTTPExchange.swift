@@ -125,84 +125,129 @@ public enum HTTPExchange {
         }
     }
 
-    /// One request on a connection of its own whose body is written while `body` runs, in chunked transfer coding.
-    /// Back-pressure: each call of the `write` it is handed sends its parts and returns while less than
-    /// `streamingWindow` bytes are still on their way to the socket; past that, it waits for the oldest to go out, so
-    /// a server that reads no further holds the writer back. No deadline: a caller that gives up (its task cancelled)
-    /// hangs up. An answer that comes before the body ends (a refusal, or an error midway) closes the connection: the
-    /// next write fails, and that answer is what this returns. An error `body` throws itself hangs up and is rethrown.
+    /// One request on a connection of its own whose body is written, in chunked transfer coding, by `body` in a task
+    /// of its own, while the answer is read. Back-pressure: each call of the `write` it is handed sends its parts and
+    /// returns while less than `streamingWindow` bytes are still on their way to the socket (so up to that plus one
+    /// call's parts); past that, it waits for the oldest to go out, so a server that reads no further holds the
+    /// writer back. No deadline: a caller that gives up (its task cancelled) hangs up.
+    ///
+    /// An answer that comes before the body ends (a refusal, or an error midway) ends `body` (its task is cancelled,
+    /// even while it waits for something to send) and resets the connection, and that answer is returned. An error
+    /// `body` throws ends the body there, cleanly: the server answers for what it got, then the error is thrown.
     public static func performStreaming(
         _ method: HTTPMethod, _ uri: String, to address: String, tls: TLSFiles? = ClientTLS.default,
-        body: (_ write: ([ByteBuffer]) async throws -> Void) async throws -> Void
+        body: @escaping @Sendable (_ write: ([ByteBuffer]) async throws -> Void) async throws -> Void
     ) async throws -> Answer {
         let channel = try await connect(address, timeout: .seconds(10), tls: tls)
         let connection = channel.channel
-        return try await withTaskCancellationHandler {
+        let (answer, bodyError): (Answer, (any Error)?) = try await withTaskCancellationHandler {
             try await channel.executeThenClose { inbound, _ in
-                // The answer is read while the body is written: it may come first.
-                let answer = Task {
-                    defer { connection.close(promise: nil) }
-                    return try await readAnswer(inbound)
-                }
-                defer { answer.cancel() }
-                struct WriteFailed: Error { let error: any Error }
-                // Writes straight to the channel, each with the future of its going out: the channel's writability
-                // alone (what NIOAsyncChannel's writer waits on) lets a fast producer queue writes without bound
-                // before it changes, and after a close, writes are dropped without an error.
-                var unwritten: [(written: EventLoopFuture<Void>, bytes: Int)] = []
-                var next = 0
-                var unwrittenBytes = 0
-                /// Writes `parts` with one flush; the last one's future stands for them all (writes complete in order).
-                func write(_ parts: [HTTPClientRequestPart], bytes: Int) async throws {
-                    guard let last = parts.last else { return }
-                    for part in parts.dropLast() { connection.write(part, promise: nil) }
-                    unwritten.append((connection.writeAndFlush(last), bytes))
-                    unwrittenBytes += bytes
-                    while next < unwritten.count && (unwrittenBytes > streamingWindow || unwritten.count - next > 1024) {
+                try await withThrowingTaskGroup(of: (any Error)?.self) { group in
+                    group.addTask {
+                        var window = StreamingWindow(connection)
+                        let headers = HTTPHeaders([("Host", address), ("Connection", "close"), ("Transfer-Encoding", "chunked")])
+                        try await window.write([.head(HTTPRequestHead(version: .http1_1, method: method, uri: uri, headers: headers))], bytes: 0)
+                        var failure: (any Error)? = nil
                         do {
-                            try await unwritten[next].written.get()
+                            try await body { parts in
+                                try await window.write(
+                                    parts.filter { $0.readableBytes > 0 }.map { .body(.byteBuffer($0)) }, bytes: parts.reduce(0) { $0 + $1.readableBytes })
+                            }
+                        } catch let error as StreamingWindow.WriteFailed {
+                            throw error
                         } catch {
-                            throw WriteFailed(error: error)
+                            failure = error
                         }
-                        unwrittenBytes -= unwritten[next].bytes
-                        next += 1
+                        try await window.write([.end(nil)], bytes: 0)
+                        try await window.drain()
+                        return failure
                     }
-                    if next > 4096 {
-                        unwritten.removeFirst(next)
-                        next = 0
-                    }
-                }
-                do {
-                    let headers = HTTPHeaders([("Host", address), ("Connection", "close"), ("Transfer-Encoding", "chunked")])
-                    try await write([.head(HTTPRequestHead(version: .http1_1, method: method, uri: uri, headers: headers))], bytes: 0)
-                    try await body { parts in
-                        try await write(
-                            parts.filter { $0.readableBytes > 0 }.map { .body(.byteBuffer($0)) }, bytes: parts.reduce(0) { $0 + $1.readableBytes })
-                    }
-                    try await write([.end(nil)], bytes: 0)
-                    for pending in unwritten[next...] {
-                        do { try await pending.written.get() } catch { throw WriteFailed(error: error) }
-                    }
-                } catch let failed as WriteFailed {
-                    // The server answered and hung up, or the connection broke: its answer, if one came.
+                    let answer: Answer
                     do {
-                        return try await answer.value
+                        answer = try await readAnswer(inbound)
                     } catch {
-                        throw failed.error
+                        group.cancelAll()
+                        abort(connection)
+                        throw error
                     }
-                } catch {
-                    connection.close(promise: nil)
-                    throw error
+                    // A 200 comes only after the whole body: what `body` threw, if anything, is the writing's result.
+                    // Any other answer may come first: the writing is cut short.
+                    if answer.status == 200, let result = try? await group.next() {
+                        return (answer, result)
+                    }
+                    group.cancelAll()
+                    abort(connection)
+                    return (answer, nil)
                 }
-                return try await answer.value
             }
         } onCancel: {
-            connection.close(promise: nil)
+            abort(connection)
+        }
+        if let bodyError { throw bodyError }
+        return answer
+    }
+
+    /// Hangs up at once: a reset rather than a FIN queued behind unread data, and over TLS without waiting for the
+    /// peer's close_notify, which a server that reads no more cannot send (NIOSSL would wait 5 s for it).
+    private static func abort(_ connection: any Channel) {
+        let options = connection as? any SocketOptionProvider
+        connection.eventLoop.execute {
+            _ = options?.setSoLinger(linger(l_onoff: 1, l_linger: 0))
+            // Closed from TLS's own place in the pipeline, the close goes to the socket without passing through it.
+            if let tls = try? connection.pipeline.syncOperations.context(handlerType: NIOSSLClientHandler.self) {
+                tls.close(promise: nil)
+            } else {
+                connection.close(promise: nil)
+            }
         }
     }
 
     /// Bytes a streamed request's writer may have on their way to the socket before it waits.
     static let streamingWindow = 8 << 20
+
+    /// The writes of a streamed request, straight to the channel, each with the future of its going out: the
+    /// channel's writability alone (what NIOAsyncChannel's writer waits on) lets a fast producer queue writes without
+    /// bound before it changes, and after a close, writes are dropped without an error.
+    private struct StreamingWindow {
+        struct WriteFailed: Error { let error: any Error }
+        private let connection: any Channel
+        private var unwritten: [(written: EventLoopFuture<Void>, bytes: Int)] = []
+        private var next = 0
+        private var unwrittenBytes = 0
+
+        init(_ connection: any Channel) { self.connection = connection }
+
+        /// Writes `parts` with one flush (the last one's future stands for them all: writes complete in order), then
+        /// waits while more than the window is still unwritten.
+        mutating func write(_ parts: [HTTPClientRequestPart], bytes: Int) async throws {
+            guard let last = parts.last else { return }
+            for part in parts.dropLast() { connection.write(part, promise: nil) }
+            unwritten.append((connection.writeAndFlush(last), bytes))
+            unwrittenBytes += bytes
+            while next < unwritten.count && (unwrittenBytes > HTTPExchange.streamingWindow || unwritten.count - next > 1024) {
+                try await waitForOldest()
+            }
+            if next > 4096 {
+                unwritten.removeFirst(next)
+                next = 0
+            }
+        }
+
+        /// Waits until everything written went out.
+        mutating func drain() async throws {
+            while next < unwritten.count { try await waitForOldest() }
+        }
+
+        private mutating func waitForOldest() async throws {
+            do {
+                try await unwritten[next].written.get()
+            } catch {
+                throw WriteFailed(error: error)
+            }
+            unwrittenBytes -= unwritten[next].bytes
+            next += 1
+        }
+    }
 
     /// The whole answer on `inbound`: status, the headers kept, body.
     private static func readAnswer(_ inbound: NIOAsyncChannelInboundStream<HTTPClientResponsePart>) async throws -> Answer {

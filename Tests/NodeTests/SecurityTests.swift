@@ -244,6 +244,16 @@ struct SecurityDaemonTests {
         let writer = CircuitClient(endpoints: cluster.apis, tls: try cluster.issueClient("writer", roles: [.write]))
         _ = try await writer.put("/records/app/config", Array("v2".utf8))
         _ = try await writer.makeChannel("/\(owner)/jobs", capacity: 4)
+        // A streamed send over TLS, 64 KiB messages without end: the host's refusal (the channel closed while a send
+        // waits on it) ends it, the connection reset below TLS (whose close would wait for a close_notify that a
+        // host reading no more cannot send).
+        let streamer = CircuitClient(endpoints: cluster.apis, tls: try cluster.issueClient("streamer", roles: [.read, .write]))
+        let jobs = try await streamer.channel("/\(owner)/jobs")
+        let block = ByteBuffer(repeating: 0x6a, count: 64 << 10)
+        let overTLS = Task { try await jobs.send(streaming: AsyncStream { block }) }
+        try await eventually("a streamed send over TLS waiting on the full channel") { (try? await jobs.stat())?.waitingSenders == 1 }
+        _ = try await jobs.close()
+        #expect(await apiCode { _ = try await overTLS.value } == "closed")
         let noExec = await refusalMessage { _ = try await writer.run("/\(owner)/p1", ProcCommandView(path: "/bin/true")) }
         #expect(noExec?.contains("needs the exec role") == true, "\(noExec ?? "not refused")")
         let noAdmin = await refusalMessage { _ = try await writer.stateSnapshot() }
