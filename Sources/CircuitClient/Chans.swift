@@ -184,9 +184,8 @@ extension Chan {
         guard let endpoint = owner.endpoints.first else { throw CircuitClientError.unreachable(endpoints: [], why: "no endpoints given") }
         let answer: HTTPExchange.Answer
         do {
-            let escaped = path.split(separator: "/", omittingEmptySubsequences: false).map { CircuitClient.escape(String($0)) }.joined(separator: "/")
             let created = createRevision.map { "&created=\($0)" } ?? ""
-            answer = try await HTTPExchange.performStreaming(.POST, "/v1/chan/send\(escaped)?stream=1\(created)", to: endpoint, tls: owner.tls) { write in
+            answer = try await HTTPExchange.performStreaming(.POST, "/v1/chan/send\(CircuitClient.escape(path: path))?stream=1\(created)", to: endpoint, tls: owner.tls) { write in
                 var iterator = messages.makeAsyncIterator()
                 while true {
                     let next: ByteBuffer?
@@ -250,7 +249,7 @@ extension Chan {
         let answer: (status: Int, errorBody: [UInt8])
         do {
             let created = createRevision.map { "&created=\($0)" } ?? ""
-            answer = try await HTTPExchange.streamBuffers(.POST, "/v1/chan/recv\(path)?stream=\(count)\(created)", to: endpoint, tls: owner.tls) { chunk in
+            answer = try await HTTPExchange.streamBuffers(.POST, "/v1/chan/recv\(CircuitClient.escape(path: path))?stream=\(count)\(created)", to: endpoint, tls: owner.tls) { chunk in
                 var chunk = chunk
                 while let message = try frames.next(&chunk) {
                     try await each(message)

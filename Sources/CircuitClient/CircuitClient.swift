@@ -236,7 +236,7 @@ public struct CircuitClient: Sendable {
     func callRaw(
         _ method: String, _ path: String, query: [String: String] = [:], parts body: [ByteBuffer], ownConnection: Bool = false
     ) async throws(CircuitClientError) -> [UInt8] {
-        var uri = path.split(separator: "/", omittingEmptySubsequences: false).map { Self.escape(String($0)) }.joined(separator: "/")
+        var uri = Self.escape(path: path)
         if !query.isEmpty {
             uri += "?" + query.sorted { $0.key < $1.key }.map { "\(Self.escape($0.key))=\(Self.escape($0.value))" }.joined(separator: "&")
         }
@@ -289,6 +289,11 @@ public struct CircuitClient: Sendable {
     }
 
     /// Percent-encodes everything but unreserved characters.
+    /// `path` with each of its segments escaped.
+    static func escape(path: String) -> String {
+        path.split(separator: "/", omittingEmptySubsequences: false).map { escape(String($0)) }.joined(separator: "/")
+    }
+
     static func escape(_ s: String) -> String {
         var out = ""
         for b in s.utf8 {
