@@ -175,8 +175,8 @@ extension Chan {
     /// as it comes, as it is (not copied). Answers how many were sent: all, unless it throws.
     ///
     /// A refusal midway (the channel closed or removed, a message too large) ends the stream with that error, as a
-    /// `CircuitClientError`, even while the sequence has nothing to send (its task is cancelled: a sequence that heeds
-    /// cancellation, as AsyncStream does, ends then). An error the sequence throws ends the request cleanly and is
+    /// `CircuitClientError`, even while the sequence has nothing to send: its task is cancelled (a sequence that heeds
+    /// cancellation, as AsyncStream does, ends then; one that does not holds the call until its next element). An error the sequence throws ends the request cleanly and is
     /// thrown as it is, once the host answered: every message before it was sent.
     @discardableResult
     public func send<Messages: AsyncSequence & Sendable>(streaming messages: Messages) async throws -> Int

@@ -288,12 +288,12 @@ public struct CircuitClient: Sendable {
         return .api(APIError(status: status, code: "http_\(status)", message: text.isEmpty ? "the node answered HTTP \(status)" : text))
     }
 
-    /// Percent-encodes everything but unreserved characters.
     /// `path` with each of its segments escaped.
     static func escape(path: String) -> String {
         path.split(separator: "/", omittingEmptySubsequences: false).map { escape(String($0)) }.joined(separator: "/")
     }
 
+    /// Percent-encodes everything but unreserved characters.
     static func escape(_ s: String) -> String {
         var out = ""
         for b in s.utf8 {

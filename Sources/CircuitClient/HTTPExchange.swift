@@ -131,9 +131,10 @@ public enum HTTPExchange {
     /// call's parts); past that, it waits for the oldest to go out, so a server that reads no further holds the
     /// writer back. No deadline: a caller that gives up (its task cancelled) hangs up.
     ///
-    /// An answer that comes before the body ends (a refusal, or an error midway) ends `body` (its task is cancelled,
-    /// even while it waits for something to send) and resets the connection, and that answer is returned. An error
-    /// `body` throws ends the body there, cleanly: the server answers for what it got, then the error is thrown.
+    /// An answer that comes before the body ends (a refusal, or an error midway) resets the connection and cancels
+    /// `body`'s task, and that answer is returned once `body` has returned (a sequence that heeds cancellation, as
+    /// AsyncStream does, ends at once; one that does not holds the call until its next element). An error `body`
+    /// throws ends the body there, cleanly: the server answers for what it got, then the error is thrown.
     public static func performStreaming(
         _ method: HTTPMethod, _ uri: String, to address: String, tls: TLSFiles? = ClientTLS.default,
         body: @escaping @Sendable (_ write: ([ByteBuffer]) async throws -> Void) async throws -> Void
@@ -143,6 +144,7 @@ public enum HTTPExchange {
         let (answer, bodyError): (Answer, (any Error)?) = try await withTaskCancellationHandler {
             try await channel.executeThenClose { inbound, _ in
                 try await withThrowingTaskGroup(of: (any Error)?.self) { group in
+                    let ended = NIOLockedValueBox(false)
                     group.addTask {
                         var window = StreamingWindow(connection)
                         let headers = HTTPHeaders([("Host", address), ("Connection", "close"), ("Transfer-Encoding", "chunked")])
@@ -158,6 +160,9 @@ public enum HTTPExchange {
                         } catch {
                             failure = error
                         }
+                        // Cut short (the answer came first, or the caller gave up): the body must not end as if whole.
+                        if Task.isCancelled { throw CancellationError() }
+                        ended.withLockedValue { $0 = true }
                         try await window.write([.end(nil)], bytes: 0)
                         try await window.drain()
                         return failure
@@ -166,17 +171,18 @@ public enum HTTPExchange {
                     do {
                         answer = try await readAnswer(inbound)
                     } catch {
-                        group.cancelAll()
                         abort(connection)
+                        group.cancelAll()
                         throw error
                     }
-                    // A 200 comes only after the whole body: what `body` threw, if anything, is the writing's result.
-                    // Any other answer may come first: the writing is cut short.
-                    if answer.status == 200, let result = try? await group.next() {
+                    // A 200 after the whole body was written: what `body` threw, if anything, is the writing's result.
+                    // Any other answer, or one before the body's end, cuts the writing short (reset first, so that
+                    // the end of the body cannot reach the server after all).
+                    if answer.status == 200, ended.withLockedValue({ $0 }), let result = try? await group.next() {
                         return (answer, result)
                     }
-                    group.cancelAll()
                     abort(connection)
+                    group.cancelAll()
                     return (answer, nil)
                 }
             }

@@ -252,8 +252,11 @@ struct SecurityDaemonTests {
         let block = ByteBuffer(repeating: 0x6a, count: 64 << 10)
         let overTLS = Task { try await jobs.send(streaming: AsyncStream { block }) }
         try await eventually("a streamed send over TLS waiting on the full channel") { (try? await jobs.stat())?.waitingSenders == 1 }
+        let closing = ContinuousClock.now
         _ = try await jobs.close()
         #expect(await apiCode { _ = try await overTLS.value } == "closed")
+        // Well under NIOSSL's 5 s wait for a close_notify, which a close through TLS would have taken.
+        #expect(ContinuousClock.now - closing < .seconds(4), "the refusal took \(ContinuousClock.now - closing)")
         let noExec = await refusalMessage { _ = try await writer.run("/\(owner)/p1", ProcCommandView(path: "/bin/true")) }
         #expect(noExec?.contains("needs the exec role") == true, "\(noExec ?? "not refused")")
         let noAdmin = await refusalMessage { _ = try await writer.stateSnapshot() }
