@@ -244,19 +244,17 @@ struct SecurityDaemonTests {
         let writer = CircuitClient(endpoints: cluster.apis, tls: try cluster.issueClient("writer", roles: [.write]))
         _ = try await writer.put("/records/app/config", Array("v2".utf8))
         _ = try await writer.makeChannel("/\(owner)/jobs", capacity: 4)
-        // A streamed send over TLS, 64 KiB messages without end: the host's refusal (the channel closed while a send
-        // waits on it) ends it, the connection reset below TLS (whose close would wait for a close_notify that a
-        // host reading no more cannot send).
+        // A streamed send over TLS whose first message is too large, its producer then idle: the host's refusal,
+        // sent as soon as it reads the length, ends it at once (the idle producer cancelled, the connection reset
+        // below TLS).
         let streamer = CircuitClient(endpoints: cluster.apis, tls: try cluster.issueClient("streamer", roles: [.read, .write]))
         let jobs = try await streamer.channel("/\(owner)/jobs")
-        let block = ByteBuffer(repeating: 0x6a, count: 64 << 10)
-        let overTLS = Task { try await jobs.send(streaming: AsyncStream { block }) }
-        try await eventually("a streamed send over TLS waiting on the full channel") { (try? await jobs.stat())?.waitingSenders == 1 }
-        let closing = ContinuousClock.now
-        _ = try await jobs.close()
-        #expect(await apiCode { _ = try await overTLS.value } == "closed")
-        // Well under NIOSSL's 5 s wait for a close_notify, which a close through TLS would have taken.
-        #expect(ContinuousClock.now - closing < .seconds(4), "the refusal took \(ContinuousClock.now - closing)")
+        let (idle, idleProducer) = AsyncStream.makeStream(of: ByteBuffer.self)
+        idleProducer.yield(ByteBuffer(repeating: 0x6a, count: (1 << 20) + 1))
+        let sending = ContinuousClock.now
+        #expect(await apiCode { try await jobs.send(streaming: idle) } == "too_large")
+        #expect(ContinuousClock.now - sending < .seconds(4), "the refusal took \(ContinuousClock.now - sending)")
+        idleProducer.finish()
         let noExec = await refusalMessage { _ = try await writer.run("/\(owner)/p1", ProcCommandView(path: "/bin/true")) }
         #expect(noExec?.contains("needs the exec role") == true, "\(noExec ?? "not refused")")
         let noAdmin = await refusalMessage { _ = try await writer.stateSnapshot() }
