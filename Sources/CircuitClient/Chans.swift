@@ -172,12 +172,14 @@ extension Chan {
     /// Nothing waits a round trip between messages. Back-pressure reaches the producer: the next message is taken
     /// from the sequence while less than 8 MiB (`HTTPExchange.streamingWindow`) of those before it are still on their
     /// way to the socket, and the host reads no further while a send waits on a full channel. Each message is written
-    /// as it comes, as it is (not copied). Answers how many were sent: all, unless it throws.
+    /// as it comes, framed as `send(contentsOf:)` frames it (a large one as it is, not copied). Answers how many were
+    /// sent: all, unless it throws.
     ///
     /// A refusal midway (the channel closed or removed, a message too large) ends the stream with that error, as a
     /// `CircuitClientError`, even while the sequence has nothing to send: its task is cancelled (a sequence that heeds
-    /// cancellation, as AsyncStream does, ends then; one that does not holds the call until its next element). An error the sequence throws ends the request cleanly and is
-    /// thrown as it is, once the host answered: every message before it was sent.
+    /// cancellation, as AsyncStream does, ends then; one that does not holds the call until its next element). An
+    /// error the sequence throws ends the request cleanly and is thrown as it is, once the host answered: every
+    /// message before it was sent.
     @discardableResult
     public func send<Messages: AsyncSequence & Sendable>(streaming messages: Messages) async throws -> Int
     where Messages.Element == ByteBuffer {
@@ -187,6 +189,7 @@ extension Chan {
             let created = createRevision.map { "&created=\($0)" } ?? ""
             answer = try await HTTPExchange.performStreaming(.POST, "/v1/chan/send\(CircuitClient.escape(path: path))?stream=1\(created)", to: endpoint, tls: owner.tls) { write in
                 var iterator = messages.makeAsyncIterator()
+                var frames = MessageFrameWriter()
                 while true {
                     let next: ByteBuffer?
                     do {
@@ -195,9 +198,8 @@ extension Chan {
                         throw StreamedMessagesFailed(error: error)
                     }
                     guard let message = next else { return }
-                    var frame = ByteBuffer()
-                    frame.writeInteger(UInt32(message.readableBytes))
-                    try await write([frame, message])
+                    frames.append(message)
+                    try await write(frames.take())
                 }
             }
         } catch let produced as StreamedMessagesFailed {

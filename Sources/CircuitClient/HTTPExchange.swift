@@ -217,8 +217,7 @@ public enum HTTPExchange {
     private struct StreamingWindow {
         struct WriteFailed: Error { let error: any Error }
         private let connection: any Channel
-        private var unwritten: [(written: EventLoopFuture<Void>, bytes: Int)] = []
-        private var next = 0
+        private var unwritten = CircularBuffer<(written: EventLoopFuture<Void>, bytes: Int)>()
         private var unwrittenBytes = 0
 
         init(_ connection: any Channel) { self.connection = connection }
@@ -230,28 +229,25 @@ public enum HTTPExchange {
             for part in parts.dropLast() { connection.write(part, promise: nil) }
             unwritten.append((connection.writeAndFlush(last), bytes))
             unwrittenBytes += bytes
-            while next < unwritten.count && (unwrittenBytes > HTTPExchange.streamingWindow || unwritten.count - next > 1024) {
+            while unwrittenBytes > HTTPExchange.streamingWindow || unwritten.count > 1024 {
                 try await waitForOldest()
-            }
-            if next > 4096 {
-                unwritten.removeFirst(next)
-                next = 0
             }
         }
 
         /// Waits until everything written went out.
         mutating func drain() async throws {
-            while next < unwritten.count { try await waitForOldest() }
+            while !unwritten.isEmpty { try await waitForOldest() }
         }
 
         private mutating func waitForOldest() async throws {
+            guard let oldest = unwritten.first else { return }
             do {
-                try await unwritten[next].written.get()
+                try await oldest.written.get()
             } catch {
                 throw WriteFailed(error: error)
             }
-            unwrittenBytes -= unwritten[next].bytes
-            next += 1
+            unwrittenBytes -= oldest.bytes
+            unwritten.removeFirst()
         }
     }
 
