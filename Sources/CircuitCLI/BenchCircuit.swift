@@ -5,15 +5,19 @@ import NIOCore
 import NIOHTTP1
 
 /// Circuit as a compared system: three daemons of this binary on loopback (`DaemonProcesses`, as `circuit dev` runs
-/// them), driven through the HTTP API. Keys are records: `/bench/k00000042` is `/records/bench/k00000042`.
+/// them), driven through the binary protocol (`WireConnection`), or with `http` through the HTTP API. Keys are
+/// records: `/bench/k00000042` is `/records/bench/k00000042`. Watches are the HTTP API's either way.
 final class CircuitSystem: ComparedSystem {
-    let name = "Circuit"
+    let name: String
     let version: String
     private let daemons: DaemonProcesses
+    private let http: Bool
 
-    init(binary: String, base: String) throws {
-        daemons = try DaemonProcesses(binary: binary, base: "\(base)/circuit", count: 3, portRange: cliPortRange)
-        version = "Circuit (this build)"
+    init(binary: String, base: String, http: Bool = false) throws {
+        self.http = http
+        daemons = try DaemonProcesses(binary: binary, base: "\(base)/circuit\(http ? "-http" : "")", count: 3, portRange: cliPortRange)
+        name = http ? "Circuit (HTTP)" : "Circuit"
+        version = http ? "Circuit (this build, HTTP API)" : "Circuit (this build)"
     }
 
     func start() async throws {
@@ -26,8 +30,11 @@ final class CircuitSystem: ComparedSystem {
     func stop() { daemons.stopAll(signal: SIGKILL) }
 
     func connect(_ member: Int) async throws -> any ComparedConnection {
-        let parts = daemons.members[member].api.split(separator: ":")
-        return CircuitComparedConnection(http: try await BenchHTTPConnection.open(host: String(parts[0]), port: Int(parts[1]) ?? 0))
+        let address = daemons.members[member].api
+        let parts = address.split(separator: ":")
+        let connection = try await BenchHTTPConnection.open(host: String(parts[0]), port: Int(parts[1]) ?? 0)
+        if http { return CircuitComparedConnection(http: connection) }
+        return CircuitWireComparedConnection(wire: try await WireConnection.connect(to: address, tls: nil), http: connection)
     }
 
     func leader() async throws -> Int { try await daemons.leader(timeout: .seconds(10)) }
@@ -94,6 +101,56 @@ final class CircuitComparedConnection: ComparedConnection {
 
     private static func failure(_ method: String, _ key: String, _ answer: (status: Int, body: ByteBuffer)) -> ComparedError {
         ComparedError("Circuit \(method) \(key): HTTP \(answer.status) \(String(buffer: answer.body))")
+    }
+}
+
+/// One client's wire connection to one daemon (`WireConnection`) for the writes and reads, and an HTTP one for its
+/// watches (a stream each).
+final class CircuitWireComparedConnection: ComparedConnection {
+    private let wire: WireConnection
+    private let http: CircuitComparedConnection
+
+    init(wire: WireConnection, http: BenchHTTPConnection) {
+        self.wire = wire
+        self.http = CircuitComparedConnection(http: http)
+    }
+
+    func put(_ key: String, _ value: [UInt8]) async throws {
+        try await wire.put(key, value)
+    }
+
+    /// A linearizable read (a read barrier through the leader).
+    func read(_ key: String) async throws -> Int64 {
+        do {
+            return Int64(try await wire.get(key).version)
+        } catch {
+            if Self.code(of: error) == "not_found" { return 0 }
+            throw error
+        }
+    }
+
+    func compareAndSet(_ key: String, version: Int64, _ value: [UInt8]) async throws -> Int64? {
+        do {
+            return Int64(try await wire.put(key, value, version: UInt64(version)).version)
+        } catch {
+            if ["version_mismatch", "exists"].contains(Self.code(of: error)) { return nil }
+            throw error
+        }
+    }
+
+    /// The API's error code, if the cluster answered with an error.
+    private static func code(of error: CircuitClientError) -> String? {
+        if case .api(let e) = error { return e.code }
+        return nil
+    }
+
+    func watch(_ key: String, changed: @escaping @Sendable () -> Void) async throws {
+        try await http.watch(key, changed: changed)
+    }
+
+    func close() async {
+        await wire.close()
+        await http.close()
     }
 }
 

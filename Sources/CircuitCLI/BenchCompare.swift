@@ -10,7 +10,8 @@ struct CompareBench: AsyncParsableCommand {
         commandName: "compare",
         abstract: "Circuit beside etcd and ZooKeeper in one run: writes, linearizable reads, compare-and-set, watch latency, failover, RSS, disk.")
 
-    @Option(help: "Systems, comma-separated, from circuit, etcd, zookeeper.") var systems: String = "circuit,etcd,zookeeper"
+    @Option(help: "Systems, comma-separated, from circuit, etcd, zookeeper, and circuit-http (Circuit through its HTTP API instead of the binary protocol, as a figure beside it, not a competitor).")
+    var systems: String = "circuit,etcd,zookeeper"
     @Option(help: "Concurrent clients, comma-separated; each has its own connection, spread over the 3 members.")
     var clients: String = "1,16,64"
     @Option(help: "Seconds measured per run (after a one-second warm-up).") var seconds: Double = 5
@@ -30,8 +31,8 @@ struct CompareBench: AsyncParsableCommand {
             throw ValidationError("--rounds, --seconds and --watch-samples must be positive; --keys at least the most clients")
         }
         let names = systems.split(separator: ",").map { $0.lowercased() }
-        guard !names.isEmpty, names.allSatisfy({ ["circuit", "etcd", "zookeeper"].contains($0) }) else {
-            throw ValidationError("--systems: circuit, etcd, zookeeper")
+        guard !names.isEmpty, names.allSatisfy({ ["circuit", "circuit-http", "etcd", "zookeeper"].contains($0) }) else {
+            throw ValidationError("--systems: circuit, circuit-http, etcd, zookeeper")
         }
         if !noInstall { try installMissing(names) }
         let base = data ?? temporaryDirectory("circuit-bench-compare")
@@ -41,6 +42,7 @@ struct CompareBench: AsyncParsableCommand {
         for name in names {
             switch name {
             case "circuit": compared.append(try CircuitSystem(binary: binary, base: base))
+            case "circuit-http": compared.append(try CircuitSystem(binary: binary, base: base, http: true))
             case "etcd": compared.append(EtcdSystem(base: "\(base)/etcd"))
             default: compared.append(ZooKeeperSystem(base: "\(base)/zookeeper"))
             }
@@ -378,7 +380,8 @@ struct ComparisonTable {
         let values: [String: [Double]]
         /// Per system: the median (or the largest).
         let summary: [String: Double]
-        /// Circuit beside the better of the others, above 1 when Circuit leads; nil without Circuit or another.
+        /// Circuit beside the better of the others (not Circuit through HTTP), above 1 when Circuit leads; nil without
+        /// Circuit or another.
         let ratio: Double?
     }
 
@@ -394,7 +397,7 @@ struct ComparisonTable {
         }
         var ratio: Double?
         if let ours = summarised["Circuit"] {
-            let others = summarised.filter { $0.key != "Circuit" }.map(\.value)
+            let others = summarised.filter { !$0.key.hasPrefix("Circuit") }.map(\.value)
             if let best = better == .higher ? others.max() : others.min(), best > 0, ours > 0 {
                 ratio = better == .higher ? ours / best : best / ours
             }

@@ -187,16 +187,25 @@ struct ClusterTLSChannel<Base: ServerChildChannel>: ServerChildChannel {
 }
 
 extension HTTPServerBuilder {
-    /// HTTP/1.1 behind mutual TLS with the cluster's CA.
-    static func clusterTLS(_ tls: TLSFiles, logger: Logger) -> HTTPServerBuilder {
+    /// HTTP/1.1 behind mutual TLS with the cluster's CA, and the binary protocol (`Wire`) beside it on the same port
+    /// (`records`: what serves it; nil on a worker, which tells such a client to go to a member).
+    static func clusterTLS(_ tls: TLSFiles, records: WireRecords?, logger: Logger) -> HTTPServerBuilder {
         .init { responder in
-            LargeReadsChannel(base: ClusterTLSChannel(base: HTTP1Channel(responder: responder, configuration: .init()), tls: tls, logger: logger))
+            LargeReadsChannel(
+                base: ClusterTLSChannel(
+                    base: WireOrHTTPChannel(
+                        base: HTTP1Channel(responder: responder, configuration: .init()), records: records, tls: true, logger: logger),
+                    tls: tls, logger: logger))
         }
     }
 
-    /// HTTP/1.1 in plaintext (loopback, or `--insecure`).
-    static var plain: HTTPServerBuilder {
-        .init { responder in LargeReadsChannel(base: HTTP1Channel(responder: responder, configuration: .init())) }
+    /// HTTP/1.1 in plaintext (loopback, or `--insecure`), and the binary protocol beside it.
+    static func plain(records: WireRecords?, logger: Logger) -> HTTPServerBuilder {
+        .init { responder in
+            LargeReadsChannel(
+                base: WireOrHTTPChannel(
+                    base: HTTP1Channel(responder: responder, configuration: .init()), records: records, tls: false, logger: logger))
+        }
     }
 }
 

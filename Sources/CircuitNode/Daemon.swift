@@ -219,6 +219,7 @@ public final class CircuitDaemon: Sendable {
             beside: [HostAgent(node: node), JobAgent(node: node), HostRuntimeService(runtime: runtime), WatchCloser(state: node.service.state, logger: logger)],
             config: config,
             tls: tls,
+            records: WireRecords(service: service),
             logger: logger)
         logger.info("shutting down: handing leadership over if leader")
         await driver.shutdown()
@@ -232,14 +233,15 @@ extension CircuitDaemon {
     /// Serves the API (`router`, at the client listen address) beside the host's `agents` until SIGTERM or SIGINT
     /// (swift-service-lifecycle); returns once both have stopped.
     static func serve(
-        _ router: Router<APIContext>, beside agents: [any Service], config: NodeConfig, tls: TLSFiles?, logger: Logger
+        _ router: Router<APIContext>, beside agents: [any Service], config: NodeConfig, tls: TLSFiles?, records: WireRecords? = nil,
+        logger: Logger
     ) async throws {
         // A write to the pipe of a process that has gone fails with EPIPE instead of killing the daemon.
         signal(SIGPIPE, SIG_IGN)
         let client = try NodeConfig.address(config.clientListen, "client-listen")
         let app = Application(
             router: router,
-            server: tls.map { HTTPServerBuilder.clusterTLS($0, logger: logger) } ?? .plain,
+            server: tls.map { HTTPServerBuilder.clusterTLS($0, records: records, logger: logger) } ?? .plain(records: records, logger: logger),
             configuration: .init(address: .hostname(client.host, port: client.port), serverName: "circuit"),
             onServerRunning: { _ in logger.info("API listening", metadata: ["address": "\(client.host):\(client.port)"]) },
             logger: logger)

@@ -260,6 +260,20 @@ struct SecurityDaemonTests {
         let noAdmin = await refusalMessage { _ = try await writer.stateSnapshot() }
         #expect(noAdmin?.contains("needs the admin role") == true, "\(noAdmin ?? "not refused")")
 
+        // The binary protocol on the same port, over TLS, checks the same roles.
+        let wireReader = try await WireConnection.connect(to: cluster.members[0].api, tls: reader.tls)
+        #expect(try await wireReader.get("/records/app/config").value == Array("v2".utf8))
+        do {
+            try await wireReader.put("/records/app/config", Array("v3".utf8))
+            Issue.record("a reader wrote through the wire")
+        } catch {
+            #expect("\(error)".contains("need the write role") && "\(error)".contains("reader carries read"), "\(error)")
+        }
+        await wireReader.close()
+        let wireWriter = try await WireConnection.connect(to: cluster.members[1].api, tls: writer.tls)
+        #expect(try await wireWriter.put("/records/app/wire", Array("w".utf8)).version == 1)
+        await wireWriter.close()
+
         // An operator with exec runs it, through any member.
         let operatorClient = CircuitClient(endpoints: cluster.apis.reversed(), tls: try cluster.issueClient("operator", roles: [.read, .exec]))
         _ = try await operatorClient.run("/\(owner)/p1", ProcCommandView(path: "/bin/true"))
@@ -308,6 +322,10 @@ struct SecurityDaemonTests {
         #expect(try await readerAtWorker.get("/records/app/config").value == "v2")
         let atWorker = await refusalMessage { _ = try await readerAtWorker.put("/records/app/config", Array("v3".utf8)) }
         #expect(atWorker?.contains("needs the write role") == true, "\(atWorker ?? "not refused")")
+        // A worker holds no control state: a wire connection is told to go to a member.
+        let wireAtWorker = try await WireConnection.connect(to: cluster.members[3].api, tls: reader.tls)
+        #expect(await apiCode { _ = try await wireAtWorker.get("/records/app/config") } == "not_a_member")
+        await wireAtWorker.close()
     }
 
     @Test("a host joins with a join token and no certificate: the cluster issues it; an expired, forged or foreign token is refused, and the refusal logged with the address; the cluster serves on")

@@ -1,0 +1,203 @@
+import CircuitAPI
+import CircuitSecurity
+import NIOCore
+import NIOPosix
+
+/// A connection to one node in the binary protocol (`Wire`, docs/wire-protocol.md): the records' calls of
+/// `CircuitClient`, with any number in flight at once on the one connection and each answered as soon as it is done.
+/// For a client that makes many small calls (a registry, a lock service, a benchmark); `CircuitClient` over HTTP is
+/// the general one, and finds another node when one is down, which this connection does not: it fails, and the
+/// caller connects to another.
+///
+/// Any node serves every call (a follower hands writes to the leader and asks it for read indexes); with no leader
+/// known a call fails with `no_leader`, to be retried.
+public final class WireConnection: Sendable {
+    public let endpoint: String
+    private let channel: any Channel
+
+    private init(endpoint: String, channel: any Channel) {
+        self.endpoint = endpoint
+        self.channel = channel
+    }
+
+    /// Connects to `endpoint` (`host:port` of a node's API). `timeout`: for the connection, and for each call's answer
+    /// (a call unanswered that long fails; the connection goes on).
+    public static func connect(
+        to endpoint: String, tls: TLSFiles? = ClientTLS.default, timeout: Duration = .seconds(10)
+    ) async throws(CircuitClientError) -> WireConnection {
+        guard let colon = endpoint.lastIndex(of: ":"), let port = Int(endpoint[endpoint.index(after: colon)...]) else {
+            throw .unreachable(endpoints: [endpoint], why: "\(endpoint) is not host:port")
+        }
+        do {
+            let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .connectTimeout(TimeAmount(timeout))
+                .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try ClientTLS.add(tls, to: channel)
+                        try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(WireFrameDecoder()))
+                        try channel.pipeline.syncOperations.addHandler(WireClientHandler(timeout: TimeAmount(timeout)))
+                    }
+                }
+                .connect(host: String(endpoint[..<colon]), port: port).get()
+            try await channel.writeAndFlush(WireClientHandler.Outbound.hello).get()
+            return WireConnection(endpoint: endpoint, channel: channel)
+        } catch {
+            throw .unreachable(endpoints: [endpoint], why: "\(error)")
+        }
+    }
+
+    /// A record: linearizable unless `stale`. A record absent fails with the API's `not_found`.
+    public func get(_ path: String, stale: Bool = false) async throws(CircuitClientError) -> Wire.Record {
+        guard case .record(let record) = try await call(.get(path: path, stale: stale)) else {
+            throw .badAnswer("a read of \(path) was answered with no record")
+        }
+        return record
+    }
+
+    /// Sets a record. `version`: only if the record is at this version (compare-and-set; 0: only if absent).
+    /// `session`: tie the record to a session (ephemeral). As `CircuitClient.put`.
+    @discardableResult
+    public func put(
+        _ path: String, _ value: [UInt8], version: UInt64? = nil, session: UInt64 = 0
+    ) async throws(CircuitClientError) -> WriteView {
+        switch version {
+        case nil: try await written(.put(path: path, value: value, session: session))
+        case 0: try await written(.create(path: path, value: value, session: session, sequential: false))
+        case let version?: try await written(.compareAndSet(path: path, version: version, value: value))
+        }
+    }
+
+    /// Creates `prefix` followed by the parent's next sequence number; the answer's `path` names it.
+    @discardableResult
+    public func createSequential(_ prefix: String, _ value: [UInt8], session: UInt64 = 0) async throws(CircuitClientError) -> WriteView {
+        try await written(.create(path: prefix, value: value, session: session, sequential: true))
+    }
+
+    @discardableResult
+    public func delete(_ path: String, version: UInt64? = nil) async throws(CircuitClientError) -> WriteView {
+        try await written(.delete(path: path, version: version))
+    }
+
+    public func close() async {
+        try? await channel.close().get()
+    }
+
+    private func written(_ operation: Wire.Operation) async throws(CircuitClientError) -> WriteView {
+        guard case .written(let view) = try await call(operation) else { throw .badAnswer("a write was answered with a record") }
+        return view
+    }
+
+    private func call(_ operation: Wire.Operation) async throws(CircuitClientError) -> Wire.Result {
+        let answer = channel.eventLoop.makePromise(of: Wire.Result.self)
+        channel.writeAndFlush(WireClientHandler.Outbound.call(operation, answer)).cascadeFailure(to: answer)
+        let result: Wire.Result
+        do {
+            result = try await answer.futureResult.get()
+        } catch let error as APIError {
+            throw .api(error)
+        } catch {
+            // A write that got no answer may have taken effect; a read that got none did nothing.
+            throw operation.isWrite ? .noAnswer(endpoint: endpoint, why: "\(error)") : .unreachable(endpoints: [endpoint], why: "\(error)")
+        }
+        if case .failed(let error) = result { throw .api(error) }
+        return result
+    }
+}
+
+/// Why a call on a wire connection got no answer.
+struct WireConnectionError: Error, CustomStringConvertible {
+    var description: String
+}
+
+/// The client's end of a wire connection: numbers each call, writes it, and completes its promise with the answer
+/// that carries its number; fails every call waiting when the connection ends or the node refuses it as a whole.
+final class WireClientHandler: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = Outbound
+    typealias OutboundOut = ByteBuffer
+
+    enum Outbound {
+        case hello
+        case call(Wire.Operation, EventLoopPromise<Wire.Result>)
+    }
+
+    private struct Waiting {
+        var answer: EventLoopPromise<Wire.Result>
+        var timeout: Scheduled<Void>
+    }
+
+    private let timeout: TimeAmount
+    private var nextID: UInt64 = 1
+    private var waiting: [UInt64: Waiting] = [:]
+    /// Once set, the connection is done: new calls fail with this.
+    private var failure: (any Error)?
+
+    init(timeout: TimeAmount) {
+        self.timeout = timeout
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        switch unwrapOutboundIn(data) {
+        case .hello:
+            context.write(wrapOutboundOut(context.channel.allocator.buffer(bytes: Wire.hello)), promise: promise)
+        case .call(let operation, let answer):
+            if let failure {
+                answer.fail(failure)
+                promise?.fail(failure)
+                return
+            }
+            let id = nextID
+            nextID += 1
+            let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+            let timeout = context.eventLoop.scheduleTask(in: timeout) { [timeout] in
+                let call = bound.value.waiting.removeValue(forKey: id)
+                call?.answer.fail(WireConnectionError(description: "no answer within \(timeout)"))
+            }
+            waiting[id] = Waiting(answer: answer, timeout: timeout)
+            var buffer = context.channel.allocator.buffer(capacity: 64)
+            Wire.write(Wire.Request(id: id, operation), to: &buffer)
+            context.write(wrapOutboundOut(buffer), promise: promise)
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let answer: Wire.Answer
+        do {
+            answer = try Wire.answer(from: unwrapInboundIn(data))
+        } catch {
+            fail(WireConnectionError(description: "an unreadable answer: \(error)"), context: context)
+            return
+        }
+        if answer.id == Wire.connectionID {
+            // The node refused the connection as a whole (a bad hello, no certificate, a frame too large).
+            if case .failed(let error) = answer.result { fail(error, context: context) } else {
+                fail(WireConnectionError(description: "an answer to no request"), context: context)
+            }
+            return
+        }
+        guard let call = waiting.removeValue(forKey: answer.id) else { return }  // timed out meanwhile
+        call.timeout.cancel()
+        call.answer.succeed(answer.result)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        fail(WireConnectionError(description: "the connection closed"), context: context)
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        fail(WireConnectionError(description: "the connection failed: \(error)"), context: context)
+    }
+
+    private func fail(_ error: any Error, context: ChannelHandlerContext) {
+        if failure == nil { failure = error }
+        let calls = waiting
+        waiting.removeAll()
+        for call in calls.values {
+            call.timeout.cancel()
+            call.answer.fail(failure!)
+        }
+        context.close(promise: nil)
+    }
+}
