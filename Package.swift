@@ -137,6 +137,7 @@ let package = Package(
             name: "CircuitFuzzing",
             dependencies: [
                 "CircuitAPI",
+                "CircuitClient",
                 "CircuitRaft",
                 "CircuitStateMachine",
                 "CircuitTransport",

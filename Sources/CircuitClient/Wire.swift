@@ -15,8 +15,11 @@ public enum Wire {
     /// protocol's version.
     public static let hello: [UInt8] = [0, UInt8(ascii: "C"), UInt8(ascii: "W"), version]
     public static let version: UInt8 = 1
-    /// The largest frame either side accepts: a value of the API's limit (1 MiB) with room for a path and the header.
-    public static let maxFrame = (1 << 20) + (1 << 16)
+    /// The largest value, as the HTTP API's body.
+    public static let maxValue = 1 << 20
+    /// The largest frame either side accepts (its bytes after the length): a value of `maxValue` with room for a path
+    /// and the rest.
+    public static let maxFrame = maxValue + (1 << 16)
     /// The id of an answer that belongs to no request: the connection is unusable (a frame too large, a bad hello, no
     /// certificate) and the node closes it after this answer.
     public static let connectionID: UInt64 = 0
@@ -59,6 +62,14 @@ public enum Wire {
             case .create: 3
             case .compareAndSet: 4
             case .delete: 5
+            }
+        }
+
+        /// The bytes of its value, if it carries one.
+        public var valueSize: Int? {
+            switch self {
+            case .put(_, let value, _), .create(_, let value, _, _), .compareAndSet(_, _, let value): value.count
+            case .get, .delete: nil
             }
         }
 

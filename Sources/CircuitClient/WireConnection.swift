@@ -1,5 +1,6 @@
 import CircuitAPI
 import CircuitSecurity
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 
@@ -14,10 +15,13 @@ import NIOPosix
 public final class WireConnection: Sendable {
     public let endpoint: String
     private let channel: any Channel
+    /// The node's refusal of the connection as a whole, once it came: every later call fails with it.
+    private let refusal: NIOLockedValueBox<APIError?>
 
-    private init(endpoint: String, channel: any Channel) {
+    private init(endpoint: String, channel: any Channel, refusal: NIOLockedValueBox<APIError?>) {
         self.endpoint = endpoint
         self.channel = channel
+        self.refusal = refusal
     }
 
     /// Connects to `endpoint` (`host:port` of a node's API). `timeout`: for the connection, and for each call's answer
@@ -28,23 +32,30 @@ public final class WireConnection: Sendable {
         guard let colon = endpoint.lastIndex(of: ":"), let port = Int(endpoint[endpoint.index(after: colon)...]) else {
             throw .unreachable(endpoints: [endpoint], why: "\(endpoint) is not host:port")
         }
+        let refusal = NIOLockedValueBox<APIError?>(nil)
+        let channel: any Channel
         do {
-            let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
                 .connectTimeout(TimeAmount(timeout))
                 .channelOption(.socketOption(.tcp_nodelay), value: 1)
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try ClientTLS.add(tls, to: channel)
                         try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(WireFrameDecoder()))
-                        try channel.pipeline.syncOperations.addHandler(WireClientHandler(timeout: TimeAmount(timeout)))
+                        try channel.pipeline.syncOperations.addHandler(WireClientHandler(timeout: TimeAmount(timeout), refusal: refusal))
                     }
                 }
                 .connect(host: String(endpoint[..<colon]), port: port).get()
-            try await channel.writeAndFlush(WireClientHandler.Outbound.hello).get()
-            return WireConnection(endpoint: endpoint, channel: channel)
         } catch {
             throw .unreachable(endpoints: [endpoint], why: "\(error)")
         }
+        do {
+            try await channel.writeAndFlush(WireClientHandler.Outbound.hello).get()
+        } catch {
+            channel.close(promise: nil)
+            throw .unreachable(endpoints: [endpoint], why: "\(error)")
+        }
+        return WireConnection(endpoint: endpoint, channel: channel, refusal: refusal)
     }
 
     /// A record: linearizable unless `stale`. A record absent fails with the API's `not_found`.
@@ -89,6 +100,10 @@ public final class WireConnection: Sendable {
     }
 
     private func call(_ operation: Wire.Operation) async throws(CircuitClientError) -> Wire.Result {
+        if let size = operation.valueSize, size > Wire.maxValue {
+            // Sent, it would be refused with the connection as a whole (and every call on it).
+            throw .api(APIError(status: 413, code: "too_large", message: "a value of \(size) bytes is larger than the limit of \(Wire.maxValue)"))
+        }
         let answer = channel.eventLoop.makePromise(of: Wire.Result.self)
         channel.writeAndFlush(WireClientHandler.Outbound.call(operation, answer)).cascadeFailure(to: answer)
         let result: Wire.Result
@@ -97,6 +112,7 @@ public final class WireConnection: Sendable {
         } catch let error as APIError {
             throw .api(error)
         } catch {
+            if let refused = refusal.withLockedValue({ $0 }) { throw .api(refused) }
             // A write that got no answer may have taken effect; a read that got none did nothing.
             throw operation.isWrite ? .noAnswer(endpoint: endpoint, why: "\(error)") : .unreachable(endpoints: [endpoint], why: "\(error)")
         }
@@ -128,13 +144,15 @@ final class WireClientHandler: ChannelDuplexHandler {
     }
 
     private let timeout: TimeAmount
+    private let refusal: NIOLockedValueBox<APIError?>
     private var nextID: UInt64 = 1
     private var waiting: [UInt64: Waiting] = [:]
     /// Once set, the connection is done: new calls fail with this.
     private var failure: (any Error)?
 
-    init(timeout: TimeAmount) {
+    init(timeout: TimeAmount, refusal: NIOLockedValueBox<APIError?>) {
         self.timeout = timeout
+        self.refusal = refusal
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
@@ -171,7 +189,10 @@ final class WireClientHandler: ChannelDuplexHandler {
         }
         if answer.id == Wire.connectionID {
             // The node refused the connection as a whole (a bad hello, no certificate, a frame too large).
-            if case .failed(let error) = answer.result { fail(error, context: context) } else {
+            if case .failed(let error) = answer.result {
+                refusal.withLockedValue { $0 = error }
+                fail(error, context: context)
+            } else {
                 fail(WireConnectionError(description: "an answer to no request"), context: context)
             }
             return

@@ -1,4 +1,5 @@
 import CircuitAPI
+import CircuitClient
 import CircuitStateMachine
 import CircuitTransport
 import Foundation
@@ -13,7 +14,7 @@ import NIOHTTP1
 public enum FuzzTargets {
     /// The targets by name.
     public static let all: [String: @Sendable ([UInt8]) -> Void] = [
-        "command": command, "peer-frame": peerFrame, "http-request": httpRequest,
+        "command": command, "peer-frame": peerFrame, "http-request": httpRequest, "wire": wire,
     ]
 
     /// The replicated state machine's command codec, then the state machine itself: the bytes are cut into
@@ -62,6 +63,35 @@ public enum FuzzTargets {
                 PeerCodec.encode(frame, into: &encoded)
                 encoded.moveReaderIndex(forwardBy: 4)  // the length prefix
                 guard (try? PeerCodec.decode(payload: &encoded)) == frame else { fatalError("frame \(frame) does not survive encoding") }
+            }
+        }
+        _ = try? channel.finish()
+    }
+
+    /// The binary protocol for records (`Wire`): the bytes go through `WireFrameDecoder` in pieces (sizes from the
+    /// first byte), and each frame is read as a request and as an answer; whatever decodes must encode to the same
+    /// frame again. A malformed frame is an error naming what was wrong, never a crash.
+    public static func wire(_ bytes: [UInt8]) {
+        let step = Int(bytes.first ?? 1) % 16 + 1
+        let channel = EmbeddedChannel(handler: ByteToMessageHandler(WireFrameDecoder(limit: 1 << 16)))
+        var offset = 1
+        while offset < bytes.count, channel.isActive {
+            let piece = ByteBuffer(bytes: bytes[offset..<min(bytes.count, offset + step)])
+            offset += step
+            do { try channel.writeInbound(piece) } catch { break }
+            while let frame = try? channel.readInbound(as: ByteBuffer.self) {
+                if let request = try? Wire.request(from: frame) {
+                    var encoded = ByteBuffer()
+                    Wire.write(request, to: &encoded)
+                    encoded.moveReaderIndex(forwardBy: 4)  // the length prefix
+                    guard (try? Wire.request(from: encoded)) == request else { fatalError("request \(request) does not survive encoding") }
+                }
+                if let answer = try? Wire.answer(from: frame) {
+                    var encoded = ByteBuffer()
+                    Wire.write(answer, to: &encoded)
+                    encoded.moveReaderIndex(forwardBy: 4)
+                    guard (try? Wire.answer(from: encoded)) == answer else { fatalError("answer \(answer) does not survive encoding") }
+                }
             }
         }
         _ = try? channel.finish()

@@ -1,3 +1,5 @@
+import CircuitAPI
+import CircuitClient
 import CircuitRaft
 import CircuitStateMachine
 import CircuitTransport
@@ -47,6 +49,24 @@ extension FuzzTargets {
                 + "2e\r\n" + #"{"ops":[{"op":"put","path":"/a","value":"x"}]}"# + "\r\n0\r\n\r\n",
             #"[{"op":"recv","path":"/X00000000000000a1/c"},{"op":"default"}]"#,
         ].map { Array($0.utf8) }
-        return ["command": commands, "peer-frame": peer, "http-request": http]
+        func wireFrames(_ requests: [Wire.Request], _ answers: [Wire.Answer]) -> [UInt8] {
+            var buffer = ByteBuffer()
+            for r in requests { Wire.write(r, to: &buffer) }
+            for a in answers { Wire.write(a, to: &buffer) }
+            return [5] + Array(buffer.readableBytesView)
+        }
+        let wire: [[UInt8]] = [
+            wireFrames(
+                [Wire.Request(id: 1, .get(path: "/records/a", stale: false)),
+                 Wire.Request(id: 2, .put(path: "/a", value: Array("v".utf8), session: 0)),
+                 Wire.Request(id: 3, .create(path: "/q/item-", value: [1], session: 4, sequential: true))],
+                []),
+            wireFrames(
+                [Wire.Request(id: 4, .compareAndSet(path: "/a", version: 2, value: [])), Wire.Request(id: 5, .delete(path: "/a", version: 3))],
+                [Wire.Answer(id: 1, .record(Wire.Record(value: [1], version: 1, createRevision: 2, modRevision: 3, session: 0, revision: 4))),
+                 Wire.Answer(id: 2, .written(WriteView(revision: 5, path: "/records/a", version: 2, session: 0))),
+                 Wire.Answer(id: 0, .failed(APIError(status: 413, code: "too_large", message: "a frame")))]),
+        ]
+        return ["command": commands, "peer-frame": peer, "http-request": http, "wire": wire]
     }
 }

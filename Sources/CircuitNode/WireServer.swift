@@ -32,6 +32,9 @@ public struct WireRecords: Sendable {
     }
 
     private func result(of operation: Wire.Operation) async throws -> Wire.Result {
+        if let size = operation.valueSize, size > Wire.maxValue {
+            throw APIError(status: 413, code: "too_large", message: "a value of \(size) bytes is larger than the limit of \(Wire.maxValue)")
+        }
         switch operation {
         case .get(let path, let stale):
             let path = try Self.recordPath(path)
@@ -141,14 +144,25 @@ struct WireOrHTTPChannel<Base: ServerChildChannel>: ServerChildChannel {
     }
 
     func handle(value: Value, logger: Logger) async {
-        // A connection closed or refused before it chose has nothing more to do.
-        guard let chosen = try? await value.chosen.get() else { return }
+        let channel = value.channel
+        // A connection closed or refused before it chose has nothing more to do; one that sends nothing is closed by
+        // a stop of the daemon.
+        let chosen = await withGracefulShutdownHandler {
+            await withTaskCancellationHandler {
+                try? await value.chosen.get()
+            } onCancel: {
+                channel.close(promise: nil)
+            }
+        } onGracefulShutdown: {
+            channel.close(promise: nil)
+        }
+        guard let chosen else { return }
         switch chosen {
         case .http(let http):
             await base.handle(value: http, logger: logger)
         case .wire:
-            // The handlers do the work; this waits for the connection's end, which a stop of the daemon brings.
-            let channel = value.channel
+            // The handlers do the work; this waits for the connection's end. A graceful stop lets the requests read
+            // so far finish, then closes; a cancellation (the stop's time is up) closes at once.
             await withGracefulShutdownHandler {
                 await withTaskCancellationHandler {
                     try? await channel.closeFuture.get()
@@ -156,7 +170,7 @@ struct WireOrHTTPChannel<Base: ServerChildChannel>: ServerChildChannel {
                     channel.close(promise: nil)
                 }
             } onGracefulShutdown: {
-                channel.close(promise: nil)
+                channel.pipeline.fireUserInboundEventTriggered(WireServerHandler.Quiesce())
             }
         }
     }
@@ -239,22 +253,32 @@ final class ProtocolSniffer<Value: Sendable>: ChannelInboundHandler, RemovableCh
 
 /// Serves one wire connection: each frame a request, run as a task on this connection's event loop, its answer
 /// written when done (in any order; the id says whose). Answers that finish in one turn of the loop go out in one
-/// flush. At most `maxInFlight` requests run at once: past that, the connection is not read until some finish.
+/// flush.
+///
+/// Bounded: at most `maxInFlight` requests run at once, and none starts while the connection's answers wait to be
+/// written past NIO's high-water mark (a client that sends and does not read). Requests read meanwhile wait in a
+/// queue, and the connection is not read again until they have started: what one read brings in (a few MiB of
+/// frames at most) is the most that waits.
 final class WireServerHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    static let maxInFlight = 4096
+    /// Asks the handler to finish the requests it has read and then close the connection (a graceful stop).
+    struct Quiesce: Sendable {}
+
+    static let maxInFlight = 1024
 
     private let records: WireRecords
     private let grant: Grant?
     private let logger: Logger
     private var executor: EventLoopTaskExecutor?
     private var inFlight = 0
+    private var queued = CircularBuffer<Wire.Request>()
     private var readHeld = false
     private var flushScheduled = false
     private var active = true
+    private var quiescing = false
 
     init(records: WireRecords, grant: Grant?, logger: Logger) {
         self.records = records
@@ -267,14 +291,23 @@ final class WireServerHandler: ChannelDuplexHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard active, !quiescing else { return }
         let frame = unwrapInboundIn(data)
         let request: Wire.Request
         do {
             request = try Wire.request(from: frame)
         } catch {
-            // The frame's bounds are sound (the length was read), so the connection goes on after the refusal.
-            let id = frame.getInteger(at: frame.readerIndex, as: UInt64.self) ?? Wire.connectionID
-            send(Wire.Answer(id: id, .failed(APIError(status: 400, code: "bad_request", message: error.description))), context: context)
+            // The frame's bounds are sound (its length was read), so the connection goes on after the refusal, when
+            // the refusal can name the request. A frame too short to hold an id cannot be answered by id.
+            guard let id = frame.getInteger(at: frame.readerIndex, as: UInt64.self), id != Wire.connectionID else {
+                refuse(APIError.badRequest(error.description), context: context)
+                return
+            }
+            send(Wire.Answer(id: id, .failed(APIError.badRequest(error.description))), context: context)
+            return
+        }
+        guard request.id != Wire.connectionID else {
+            refuse(APIError.badRequest("request id 0 is reserved for answers to the connection itself"), context: context)
             return
         }
         if let grant {
@@ -287,14 +320,22 @@ final class WireServerHandler: ChannelDuplexHandler {
                 return
             }
         }
-        inFlight += 1
-        let records = self.records
-        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        Task(executorPreference: executor) {
-            let answer = await records.answer(request)
-            // The task runs on the connection's event loop (its executor), so the handler is at hand.
-            let (handler, context) = bound.value
-            handler.finished(answer, context: context)
+        queued.append(request)
+        startQueued(context: context)
+    }
+
+    /// Starts queued requests while there is room and the answers are being taken.
+    private func startQueued(context: ChannelHandlerContext) {
+        while inFlight < Self.maxInFlight, context.channel.isWritable, let request = queued.popFirst() {
+            inFlight += 1
+            let records = self.records
+            let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+            Task(executorPreference: executor) {
+                let answer = await records.answer(request)
+                // The task runs on the connection's event loop (its executor), so the handler is at hand.
+                let (handler, context) = bound.value
+                handler.finished(answer, context: context)
+            }
         }
     }
 
@@ -302,7 +343,18 @@ final class WireServerHandler: ChannelDuplexHandler {
         inFlight -= 1
         guard active else { return }
         send(answer, context: context)
-        if readHeld, inFlight < Self.maxInFlight / 2 {
+        resume(context: context)
+    }
+
+    /// Starts what waits, and reads on if nothing does.
+    private func resume(context: ChannelHandlerContext) {
+        startQueued(context: context)
+        if quiescing, inFlight == 0, queued.isEmpty {
+            context.flush()
+            context.close(promise: nil)
+            return
+        }
+        if readHeld, queued.isEmpty, inFlight < Self.maxInFlight / 2, context.channel.isWritable {
             readHeld = false
             context.read()
         }
@@ -322,25 +374,49 @@ final class WireServerHandler: ChannelDuplexHandler {
         }
     }
 
+    /// Answers the connection itself with `error` and closes it.
+    private func refuse(_ error: APIError, context: ChannelHandlerContext) {
+        logger.notice(
+            "refused a wire connection", metadata: ["peer": "\(context.channel.remoteAddress.map { "\($0)" } ?? "?")", "why": "\(error.message)"])
+        send(Wire.Answer(id: Wire.connectionID, .failed(error)), context: context)
+        context.flush()
+        active = false
+        context.close(promise: nil)
+    }
+
     func read(context: ChannelHandlerContext) {
-        if inFlight >= Self.maxInFlight {
+        if quiescing || !queued.isEmpty || inFlight >= Self.maxInFlight || !context.channel.isWritable {
             readHeld = true
             return
         }
         context.read()
     }
 
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { resume(context: context) }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is Quiesce {
+            quiescing = true
+            resume(context: context)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
     func channelInactive(context: ChannelHandlerContext) {
         active = false
+        queued.removeAll()
         context.fireChannelInactive()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         // A frame too large (the stream cannot be read on) or a broken connection: say why if it can still be said.
         if let tooLarge = error as? WireFrameDecoder.TooLarge, active {
-            logger.notice("refused a wire connection", metadata: ["peer": "\(context.channel.remoteAddress.map { "\($0)" } ?? "?")", "why": "\(tooLarge)"])
-            send(Wire.Answer(id: Wire.connectionID, .failed(APIError(status: 413, code: "too_large", message: tooLarge.description))), context: context)
-            context.flush()
+            refuse(APIError(status: 413, code: "too_large", message: tooLarge.description), context: context)
+            return
         }
         active = false
         context.close(promise: nil)

@@ -1,5 +1,6 @@
 import CircuitAPI
 import CircuitClient
+import CircuitNode
 import CircuitTestSupport
 import Foundation
 import NIOConcurrencyHelpers
@@ -168,7 +169,7 @@ struct WireDaemonTests {
         #expect(read.value == Array("v1".utf8) && read.version == 1 && read.modRevision == first.revision)
         #expect(read.revision >= first.revision)
         #expect(try await cluster.client(other).get("/records/app/config").value == "v1")
-        #expect(try await reader.get("/records/app/config", stale: true).version >= 0)
+        #expect(try await reader.get("/records/app/config", stale: true).value == Array("v1".utf8), "applied before the answer above")
 
         // Compare-and-set and create, with the HTTP API's errors.
         #expect(try await writer.put("/app/config", Array("v2".utf8), version: 1).version == 2)
@@ -183,6 +184,9 @@ struct WireDaemonTests {
         #expect(await apiCode { _ = try await reader.get("/app/lock") } == "not_found")
         #expect(await apiCode { _ = try await writer.put("/app/bad\u{0}name", []) } == "invalid_name")
         #expect(await apiCode { _ = try await reader.get("/app/../etc") } == "invalid_name")
+        // A value over the API's 1 MiB is refused before it is sent, and the connection serves on.
+        #expect(await apiCode { _ = try await writer.put("/app/big", Array(repeating: 1, count: (1 << 20) + 1)) } == "too_large")
+        #expect(try await writer.put("/app/big", Array(repeating: 1, count: 1 << 18)).version == 1)
 
         // Many calls in flight on one connection, each answered: 2,000 writes of distinct keys, all applied.
         let revisions = try await withThrowingTaskGroup(of: UInt64.self) { group in
@@ -224,6 +228,22 @@ struct WireDaemonTests {
         #expect(w.version == 1)
         #expect(!goesOn.closed)
 
+        // A value over 1 MiB sent anyway is refused by id; a request with id 0 (the connection's own) closes it.
+        let bigValue = try await rawWire(
+            api, Wire.hello + frame(Wire.Request(id: 7, .put(path: "/y", value: Array(repeating: 2, count: (1 << 20) + 1), session: 0))),
+            answers: 1, closes: false)
+        guard case .failed(let valueError) = bigValue.answers.first?.result, bigValue.answers.first?.id == 7 else {
+            Issue.record("\(bigValue)")
+            return
+        }
+        #expect(valueError.code == "too_large" && valueError.message.contains("\((1 << 20) + 1) bytes"), "\(valueError)")
+        let zero = try await rawWire(api, Wire.hello + frame(Wire.Request(id: 0, .get(path: "/x", stale: false))), answers: 1, closes: true)
+        guard case .failed(let zeroError) = zero.answers.first?.result, zero.answers.first?.id == Wire.connectionID else {
+            Issue.record("\(zero)")
+            return
+        }
+        #expect(zeroError.code == "bad_request" && zeroError.message.contains("id 0"), "\(zeroError)")
+
         // A frame longer than the limit: the connection is answered as a whole and closed.
         var huge: [UInt8] = []
         withUnsafeBytes(of: UInt32(3 << 20).bigEndian) { huge += $0 }
@@ -242,11 +262,23 @@ struct WireDaemonTests {
         }
         #expect(hello.code == "bad_hello" && hello.message.contains("version 2"), "\(hello)")
 
-        // A client gone mid-frame leaves nothing behind; the daemon serves both protocols on, and kept the write.
+        // A client gone mid-frame; the daemon serves both protocols on, and kept the write.
         _ = try await rawWire(api, Wire.hello + Array(frame(Wire.Request(id: 1, .get(path: "/x", stale: false))).prefix(9)), answers: 0, closes: false)
         let client = try await WireConnection.connect(to: api, tls: nil)
         #expect(try await client.get("/x").value == [1])
         #expect(try await cluster.client(0).get("/records/x").version == 1)
+
+        // A graceful stop is held neither by a connection that never chose a protocol nor by an idle wire one.
+        let parts = api.split(separator: ":")
+        let undecided = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .connect(host: String(parts[0]), port: Int(parts[1])!).get()
+        let process = try #require(cluster.members[0].process)
+        let stopping = ContinuousClock.now
+        kill(process.processIdentifier, SIGTERM)
+        #expect(DaemonProcesses.waitForExit(process, timeout: .seconds(15)))
+        #expect(ContinuousClock.now - stopping < .seconds(4), "the stop took \(ContinuousClock.now - stopping)")
+        #expect(await apiCode { _ = try await client.get("/x") } != nil, "the idle wire connection was closed")
+        try? await undecided.close().get()
         await client.close()
     }
 }
