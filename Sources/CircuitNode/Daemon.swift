@@ -190,7 +190,8 @@ public final class CircuitDaemon: Sendable {
         var options = RaftDriver.Options()
         options.tickInterval = .milliseconds(config.tickMillis)
         options.executor = EventLoopRaftExecutor(raftLoop.next())
-        let state = ReplicatedControlState()
+        options.snapshotEntries = config.snapshotEntries
+        let state = ReplicatedControlState(historyLimit: Self.watchHistory)
         var raftConfig = RaftConfig(id: folder.nodeID, voters: initialVoters)
         raftConfig.randomSeed = UInt64.random(in: 1...UInt64.max)  // fresh at each start (see RaftConfig.randomSeed)
         let driver = try RaftDriver(
@@ -339,6 +340,12 @@ extension CircuitDaemon {
 
     /// How long a graceful stop waits for requests in flight before it cancels them.
     static let gracefulStopLimit: Duration = .seconds(5)
+
+    /// The changes a new cluster keeps for watches that start from a past revision (`?from=`); a watch from before
+    /// the oldest kept is refused with the revision to start from (etcd's "compacted"). About 120 bytes each in
+    /// memory. Part of the replicated state (every snapshot carries it, so every replica keeps the same), hence a
+    /// constant and not a node's setting.
+    static let watchHistory = 20_000
 
     /// The file system mounted at the config's `mount`, answering through this daemon's own API with the client
     /// identity the config names (`mount-tls-cert`, `mount-tls-key`; by default the host's own, `tls`).

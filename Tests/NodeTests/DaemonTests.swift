@@ -263,6 +263,9 @@ struct WatchTransactionTests {
     func watchAndTransactions() async throws {
         let cluster = try daemons(1)
         defer { cluster.stopAll(signal: SIGKILL) }
+        // A daemon that did not come up fails here at once, with its log (once its API refused connections for the
+        // whole 20 s below, with nothing to say why).
+        _ = try await cluster.leader()
         let client = cluster.client(0)
         let from = try await eventuallySucceeds("the first write", timeout: .seconds(20)) {
             try await client.put("/records/w/a", Array("1".utf8))
