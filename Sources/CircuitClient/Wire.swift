@@ -17,6 +17,8 @@ public enum Wire {
     public static let version: UInt8 = 1
     /// The largest value, as the HTTP API's body.
     public static let maxValue = 1 << 20
+    /// The longest path a client sends: a name is at most 1,024 bytes, and `/records` may be prefixed to it.
+    public static let maxPath = 1024 + 8
     /// The largest frame either side accepts (its bytes after the length): a value of `maxValue` with room for a path
     /// and the rest.
     public static let maxFrame = maxValue + (1 << 16)
@@ -62,6 +64,13 @@ public enum Wire {
             case .create: 3
             case .compareAndSet: 4
             case .delete: 5
+            }
+        }
+
+        /// The record's path (or a sequential create's prefix).
+        public var path: String {
+            switch self {
+            case .get(let path, _), .put(let path, _, _), .create(let path, _, _, _), .compareAndSet(let path, _, _), .delete(let path, _): path
             }
         }
 

@@ -49,6 +49,9 @@ public final class WireConnection: Sendable {
         } catch {
             throw .unreachable(endpoints: [endpoint], why: "\(error)")
         }
+        // The hello waits for a TLS handshake, which has no deadline of its own.
+        let deadline = channel.eventLoop.scheduleTask(in: TimeAmount(timeout)) { channel.close(promise: nil) }
+        defer { deadline.cancel() }
         do {
             try await channel.writeAndFlush(WireClientHandler.Outbound.hello).get()
         } catch {
@@ -101,8 +104,12 @@ public final class WireConnection: Sendable {
 
     private func call(_ operation: Wire.Operation) async throws(CircuitClientError) -> Wire.Result {
         if let size = operation.valueSize, size > Wire.maxValue {
-            // Sent, it would be refused with the connection as a whole (and every call on it).
             throw .api(APIError(status: 413, code: "too_large", message: "a value of \(size) bytes is larger than the limit of \(Wire.maxValue)"))
+        }
+        // A path longer than any name may be (1,024 bytes) would be refused by the node; far longer, it would not fit
+        // a frame beside a large value, and the node would refuse the connection as a whole.
+        if operation.path.utf8.count > Wire.maxPath {
+            throw .api(APIError(status: 400, code: "invalid_name", message: "a path of \(operation.path.utf8.count) bytes is longer than \(Wire.maxPath)"))
         }
         let answer = channel.eventLoop.makePromise(of: Wire.Result.self)
         channel.writeAndFlush(WireClientHandler.Outbound.call(operation, answer)).cascadeFailure(to: answer)

@@ -34,9 +34,10 @@ public struct NodeConfig: Codable, Sendable, Equatable {
     /// Raft's tick; heartbeats every tick, elections after 10 to 20 ticks of silence.
     public var tickMillis: Int = 50
     /// Take a snapshot of the control state and compact the Raft log once this many entries were applied since the
-    /// last one (and their bytes reach a quarter of that snapshot's size): the log, which is also held in memory,
-    /// stays about this long. etcd's `snapshot-count` is 100,000; 20,000 keeps a member's memory about 15 MB smaller
-    /// under a write load, and a follower more than this far behind gets a snapshot instead of the entries.
+    /// last one (and their bytes reach a quarter of that snapshot's size, so a large state is not written out again
+    /// for every few thousand entries): the log, which is also held in memory, is about this long or less between
+    /// snapshots while the state is small. etcd's `snapshot-count` is 100,000. A follower behind the last snapshot
+    /// gets the snapshot instead of the entries.
     public var snapshotEntries: UInt64 = 20_000
     /// How long a scrubbed process has between SIGTERM (to its process group) and SIGKILL.
     public var scrubGraceMillis: Int64 = 2000

@@ -242,6 +242,18 @@ final class ProtocolSniffer<Value: Sendable>: ChannelInboundHandler, RemovableCh
         context.fireChannelInactive()
     }
 
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // A client that closes its side before choosing (a port probe): the server allows half-closed connections,
+        // so without this the connection would stay open until the daemon stops.
+        if !decided, (event as? ChannelEvent) == .inputClosed {
+            decided = true
+            chosen.fail(ChannelError.eof)
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if !decided {
             chosen.fail(error)
@@ -274,7 +286,13 @@ final class WireServerHandler: ChannelDuplexHandler {
     private let logger: Logger
     private var executor: EventLoopTaskExecutor?
     private var inFlight = 0
-    private var queued = CircularBuffer<Wire.Request>()
+    /// Requests read and not started, and answers made without running anything (refusals), in the order read.
+    private var queued = CircularBuffer<Queued>()
+
+    private enum Queued {
+        case request(Wire.Request)
+        case answer(Wire.Answer)
+    }
     private var readHeld = false
     private var flushScheduled = false
     private var active = true
@@ -303,7 +321,7 @@ final class WireServerHandler: ChannelDuplexHandler {
                 refuse(APIError.badRequest(error.description), context: context)
                 return
             }
-            send(Wire.Answer(id: id, .failed(APIError.badRequest(error.description))), context: context)
+            enqueue(.answer(Wire.Answer(id: id, .failed(APIError.badRequest(error.description)))), context: context)
             return
         }
         guard request.id != Wire.connectionID else {
@@ -316,17 +334,29 @@ final class WireServerHandler: ChannelDuplexHandler {
                 let message = "records need the \(needed.rawValue) role to be \(request.operation.isWrite ? "written" : "read"); "
                     + "the certificate of \(grant.name) carries "
                     + (grant.roles.isEmpty ? "none" : grant.roles.sorted().map(\.rawValue).joined(separator: ", "))
-                send(Wire.Answer(id: request.id, .failed(APIError(status: 403, code: "forbidden", message: message))), context: context)
+                enqueue(.answer(Wire.Answer(id: request.id, .failed(APIError(status: 403, code: "forbidden", message: message)))), context: context)
                 return
             }
         }
-        queued.append(request)
+        enqueue(.request(request), context: context)
+    }
+
+    private func enqueue(_ item: Queued, context: ChannelHandlerContext) {
+        queued.append(item)
         startQueued(context: context)
     }
 
-    /// Starts queued requests while there is room and the answers are being taken.
+    /// Starts queued requests (and writes queued answers) while there is room and the answers are being taken.
     private func startQueued(context: ChannelHandlerContext) {
-        while inFlight < Self.maxInFlight, context.channel.isWritable, let request = queued.popFirst() {
+        while inFlight < Self.maxInFlight, context.channel.isWritable, let item = queued.popFirst() {
+            let request: Wire.Request
+            switch item {
+            case .answer(let answer):
+                send(answer, context: context)
+                continue
+            case .request(let r):
+                request = r
+            }
             inFlight += 1
             let records = self.records
             let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
@@ -342,6 +372,10 @@ final class WireServerHandler: ChannelDuplexHandler {
     private func finished(_ answer: Wire.Answer, context: ChannelHandlerContext) {
         inFlight -= 1
         guard active else { return }
+        if quiescing, inFlight == 0, queued.isEmpty {
+            sendThenClose(answer, context: context)
+            return
+        }
         send(answer, context: context)
         resume(context: context)
     }
@@ -350,6 +384,8 @@ final class WireServerHandler: ChannelDuplexHandler {
     private func resume(context: ChannelHandlerContext) {
         startQueued(context: context)
         if quiescing, inFlight == 0, queued.isEmpty {
+            // Nothing runs: what was answered is written (its flush is due now), and the connection closes.
+            active = false
             context.flush()
             context.close(promise: nil)
             return
@@ -378,10 +414,18 @@ final class WireServerHandler: ChannelDuplexHandler {
     private func refuse(_ error: APIError, context: ChannelHandlerContext) {
         logger.notice(
             "refused a wire connection", metadata: ["peer": "\(context.channel.remoteAddress.map { "\($0)" } ?? "?")", "why": "\(error.message)"])
-        send(Wire.Answer(id: Wire.connectionID, .failed(error)), context: context)
-        context.flush()
+        sendThenClose(Wire.Answer(id: Wire.connectionID, .failed(error)), context: context)
+    }
+
+    /// Writes `answer`, the connection's last, and closes the connection once it has gone to the socket (a close
+    /// drops writes not yet taken).
+    private func sendThenClose(_ answer: Wire.Answer, context: ChannelHandlerContext) {
+        guard active else { return }
         active = false
-        context.close(promise: nil)
+        var buffer = context.channel.allocator.buffer(capacity: 64)
+        Wire.write(answer, to: &buffer)
+        let channel = context.channel
+        context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in channel.close(promise: nil) }
     }
 
     func read(context: ChannelHandlerContext) {
@@ -398,7 +442,9 @@ final class WireServerHandler: ChannelDuplexHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if event is Quiesce {
+        // A graceful stop, or the client done sending (the server allows half-closed connections): answer what was
+        // read, then close.
+        if event is Quiesce || (event as? ChannelEvent) == .inputClosed {
             quiescing = true
             resume(context: context)
             return

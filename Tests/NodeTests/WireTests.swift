@@ -121,14 +121,22 @@ private final class RawWireCollector: ChannelInboundHandler, Sendable {
     func channelInactive(context: ChannelHandlerContext) {
         closed.withLockedValue { $0 = true }
     }
+
+    /// The node closed its side (the connection allows a half-close, so this comes instead of the end).
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if (event as? ChannelEvent) == .inputClosed { closed.withLockedValue { $0 = true } }
+    }
 }
 
 /// Writes `bytes` on a fresh connection to `address` and waits until `answers` answers came and, if `closes`, the
 /// node closed it.
-private func rawWire(_ address: String, _ bytes: [UInt8], answers count: Int, closes: Bool) async throws -> (answers: [Wire.Answer], closed: Bool) {
+private func rawWire(
+    _ address: String, _ bytes: [UInt8], answers count: Int, closes: Bool, halfClose: Bool = false
+) async throws -> (answers: [Wire.Answer], closed: Bool) {
     let parts = address.split(separator: ":")
     let collector = RawWireCollector()
     let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+        .channelOption(.allowRemoteHalfClosure, value: true)
         .channelInitializer { channel in
             channel.eventLoop.makeCompletedFuture {
                 try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(WireFrameDecoder()))
@@ -136,8 +144,9 @@ private func rawWire(_ address: String, _ bytes: [UInt8], answers count: Int, cl
             }
         }
         .connect(host: String(parts[0]), port: Int(parts[1])!).get()
-    try await channel.writeAndFlush(ByteBuffer(bytes: bytes)).get()
-    try await eventually("\(count) answers\(closes ? " and the connection closed" : "")", timeout: .seconds(10)) {
+    if !bytes.isEmpty { try await channel.writeAndFlush(ByteBuffer(bytes: bytes)).get() }
+    if halfClose { try await channel.close(mode: .output).get() }
+    try await eventually("\(count) answers\(closes ? " and the connection closed" : "") after \(bytes.count) bytes\(halfClose ? " and a half-close" : "")", timeout: .seconds(10)) {
         collector.answers.withLockedValue { $0.count } >= count && (!closes || collector.closed.withLockedValue { $0 })
     }
     let seen = (collector.answers.withLockedValue { $0 }, collector.closed.withLockedValue { $0 })
@@ -224,7 +233,7 @@ struct WireDaemonTests {
         await reader.close()
     }
 
-    @Test("bad input on the wire: a malformed request is refused by id and the connection goes on; a frame too large or an unknown version is refused and the connection closed; the daemon serves on")
+    @Test("bad input on the wire: a malformed request is refused by id and the connection goes on; a frame too large or an unknown version is refused and the connection closed; a half-closed connection is answered and closed; the daemon serves on")
     func badInput() async throws {
         let cluster = try daemons(1)
         defer { cluster.stopAll(signal: SIGKILL) }
@@ -281,6 +290,17 @@ struct WireDaemonTests {
             return
         }
         #expect(hello.code == "bad_hello" && hello.message.contains("version 2"), "\(hello)")
+
+        // A client that closes its sending side gets the answers to what it sent, then the end of the connection; one
+        // that closes it before sending anything is closed too (not left open until the daemon stops).
+        let halfClosed = try await rawWire(
+            api, Wire.hello + frame(Wire.Request(id: 5, .get(path: "/x", stale: false))), answers: 1, closes: true, halfClose: true)
+        guard case .record(let record) = halfClosed.answers.first?.result else {
+            Issue.record("\(halfClosed)")
+            return
+        }
+        #expect(record.value == [1])
+        #expect(try await rawWire(api, [], answers: 0, closes: true, halfClose: true).closed)
 
         // A client gone mid-frame; the daemon serves both protocols on, and kept the write.
         _ = try await rawWire(api, Wire.hello + Array(frame(Wire.Request(id: 1, .get(path: "/x", stale: false))).prefix(9)), answers: 0, closes: false)
