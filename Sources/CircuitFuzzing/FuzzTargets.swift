@@ -51,19 +51,27 @@ public enum FuzzTargets {
     /// pieces whose sizes come from the first byte), and every frame decoded must encode to bytes that decode to it
     /// again. A malformed frame is an error (the connection closes), never a crash.
     public static func peerFrame(_ bytes: [UInt8]) {
+        feed(bytes, to: PeerFrameDecoder(maxFrameBytes: 1 << 16)) { (frame: PeerFrame) in
+            var encoded = ByteBuffer()
+            PeerCodec.encode(frame, into: &encoded)
+            encoded.moveReaderIndex(forwardBy: 4)  // the length prefix
+            guard (try? PeerCodec.decode(payload: &encoded)) == frame else { fatalError("frame \(frame) does not survive encoding") }
+        }
+    }
+
+    /// Feeds `bytes` after the first to `decoder` in pieces of 1 to 16 bytes (the size from the first byte), as a
+    /// peer or client would send them, and hands each frame decoded to `check`; a decoding error ends the feeding.
+    private static func feed<Decoder: ByteToMessageDecoder, Frame>(
+        _ bytes: [UInt8], to decoder: Decoder, check: (Frame) -> Void
+    ) where Decoder.InboundOut == Frame {
         let step = Int(bytes.first ?? 1) % 16 + 1
-        let channel = EmbeddedChannel(handler: ByteToMessageHandler(PeerFrameDecoder(maxFrameBytes: 1 << 16)))
+        let channel = EmbeddedChannel(handler: ByteToMessageHandler(decoder))
         var offset = 1
         while offset < bytes.count, channel.isActive {
             let piece = ByteBuffer(bytes: bytes[offset..<min(bytes.count, offset + step)])
             offset += step
             do { try channel.writeInbound(piece) } catch { break }
-            while let frame = try? channel.readInbound(as: PeerFrame.self) {
-                var encoded = ByteBuffer()
-                PeerCodec.encode(frame, into: &encoded)
-                encoded.moveReaderIndex(forwardBy: 4)  // the length prefix
-                guard (try? PeerCodec.decode(payload: &encoded)) == frame else { fatalError("frame \(frame) does not survive encoding") }
-            }
+            while let frame = try? channel.readInbound(as: Frame.self) { check(frame) }
         }
         _ = try? channel.finish()
     }
@@ -72,29 +80,20 @@ public enum FuzzTargets {
     /// first byte), and each frame is read as a request and as an answer; whatever decodes must encode to the same
     /// frame again. A malformed frame is an error naming what was wrong, never a crash.
     public static func wire(_ bytes: [UInt8]) {
-        let step = Int(bytes.first ?? 1) % 16 + 1
-        let channel = EmbeddedChannel(handler: ByteToMessageHandler(WireFrameDecoder(limit: 1 << 16)))
-        var offset = 1
-        while offset < bytes.count, channel.isActive {
-            let piece = ByteBuffer(bytes: bytes[offset..<min(bytes.count, offset + step)])
-            offset += step
-            do { try channel.writeInbound(piece) } catch { break }
-            while let frame = try? channel.readInbound(as: ByteBuffer.self) {
-                if let request = try? Wire.request(from: frame) {
-                    var encoded = ByteBuffer()
-                    Wire.write(request, to: &encoded)
-                    encoded.moveReaderIndex(forwardBy: 4)  // the length prefix
-                    guard (try? Wire.request(from: encoded)) == request else { fatalError("request \(request) does not survive encoding") }
-                }
-                if let answer = try? Wire.answer(from: frame) {
-                    var encoded = ByteBuffer()
-                    Wire.write(answer, to: &encoded)
-                    encoded.moveReaderIndex(forwardBy: 4)
-                    guard (try? Wire.answer(from: encoded)) == answer else { fatalError("answer \(answer) does not survive encoding") }
-                }
+        feed(bytes, to: WireFrameDecoder(limit: 1 << 16)) { (frame: ByteBuffer) in
+            if let request = try? Wire.request(from: frame) {
+                var encoded = ByteBuffer()
+                Wire.write(request, to: &encoded)
+                encoded.moveReaderIndex(forwardBy: 4)  // the length prefix
+                guard (try? Wire.request(from: encoded)) == request else { fatalError("request \(request) does not survive encoding") }
+            }
+            if let answer = try? Wire.answer(from: frame) {
+                var encoded = ByteBuffer()
+                Wire.write(answer, to: &encoded)
+                encoded.moveReaderIndex(forwardBy: 4)
+                guard (try? Wire.answer(from: encoded)) == answer else { fatalError("answer \(answer) does not survive encoding") }
             }
         }
-        _ = try? channel.finish()
     }
 
     /// The HTTP/1.1 request parser the API's server uses (NIOHTTP1's decoder), then the JSON bodies the API reads:

@@ -131,10 +131,7 @@ struct Authorization: RouterMiddleware {
         guard grant.allows(needed) else {
             logger.notice(
                 "refused a request", metadata: ["who": "\(grant)", "request": "\(request.method) \(path)", "needs": "\(needed)"])
-            throw APIError(
-                status: 403, code: "forbidden",
-                message: "\(request.method) \(path) needs the \(needed.rawValue) role; the certificate of \(grant.name) carries "
-                    + (grant.roles.isEmpty ? "none" : grant.roles.sorted().map(\.rawValue).joined(separator: ", ")))
+            throw APIError.forbidden("\(request.method) \(path) needs the \(needed.rawValue) role", grant: grant)
         }
         return try await next(request, context)
     }
@@ -148,13 +145,7 @@ final class ConnectionGrants: Sendable {
     func grant(of channel: any Channel) async throws -> Grant {
         let key = ObjectIdentifier(channel)
         if let grant = cache.withLockedValue({ $0[key] }) { return grant }
-        guard let certificate = try await channel.nioSSL_peerCertificate().get() else {
-            throw APIError(status: 401, code: "no_certificate", message: "this API needs a client certificate of the cluster's CA")
-        }
-        let grant: Grant
-        do { grant = try TLSFiles.grant(of: certificate) } catch {
-            throw APIError(status: 401, code: "bad_certificate", message: "\(error)")
-        }
+        let grant = try Self.grant(of: try await channel.nioSSL_peerCertificate().get())
         cache.withLockedValue { $0[key] = grant }
         channel.closeFuture.whenComplete { [cache] _ in cache.withLockedValue { $0[key] = nil } }
         return grant
@@ -241,5 +232,27 @@ final class EventLoopTaskExecutor: TaskExecutor {
     func enqueue(_ job: consuming ExecutorJob) {
         let job = UnownedJob(job)
         eventLoop.execute { job.runSynchronously(on: self.asUnownedTaskExecutor()) }
+    }
+}
+
+extension ConnectionGrants {
+    /// The grant a client's certificate proves (the HTTP API and the wire protocol alike), or why it proves none.
+    static func grant(of certificate: NIOSSLCertificate?) throws(APIError) -> Grant {
+        guard let certificate else {
+            throw APIError(status: 401, code: "no_certificate", message: "this API needs a client certificate of the cluster's CA")
+        }
+        do { return try TLSFiles.grant(of: certificate) } catch {
+            throw APIError(status: 401, code: "bad_certificate", message: "\(error)")
+        }
+    }
+}
+
+extension APIError {
+    /// 403: `what` ("GET /v1/x needs the write role"), then the roles `grant`'s certificate carries.
+    static func forbidden(_ what: String, grant: Grant) -> APIError {
+        APIError(
+            status: 403, code: "forbidden",
+            message: "\(what); the certificate of \(grant.name) carries "
+                + (grant.roles.isEmpty ? "none" : grant.roles.sorted().map(\.rawValue).joined(separator: ", ")))
     }
 }

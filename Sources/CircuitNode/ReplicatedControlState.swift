@@ -13,10 +13,26 @@ public final class ReplicatedControlState: RaftStateMachine, Sendable {
     public typealias WatchStream = AsyncThrowingStream<WatchEvent, any Error>
 
     private struct Watcher {
-        var prefix: String
+        /// What a path below the watched one begins with ("/a/b/" for "/a/b"), nil when every path is watched; put
+        /// together once, not for each event.
+        let below: String?
+        let prefix: String
         /// The last revision delivered (or skipped as not matching).
         var delivered: Revision
-        var continuation: WatchStream.Continuation
+        let continuation: WatchStream.Continuation
+
+        init(prefix: String, delivered: Revision, continuation: WatchStream.Continuation) {
+            self.prefix = prefix
+            self.below = prefix == "/" ? nil : prefix.hasSuffix("/") ? prefix : prefix + "/"
+            self.delivered = delivered
+            self.continuation = continuation
+        }
+
+        /// `path` is the watched path or below it.
+        func covers(_ path: String) -> Bool {
+            guard let below else { return true }
+            return path == prefix || path.hasPrefix(below)
+        }
     }
 
     private struct Inner {
@@ -38,7 +54,9 @@ public final class ReplicatedControlState: RaftStateMachine, Sendable {
 
     // MARK: - RaftStateMachine (the driver's thread)
 
-    public func apply(_ entry: Entry) -> [UInt8] {
+    public func apply(_ entry: Entry) -> [UInt8] { apply(entry, answered: true) }
+
+    public func apply(_ entry: Entry, answered: Bool) -> [UInt8] {
         let result: CommandResult
         var ended: [(WatchStream.Continuation, Revision)] = []
         do {
@@ -53,7 +71,7 @@ public final class ReplicatedControlState: RaftStateMachine, Sendable {
             result = .failed(error)
         }
         for (continuation, revision) in ended { continuation.finish(throwing: WatchError.compacted(resumeFrom: revision)) }
-        return result.encoded
+        return answered ? result.encoded : []
     }
 
     public func snapshot() -> @Sendable () throws -> [UInt8] {
@@ -146,36 +164,43 @@ public final class ReplicatedControlState: RaftStateMachine, Sendable {
     /// with the revision each must resume from (finish them outside the lock).
     private static func deliver(_ events: [WatchEvent], in inner: inout Inner) -> [(WatchStream.Continuation, Revision)] {
         var ended: [(WatchStream.Continuation, Revision)] = []
-        for (id, watcher) in inner.watchers {
+        var full: [UInt64] = []
+        let newest = events.last!.revision
+        // In place through the values (no lookup per watcher): this runs for every write the node applies. (A plain
+        // index, not `indices`, which would hold the storage and make the first change copy it.)
+        var i = inner.watchers.startIndex
+        while i != inner.watchers.endIndex {
+            defer { inner.watchers.formIndex(after: &i) }
+            let watcher = inner.watchers.values[i]
             // A watch opened from a revision this replica had not reached yet (it was behind, or replaying its log
             // after a restart) gets nothing before that revision.
-            for event in events
-            where event.revision > watcher.delivered && matches(event.path, prefix: watcher.prefix) && !yield(event, to: id, in: &inner) {
-                ended.append((watcher.continuation, event.revision))
-                break
+            for event in events where event.revision > watcher.delivered && watcher.covers(event.path) {
+                if !offer(event, to: watcher.continuation) {
+                    full.append(inner.watchers.keys[i])
+                    ended.append((watcher.continuation, event.revision))
+                    break
+                }
             }
-            inner.watchers[id]?.delivered = max(watcher.delivered, events.last!.revision)
+            if watcher.delivered < newest { inner.watchers.values[i].delivered = newest }
         }
+        for id in full { inner.watchers[id] = nil }
         return ended
     }
 
     /// False (and the watcher removed) if its buffer is full.
     private static func yield(_ event: WatchEvent, to id: UInt64, in inner: inout Inner) -> Bool {
         guard let watcher = inner.watchers[id] else { return false }
-        switch watcher.continuation.yield(event) {
-        case .enqueued: return true
-        case .dropped, .terminated:
-            inner.watchers[id] = nil
-            return false
-        @unknown default:
-            inner.watchers[id] = nil
-            return false
-        }
+        if offer(event, to: watcher.continuation) { return true }
+        inner.watchers[id] = nil
+        return false
     }
 
-    /// `path` is `prefix` or below it.
-    static func matches(_ path: String, prefix: String) -> Bool {
-        if prefix == "/" || path == prefix { return true }
-        return prefix.hasSuffix("/") ? path.hasPrefix(prefix) : path.hasPrefix(prefix + "/")
+    /// False if the stream's buffer is full or it ended.
+    private static func offer(_ event: WatchEvent, to continuation: WatchStream.Continuation) -> Bool {
+        switch continuation.yield(event) {
+        case .enqueued: return true
+        case .dropped, .terminated: return false
+        @unknown default: return false
+        }
     }
 }

@@ -122,14 +122,7 @@ struct WireOrHTTPChannel<Base: ServerChildChannel>: ServerChildChannel {
                 channel, APIError(status: 421, code: "not_a_member", message: "this host is a worker: speak the wire protocol to a member"))
         }
         let grant: EventLoopFuture<Grant?> = tls
-            ? channel.nioSSL_peerCertificate().flatMapThrowing { certificate -> Grant? in
-                guard let certificate else {
-                    throw APIError(status: 401, code: "no_certificate", message: "this API needs a client certificate of the cluster's CA")
-                }
-                do { return try TLSFiles.grant(of: certificate) } catch {
-                    throw APIError(status: 401, code: "bad_certificate", message: "\(error)")
-                }
-            }
+            ? channel.nioSSL_peerCertificate().flatMapThrowing { certificate -> Grant? in try ConnectionGrants.grant(of: certificate) }
             : channel.eventLoop.makeSucceededFuture(nil)
         let logger = self.logger
         return grant.flatMap { grant in
@@ -178,11 +171,18 @@ struct WireOrHTTPChannel<Base: ServerChildChannel>: ServerChildChannel {
 
 /// Answers a wire connection itself with `error`, then closes it; the future fails with `error`.
 func refuseWireConnection<T>(_ channel: any Channel, _ error: APIError) -> EventLoopFuture<T> {
+    writeLastAnswer(Wire.Answer(id: Wire.connectionID, .failed(error)), on: channel)
+        .flatMapResult { _ in Result<T, any Error>.failure(error) }
+}
+
+/// Writes `answer`, the connection's last, and closes the connection once it is written (or failed to be).
+@discardableResult
+func writeLastAnswer(_ answer: Wire.Answer, on channel: any Channel) -> EventLoopFuture<Void> {
     var buffer = channel.allocator.buffer(capacity: 128)
-    Wire.write(Wire.Answer(id: Wire.connectionID, .failed(error)), to: &buffer)
+    Wire.write(answer, to: &buffer)
     let written = channel.writeAndFlush(buffer)
     written.whenComplete { _ in channel.close(promise: nil) }
-    return written.flatMapResult { _ in Result<T, any Error>.failure(error) }
+    return written
 }
 
 /// The first handler of an API connection: holds what is read until the first four bytes tell the protocol, has the
@@ -331,10 +331,9 @@ final class WireServerHandler: ChannelDuplexHandler {
         if let grant {
             let needed: AccessRole = request.operation.isWrite ? .write : .read
             guard grant.allows(needed) else {
-                let message = "records need the \(needed.rawValue) role to be \(request.operation.isWrite ? "written" : "read"); "
-                    + "the certificate of \(grant.name) carries "
-                    + (grant.roles.isEmpty ? "none" : grant.roles.sorted().map(\.rawValue).joined(separator: ", "))
-                enqueue(.answer(Wire.Answer(id: request.id, .failed(APIError(status: 403, code: "forbidden", message: message)))), context: context)
+                let refusal = APIError.forbidden(
+                    "records need the \(needed.rawValue) role to be \(request.operation.isWrite ? "written" : "read")", grant: grant)
+                enqueue(.answer(Wire.Answer(id: request.id, .failed(refusal))), context: context)
                 return
             }
         }
@@ -422,10 +421,7 @@ final class WireServerHandler: ChannelDuplexHandler {
     private func sendThenClose(_ answer: Wire.Answer, context: ChannelHandlerContext) {
         guard active else { return }
         active = false
-        var buffer = context.channel.allocator.buffer(capacity: 64)
-        Wire.write(answer, to: &buffer)
-        let channel = context.channel
-        context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in channel.close(promise: nil) }
+        writeLastAnswer(answer, on: context.channel)
     }
 
     func read(context: ChannelHandlerContext) {

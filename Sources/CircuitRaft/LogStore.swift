@@ -64,6 +64,9 @@ public final class SQLiteLogStore: RaftLogStore {
     /// Entries up to here are covered by the snapshot and deleted a batch at a time with later writes, so that a
     /// compaction never holds the log's writer for long.
     private var garbageThrough: UInt64 = 0
+    /// The hard state the meta table holds (recovered, then each one committed): a write changes only the fields
+    /// that differ from it, which for most writes is the commit index alone.
+    private var written: HardState?
     private var deletedThrough: UInt64 = 0
     private static let deleteBatch: UInt64 = 2_000
 
@@ -185,6 +188,7 @@ public final class SQLiteLogStore: RaftLogStore {
         if let lastTerm = all.last?.term, lastTerm > hs.term {
             throw RaftStoreCorruption(path: path, detail: "last entry's term \(lastTerm) is above the hard state's term \(hs.term)")
         }
+        written = hs
         logger.debug("recovered log", metadata: ["path": "\(path)", "entries": "\(all.count)", "term": "\(hs.term)", "commit": "\(hs.commit)"])
         return RecoveredLog(hardState: hs, entries: all, snapshot: snapshot)
     }
@@ -197,6 +201,7 @@ public final class SQLiteLogStore: RaftLogStore {
             try putSnapshot.run(.int(Int64(snapshot.index)), .int(Int64(snapshot.term)), .blob(snapshot.membership.encoded))
             if let hardState { try writeHardState(hardState) }
         }
+        if let hardState { written = hardState }
         if replacingLog { deletedThrough = snapshot.index }
         garbageThrough = max(garbageThrough, snapshot.index)
     }
@@ -235,12 +240,13 @@ public final class SQLiteLogStore: RaftLogStore {
             }
             if let hs = hardState { try writeHardState(hs) }
         }
+        if let hardState { written = hardState }
     }
 
     private func writeHardState(_ hs: HardState) throws {
-        try putMeta.run(.text("term"), .int(Int64(bitPattern: hs.term)))
-        try putMeta.run(.text("vote"), .int(Int64(bitPattern: hs.vote)))
-        try putMeta.run(.text("commit"), .int(Int64(bitPattern: hs.commit)))
+        if written?.term != hs.term { try putMeta.run(.text("term"), .int(Int64(bitPattern: hs.term))) }
+        if written?.vote != hs.vote { try putMeta.run(.text("vote"), .int(Int64(bitPattern: hs.vote))) }
+        if written?.commit != hs.commit { try putMeta.run(.text("commit"), .int(Int64(bitPattern: hs.commit))) }
     }
 
     public func entries(from: UInt64, to: UInt64, maxBytes: Int) throws -> [Entry] {

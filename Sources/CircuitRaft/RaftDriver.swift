@@ -47,11 +47,18 @@ public struct SnapshotChunk: Sendable, Hashable {
 public protocol RaftStateMachine: AnyObject {
     /// Applies one committed entry and returns the answer for whoever proposed it.
     func apply(_ entry: Entry) -> [UInt8]
+    /// The same, told whether anyone on this replica waits for the answer: when no one does (most entries on most
+    /// replicas), a state machine may skip putting it together and return anything. By default, `apply(entry)`.
+    func apply(_ entry: Entry, answered: Bool) -> [UInt8]
     /// Captures the state as of the last applied entry. Called on the driver's thread, so it must be quick (copy a
     /// value); the closure it returns does the serializing on another thread, so applying never waits for it.
     func snapshot() -> @Sendable () throws -> [UInt8]
     /// Replaces the state with a snapshot's payload.
     func restore(_ payload: [UInt8]) throws
+}
+
+extension RaftStateMachine {
+    public func apply(_ entry: Entry, answered: Bool) -> [UInt8] { apply(entry) }
 }
 
 /// Why a proposal or read through the driver failed.
@@ -653,8 +660,9 @@ public final class RaftDriver: @unchecked Sendable {
             }
             for entry in rd.committedEntries {
                 bytesSinceSnapshot += entry.byteSize
-                let result: [UInt8] = entry.kind == .normal ? stateMachine.apply(entry) : []
-                if let pending = pendingProposals.removeValue(forKey: entry.index) {
+                let pending = pendingProposals.removeValue(forKey: entry.index)
+                let result: [UInt8] = entry.kind == .normal ? stateMachine.apply(entry, answered: pending != nil) : []
+                if let pending {
                     if pending.term == entry.term {
                         pending.continuation.resume(returning: result)
                     } else {

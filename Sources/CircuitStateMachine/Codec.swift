@@ -3,19 +3,30 @@
 struct BinaryWriter {
     var bytes: [UInt8] = []
 
+    // Every replica applies every command and writes its watch event: these run for each write on the cluster, so
+    // they append bytes directly (no intermediate arrays, no generic sequence copies).
+    @inline(__always)
     mutating func int<T: FixedWidthInteger>(_ v: T) {
-        withUnsafeBytes(of: v.bigEndian) { bytes.append(contentsOf: $0) }
+        var shift = T.bitWidth - 8
+        while shift >= 0 {
+            bytes.append(UInt8(truncatingIfNeeded: v >> shift))
+            shift -= 8
+        }
     }
     mutating func blob(_ b: [UInt8]) {
         int(UInt32(b.count))
         bytes.append(contentsOf: b)
     }
-    mutating func string(_ s: String) { blob(Array(s.utf8)) }
+    mutating func string(_ s: String) {
+        let utf8 = s.utf8
+        int(UInt32(utf8.count))
+        bytes.append(contentsOf: utf8)
+    }
     mutating func strings(_ ss: [String]) {
         int(UInt32(ss.count))
         for s in ss { string(s) }
     }
-    mutating func bool(_ b: Bool) { int(UInt8(b ? 1 : 0)) }
+    mutating func bool(_ b: Bool) { bytes.append(b ? 1 : 0) }
 }
 
 /// Reads what `BinaryWriter` wrote; every failure names the field.
@@ -30,19 +41,32 @@ struct BinaryReader {
     mutating func int<T: FixedWidthInteger>(_ field: String) throws(ControlError) -> T {
         let n = MemoryLayout<T>.size
         guard at + n <= bytes.count else { throw .malformedCommand("ends inside \(field)") }
+        return readInt(n)
+    }
+    /// The `n` bytes at `at` as a big-endian integer (the caller checked they are there).
+    @inline(__always)
+    private mutating func readInt<T: FixedWidthInteger>(_ n: Int) -> T {
         var v: T = 0
-        for b in bytes[at..<at + n] { v = v << 8 | T(b) }
+        bytes.withUnsafeBufferPointer { b in
+            for i in at..<at + n { v = v << 8 | T(b[i]) }
+        }
         at += n
         return v
     }
-    mutating func blob(_ field: String) throws(ControlError) -> [UInt8] {
-        let n = Int(try int(field + " length") as UInt32)
+    /// A length-prefixed field's bytes: their start and count (the field's name is only put together for an error).
+    private mutating func span(_ field: String) throws(ControlError) -> Range<Int> {
+        guard at + 4 <= bytes.count else { throw .malformedCommand("ends inside \(field) length") }
+        let n = Int(readInt(4) as UInt32)
         guard at + n <= bytes.count else { throw .malformedCommand("\(field) overruns the input") }
         defer { at += n }
-        return Array(bytes[at..<at + n])
+        return at..<at + n
+    }
+    mutating func blob(_ field: String) throws(ControlError) -> [UInt8] {
+        Array(bytes[try span(field)])
     }
     mutating func string(_ field: String) throws(ControlError) -> String {
-        String(decoding: try blob(field), as: UTF8.self)
+        let range = try span(field)
+        return bytes.withUnsafeBufferPointer { String(decoding: UnsafeBufferPointer(rebasing: $0[range]), as: UTF8.self) }
     }
     mutating func strings(_ field: String) throws(ControlError) -> [String] {
         let n: UInt32 = try int(field + " count")

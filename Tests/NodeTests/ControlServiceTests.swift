@@ -285,4 +285,40 @@ struct WatchTests {
         #expect(second?.path == "/records/a/x" && second?.kind == .delete && second?.revision == 3)
         #expect(state.watcherCount == 1)
     }
+
+    @Test("several watchers each get their own prefix's events; one that falls behind ends, the others go on")
+    func severalWatchers() async throws {
+        let state = ReplicatedControlState(watchBuffer: 4)
+        let everything = try state.watch(prefix: "/", after: 0)
+        let slashed = try state.watch(prefix: "/records/a/", after: 0)
+        let exact = try state.watch(prefix: "/records/ab", after: 0)
+        var index: UInt64 = 0
+        func put(_ path: String) {
+            index += 1
+            _ = apply(state, .put(path: path, value: [], session: 0), at: index)
+        }
+        put("/records/ab")  // 1: everything, exact
+        put("/records/a/x")  // 2: everything, slashed
+        put("/records/abc")  // 3: everything
+        put("/records/ab/y")  // 4: everything, exact
+        put("/records/a/z")  // 5: everything overflows (buffer 4) and ends; slashed
+        #expect(state.watcherCount == 2)
+        put("/records/a/w")  // 6: slashed
+        func revisions(_ stream: ReplicatedControlState.WatchStream, _ n: Int) async throws -> [Revision] {
+            var iterator = stream.makeAsyncIterator()
+            var out: [Revision] = []
+            for _ in 0..<n { if let e = try await iterator.next() { out.append(e.revision) } }
+            return out
+        }
+        #expect(try await revisions(slashed, 3) == [2, 5, 6])
+        #expect(try await revisions(exact, 2) == [1, 4])
+        var all: [Revision] = []
+        do {
+            for try await event in everything { all.append(event.revision) }
+            Issue.record("the stream that fell behind ended without an error")
+        } catch let error as WatchError {
+            #expect(error == .compacted(resumeFrom: 5))
+        }
+        #expect(all == [1, 2, 3, 4])
+    }
 }

@@ -39,6 +39,38 @@ struct SQLiteLogStoreTests {
         #expect(try store.entries(from: 2, to: 3, maxBytes: .max).map(\.index) == [2, 3])
     }
 
+
+    @Test("a hard state that changes one field at a time, across reopenings, recovers as the last one persisted")
+    func hardStateFieldByField() throws {
+        let path = try temporaryPath("log.sqlite")
+        // Each step is persisted by a store that recovered what the steps before left: a store writes only the
+        // fields that differ from what it knows the file holds.
+        let steps: [HardState] = [
+            HardState(term: 1, vote: 0, commit: 0), HardState(term: 1, vote: 7, commit: 0), HardState(term: 1, vote: 7, commit: 4),
+            HardState(term: 2, vote: 7, commit: 4), HardState(term: 2, vote: 0, commit: 4), HardState(term: 2, vote: 0, commit: 9),
+            HardState(term: 3, vote: 3, commit: 9),
+        ]
+        for (i, hs) in steps.enumerated() {
+            let store = try SQLiteLogStore(path: path, logger: logger)
+            let recovered = try store.recover()
+            #expect(recovered.hardState == (i == 0 ? HardState() : steps[i - 1]))
+            // Persisted twice in one store: the second write of the same state changes nothing.
+            try store.persist(hardState: hs, entries: i == 0 ? (1...9).map { entry($0, term: 1) } : [])
+            try store.persist(hardState: hs, entries: [])
+            store.close()
+        }
+        let store = try SQLiteLogStore(path: path, logger: logger)
+        #expect(try store.recover().hardState == steps.last)
+        // Without a recovery first, a store writes every field.
+        let fresh = try temporaryPath("fresh.sqlite")
+        do {
+            let s = try SQLiteLogStore(path: fresh, logger: logger)
+            try s.persist(hardState: HardState(term: 5, vote: 1, commit: 0), entries: [])
+            s.close()
+        }
+        let reopened = try SQLiteLogStore(path: fresh, logger: logger)
+        #expect(try reopened.recover().hardState == HardState(term: 5, vote: 1, commit: 0))
+    }
     @Test("persisting from an index replaces the conflicting suffix")
     func truncatesSuffix() throws {
         let store = try SQLiteLogStore(path: try temporaryPath("log.sqlite"), logger: logger)
