@@ -1,4 +1,5 @@
 import ArgumentParser
+import CircuitRaft
 import Foundation
 import Synchronization
 
@@ -136,7 +137,14 @@ struct CompareBench: AsyncParsableCommand {
     }
 
     private static let value = [UInt8](repeating: UInt8(ascii: "v"), count: 64)
-    private static func key(_ i: Int) -> String { "/bench/k" + String(format: "%08d", i) }
+    private static func key(_ i: Int) -> String { name("/bench/k", i) }
+
+    /// `prefix` and `i` in eight digits ("/bench/k00000042"). Not `String(format:)`: the load generator names a key
+    /// for every operation, and Foundation's formatting (through the locale) cost more than the rest of its loop.
+    private static func name(_ prefix: String, _ i: Int) -> String {
+        let digits = String(i)
+        return prefix + String(repeating: "0", count: max(0, 8 - digits.utf8.count)) + digits
+    }
 
     /// Progress, on standard error: the table alone goes to standard output.
     private func note(_ line: String) {
@@ -186,6 +194,7 @@ struct CompareBench: AsyncParsableCommand {
         let warm = clock.now + .seconds(1)
         let end = warm + .milliseconds(Int64(seconds * 1000))
         let keys = self.keys
+        let keyNames = (0..<keys).map(Self.key)
         let measured = SharedBox<(count: Int, last: ContinuousClock.Instant)>((0, warm))
         let parts = try await withThrowingTaskGroup(of: ([Double], Int).self) { tasks in
             for c in 0..<clients {
@@ -196,15 +205,17 @@ struct CompareBench: AsyncParsableCommand {
                     var mismatches = 0
                     let own = Self.key(c)
                     var version = op == .cas ? try await connection.read(own) : 0
-                    var rng = SystemRandomNumberGenerator()
+                    // Seeded once from the system: `SystemRandomNumberGenerator` asks the kernel for every number.
+                    var rng = SplitMix64(seed: UInt64.random(in: .min ... .max))
+                    let names = keyNames
                     while true {
                         let start = clock.now
                         if start >= end && (measured.withLock { $0.count } > 0 || start >= end + .seconds(30)) { break }
                         switch op {
                         case .writes:
-                            try await connection.put(Self.key(Int.random(in: 0..<keys, using: &rng)), Self.value)
+                            try await connection.put(names[Int.random(in: 0..<keys, using: &rng)], Self.value)
                         case .reads:
-                            _ = try await connection.read(Self.key(Int.random(in: 0..<keys, using: &rng)))
+                            _ = try await connection.read(names[Int.random(in: 0..<keys, using: &rng)])
                         case .cas:
                             if let next = try await connection.compareAndSet(own, version: version, Self.value) {
                                 version = next
@@ -277,7 +288,7 @@ struct CompareBench: AsyncParsableCommand {
                 tasks.addTask {
                     let connection = try await s.connect(c % 3)
                     for k in stride(from: c, to: inserts, by: 16) {
-                        let key = "/bench/n" + String(format: "%08d", k)
+                        let key = Self.name("/bench/n", k)
                         guard try await connection.compareAndSet(key, version: 0, Self.value) != nil else {
                             throw ValidationError("\(s.name): \(key) existed before it was created")
                         }

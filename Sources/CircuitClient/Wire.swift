@@ -166,11 +166,11 @@ public enum Wire {
             switch answer.result {
             case .record(let r):
                 b.writeInteger(UInt8(1))
-                for n in [r.version, r.createRevision, r.modRevision, r.session, r.revision] { b.writeInteger(n) }
+                b.writeMultipleIntegers(r.version, r.createRevision, r.modRevision, r.session, r.revision)
                 writeValue(r.value, to: &b)
             case .written(let w):
                 b.writeInteger(UInt8(2))
-                for n in [w.revision, w.version, w.session] { b.writeInteger(n) }
+                b.writeMultipleIntegers(w.revision, w.version, w.session)
                 b.writeInteger(UInt8(w.path == nil ? 0 : 1))
                 writeString(w.path ?? "", to: &b)
             case .failed(let e):
@@ -244,14 +244,17 @@ public enum Wire {
         let result: Result
         switch kind {
         case 1:
-            let n: [UInt64] = try (0..<5).map { (_: Int) throws(Malformed) -> UInt64 in try integer(&b, "the record's numbers") }
+            guard let (version, created, modified, session, revision) = b.readMultipleIntegers(as: (UInt64, UInt64, UInt64, UInt64, UInt64).self)
+            else { throw Malformed("the frame ends before the record's numbers") }
             result = .record(
-                Record(value: try value(&b), version: n[0], createRevision: n[1], modRevision: n[2], session: n[3], revision: n[4]))
+                Record(value: try value(&b), version: version, createRevision: created, modRevision: modified, session: session, revision: revision))
         case 2:
-            let n: [UInt64] = try (0..<3).map { (_: Int) throws(Malformed) -> UInt64 in try integer(&b, "the write's numbers") }
+            guard let (revision, version, session) = b.readMultipleIntegers(as: (UInt64, UInt64, UInt64).self) else {
+                throw Malformed("the frame ends before the write's numbers")
+            }
             let named: UInt8 = try integer(&b, "the path flag")
             let path = try string(&b, "the path")
-            result = .written(WriteView(revision: n[0], path: named == 0 ? nil : path, version: n[1], session: n[2]))
+            result = .written(WriteView(revision: revision, path: named == 0 ? nil : path, version: version, session: session))
         case 3:
             let status: UInt16 = try integer(&b, "the status")
             let code = try string(&b, "the error code")
@@ -263,8 +266,10 @@ public enum Wire {
         return Answer(id: id, result)
     }
 
-    private static func integer<T: FixedWidthInteger>(_ b: inout ByteBuffer, _ what: String) throws(Malformed) -> T {
-        guard let n = b.readInteger(as: T.self) else { throw Malformed("the frame ends before \(what)") }
+    // What is missing is named only when something is (these run for every frame: no string is put together
+    // otherwise).
+    private static func integer<T: FixedWidthInteger>(_ b: inout ByteBuffer, _ what: @autoclosure () -> String) throws(Malformed) -> T {
+        guard let n = b.readInteger(as: T.self) else { throw Malformed("the frame ends before \(what())") }
         return n
     }
 

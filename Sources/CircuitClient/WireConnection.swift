@@ -147,13 +147,16 @@ final class WireClientHandler: ChannelDuplexHandler {
 
     private struct Waiting {
         var answer: EventLoopPromise<Wire.Result>
-        var timeout: Scheduled<Void>
+        var deadline: NIODeadline
     }
 
     private let timeout: TimeAmount
     private let refusal: NIOLockedValueBox<APIError?>
     private var nextID: UInt64 = 1
     private var waiting: [UInt64: Waiting] = [:]
+    /// Fails the calls past their deadline, every tenth of the timeout (10 ms to 1 s) while any waits: one timer for
+    /// the connection, not one scheduled and cancelled for every call.
+    private var sweep: RepeatedTask?
     /// Once set, the connection is done: new calls fail with this.
     private var failure: (any Error)?
 
@@ -174,12 +177,8 @@ final class WireClientHandler: ChannelDuplexHandler {
             }
             let id = nextID
             nextID += 1
-            let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
-            let timeout = context.eventLoop.scheduleTask(in: timeout) { [timeout] in
-                let call = bound.value.waiting.removeValue(forKey: id)
-                call?.answer.fail(WireConnectionError(description: "no answer within \(timeout)"))
-            }
-            waiting[id] = Waiting(answer: answer, timeout: timeout)
+            waiting[id] = Waiting(answer: answer, deadline: .now() + timeout)
+            if sweep == nil { startSweep(context: context) }
             var buffer = context.channel.allocator.buffer(capacity: 64)
             Wire.write(Wire.Request(id: id, operation), to: &buffer)
             context.write(wrapOutboundOut(buffer), promise: promise)
@@ -205,7 +204,6 @@ final class WireClientHandler: ChannelDuplexHandler {
             return
         }
         guard let call = waiting.removeValue(forKey: answer.id) else { return }  // timed out meanwhile
-        call.timeout.cancel()
         call.answer.succeed(answer.result)
     }
 
@@ -222,10 +220,26 @@ final class WireClientHandler: ChannelDuplexHandler {
         if failure == nil { failure = error }
         let calls = waiting
         waiting.removeAll()
-        for call in calls.values {
-            call.timeout.cancel()
-            call.answer.fail(failure!)
-        }
+        sweep?.cancel()
+        sweep = nil
+        for call in calls.values { call.answer.fail(failure!) }
         context.close(promise: nil)
+    }
+
+    private func startSweep(context: ChannelHandlerContext) {
+        let period = TimeAmount.nanoseconds(min(max(timeout.nanoseconds / 10, 10_000_000), 1_000_000_000))
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        sweep = context.eventLoop.scheduleRepeatedTask(initialDelay: period, delay: period) { [timeout] _ in
+            let handler = bound.value
+            let now = NIODeadline.now()
+            for (id, call) in handler.waiting where call.deadline <= now {
+                handler.waiting[id] = nil
+                call.answer.fail(WireConnectionError(description: "no answer within \(timeout)"))
+            }
+            if handler.waiting.isEmpty {
+                handler.sweep?.cancel()
+                handler.sweep = nil
+            }
+        }
     }
 }

@@ -108,6 +108,48 @@ struct WireCodecTests {
     }
 }
 
+/// Reads everything and answers nothing: a node that hangs.
+private final class SilentServer: ChannelInboundHandler, Sendable {
+    typealias InboundIn = ByteBuffer
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+}
+
+@Suite("The binary protocol's client")
+struct WireClientTests {
+    @Test("calls a node never answers fail once the connection's timeout has passed, a write as maybe done and a read as not, each about on time")
+    func unansweredCallsTimeOut() async throws {
+        let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { channel in channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(SilentServer()) } }
+            .bind(host: "127.0.0.1", port: 0).get()
+        defer { server.close(promise: nil) }
+        let port = try #require(server.localAddress?.port)
+        // 2 s: also the bound on connecting, which a loaded machine could otherwise exceed.
+        let connection = try await WireConnection.connect(to: "127.0.0.1:\(port)", tls: nil, timeout: .seconds(2))
+        let clock = ContinuousClock()
+        let started = clock.now
+        async let write: CircuitClientError? = { () async -> CircuitClientError? in
+            do throws(CircuitClientError) { _ = try await connection.put("/a", [1]) } catch { return error }
+            return nil
+        }()
+        async let read: CircuitClientError? = { () async -> CircuitClientError? in
+            do throws(CircuitClientError) { _ = try await connection.get("/a") } catch { return error }
+            return nil
+        }()
+        let (w, r) = await (write, read)
+        let took = started.duration(to: clock.now)
+        guard case .noAnswer(_, let why)? = w else { Issue.record("the write: \(String(describing: w))"); return }
+        #expect(why.contains("no answer within"), "\(why)")
+        guard case .unreachable? = r else { Issue.record("the read: \(String(describing: r))"); return }
+        // Not before the timeout; after it by at most the sweep's period (a tenth of it) and a loaded machine's delay.
+        #expect(took >= .seconds(2) && took < .seconds(12), "failed after \(took)")
+        // The connection takes calls on (the node may answer late; those answers are dropped).
+        let again = clock.now
+        await #expect(throws: CircuitClientError.self) { _ = try await connection.get("/b") }
+        #expect(again.duration(to: clock.now) >= .seconds(2))
+        await connection.close()
+    }
+}
+
 /// What came back on a raw connection: the answers read, and whether the node closed it.
 private final class RawWireCollector: ChannelInboundHandler, Sendable {
     typealias InboundIn = ByteBuffer
