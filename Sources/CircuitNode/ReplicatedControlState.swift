@@ -13,25 +13,15 @@ public final class ReplicatedControlState: RaftStateMachine, Sendable {
     public typealias WatchStream = AsyncThrowingStream<WatchEvent, any Error>
 
     private struct Watcher {
-        /// What a path below the watched one begins with ("/a/b/" for "/a/b"), nil when every path is watched; put
-        /// together once, not for each event.
-        let below: String?
-        let prefix: String
+        let scope: PathPrefix
         /// The last revision delivered (or skipped as not matching).
         var delivered: Revision
         let continuation: WatchStream.Continuation
 
         init(prefix: String, delivered: Revision, continuation: WatchStream.Continuation) {
-            self.prefix = prefix
-            self.below = prefix == "/" ? nil : prefix.hasSuffix("/") ? prefix : prefix + "/"
+            self.scope = PathPrefix(prefix)
             self.delivered = delivered
             self.continuation = continuation
-        }
-
-        /// `path` is the watched path or below it.
-        func covers(_ path: String) -> Bool {
-            guard let below else { return true }
-            return path == prefix || path.hasPrefix(below)
         }
     }
 
@@ -86,7 +76,7 @@ public final class ReplicatedControlState: RaftStateMachine, Sendable {
             inner.state = restored
             // Each watcher continues from what it had, if the restored history still holds it.
             for (id, watcher) in inner.watchers {
-                switch restored.events(after: watcher.delivered, prefix: watcher.prefix) {
+                switch restored.events(after: watcher.delivered, prefix: watcher.scope.prefix) {
                 case .success(let events):
                     for event in events where !Self.yield(event, to: id, in: &inner) {
                         ended.append((watcher.continuation, event.revision))
@@ -174,7 +164,7 @@ public final class ReplicatedControlState: RaftStateMachine, Sendable {
             let watcher = inner.watchers.values[i]
             // A watch opened from a revision this replica had not reached yet (it was behind, or replaying its log
             // after a restart) gets nothing before that revision.
-            for event in events where event.revision > watcher.delivered && watcher.covers(event.path) {
+            for event in events where event.revision > watcher.delivered && watcher.scope.covers(event.path) {
                 if !offer(event, to: watcher.continuation) {
                     full.append(inner.watchers.keys[i])
                     ended.append((watcher.continuation, event.revision))

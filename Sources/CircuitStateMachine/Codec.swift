@@ -48,7 +48,7 @@ struct BinaryReader {
     private mutating func readInt<T: FixedWidthInteger>(_ n: Int) -> T {
         var v: T = 0
         bytes.withUnsafeBufferPointer { b in
-            for i in at..<at + n { v = v << 8 | T(b[i]) }
+            for i in at..<at + n { v = v << 8 | T(truncatingIfNeeded: b[i]) }
         }
         at += n
         return v

@@ -407,10 +407,8 @@ public struct ControlState: Sendable {
     /// `compacted` if changes after `revision` are no longer retained.
     public func events(after revision: Revision, prefix: String = "/") -> Result<[WatchEvent], WatchError> {
         if revision < compactedThrough { return .failure(.compacted(resumeFrom: compactedThrough + 1)) }
-        let matches: (String) -> Bool = { p in
-            prefix == "/" || p == prefix || p.hasPrefix(prefix.hasSuffix("/") ? prefix : prefix + "/")
-        }
-        return .success(history.events(after: revision, matching: matches))
+        let scope = PathPrefix(prefix)
+        return .success(history.events(after: revision, matching: scope.covers))
     }
 
     mutating func setAnchorRestoring(_ path: String, _ anchor: Anchor) {
@@ -443,5 +441,24 @@ extension CommandResult {
     func withRevision(_ revision: Revision) -> CommandResult {
         guard case .ok(_, let path, let version, let session) = self else { return self }
         return .ok(revision: revision, path: path, version: version, session: session)
+    }
+}
+
+/// What a watch of `prefix` covers: the path itself and everything below it ("/a" covers "/a" and "/a/b", not "/ab";
+/// "/" covers every path). What a path below begins with is put together once: this is asked for every change
+/// applied, of every watcher.
+public struct PathPrefix: Sendable, Hashable {
+    public let prefix: String
+    /// "/a/b/" for "/a/b" (or "/a/b/"); nil for "/".
+    private let below: String?
+
+    public init(_ prefix: String) {
+        self.prefix = prefix
+        self.below = prefix == "/" ? nil : prefix.hasSuffix("/") ? prefix : prefix + "/"
+    }
+
+    public func covers(_ path: String) -> Bool {
+        guard let below else { return true }
+        return path == prefix || path.hasPrefix(below)
     }
 }

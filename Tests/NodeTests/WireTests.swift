@@ -137,9 +137,12 @@ struct WireClientTests {
         }()
         let (w, r) = await (write, read)
         let took = started.duration(to: clock.now)
-        guard case .noAnswer(_, let why)? = w else { Issue.record("the write: \(String(describing: w))"); return }
-        #expect(why.contains("no answer within"), "\(why)")
-        guard case .unreachable? = r else { Issue.record("the read: \(String(describing: r))"); return }
+        if case .noAnswer(_, let why)? = w {
+            #expect(why.contains("no answer within"), "\(why)")
+        } else {
+            Issue.record("the write: \(String(describing: w))")
+        }
+        if case .unreachable? = r {} else { Issue.record("the read: \(String(describing: r))") }
         // Not before the timeout; after it by at most the sweep's period (a tenth of it) and a loaded machine's delay.
         #expect(took >= .seconds(2) && took < .seconds(12), "failed after \(took)")
         // The connection takes calls on (the node may answer late; those answers are dropped).

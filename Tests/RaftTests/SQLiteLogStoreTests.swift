@@ -39,7 +39,6 @@ struct SQLiteLogStoreTests {
         #expect(try store.entries(from: 2, to: 3, maxBytes: .max).map(\.index) == [2, 3])
     }
 
-
     @Test("a hard state that changes one field at a time, across reopenings, recovers as the last one persisted")
     func hardStateFieldByField() throws {
         let path = try temporaryPath("log.sqlite")
@@ -54,23 +53,37 @@ struct SQLiteLogStoreTests {
             let store = try SQLiteLogStore(path: path, logger: logger)
             let recovered = try store.recover()
             #expect(recovered.hardState == (i == 0 ? HardState() : steps[i - 1]))
-            // Persisted twice in one store: the second write of the same state changes nothing.
             try store.persist(hardState: hs, entries: i == 0 ? (1...9).map { entry($0, term: 1) } : [])
-            try store.persist(hardState: hs, entries: [])
+            store.close()
+        }
+        do {
+            // In one store, a field changed and changed back: the second write compares with the first, not with
+            // what the store recovered.
+            let store = try SQLiteLogStore(path: path, logger: logger)
+            #expect(try store.recover().hardState == steps.last)
+            try store.persist(hardState: HardState(term: 3, vote: 5, commit: 9), entries: [])
+            try store.persist(hardState: HardState(term: 3, vote: 3, commit: 9), entries: [])
             store.close()
         }
         let store = try SQLiteLogStore(path: path, logger: logger)
-        #expect(try store.recover().hardState == steps.last)
-        // Without a recovery first, a store writes every field.
-        let fresh = try temporaryPath("fresh.sqlite")
+        #expect(try store.recover().hardState == HardState(term: 3, vote: 3, commit: 9))
+        // A store that did not recover the file's hard state writes every field: (5, 0, 0) over (5, 1, 3) must not
+        // keep the vote and the commit index the file held.
+        let other = try temporaryPath("other.sqlite")
         do {
-            let s = try SQLiteLogStore(path: fresh, logger: logger)
-            try s.persist(hardState: HardState(term: 5, vote: 1, commit: 0), entries: [])
+            let s = try SQLiteLogStore(path: other, logger: logger)
+            try s.persist(hardState: HardState(term: 5, vote: 1, commit: 3), entries: (1...3).map { entry($0, term: 5) })
             s.close()
         }
-        let reopened = try SQLiteLogStore(path: fresh, logger: logger)
-        #expect(try reopened.recover().hardState == HardState(term: 5, vote: 1, commit: 0))
+        do {
+            let s = try SQLiteLogStore(path: other, logger: logger)
+            try s.persist(hardState: HardState(term: 5, vote: 0, commit: 0), entries: [])
+            s.close()
+        }
+        let reopened = try SQLiteLogStore(path: other, logger: logger)
+        #expect(try reopened.recover().hardState == HardState(term: 5, vote: 0, commit: 0))
     }
+
     @Test("persisting from an index replaces the conflicting suffix")
     func truncatesSuffix() throws {
         let store = try SQLiteLogStore(path: try temporaryPath("log.sqlite"), logger: logger)

@@ -390,3 +390,16 @@ struct ResultCodecTests {
         #expect(throws: ControlError.malformedCommand("nested transaction failure")) { try CommandResult(decoding: bytes) }
     }
 }
+
+@Suite("What a watch covers")
+struct PathPrefixTests {
+    @Test("a prefix covers itself and what is below it, not a sibling that shares its letters; / covers every path", arguments: [
+        ("/", "/records/a", true), ("/", "/", true),
+        ("/records/a", "/records/a", true), ("/records/a", "/records/a/b", true), ("/records/a", "/records/ab", false),
+        ("/records/a", "/records", false), ("/records/a/", "/records/a/b", true), ("/records/a/", "/records/ab", false),
+        ("/records/a/", "/records/a", false), ("/records/a/", "/records/a/", true),
+    ])
+    func covers(prefix: String, path: String, covered: Bool) {
+        #expect(PathPrefix(prefix).covers(path) == covered, "\(prefix) over \(path)")
+    }
+}
