@@ -207,15 +207,14 @@ struct CompareBench: AsyncParsableCommand {
                     var version = op == .cas ? try await connection.read(own) : 0
                     // Seeded once from the system: `SystemRandomNumberGenerator` asks the kernel for every number.
                     var rng = SplitMix64(seed: UInt64.random(in: .min ... .max))
-                    let names = keyNames
                     while true {
                         let start = clock.now
                         if start >= end && (measured.withLock { $0.count } > 0 || start >= end + .seconds(30)) { break }
                         switch op {
                         case .writes:
-                            try await connection.put(names[Int.random(in: 0..<keys, using: &rng)], Self.value)
+                            try await connection.put(keyNames[Int.random(in: 0..<keys, using: &rng)], Self.value)
                         case .reads:
-                            _ = try await connection.read(names[Int.random(in: 0..<keys, using: &rng)])
+                            _ = try await connection.read(keyNames[Int.random(in: 0..<keys, using: &rng)])
                         case .cas:
                             if let next = try await connection.compareAndSet(own, version: version, Self.value) {
                                 version = next

@@ -17,12 +17,6 @@ public final class ReplicatedControlState: RaftStateMachine, Sendable {
         /// The last revision delivered (or skipped as not matching).
         var delivered: Revision
         let continuation: WatchStream.Continuation
-
-        init(prefix: String, delivered: Revision, continuation: WatchStream.Continuation) {
-            self.scope = PathPrefix(prefix)
-            self.delivered = delivered
-            self.continuation = continuation
-        }
     }
 
     private struct Inner {
@@ -111,7 +105,7 @@ public final class ReplicatedControlState: RaftStateMachine, Sendable {
             case .success(let past):
                 let id = inner.nextWatcher
                 inner.nextWatcher += 1
-                inner.watchers[id] = Watcher(prefix: prefix, delivered: revision, continuation: continuation)
+                inner.watchers[id] = Watcher(scope: PathPrefix(prefix), delivered: revision, continuation: continuation)
                 for event in past where !Self.yield(event, to: id, in: &inner) {
                     inner.watchers[id] = nil
                     return .failure(.compacted(resumeFrom: event.revision))
