@@ -58,6 +58,8 @@ final class CircuitComparedConnection: ComparedConnection {
 
     init(http: BenchHTTPConnection) { self.http = http }
 
+    var taskExecutor: any TaskExecutor { http.taskExecutor }
+
     func put(_ key: String, _ value: [UInt8]) async throws {
         let answer = try await http.request(.PUT, "/v1/records" + key, body: ByteBuffer(bytes: value))
         guard answer.status == 200 else { throw Self.failure("PUT", key, answer) }
@@ -114,6 +116,8 @@ final class CircuitWireComparedConnection: ComparedConnection {
         self.wire = wire
         self.http = CircuitComparedConnection(http: http)
     }
+
+    var taskExecutor: any TaskExecutor { wire.taskExecutor }
 
     func put(_ key: String, _ value: [UInt8]) async throws {
         try await wire.put(key, value)

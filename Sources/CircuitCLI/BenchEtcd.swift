@@ -290,6 +290,8 @@ final class EtcdConnection: ComparedConnection {
         self.address = address
     }
 
+    var taskExecutor: any TaskExecutor { http.taskExecutor }
+
     static func open(host: String, port: Int) async throws -> EtcdConnection {
         EtcdConnection(http: try await BenchHTTPConnection.open(host: host, port: port), address: "\(host):\(port)")
     }

@@ -1,3 +1,4 @@
+import CircuitClient
 import Foundation
 import NIOCore
 import NIOHTTP1
@@ -47,6 +48,9 @@ protocol ComparedConnection: AnyObject, Sendable {
     func watch(_ key: String, changed: @escaping @Sendable () -> Void) async throws
     /// Closes the connection.
     func close() async
+    /// The executor of the event loop the connection's calls are written and answered on: the load generator's
+    /// clients run on it, so a call costs the generator no thread hop (the same for every system).
+    var taskExecutor: any TaskExecutor { get }
 }
 
 /// A failure of a compared system that is not a transport error.
@@ -67,9 +71,13 @@ final class BenchHTTPConnection: Sendable {
     /// without a quorum and answers 503).
     private static let requestTimeout: TimeAmount = .seconds(10)
 
+    /// The executor of the connection's event loop (`ComparedConnection.taskExecutor`).
+    let taskExecutor: EventLoopTaskExecutor
+
     private init(channel: any Channel, address: String) {
         self.channel = channel
         self.address = address
+        self.taskExecutor = EventLoopTaskExecutor(channel.eventLoop)
     }
 
     static func open(host: String, port: Int) async throws -> BenchHTTPConnection {

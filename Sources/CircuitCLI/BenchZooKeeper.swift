@@ -1,3 +1,4 @@
+import CircuitClient
 import CircuitNode
 import Foundation
 import NIOCore
@@ -558,10 +559,13 @@ private final class ZKConnection: ComparedConnection {
     let watches: ZKWatches
     let pings: RepeatedTask
 
+    let taskExecutor: any TaskExecutor
+
     private init(channel: any Channel, watches: ZKWatches, pings: RepeatedTask) {
         self.channel = channel
         self.watches = watches
         self.pings = pings
+        self.taskExecutor = EventLoopTaskExecutor(channel.eventLoop)
     }
 
     /// Connects and establishes a new session; fails if the member does not serve (it closes the connection).

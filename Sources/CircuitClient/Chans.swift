@@ -27,6 +27,7 @@ extension CircuitClient {
     /// no other: a channel removed and made again at the same path meanwhile answers `gone`.
     public func channel(_ path: String) async throws(CircuitClientError) -> Chan {
         var chan = Chan(path: Self.rooted(path), through: try await owner(of: path))
+        chan.ownerServes = true
         // Not known (no element there yet, or not readable now): the host takes on whatever is at the path.
         chan.createRevision = try? await peek(path).createRevision
         return chan
@@ -53,7 +54,12 @@ extension CircuitClient {
 public struct Chan: Sendable {
     public let path: String
     /// The owning host's API (or a node that forwards to it).
-    public var owner: CircuitClient
+    public var owner: CircuitClient {
+        didSet { ownerServes = false }
+    }
+    /// Whether `owner` is known to be the owning host's API (found in the membership): streamed calls then need not
+    /// ask it where the channel is served.
+    var ownerServes = false
     /// The create revision of the channel meant, if known: the owning host then serves that channel only, even if
     /// its watch has not yet told it that the path's channel was removed and made again (the older one is dropped
     /// there and then), and answers `gone` once that channel was removed.
@@ -183,7 +189,7 @@ extension Chan {
     @discardableResult
     public func send<Messages: AsyncSequence & Sendable>(streaming messages: Messages) async throws -> Int
     where Messages.Element == ByteBuffer {
-        guard let endpoint = owner.endpoints.first else { throw CircuitClientError.unreachable(endpoints: [], why: "no endpoints given") }
+        let endpoint = try await servingEndpoint()
         let answer: HTTPExchange.Answer
         do {
             let created = createRevision.map { "&created=\($0)" } ?? ""
@@ -245,7 +251,7 @@ extension Chan {
     /// several reads of the socket), without a copy: their concatenation is the message.
     @discardableResult
     public func receive(upTo count: Int, pieces each: ([ByteBuffer]) async throws -> Void) async throws(CircuitClientError) -> Int {
-        guard let endpoint = owner.endpoints.first else { throw .unreachable(endpoints: [], why: "no endpoints given") }
+        let endpoint = try await servingEndpoint()
         var frames = MessageFrameReader()
         var received = 0
         let answer: (status: Int, errorBody: [UInt8])
@@ -263,6 +269,23 @@ extension Chan {
         }
         if answer.status != 200 { throw CircuitClient.apiError(status: answer.status, body: answer.errorBody) }
         return received
+    }
+}
+
+extension Chan {
+    /// The API that serves this channel's streamed calls: `owner`'s, or the owning host's that it names (307) if
+    /// `owner` is another node. Asked with a `stat` first (unless `owner` was found in the membership), because a
+    /// streamed call cannot follow a redirect: a send's messages, once taken from its sequence, cannot be taken again.
+    /// If the `stat` fails, the streamed call goes to `owner` and reports what is wrong there.
+    func servingEndpoint() async throws(CircuitClientError) -> String {
+        guard let endpoint = owner.endpoints.first else { throw .unreachable(endpoints: [], why: "no endpoints given") }
+        if ownerServes { return endpoint }
+        let uri = "/v1/chan/stat\(CircuitClient.escape(path: path))" + (createRevision.map { "?created=\($0)" } ?? "")
+        let timeout = Duration.milliseconds(Int64(owner.timeout * 1000))
+        guard let answer = try? await HTTPPool.shared(endpoint, tls: owner.tls).perform(.GET, uri, buffer: nil, timeout: timeout),
+            answer.status == 307, let target = answer.location.flatMap(CircuitClient.authority)
+        else { return endpoint }
+        return target
     }
 }
 

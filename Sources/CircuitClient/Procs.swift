@@ -24,9 +24,16 @@ extension CircuitClient {
     }
 
     /// Streams the process's `stdout` or `stderr` (one reader at a time) from its host, chunk by chunk, until the
-    /// process closes it: each chunk is asked for only after `chunk` returned. Ask the owning host (`owner(of:)`).
+    /// process closes it: each chunk is asked for only after `chunk` returned. Best asked of the owning host
+    /// (`owner(of:)`); another node names it (307), and it is asked then, found in the membership.
     public func readOutput(
         _ path: String, stream: String = "stdout", chunk: ([UInt8]) async throws -> Void
+    ) async throws(CircuitClientError) {
+        try await readOutput(path, stream: stream, followingRedirect: true, chunk: chunk)
+    }
+
+    private func readOutput(
+        _ path: String, stream: String, followingRedirect: Bool, chunk: ([UInt8]) async throws -> Void
     ) async throws(CircuitClientError) {
         guard let endpoint = endpoints.first else { throw .unreachable(endpoints: [], why: "no endpoints given") }
         let answer: (status: Int, errorBody: [UInt8])
@@ -34,6 +41,10 @@ extension CircuitClient {
             answer = try await HTTPExchange.streamChunks(.GET, "/v1/proc/\(stream)" + Self.rooted(path), to: endpoint, tls: tls, chunk: chunk)
         } catch {
             throw .unreachable(endpoints: [endpoint], why: "\(error)")
+        }
+        if answer.status == 307 && followingRedirect {
+            // Nothing was read yet: asked again at the owning host, once.
+            return try await owner(of: path).readOutput(path, stream: stream, followingRedirect: false, chunk: chunk)
         }
         if answer.status != 200 { throw Self.apiError(status: answer.status, body: answer.errorBody) }
     }

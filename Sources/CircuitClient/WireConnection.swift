@@ -17,11 +17,17 @@ public final class WireConnection: Sendable {
     private let channel: any Channel
     /// The node's refusal of the connection as a whole, once it came: every later call fails with it.
     private let refusal: NIOLockedValueBox<APIError?>
+    /// The executor of the thread this connection reads and writes on. Calls from a task that prefers it
+    /// (`withTaskExecutorPreference(connection.taskExecutor) { ... }`) cost no thread hop (without it, each call
+    /// wakes this thread to write and a thread of the global executor to resume the caller). Only for tasks that never
+    /// block.
+    public let taskExecutor: EventLoopTaskExecutor
 
     private init(endpoint: String, channel: any Channel, refusal: NIOLockedValueBox<APIError?>) {
         self.endpoint = endpoint
         self.channel = channel
         self.refusal = refusal
+        self.taskExecutor = EventLoopTaskExecutor(channel.eventLoop)
     }
 
     /// Connects to `endpoint` (`host:port` of a node's API). `timeout`: for the connection, and for each call's answer

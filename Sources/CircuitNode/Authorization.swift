@@ -1,4 +1,5 @@
 import CircuitAPI
+import CircuitClient
 import CircuitSecurity
 import Foundation
 import HTTPTypes
@@ -218,20 +219,6 @@ struct LargeReadsChannel<Base: ServerChildChannel>: ServerChildChannel {
         await withTaskExecutorPreference(EventLoopTaskExecutor(value.channel.eventLoop)) {
             await base.handle(value: value, logger: logger)
         }
-    }
-}
-
-/// Runs a task's jobs on a NIO event loop: a connection's requests are handled on the thread that reads and writes
-/// its socket, so a request read, its handler and its answer's write need no hop to Swift's global executor and back
-/// (each a wake-up of another thread). Nothing a handler does may block: its waits are awaits.
-final class EventLoopTaskExecutor: TaskExecutor {
-    let eventLoop: any EventLoop
-
-    init(_ eventLoop: any EventLoop) { self.eventLoop = eventLoop }
-
-    func enqueue(_ job: consuming ExecutorJob) {
-        let job = UnownedJob(job)
-        eventLoop.execute { job.runSynchronously(on: self.asUnownedTaskExecutor()) }
     }
 }
 

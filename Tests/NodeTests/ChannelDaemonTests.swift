@@ -41,6 +41,18 @@ struct ChannelDaemonTests {
         try await eventually("the receiver waiting on B") { (try? await direct.stat())?.waitingReceivers == 1 }
         try await forwarded.send(Array("across hosts".utf8))
         #expect(try await received.value == Array("across hosts".utf8))
+        // Streamed calls asked of C reach B's channel as well (C is asked where the channel is served before anything
+        // is streamed: a stream cannot follow a redirect): two messages streamed in, taken by a streamed receive.
+        let streamedIn = Collected()
+        let streamedReceive = Task { try await forwarded.receive(upTo: 2) { streamedIn.add($0) } }
+        let two = AsyncStream<ByteBuffer> { c in
+            c.yield(ByteBuffer(bytes: [1]))
+            c.yield(ByteBuffer(bytes: [2, 2]))
+            c.finish()
+        }
+        #expect(try await forwarded.send(streaming: two) == 2)
+        #expect(try await streamedReceive.value == 2)
+        #expect(streamedIn.all == [[1], [2, 2]])
 
         // A blocking call made on a keep-alive pool's connection: the pool's next call is answered at once.
         let ownerAPI = cluster.members[b].api

@@ -50,6 +50,10 @@ struct StdioDaemonTests {
         let err = Collected()
         try await owner.readOutput("/\(host)/err", stream: "stderr") { err.add($0) }
         #expect(err.bytes.withLock { $0 } == Array("oops\n".utf8))
+        // Read through another node (A, which names B: 307): the library asks B, found in the membership.
+        let outThroughA = Collected()
+        try await client.readOutput("/\(host)/err") { outThroughA.add($0) }
+        #expect(outThroughA.bytes.withLock { $0 } == Array("out\n".utf8))
 
         // 8 MB of output nobody reads: the writer blocks on its pipe (bounded buffers); then read, all of it
         // arrives and the process exits 0.

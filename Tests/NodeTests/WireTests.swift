@@ -273,6 +273,17 @@ struct WireDaemonTests {
         for i in stride(from: 0, to: 1_000, by: 125) {
             #expect(try await reader.get("/app/many/k\(i)").value == Array("\(i)".utf8))
         }
+
+        // A task that prefers the connection's executor makes its calls, and resumes after each, on the thread the
+        // connection reads and writes on.
+        let loop = writer.taskExecutor.eventLoop
+        try await withTaskExecutorPreference(writer.taskExecutor) {
+            #expect(loop.inEventLoop)
+            let onLoop = try await putAcknowledged(writer, "/app/on-loop", Array("x".utf8))
+            #expect(loop.inEventLoop, "resumed on the connection's loop")
+            #expect(try await writer.get("/app/on-loop").modRevision == onLoop.revision)
+            #expect(loop.inEventLoop)
+        }
         #expect(try await cluster.client(leader).list("/records/app/many").names.count == 1_000)
         await writer.close()
         await reader.close()
