@@ -53,9 +53,10 @@ extension CircuitClient {
 /// `closed`; `trySend` and `tryReceive` fail with code `would_block` instead of waiting.
 public struct Chan: Sendable {
     public let path: String
-    /// The owning host's API (or a node that forwards to it).
+    /// The owning host's API, or any node's: another node answers each call by naming the owning host (307), where
+    /// the library asks it.
     public var owner: CircuitClient {
-        didSet { ownerServes = false }
+        didSet { if owner.endpoints != oldValue.endpoints { ownerServes = false } }
     }
     /// Whether `owner` is known to be the owning host's API (found in the membership): streamed calls then need not
     /// ask it where the channel is served.
@@ -72,8 +73,8 @@ public struct Chan: Sendable {
         return q
     }
 
-    /// The channel at `path`, reached through `node`: the owning host's API, or any node's, which forwards each
-    /// operation to the owner (one hop more).
+    /// The channel at `path`, reached through `node`: the owning host's API, or any node's, which names the owner
+    /// (307) for each operation, and the library asks the owner (one round trip more).
     public init(path: String, through node: CircuitClient) {
         self.path = CircuitClient.rooted(path)
         self.owner = node
@@ -281,7 +282,9 @@ extension Chan {
         guard let endpoint = owner.endpoints.first else { throw .unreachable(endpoints: [], why: "no endpoints given") }
         if ownerServes { return endpoint }
         let uri = "/v1/chan/stat\(CircuitClient.escape(path: path))" + (createRevision.map { "?created=\($0)" } ?? "")
-        let timeout = Duration.milliseconds(Int64(owner.timeout * 1000))
+        // Short: a node that does not answer a stat at once is not worth waiting for; the streamed call goes there
+        // and says what is wrong.
+        let timeout = Duration.milliseconds(Int64(min(owner.timeout, 5) * 1000))
         guard let answer = try? await HTTPPool.shared(endpoint, tls: owner.tls).perform(.GET, uri, buffer: nil, timeout: timeout),
             answer.status == 307, let target = answer.location.flatMap(CircuitClient.authority)
         else { return endpoint }

@@ -43,8 +43,10 @@ extension CircuitClient {
             throw .unreachable(endpoints: [endpoint], why: "\(error)")
         }
         if answer.status == 307 && followingRedirect {
-            // Nothing was read yet: asked again at the owning host, once.
-            return try await owner(of: path).readOutput(path, stream: stream, followingRedirect: false, chunk: chunk)
+            // Nothing was read yet: asked again at the owning host, once. Not found in the membership: the node's
+            // answer, which names where to ask, is the error.
+            guard let owner = try? await owner(of: path) else { throw Self.apiError(status: answer.status, body: answer.errorBody) }
+            return try await owner.readOutput(path, stream: stream, followingRedirect: false, chunk: chunk)
         }
         if answer.status != 200 { throw Self.apiError(status: answer.status, body: answer.errorBody) }
     }
