@@ -272,8 +272,9 @@ extension ControlState {
     /// The whole state as bytes: equal states give equal bytes (everything is written in sorted order).
     public func snapshot() -> [UInt8] {
         var w = BinaryWriter()
-        // Room for all of it at once (a record's anchor takes about 100 bytes), not doublings of a large array.
-        w.bytes.reserveCapacity(history.encodedBytes + anchors.count * 128 + hosts.count * 128 + sessions.count * 64 + 4096)
+        // Room for all of it at once (a 64-byte record's anchor takes about 160 bytes), not doublings of a large
+        // array: one too few and the whole payload is copied into an array twice its size.
+        w.bytes.reserveCapacity(history.encodedBytes + anchors.count * 256 + hosts.count * 128 + sessions.count * 64 + 4096)
         w.bytes.append(contentsOf: Self.snapshotMagic)
         w.int(Self.snapshotVersion)
         w.int(UInt64(historyLimit)); w.int(revision); w.int(appliedIndex); w.int(compactedThrough)

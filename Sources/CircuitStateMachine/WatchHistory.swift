@@ -35,12 +35,20 @@ struct WatchHistory: Sendable {
     mutating func append(_ event: WatchEvent) -> Revision? {
         let range = event.revision / revisionsPerChunk
         if chunks.last?.range != range {
+            var next = Chunk(range: range)
             if let i = chunks.indices.last {
-                // Closed: its bytes without the room left for growth (up to half of what the array holds).
-                // (Copied from a buffer pointer: `Array(bytes[...])` would keep the same storage.)
-                chunks[i].encoded.bytes = chunks[i].encoded.bytes.withUnsafeBufferPointer { Array($0) }
+                let used = chunks[i].encoded.bytes.count
+                // Closed: without the room left for growth, if that is more than a quarter of what it holds (up to
+                // half, after the array's doublings; little, when the room reserved below was about right). (Copied
+                // from a buffer pointer: `Array(bytes[...])` would keep the same storage.)
+                if chunks[i].encoded.bytes.capacity > used + used / 4 {
+                    chunks[i].encoded.bytes = chunks[i].encoded.bytes.withUnsafeBufferPointer { Array($0) }
+                }
+                // The next chunk likely holds about as much: room for that at once, rather than doublings of an
+                // array of hundreds of kilobytes (each a copy, and a freed block left in the allocator's heap).
+                next.encoded.bytes.reserveCapacity(used + used / 8)
             }
-            chunks.append(Chunk(range: range))
+            chunks.append(next)
         }
         let i = chunks.count - 1
         event.write(to: &chunks[i].encoded)
