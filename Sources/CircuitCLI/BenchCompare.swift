@@ -176,20 +176,29 @@ struct CompareBench: AsyncParsableCommand {
         try await withThrowingTaskGroup(of: Void.self) { tasks in
             for c in 0..<16 {
                 tasks.addTask {
-                    let connection = try await s.connect(c % 3)
-                    try await withTaskExecutorPreference(connection.taskExecutor) {
+                    try await Self.client(of: s, member: c % 3) { connection in
                         for k in stride(from: c, to: keys, by: 16) { try await connection.put(Self.key(k), Self.value) }
                     }
-                    await connection.close()
                 }
             }
             try await tasks.waitForAll()
         }
     }
 
-    /// `clients` closed loops, each on its own connection to one of the members, for `seconds` after a warm-up. Each
-    /// runs on its connection's event loop, so the generator's own cost per call (which shares the cores with the
-    /// members) is a write and a read of the socket, with no thread woken to resume the client.
+    /// One client of the load: `body` with a new connection to `member`, run on the connection's event loop, so the
+    /// generator's own cost per call (which shares the cores with the members) is a write and a read of the socket,
+    /// with no thread woken to resume the client; then the connection is closed.
+    private static func client<T: Sendable>(
+        of s: any ComparedSystem, member: Int, _ body: (any ComparedConnection) async throws -> T
+    ) async throws -> T {
+        let connection = try await s.connect(member)
+        let result = try await withTaskExecutorPreference(connection.taskExecutor) { try await body(connection) }
+        await connection.close()
+        return result
+    }
+
+    /// `clients` closed loops, each on its own connection to one of the members (`client(of:member:_:)`), for
+    /// `seconds` after a warm-up.
     /// Compare-and-set: each client sets its own key at the version it last saw, so none should find another.
     /// A window in which no operation started and finished (one stalled across all of it: an election on a loaded
     /// machine) is stretched until one has, at most 30 s more, and the rate is over the time it took.
@@ -203,8 +212,7 @@ struct CompareBench: AsyncParsableCommand {
         let parts = try await withThrowingTaskGroup(of: ([Double], Int).self) { tasks in
             for c in 0..<clients {
                 tasks.addTask {
-                    let connection = try await s.connect(c % 3)
-                    return try await withTaskExecutorPreference(connection.taskExecutor) {
+                    try await Self.client(of: s, member: c % 3) { connection in
                         var latencies: [Double] = []
                         latencies.reserveCapacity(1 << 14)
                         var mismatches = 0
@@ -237,7 +245,6 @@ struct CompareBench: AsyncParsableCommand {
                                 }
                             }
                         }
-                        await connection.close()
                         return (latencies, mismatches)
                     }
                 }
@@ -291,8 +298,7 @@ struct CompareBench: AsyncParsableCommand {
         try await withThrowingTaskGroup(of: Void.self) { tasks in
             for c in 0..<16 {
                 tasks.addTask {
-                    let connection = try await s.connect(c % 3)
-                    try await withTaskExecutorPreference(connection.taskExecutor) {
+                    try await Self.client(of: s, member: c % 3) { connection in
                         for k in stride(from: c, to: inserts, by: 16) {
                             let key = Self.name("/bench/n", k)
                             guard try await connection.compareAndSet(key, version: 0, Self.value) != nil else {
@@ -300,7 +306,6 @@ struct CompareBench: AsyncParsableCommand {
                             }
                         }
                     }
-                    await connection.close()
                 }
             }
             try await tasks.waitForAll()
