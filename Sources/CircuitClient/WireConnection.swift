@@ -55,11 +55,15 @@ public final class WireConnection: Sendable {
         } catch {
             throw .unreachable(endpoints: [endpoint], why: "\(error)")
         }
-        // The hello waits for a TLS handshake, which has no deadline of its own.
+        // The hello waits for a TLS handshake, which has no deadline of its own. The deadline is cancelled on the loop
+        // as the hello is written, not when this task resumes: on a loaded machine that can come later than the
+        // deadline, which would close a connection that was fine.
         let deadline = channel.eventLoop.scheduleTask(in: TimeAmount(timeout)) { channel.close(promise: nil) }
-        defer { deadline.cancel() }
+        let hello = channel.eventLoop.makePromise(of: Void.self)
+        hello.futureResult.whenComplete { _ in deadline.cancel() }
+        channel.writeAndFlush(WireClientHandler.Outbound.hello, promise: hello)
         do {
-            try await channel.writeAndFlush(WireClientHandler.Outbound.hello).get()
+            try await hello.futureResult.get()
         } catch {
             channel.close(promise: nil)
             throw .unreachable(endpoints: [endpoint], why: "\(error)")
