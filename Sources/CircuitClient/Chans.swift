@@ -252,7 +252,8 @@ extension Chan {
     /// several reads of the socket), without a copy: their concatenation is the message.
     @discardableResult
     public func receive(upTo count: Int, pieces each: ([ByteBuffer]) async throws -> Void) async throws(CircuitClientError) -> Int {
-        let endpoint = try await servingEndpoint()
+        // Through a node that does not own the channel: its 307 is followed (nothing is received before it).
+        guard let endpoint = owner.endpoints.first else { throw .unreachable(endpoints: [], why: "no endpoints given") }
         var frames = MessageFrameReader()
         var received = 0
         let answer: (status: Int, errorBody: [UInt8])
@@ -274,9 +275,9 @@ extension Chan {
 }
 
 extension Chan {
-    /// The API that serves this channel's streamed calls: `owner`'s, or the owning host's that it names (307) if
+    /// The API that serves this channel's streamed sends: `owner`'s, or the owning host's that it names (307) if
     /// `owner` is another node. Asked with a `stat` first (unless `owner` was found in the membership), because a
-    /// streamed call cannot follow a redirect: a send's messages, once taken from its sequence, cannot be taken again.
+    /// streamed send cannot follow a redirect: its messages, once taken from their sequence, cannot be taken again.
     /// If the `stat` fails, the streamed call goes to `owner` and reports what is wrong there.
     func servingEndpoint() async throws(CircuitClientError) -> String {
         guard let endpoint = owner.endpoints.first else { throw .unreachable(endpoints: [], why: "no endpoints given") }

@@ -273,11 +273,7 @@ public struct CircuitClient: Sendable {
     }
 
     /// `host:port` of an `http://host:port/...` URL.
-    static func authority(_ url: String) -> String? {
-        guard url.hasPrefix("http://") else { return nil }
-        let rest = url.dropFirst("http://".count)
-        return String(rest.prefix { $0 != "/" })
-    }
+    static func authority(_ url: String) -> String? { HTTPExchange.redirectAuthority(url) }
 
     /// The error an answer other than 200 carries (its envelope, or its text).
     static func apiError(status: Int, body: [UInt8]) -> CircuitClientError {

@@ -298,11 +298,31 @@ public enum HTTPExchange {
         }
     }
 
-    /// The same, each chunk as NIO read it (no copy).
+    /// The same, each chunk as NIO read it (no copy). A 307 from a node that does not own the element asked for (its
+    /// `Location` names the owning host's API) is followed once: nothing has been handed to `chunk` before it, and the
+    /// request's body is sent again whole.
     public static func streamBuffers(
         _ method: HTTPMethod, _ uri: String, to address: String, body: [UInt8]? = nil,
         tls: TLSFiles? = ClientTLS.default, chunk: (ByteBuffer) async throws -> Void
     ) async throws -> (status: Int, errorBody: [UInt8]) {
+        let answer = try await streamOnce(method, uri, to: address, body: body, tls: tls, chunk: chunk)
+        if answer.status == 307, let owner = answer.location.flatMap(redirectAuthority) {
+            let followed = try await streamOnce(method, uri, to: owner, body: body, tls: tls, chunk: chunk)
+            return (followed.status, followed.errorBody)
+        }
+        return (answer.status, answer.errorBody)
+    }
+
+    /// `host:port` of a redirect's `http://host:port/...` target.
+    static func redirectAuthority(_ url: String) -> String? {
+        guard url.hasPrefix("http://") else { return nil }
+        return String(url.dropFirst("http://".count).prefix { $0 != "/" })
+    }
+
+    private static func streamOnce(
+        _ method: HTTPMethod, _ uri: String, to address: String, body: [UInt8]?, tls: TLSFiles?,
+        chunk: (ByteBuffer) async throws -> Void
+    ) async throws -> (status: Int, errorBody: [UInt8], location: String?) {
         let channel = try await connect(address, timeout: .seconds(10), tls: tls)
         // A caller that gives up closes the connection: cancelling the task alone may leave a read in flight
         // waiting for ever (swift-nio #3472).
@@ -312,22 +332,24 @@ public enum HTTPExchange {
                     method, uri, to: address, body: body.map { [ByteBuffer(bytes: $0)] } ?? [], headers: [], on: outbound)
                 var status = 0
                 var errorBody: [UInt8] = []
+                var location: String?
                 do {
                     for try await part in inbound {
                         switch part {
                         case .head(let head):
                             status = Int(head.status.code)
+                            location = head.headers.first(name: "Location")
                         case .body(let buffer):
                             if status == 200 { try await chunk(buffer) } else { errorBody += buffer.readableBytesView }
                         case .end:
-                            return (status, errorBody)
+                            return (status, errorBody, location)
                         }
                     }
                 } catch {
                     throw unsent ?? error
                 }
                 if let unsent, status == 0 { throw unsent }
-                return (status, errorBody)
+                return (status, errorBody, location)
             }
         } onCancel: {
             channel.channel.close(promise: nil)

@@ -25,15 +25,9 @@ extension CircuitClient {
 
     /// Streams the process's `stdout` or `stderr` (one reader at a time) from its host, chunk by chunk, until the
     /// process closes it: each chunk is asked for only after `chunk` returned. Best asked of the owning host
-    /// (`owner(of:)`); another node names it (307), and it is asked then, found in the membership.
+    /// (`owner(of:)`); another node names it (307), and it is asked then.
     public func readOutput(
         _ path: String, stream: String = "stdout", chunk: ([UInt8]) async throws -> Void
-    ) async throws(CircuitClientError) {
-        try await readOutput(path, stream: stream, followingRedirect: true, chunk: chunk)
-    }
-
-    private func readOutput(
-        _ path: String, stream: String, followingRedirect: Bool, chunk: ([UInt8]) async throws -> Void
     ) async throws(CircuitClientError) {
         guard let endpoint = endpoints.first else { throw .unreachable(endpoints: [], why: "no endpoints given") }
         let answer: (status: Int, errorBody: [UInt8])
@@ -41,12 +35,6 @@ extension CircuitClient {
             answer = try await HTTPExchange.streamChunks(.GET, "/v1/proc/\(stream)" + Self.rooted(path), to: endpoint, tls: tls, chunk: chunk)
         } catch {
             throw .unreachable(endpoints: [endpoint], why: "\(error)")
-        }
-        if answer.status == 307 && followingRedirect {
-            // Nothing was read yet: asked again at the owning host, once. Not found in the membership: the node's
-            // answer, which names where to ask, is the error.
-            guard let owner = try? await owner(of: path) else { throw Self.apiError(status: answer.status, body: answer.errorBody) }
-            return try await owner.readOutput(path, stream: stream, followingRedirect: false, chunk: chunk)
         }
         if answer.status != 200 { throw Self.apiError(status: answer.status, body: answer.errorBody) }
     }

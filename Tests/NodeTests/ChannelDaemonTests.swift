@@ -41,8 +41,8 @@ struct ChannelDaemonTests {
         try await eventually("the receiver waiting on B") { (try? await direct.stat())?.waitingReceivers == 1 }
         try await forwarded.send(Array("across hosts".utf8))
         #expect(try await received.value == Array("across hosts".utf8))
-        // Streamed calls asked of C reach B's channel as well (C is asked where the channel is served before anything
-        // is streamed: a stream cannot follow a redirect): two messages streamed in, taken by a streamed receive.
+        // Streamed calls asked of C reach B's channel as well (the receive follows C's 307; for the send, C is asked
+        // where the channel is served before anything is streamed): two messages streamed in, taken by a streamed receive.
         let streamedIn = Collected()
         let streamedReceive = Task { try await forwarded.receive(upTo: 2) { streamedIn.add($0) } }
         let two = AsyncStream<ByteBuffer> { c in

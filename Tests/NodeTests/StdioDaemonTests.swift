@@ -50,7 +50,7 @@ struct StdioDaemonTests {
         let err = Collected()
         try await owner.readOutput("/\(host)/err", stream: "stderr") { err.add($0) }
         #expect(err.bytes.withLock { $0 } == Array("oops\n".utf8))
-        // Read through another node (A, which names B: 307): the library asks B, found in the membership.
+        // Read through another node (A, which names B: 307): the library follows the redirect to B.
         let outThroughA = Collected()
         try await client.readOutput("/\(host)/err") { outThroughA.add($0) }
         #expect(outThroughA.bytes.withLock { $0 } == Array("out\n".utf8))
