@@ -397,22 +397,28 @@ public struct SelectClauseView: Codable, Sendable, Equatable {
     public var op: String
     /// recv and send: the channel, `/X<host>/...`.
     public var chan: String?
+    /// recv and send, optional: the create revision of the channel meant (as `?created=` of the channel calls). A
+    /// channel at the path made after it means the one meant was removed: the clause fires with an error.
+    public var created: UInt64?
     /// send: the message as text, or exactly as `message_base64`.
     public var message: String?
     public var messageBase64: String?
     /// wait: the process (or job).
     public var proc: String?
 
-    public init(op: String, chan: String? = nil, message: String? = nil, messageBase64: String? = nil, proc: String? = nil) {
+    public init(
+        op: String, chan: String? = nil, created: UInt64? = nil, message: String? = nil, messageBase64: String? = nil, proc: String? = nil
+    ) {
         self.op = op
         self.chan = chan
+        self.created = created
         self.message = message
         self.messageBase64 = messageBase64
         self.proc = proc
     }
 
     public enum CodingKeys: String, CodingKey {
-        case op, chan, message, proc
+        case op, chan, created, message, proc
         case messageBase64 = "message_base64"
     }
 }

@@ -148,9 +148,10 @@ final class Channels: Sendable {
 
     /// A select's clause waits here: a receive (`message` nil) or a send of `message`. Answers at once, and whether
     /// the select is being asked already (the clause could fire at once); else it is asked when the clause could.
-    func offer(_ path: String, _ offer: Offer, sending message: ChanMessage?) async throws(APIError) -> Bool {
+    /// `created`: as in `send`.
+    func offer(_ path: String, _ offer: Offer, sending message: ChanMessage?, created: UInt64? = nil) async throws(APIError) -> Bool {
         if let message, message.byteCount > maxMessageBytes { throw Self.tooLarge(maxMessageBytes) }
-        if message != nil { try await ensureWritable(path) } else { try await ensure(path) }
+        if message != nil { try await ensureWritable(path, created: created) } else { try await ensure(path, created: created) }
         let waiter = state.withLock { s in
             defer { s.nextWaiter += 1 }
             return s.nextWaiter
@@ -462,6 +463,13 @@ struct ChannelRoutes: RouterMiddleware {
             throw APIError.badRequest("\(path) is not under a host: a channel lives on the host that owns it")
         }
         let wait = request.uri.queryParameters.get("try") != "1"
+        // The create revision of the channel the client (or a select's clause) means, if it knows it (see
+        // `Channels.send`).
+        var created: UInt64? = nil
+        if let raw = request.uri.queryParameters.get("created") {
+            guard let revision = UInt64(raw) else { throw APIError.badRequest("created=\(raw) is not a revision") }
+            created = revision
+        }
         if op == "offer" || op == "withdraw" {
             // Between hosts, for selects: never forwarded.
             guard owner == hostID else {
@@ -478,17 +486,11 @@ struct ChannelRoutes: RouterMiddleware {
             else { throw APIError.badRequest("offer needs run, clause, coordinator, select and op (recv or send)") }
             let body = try await OwnerRouting.collect(request.body, upTo: channels.maxMessageBytes)
             let offer = Channels.Offer(coordinator: coordinator, select: select, run: run, clause: clause, receiving: kind == "recv")
-            let asking = try await channels.offer(path, offer, sending: kind == "send" ? ChanMessage(body) : nil)
+            let asking = try await channels.offer(path, offer, sending: kind == "send" ? ChanMessage(body) : nil, created: created)
             return try json(["offered": true, "proposing": asking])
         }
         // Point to point: any other node names the owning host (307), and the client asks it.
         if owner != hostID { return try await OwnerRouting.redirect(request, owner: owner, path: path, ownerAddress: ownerAddress) }
-        // The create revision of the channel the client means, if it knows it (see `Channels.send`).
-        var created: UInt64? = nil
-        if let raw = request.uri.queryParameters.get("created") {
-            guard let revision = UInt64(raw) else { throw APIError.badRequest("created=\(raw) is not a revision") }
-            created = revision
-        }
         switch op {
         case "send" where request.uri.queryParameters.get("stream") == "1":
             return try await OwnerRouting.whileConnected(request, if: true) { body in

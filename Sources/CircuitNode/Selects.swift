@@ -100,7 +100,7 @@ final class Selects: Sendable {
             case "recv", "send":
                 let chan = c.chan!
                 let message = c.op == "send" ? (c.messageBase64.flatMap { Data(base64Encoded: $0) }.map { [UInt8]($0) } ?? Array((c.message ?? "").utf8)) : nil
-                switch await offer(chan, run: run, clause: i, select: path, message: message) {
+                switch await offer(chan, created: c.created, run: run, clause: i, select: path, message: message) {
                 case .failure(let why):
                     var failed = SelectOutcomeView(clause: i, op: c.op)
                     failed.chan = chan
@@ -173,11 +173,12 @@ final class Selects: Sendable {
 
     /// Offers a clause to its channel's host: whether the channel is asking already, or why it cannot wait there.
     private func offer(
-        _ chan: String, run: String, clause: Int, select: String, message: [UInt8]?
+        _ chan: String, created: UInt64?, run: String, clause: Int, select: String, message: [UInt8]?
     ) async -> Result<Bool, OfferRefused> {
         let owner = Names.host(of: chan)!
         guard let address = try? await ownerAddress(owner) else { return .failure(OfferRefused("host \(owner), which owns \(chan), is not alive")) }
         let query = "run=\(run)&clause=\(clause)&coordinator=\(api)&select=\(select)&op=\(message == nil ? "recv" : "send")"
+            + (created.map { "&created=\($0)" } ?? "")
         do {
             let answer = try await HTTPPool.shared(address).perform(.POST, "/v1/chan/offer\(chan)?\(query)", body: message, timeout: .seconds(10))
             guard answer.status == 200 else {

@@ -291,6 +291,30 @@ struct ChannelsTests {
         #expect(try await ch.stat(path, created: 9).buffered == 1)
     }
 
+    @Test("a select's offer that names the channel's create revision reaches that channel as a client's call does: an older one still here is dropped with its waiters, and the offer waits in the new one; a newer one answers gone")
+    func namedChannelOffer() async throws {
+        let created = Mutex<UInt64>(7)
+        let ch = Channels(maxMessageBytes: 16, maxBufferedBytes: 1 << 20) { _ in
+            var view = ElementView(kind: "chan")
+            view.capacity = 1
+            view.createRevision = created.withLock { $0 }
+            return view
+        }
+        let path = "/X0000000000000001/c"
+        _ = try await ch.send(path, [1], wait: true, created: 7)
+        let stuck = Task { try await ch.send(path, [2], wait: true) }  // no room: it waits in the channel made at 7
+        try await eventually("a sender waiting on the old channel") { (try? await ch.stat(path))?.waitingSenders == 1 }
+        created.withLock { $0 = 9 }  // removed and made again at 9; the watch has not told this host yet
+        let offer = Channels.Offer(coordinator: "127.0.0.1:1", select: "/X0000000000000002/s", run: "1", clause: 0, receiving: true)
+        #expect(try await ch.offer(path, offer, sending: nil, created: 9) == false, "the new channel is empty: nothing to propose")
+        #expect(await Self.code { _ = try await stuck.value } == "gone", "the old channel's waiter fails as its removal would fail it")
+        #expect(try await ch.stat(path, created: 9).buffered == 0, "the old channel's message went with it")
+        var older = offer
+        older.run = "2"
+        #expect(await Self.code { _ = try await ch.offer(path, older, sending: nil, created: 7) } == "gone", "the channel made at 7 is gone")
+        #expect(await Self.code { _ = try await ch.offer(path, older, sending: [3], created: 7) } == "gone")
+    }
+
     @Test("a removal told late (by a lagging watch) leaves a newer channel at the path alone; so does a scan for one created after it; an older subscription's entry gives way to a newer one's events")
     func lateRemovals() async throws {
         let ch = Self.channels(capacity: 4)

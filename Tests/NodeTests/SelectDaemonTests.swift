@@ -73,6 +73,19 @@ struct SelectDaemonTests {
         let ready = try await client.select("/\(a)/ready")
         #expect(ready.clause == 0 && ready.message == "waiting", "\(ready)")
 
+        // A clause may name the channel's create revision: a channel removed and made again at the path is not the
+        // one meant, and the clause fires with that error; naming the new one's revision reaches it.
+        let first = try await client.makeChannel("/\(b)/named", capacity: 1).revision
+        _ = try await client.remove(element: "/\(b)/named")
+        let second = try await client.makeChannel("/\(b)/named", capacity: 1).revision
+        try await client.channel("/\(b)/named").send(Array("new".utf8))
+        try await client.makeSelect("/\(a)/stale", clauses: [SelectClauseView(op: "recv", chan: "/\(b)/named", created: first)])
+        let stale = try await client.select("/\(a)/stale")
+        #expect(stale.clause == 0 && stale.message == nil && stale.error?.contains("was removed") == true, "\(stale)")
+        try await client.makeSelect("/\(a)/named", clauses: [SelectClauseView(op: "recv", chan: "/\(b)/named", created: second)])
+        let named = try await client.select("/\(a)/named")
+        #expect(named.clause == 0 && named.message == "new" && named.error == nil, "\(named)")
+
         // send: its message goes to a plain receiver.
         try await client.makeSelect("/\(a)/give", clauses: [SelectClauseView(op: "send", chan: right, message: "given")])
         let receiver = Task { try await client.channel(right).receive() }
