@@ -297,3 +297,16 @@ extension Chan {
 private struct StreamedMessagesFailed: Error {
     let error: any Error
 }
+
+extension SelectClauseView {
+    /// A clause that receives from `chan`: the channel the handle names (with its create revision, if it knows it)
+    /// and no other made at its path later.
+    public static func receive(from chan: Chan) -> SelectClauseView {
+        SelectClauseView(op: "recv", chan: chan.path, created: chan.createRevision)
+    }
+
+    /// A clause that sends `message` (exactly these bytes) to `chan`, as `receive(from:)` names it.
+    public static func send(_ message: [UInt8], to chan: Chan) -> SelectClauseView {
+        SelectClauseView(op: "send", chan: chan.path, created: chan.createRevision, messageBase64: Data(message).base64EncodedString())
+    }
+}

@@ -82,12 +82,14 @@ struct SelectDaemonTests {
         try await client.makeSelect("/\(a)/stale", clauses: [SelectClauseView(op: "recv", chan: "/\(b)/named", created: first)])
         let stale = try await client.select("/\(a)/stale")
         #expect(stale.clause == 0 && stale.message == nil && stale.error?.contains("was removed") == true, "\(stale)")
-        try await client.makeSelect("/\(a)/named", clauses: [SelectClauseView(op: "recv", chan: "/\(b)/named", created: second)])
+        let handle = try await client.channel("/\(b)/named")
+        #expect(handle.createRevision == second)
+        try await client.makeSelect("/\(a)/named", clauses: [.receive(from: handle)])
         let named = try await client.select("/\(a)/named")
         #expect(named.clause == 0 && named.message == "new" && named.error == nil, "\(named)")
 
         // send: its message goes to a plain receiver.
-        try await client.makeSelect("/\(a)/give", clauses: [SelectClauseView(op: "send", chan: right, message: "given")])
+        try await client.makeSelect("/\(a)/give", clauses: [.send(Array("given".utf8), to: try await client.channel(right))])
         let receiver = Task { try await client.channel(right).receive() }
         let given = try await client.select("/\(a)/give")
         #expect(given.clause == 0 && given.op == "send" && given.error == nil)
