@@ -110,7 +110,7 @@ struct Stat: AsyncParsableCommand {
 /// `circuit mksel` and `circuit select`: a select's clauses, then a wait for one of them.
 struct Mksel: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Create a select at /X<host>/name: CLAUSES is a JSON array of {\"op\": \"recv\"|\"send\"|\"wait\"|\"default\", \"chan\", \"message\", \"proc\"}.")
+        abstract: "Create a select at /X<host>/name: CLAUSES is a JSON array of {\"op\": \"recv\"|\"send\"|\"wait\"|\"default\", \"chan\", \"created\", \"message\", \"proc\"}.")
     @OptionGroup var options: ClientOptions
     @Argument(help: "Where: /X<host id>/name") var path: String
     @Argument(help: "The clauses (JSON); - reads them from standard input.") var clauses: String

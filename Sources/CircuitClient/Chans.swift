@@ -58,7 +58,7 @@ public struct Chan: Sendable {
     public var owner: CircuitClient {
         didSet { if owner.endpoints != oldValue.endpoints { ownerServes = false } }
     }
-    /// Whether `owner` is known to be the owning host's API (found in the membership): streamed calls then need not
+    /// Whether `owner` is known to be the owning host's API (found in the membership): a streamed send then need not
     /// ask it where the channel is served.
     var ownerServes = false
     /// The create revision of the channel meant, if known: the owning host then serves that channel only, even if

@@ -280,9 +280,14 @@ final class Channels: Sendable {
     /// Takes the channel on at its first use here: reads its element (again if a removal happened meanwhile). With
     /// `created` (see `send`), first drops a channel from before it, and refuses if the one here is from after it.
     private func ensure(_ path: String, created: UInt64? = nil) async throws(APIError) {
-        // The channel here is older: its element was removed at `created` at the latest.
-        if let created, state.withLock({ $0.entries[path].map { $0.createRevision < created } ?? false }) {
-            removed(path, at: created)
+        // The channel here is older than the one meant: dropped as its removal would drop it, once the cluster says
+        // it was removed (the element at the path is another, or none). A revision that names no channel (a
+        // mistake, kept in a select's clause and asked again at every run) must not wipe the live one: then the
+        // check below answers `gone`.
+        if let created, let held = state.withLock({ $0.entries[path].map(\.createRevision) }), held < created,
+            try await currentRevision(path) != held
+        {
+            removed(path, at: held + 1)
         }
         try await takeOn(path)
         if let created, let have = state.withLock({ $0.entries[path]?.createRevision }), have != created {
@@ -292,19 +297,27 @@ final class Channels: Sendable {
         }
     }
 
+    /// The create revision of the element at `path` as the cluster has it now; nil if there is none.
+    private func currentRevision(_ path: String) async throws(APIError) -> UInt64? {
+        try await element(path)?.createRevision
+    }
+
+    /// The element at `path` as the cluster has it now; nil if there is none.
+    private func element(_ path: String) async throws(APIError) -> ElementView? {
+        do {
+            return try await lookup(path)
+        } catch let error as APIError {
+            throw error
+        } catch {
+            throw APIError(status: 503, code: "unavailable", message: "cannot read \(path) from the cluster: \(error)")
+        }
+    }
+
     private func takeOn(_ path: String) async throws(APIError) {
         for _ in 0..<5 {
             let removals: UInt64? = state.withLock { $0.entries[path] != nil ? nil : $0.removals }
             guard let removals else { return }
-            let view: ElementView?
-            do {
-                view = try await lookup(path)
-            } catch let error as APIError {
-                throw error
-            } catch {
-                throw APIError(status: 503, code: "unavailable", message: "cannot read \(path) from the cluster: \(error)")
-            }
-            guard let view else { throw APIError.from(.notFound(path: path)) }
+            guard let view = try await element(path) else { throw APIError.from(.notFound(path: path)) }
             let subscription = view.kind == "subscription"
             guard view.kind == "chan" || subscription, let created = view.createRevision else {
                 throw APIError.from(.wrongKind(path: path, expected: "chan", actual: view.kind))

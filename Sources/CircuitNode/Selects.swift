@@ -54,7 +54,7 @@ final class Selects: Sendable {
         do {
             clauses = try JSONDecoder().decode([SelectClauseView].self, from: Data(text.utf8))
         } catch {
-            throw .badRequest("a select's clauses are a JSON array of {\"op\": \"recv\"|\"send\"|\"wait\"|\"default\", \"chan\" or \"proc\", \"message\"}: \(error)")
+            throw .badRequest("a select's clauses are a JSON array of {\"op\": \"recv\"|\"send\"|\"wait\"|\"default\", \"chan\" (and \"created\") or \"proc\", \"message\"}: \(error)")
         }
         guard !clauses.isEmpty, clauses.count <= 64 else { throw .badRequest("a select has 1 to 64 clauses, not \(clauses.count)") }
         for (i, c) in clauses.enumerated() {

@@ -308,11 +308,19 @@ struct ChannelsTests {
         let offer = Channels.Offer(coordinator: "127.0.0.1:1", select: "/X0000000000000002/s", run: "1", clause: 0, receiving: true)
         #expect(try await ch.offer(path, offer, sending: nil, created: 9) == false, "the new channel is empty: nothing to propose")
         #expect(await Self.code { _ = try await stuck.value } == "gone", "the old channel's waiter fails as its removal would fail it")
-        #expect(try await ch.stat(path, created: 9).buffered == 0, "the old channel's message went with it")
+        #expect(try await ch.stat(path).buffered == 0, "the old channel's message went with it")
         var older = offer
         older.run = "2"
         #expect(await Self.code { _ = try await ch.offer(path, older, sending: nil, created: 7) } == "gone", "the channel made at 7 is gone")
         #expect(await Self.code { _ = try await ch.offer(path, older, sending: [3], created: 7) } == "gone")
+        // A revision that names no channel (later than the one there, which the cluster still has) leaves the live
+        // channel and its messages alone.
+        _ = try await ch.send(path, [4], wait: true)
+        var wrong = offer
+        wrong.run = "3"
+        #expect(await Self.code { _ = try await ch.offer(path, wrong, sending: nil, created: 12) } == "gone")
+        #expect(await Self.code { _ = try await ch.send(path, [5], wait: false, created: 12) } == "gone")
+        #expect(try await ch.stat(path).buffered == 1, "the live channel kept its message")
     }
 
     @Test("a removal told late (by a lagging watch) leaves a newer channel at the path alone; so does a scan for one created after it; an older subscription's entry gives way to a newer one's events")
