@@ -215,6 +215,38 @@ struct ChannelsTests {
         }
     }
 
+    /// The create revision a test's lookup reports, moved to play a removal and a new channel at the path.
+    final class Revision: Sendable {
+        private let value: Mutex<UInt64>
+        init(_ revision: UInt64) { value = Mutex(revision) }
+        var current: UInt64 { value.withLock { $0 } }
+        func set(_ revision: UInt64) { value.withLock { $0 = revision } }
+    }
+
+    /// Channels whose lookup finds a channel of `capacity` at any path, created at `created`'s revision.
+    static func channels(capacity: UInt32, created: Revision) -> Channels {
+        Channels(maxMessageBytes: 16, maxBufferedBytes: 1 << 20) { _ in
+            var view = ElementView(kind: "chan")
+            view.capacity = capacity
+            view.createRevision = created.current
+            return view
+        }
+    }
+
+    /// A channel made at revision 7 and full (messages 1, 2, ... up to `capacity`), with a sender waiting for room.
+    static func fullChannelWithWaitingSender(
+        capacity: UInt32
+    ) async throws -> (Revision, Channels, String, Task<ChanStatView, any Error>) {
+        let created = Revision(7)
+        let ch = channels(capacity: capacity, created: created)
+        let path = "/X0000000000000001/c"
+        _ = try await ch.send(path, [1], wait: true, created: 7)
+        for m in 1..<UInt8(capacity) { _ = try await ch.send(path, [m + 1], wait: true) }
+        let stuck = Task { try await ch.send(path, [0], wait: true) }
+        try await eventually("a sender waiting on the old channel") { (try? await ch.stat(path))?.waitingSenders == 1 }
+        return (created, ch, path, stuck)
+    }
+
     static func code(_ body: () async throws -> Void) async -> String? {
         do { try await body() } catch { return (error as? APIError)?.code ?? "\(error)" }
         return nil
@@ -265,20 +297,9 @@ struct ChannelsTests {
 
     @Test("a client that names the channel's create revision reaches that channel: an older one still here (its removal not told yet) is dropped with its waiters; a newer one answers gone")
     func namedChannel() async throws {
-        let created = Mutex<UInt64>(7)
-        let ch = Channels(maxMessageBytes: 16, maxBufferedBytes: 1 << 20) { _ in
-            var view = ElementView(kind: "chan")
-            view.capacity = 4
-            view.createRevision = created.withLock { $0 }
-            return view
-        }
-        let path = "/X0000000000000001/c"
-        _ = try await ch.send(path, [1], wait: true, created: 7)
-        for m in [2, 3, 4] as [UInt8] { _ = try await ch.send(path, [m], wait: true) }
-        let stuck = Task { try await ch.send(path, [0], wait: true) }  // the fifth message: it waits for room
-        try await eventually("a sender waiting on the old channel") { (try? await ch.stat(path))?.waitingSenders == 1 }
+        let (created, ch, path, stuck) = try await Self.fullChannelWithWaitingSender(capacity: 4)
         // Removed and made again at revision 9; this host's watch has not told it yet.
-        created.withLock { $0 = 9 }
+        created.set(9)
         #expect(try await ch.stat(path).buffered == 4, "a client that names no revision still gets the channel here")
         _ = try await ch.send(path, [5], wait: true, created: 9)
         #expect(await Self.code { _ = try await stuck.value } == "gone", "the old channel's waiter fails as its removal would fail it")
@@ -293,18 +314,8 @@ struct ChannelsTests {
 
     @Test("a select's offer that names the channel's create revision reaches that channel as a client's call does: an older one still here is dropped with its waiters, and the offer waits in the new one; a newer one answers gone")
     func namedChannelOffer() async throws {
-        let created = Mutex<UInt64>(7)
-        let ch = Channels(maxMessageBytes: 16, maxBufferedBytes: 1 << 20) { _ in
-            var view = ElementView(kind: "chan")
-            view.capacity = 1
-            view.createRevision = created.withLock { $0 }
-            return view
-        }
-        let path = "/X0000000000000001/c"
-        _ = try await ch.send(path, [1], wait: true, created: 7)
-        let stuck = Task { try await ch.send(path, [2], wait: true) }  // no room: it waits in the channel made at 7
-        try await eventually("a sender waiting on the old channel") { (try? await ch.stat(path))?.waitingSenders == 1 }
-        created.withLock { $0 = 9 }  // removed and made again at 9; the watch has not told this host yet
+        let (created, ch, path, stuck) = try await Self.fullChannelWithWaitingSender(capacity: 1)
+        created.set(9)  // removed and made again at 9; the watch has not told this host yet
         let offer = Channels.Offer(coordinator: "127.0.0.1:1", select: "/X0000000000000002/s", run: "1", clause: 0, receiving: true)
         #expect(try await ch.offer(path, offer, sending: nil, created: 9) == false, "the new channel is empty: nothing to propose")
         #expect(await Self.code { _ = try await stuck.value } == "gone", "the old channel's waiter fails as its removal would fail it")
