@@ -194,6 +194,7 @@ public final class CircuitDaemon: Sendable {
         let state = ReplicatedControlState(historyLimit: Self.watchHistory)
         var raftConfig = RaftConfig(id: folder.nodeID, voters: initialVoters)
         raftConfig.randomSeed = UInt64.random(in: 1...UInt64.max)  // fresh at each start (see RaftConfig.randomSeed)
+        raftConfig.asyncStorageWrites = config.asyncStorageWrites
         let driver = try RaftDriver(
             config: raftConfig,
             store: try SQLiteLogStore(path: folder.logPath, logger: logger), stateMachine: state, transport: transport,

@@ -39,6 +39,10 @@ public struct NodeConfig: Codable, Sendable, Equatable {
     /// snapshots while the state is small. etcd's `snapshot-count` is 100,000. A follower behind the last snapshot
     /// gets the snapshot instead of the entries.
     public var snapshotEntries: UInt64 = 20_000
+    /// Make the Raft log durable on a writer thread of its own while the protocol goes on (etcd's asynchronous
+    /// storage writes): the loop that steps messages never waits for fsync, and what queues up during one fsync is
+    /// written with the next. Nothing is acknowledged or applied before it is durable either way. Default on.
+    public var asyncStorageWrites = true
     /// How long a scrubbed process has between SIGTERM (to its process group) and SIGKILL.
     public var scrubGraceMillis: Int64 = 2000
     /// The largest channel message, in bytes.
@@ -92,6 +96,7 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         case tickMillis = "tick-ms"
         case scrubGraceMillis = "scrub-grace-ms"
         case snapshotEntries = "snapshot-entries"
+        case asyncStorageWrites = "async-storage-writes"
         case maxMessageBytes = "max-message-bytes"
         case maxBufferedBytes = "max-buffered-bytes"
         case maxSessionsPerClient = "max-sessions-per-client"
@@ -128,6 +133,7 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         tickMillis = try c.decodeIfPresent(Int.self, forKey: .tickMillis) ?? d.tickMillis
         scrubGraceMillis = try c.decodeIfPresent(Int64.self, forKey: .scrubGraceMillis) ?? d.scrubGraceMillis
         snapshotEntries = try c.decodeIfPresent(UInt64.self, forKey: .snapshotEntries) ?? d.snapshotEntries
+        asyncStorageWrites = try c.decodeIfPresent(Bool.self, forKey: .asyncStorageWrites) ?? d.asyncStorageWrites
         maxMessageBytes = try c.decodeIfPresent(Int.self, forKey: .maxMessageBytes) ?? d.maxMessageBytes
         maxBufferedBytes = try c.decodeIfPresent(Int.self, forKey: .maxBufferedBytes) ?? d.maxBufferedBytes
         maxSessionsPerClient = try c.decodeIfPresent(Int.self, forKey: .maxSessionsPerClient) ?? d.maxSessionsPerClient

@@ -135,10 +135,16 @@ public struct Raft: Sendable {
         term != persistedHardState.term || vote != persistedHardState.vote
     }
 
+    /// How far committed entries may be applied: with asynchronous storage writes, only as far as they are durable
+    /// here (as etcd does), so that a snapshot never covers entries this node's log could still lose.
+    private var applyLimit: UInt64 {
+        config.asyncStorageWrites ? min(log.committed, log.stable) : log.committed
+    }
+
     /// Whether `ready()` has anything to hand out.
     public var hasReady: Bool {
-        hardStateMustPersist || !log.unstable.isEmpty || !outbox.isEmpty || !readyReads.isEmpty
-            || !droppedReads.isEmpty || !readsQueued.isEmpty || !readsToForward.isEmpty || log.applied < log.committed
+        hardStateMustPersist || !log.toPersist.isEmpty || !outbox.isEmpty || !readyReads.isEmpty
+            || !droppedReads.isEmpty || !readsQueued.isEmpty || !readsToForward.isEmpty || log.applied < applyLimit
             || snapshotToInstall != nil || !proposalsToForward.isEmpty || !proposalsPlaced.isEmpty
             || !proposalsRefused.isEmpty || !proposalsUnknown.isEmpty
     }
@@ -473,7 +479,9 @@ public struct Raft: Sendable {
         forwardProposals()
         var rd = Ready()
         rd.snapshot = snapshotToInstall
-        rd.entries = Array(log.unstable)
+        rd.entries = Array(log.toPersist)
+        rd.persistInline = !config.asyncStorageWrites || hardStateMustPersist || snapshotToInstall != nil
+        rd.epoch = log.epoch
         if hardStateMustPersist || (!rd.entries.isEmpty && hardState != persistedHardState) {
             rd.hardState = hardState
         }
@@ -484,7 +492,21 @@ public struct Raft: Sendable {
             for m in outbox {
                 // A placement (`proposeResponse`) may go before the entries are durable too: the follower matches
                 // the entry by index and term, which no other entry has, durable or not.
-                if (m.kind == .append || m.kind == .proposeResponse) && m.term == term {
+                // With asynchronous storage writes, nothing else a leader of this term sends depends on its disk
+                // either (heartbeats, read confirmations): none of it waits behind a write. (A snapshot message
+                // stays with the rest: the shell turns it into a stream.)
+                let early = m.kind == .append || m.kind == .proposeResponse || (config.asyncStorageWrites && m.kind != .snapshot)
+                if early && m.term == term {
+                    rd.messagesBeforePersist.append(m)
+                } else {
+                    rd.messages.append(m)
+                }
+            }
+        } else if !rd.persistInline {
+            // A follower's forwarded proposals and reads say nothing of its own log: they need not wait for its disk.
+            // (Its answers to heartbeats could go early too; measured side by side, that was slower.)
+            for m in outbox {
+                if m.kind == .propose || m.kind == .readIndex {
                     rd.messagesBeforePersist.append(m)
                 } else {
                     rd.messages.append(m)
@@ -494,7 +516,7 @@ public struct Raft: Sendable {
             rd.messages = outbox
         }
         outbox.removeAll(keepingCapacity: true)
-        rd.committedEntries = log.nextToApply(maxBytes: config.maxCommittedBytesPerReady)
+        rd.committedEntries = log.nextToApply(maxBytes: config.maxCommittedBytesPerReady, upTo: applyLimit)
         rd.readStates = readyReads
         readyReads.removeAll()
         rd.droppedReads = droppedReads
@@ -515,13 +537,31 @@ public struct Raft: Sendable {
         if rd.snapshot != nil && rd.snapshot == snapshotToInstall { snapshotToInstall = nil }
         if let hs = rd.hardState { persistedHardState = hs }
         if let last = rd.entries.last {
-            log.stableTo(index: last.index, term: last.term)
-            if role == .leader, maybeCommit() {
-                broadcastAppend(sendIfEmpty: true)
+            log.handedOut(through: last.index)
+            if rd.persistInline {
+                log.stableTo(index: last.index, term: last.term)
+                committedIfLeader()
             }
         }
         if let last = rd.committedEntries.last {
             log.appliedTo(last.index)
+        }
+    }
+
+    /// With asynchronous storage writes: the store has made the entries of a `Ready` whose `persistInline` was false
+    /// durable, up to its last entry (`index`, `term`); `epoch` is that Ready's. Ignored if the log was truncated or
+    /// replaced since it was handed out (a later write carries what replaced it, and its report covers the rest).
+    /// Reports must come in the order the writes were handed out. Not between `ready()` and `advance(_:)`.
+    public mutating func persisted(through index: UInt64, term: UInt64, epoch: UInt64) {
+        precondition(!awaitingAdvance, "persisted(through:term:epoch:) between ready() and advance()")
+        log.persisted(through: index, term: term, epoch: epoch)
+        committedIfLeader()
+    }
+
+    /// A leader whose own log grew more durable may commit further, and tells the followers at once.
+    private mutating func committedIfLeader() {
+        if role == .leader, maybeCommit() {
+            broadcastAppend(sendIfEmpty: true)
         }
     }
 
@@ -1028,6 +1068,14 @@ public struct Ready: Sendable {
     /// Forwarded proposals sent and never answered (the leader changed, its connection closed, the answer was
     /// lost): they may or may not be appended.
     public var proposalsUnknown: [UInt64] = []
+
+    /// Whether this batch must be durable before the shell steps anything else: always, unless the node runs with
+    /// `RaftConfig.asyncStorageWrites`; then only when a term or vote changed or a snapshot is to be installed.
+    /// Otherwise the shell may persist it in the background, send `messages` after it is durable (in order with
+    /// the batches before), and report it with `Raft.persisted(through:term:)`.
+    public var persistInline = true
+    /// The log's epoch when this batch was handed out: a report of its write names it (`Raft.persisted`).
+    public var epoch: UInt64 = 0
 
     /// Whether persisting this batch needs an fsync.
     public var mustSync: Bool { !entries.isEmpty || hardState != nil || snapshot != nil }

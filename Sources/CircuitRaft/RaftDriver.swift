@@ -113,6 +113,8 @@ public struct RaftStatus: Sendable, Hashable {
 /// Each turn takes everything that arrived (messages, proposals, reads, a due tick), steps it into the protocol, then
 /// persists the whole batch in one transaction (one fsync for every proposal that arrived meanwhile: group commit),
 /// sends, applies and advances. The thread is not one of Swift's cooperative threads, so fsync never stalls them.
+/// With `RaftConfig.asyncStorageWrites` the loop hands each batch to a writer thread instead and goes on stepping;
+/// the writer makes all that queued up durable in one transaction, sends what waited for it, and reports back.
 public final class RaftDriver: @unchecked Sendable {
     public struct Options: Sendable {
         /// Length of one protocol tick. Default 50 ms (with the protocol's defaults: heartbeats every 50 ms and
@@ -176,6 +178,25 @@ public final class RaftDriver: @unchecked Sendable {
     private var lastSnapshotBytes = 0
     /// A store write outside `drainReady` failed: the loop stops on its next turn.
     private var raftStoreFailure: String?
+    /// With `RaftConfig.asyncStorageWrites`: the serial queue that makes each batch durable and then sends what
+    /// waited for it, while the loop goes on stepping. Every other use of the store goes through it too (`withStore`).
+    private let writer: DispatchQueue?
+    /// The loop's: batches handed to `writer` and not yet reported back.
+    private var writesInFlight = 0
+    /// The loop's: the store's fsyncs as last reported (the writer's count, with asynchronous writes).
+    private var syncCount: Int
+    /// A write on `writer` failed: nothing more is written, and the loop stops on its next turn.
+    private let writerFailure = Mutex<String?>(nil)
+    /// Batches handed to the writer and not yet taken by it, in order: it takes all there are at once and makes them
+    /// durable in one transaction (one fsync for all that queued up during the last).
+    private let writesQueued = Mutex<[QueuedWrite]>([])
+
+    private struct QueuedWrite: Sendable {
+        var hardState: HardState?
+        var entries: [Entry]
+        var epoch: UInt64
+        var messages: [Message]
+    }
     private var outgoing: [NodeID: OutgoingSnapshot] = [:]
     private var incoming: [NodeID: SnapshotReceiver] = [:]
 
@@ -246,14 +267,24 @@ public final class RaftDriver: @unchecked Sendable {
         var confChanges: [(ConfChange, CheckedContinuation<[UInt8], any Error>)] = []
         var transfers: [(NodeID?, CheckedContinuation<NodeID, any Error>)] = []
         var snapshotsWritten: [(meta: SnapshotMetadata, error: String?, bytes: Int)] = []
+        /// Batches the writer made durable (or failed to), in order.
+        var persisted: [PersistedWrite] = []
         var campaign = false
         var unreachable: [NodeID] = []
         var stopping = false
         var isEmpty: Bool {
             messages.isEmpty && chunks.isEmpty && proposals.isEmpty && forwardable.isEmpty && reads.isEmpty && confChanges.isEmpty
                 && cancelled.isEmpty
-                && transfers.isEmpty && snapshotsWritten.isEmpty && !campaign && unreachable.isEmpty && !stopping
+                && transfers.isEmpty && snapshotsWritten.isEmpty && persisted.isEmpty && !campaign && unreachable.isEmpty
+                && !stopping
         }
+    }
+
+    /// The writer's report of one batch: its last entry (none for a batch of only a hard state or messages) and the
+    /// store's fsyncs since it opened.
+    private struct PersistedWrite {
+        var last: (index: UInt64, term: UInt64, epoch: UInt64)?
+        var syncCount: Int
     }
 
     /// A driver for the node described by `config`, resuming from what `store` holds.
@@ -275,6 +306,8 @@ public final class RaftDriver: @unchecked Sendable {
             snapshots.removeAll(except: meta)
         }
         self.lastSnapshotBytes = snapshotBytes
+        self.writer = config.asyncStorageWrites ? DispatchQueue(label: "raft-\(config.id)-writer") : nil
+        self.syncCount = store.syncCount
         self.raft = try Raft(
             config: config, hardState: recovered.hardState, entries: recovered.entries, snapshot: recovered.snapshot)
         self.snapshots = snapshots
@@ -511,6 +544,11 @@ public final class RaftDriver: @unchecked Sendable {
             nextTick = nextTick.addingTimeInterval(tickSeconds)
             if nextTick < now { nextTick = now.addingTimeInterval(tickSeconds) }
         }
+        for write in batch.persisted {
+            writesInFlight -= 1
+            syncCount = write.syncCount
+            if let last = write.last { raft.persisted(through: last.index, term: last.term, epoch: last.epoch) }
+        }
         if batch.campaign { raft.campaign() }
         for peer in batch.unreachable { raft.peerUnreachable(peer) }
         for m in batch.messages { raft.step(m) }
@@ -551,7 +589,7 @@ public final class RaftDriver: @unchecked Sendable {
             }
         }
         for id in batch.cancelled { cancel(id) }
-        if let failed = raftStoreFailure { return failed }
+        if let failed = raftStoreFailure ?? writerFailure.withLock({ $0 }) { return failed }
         do {
             try drainReady()
         } catch {
@@ -632,15 +670,25 @@ public final class RaftDriver: @unchecked Sendable {
         while raft.hasReady {
             let rd = raft.ready()
             transport.send(rd.messagesBeforePersist)
-            if let meta = rd.snapshot { try installSnapshot(meta, hardState: rd.hardState) }
-            try store.persist(hardState: rd.hardState, entries: rd.entries)
             var messages = rd.messages
             messages.removeAll { m in
                 guard m.kind == .snapshot, let meta = m.snapshot else { return false }
                 startSnapshotStream(to: m.to, meta: meta, term: m.term)
                 return true
             }
-            transport.send(messages)
+            if rd.persistInline {
+                waitForWrites()
+                // A failed write leaves a hole that nothing written after it may cover (or be acknowledged over).
+                if let failed = writerFailure.withLock({ $0 }) { throw RaftDriverError.storageFailed(failed) }
+                if let meta = rd.snapshot { try installSnapshot(meta, hardState: rd.hardState) }
+                try store.persist(hardState: rd.hardState, entries: rd.entries)
+                syncCount = store.syncCount  // (the writer is idle: waitForWrites)
+                transport.send(messages)
+            } else if rd.entries.isEmpty && rd.hardState == nil && writesInFlight == 0 {
+                transport.send(messages)  // nothing on its way to the disk that they could claim
+            } else {
+                persistInBackground(hardState: rd.hardState, entries: rd.entries, epoch: rd.epoch, then: messages)
+            }
             // Where the leader placed this follower's proposals, before the entries of this batch are applied.
             for placed in rd.proposalsPlaced {
                 guard let continuation = forwardedProposals.removeValue(forKey: placed.request) else { continue }
@@ -684,6 +732,74 @@ public final class RaftDriver: @unchecked Sendable {
             raft.advance(rd)
             answerConfirmedReads()
         }
+    }
+
+    // MARK: - Asynchronous storage writes
+
+    /// Hands a batch to the writer: it makes the batch durable, then sends `messages` (which may claim it: a
+    /// follower's acknowledgement), then reports back to the loop (`Raft.persisted`). Batches are written and their
+    /// messages sent in the order they were handed over.
+    private func persistInBackground(hardState: HardState?, entries: [Entry], epoch: UInt64, then messages: [Message]) {
+        guard let writer else { preconditionFailure("a batch to persist in the background without a writer") }
+        writesInFlight += 1
+        writesQueued.withLock {
+            $0.append(QueuedWrite(hardState: hardState, entries: entries, epoch: epoch, messages: messages))
+        }
+        writer.async { [self] in writeQueued() }
+    }
+
+    /// On the writer: makes every queued batch durable in one transaction, sends their messages in order, and
+    /// reports each batch to the loop. (A block that finds the queue empty has had its batch taken by the one
+    /// before it.)
+    private func writeQueued() {
+        let batches = writesQueued.withLock { queued in
+            defer { queued.removeAll() }
+            return queued
+        }
+        guard !batches.isEmpty else { return }
+        var written = false
+        if writerFailure.withLock({ $0 }) == nil {
+            // Merged as the store would have applied them one by one: a later batch's entries replace every entry
+            // from its first index on; the last hard state wins.
+            var hardState: HardState? = nil
+            var entries: [Entry] = []
+            for batch in batches {
+                if let hs = batch.hardState { hardState = hs }
+                if let first = batch.entries.first {
+                    if let keep = entries.firstIndex(where: { $0.index >= first.index }) {
+                        entries.removeSubrange(keep...)
+                    }
+                    entries.append(contentsOf: batch.entries)
+                }
+            }
+            do {
+                if hardState != nil || !entries.isEmpty { try store.persist(hardState: hardState, entries: entries) }
+                for batch in batches { transport.send(batch.messages) }
+                written = true
+            } catch {
+                logger.critical("Raft node stopping: the log store failed", metadata: ["error": "\(error)"])
+                writerFailure.withLock { $0 = "\(error)" }
+            }
+        }
+        // Every batch is reported (the loop counts them), but a batch that was not written names no entry.
+        let syncs = store.syncCount
+        enqueue { inbox in
+            for batch in batches {
+                let last = written ? batch.entries.last.map { ($0.index, $0.term, batch.epoch) } : nil
+                inbox.persisted.append(PersistedWrite(last: last, syncCount: syncs))
+            }
+        }
+    }
+
+    /// Returns once every batch handed to the writer is durable (or failed), and their messages are sent.
+    private func waitForWrites() {
+        writer?.sync {}
+    }
+
+    /// Runs `body` with the store, after every batch handed to the writer and before any handed later.
+    private func withStore<T>(_ body: () throws -> T) rethrows -> T {
+        guard let writer else { return try body() }
+        return try writer.sync(execute: body)
     }
 
     // MARK: - Snapshots
@@ -756,7 +872,7 @@ public final class RaftDriver: @unchecked Sendable {
         let started = ContinuousClock.now
         guard let compacted = raft.compact(through: meta.index) else { return }
         do {
-            try store.saveSnapshot(compacted, replacingLog: false, hardState: nil)
+            try withStore { try store.saveSnapshot(compacted, replacingLog: false, hardState: nil) }
             // Unlinking a large file takes a while on some file systems: not on the loop thread.
             if let snapshots {
                 Thread { snapshots.removeAll(except: compacted) }.start()
@@ -878,7 +994,7 @@ public final class RaftDriver: @unchecked Sendable {
     private func publish(running: Bool, failure: String?) {
         let s = RaftStatus(
             id: id, role: raft.role, term: raft.term, leader: raft.leader, commitIndex: raft.commitIndex,
-            appliedIndex: raft.appliedIndex, lastIndex: raft.lastIndex, syncCount: store.syncCount, running: running,
+            appliedIndex: raft.appliedIndex, lastIndex: raft.lastIndex, syncCount: syncCount, running: running,
             failure: failure, membership: raft.membership, snapshotIndex: raft.snapshot?.index ?? 0,
             snapshotsInstalled: snapshotsInstalled, snapshotting: snapshotInProgress)
         let before = published.withLock { old in
@@ -918,6 +1034,8 @@ public final class RaftDriver: @unchecked Sendable {
         for (_, c) in leftover.transfers { c.resume(throwing: error) }
         for (_, receiver) in incoming { receiver.abort() }
         incoming.removeAll()
+        waitForWrites()
+        syncCount = store.syncCount
         publish(running: false, failure: failure)
         store.close()
         done.lock()

@@ -9,6 +9,13 @@ struct RaftLog: Sendable, Hashable {
     private(set) var entries: [Entry] = []
     /// Highest index known to be durable on this node's disk.
     private(set) var stable: UInt64 = 0
+    /// Highest index handed to the store, durable or on its way there (with asynchronous storage writes the two
+    /// differ while a write is under way): `stable <= handedOut <= lastIndex`.
+    private(set) var handedOut: UInt64 = 0
+    /// Changes whenever entries handed to the store may be replaced (a conflict truncates the log, a snapshot
+    /// replaces it): a store's report of a write handed out before names an older epoch and is ignored, even if an
+    /// entry of the same index and term came back since (A, B, then A again).
+    private(set) var epoch: UInt64 = 0
     private(set) var committed: UInt64 = 0
     /// Highest index handed out for applying.
     private(set) var applied: UInt64 = 0
@@ -27,6 +34,7 @@ struct RaftLog: Sendable, Hashable {
         }
         precondition(recovered.first.map { $0.index == offset + 1 } ?? true, "recovered entries do not follow the snapshot")
         self.stable = lastIndex
+        self.handedOut = lastIndex
         self.committed = max(offset, min(commit, lastIndex))
         self.applied = offset
     }
@@ -52,6 +60,8 @@ struct RaftLog: Sendable, Hashable {
         offset = snapshot.index
         offsetTerm = snapshot.term
         stable = snapshot.index
+        handedOut = snapshot.index
+        epoch += 1
         committed = snapshot.index
         applied = snapshot.index
     }
@@ -126,19 +136,32 @@ struct RaftLog: Sendable, Hashable {
         if at <= lastIndex {
             entries.removeSubrange(Int(at - offset - 1)...)
             stable = min(stable, at - 1)
+            handedOut = min(handedOut, at - 1)
+            epoch += 1
         }
         entries.append(contentsOf: new[conflict...])
         return (lastNew, at)
     }
 
     /// Entries not yet handed to the store.
-    var unstable: ArraySlice<Entry> {
-        entries[Int(stable - offset)...]
+    var toPersist: ArraySlice<Entry> {
+        entries[Int(handedOut - offset)...]
+    }
+
+    /// Entries up to `index` were handed to the store.
+    mutating func handedOut(through index: UInt64) {
+        precondition(index <= lastIndex, "handing out \(index) beyond the last index \(lastIndex)")
+        if index > handedOut { handedOut = index }
     }
 
     /// The store has made entries up to (`index`, `term`) durable. Ignored if the log changed under it since.
     mutating func stableTo(index: UInt64, term: UInt64) {
-        if index > stable, self.term(at: index) == term { stable = index }
+        if index > stable, index <= handedOut, self.term(at: index) == term { stable = index }
+    }
+
+    /// The store's report of a write handed out in `epoch`: ignored if the log was truncated or replaced since.
+    mutating func persisted(through index: UInt64, term: UInt64, epoch: UInt64) {
+        if epoch == self.epoch { stableTo(index: index, term: term) }
     }
 
     mutating func commitTo(_ index: UInt64) {
@@ -148,9 +171,11 @@ struct RaftLog: Sendable, Hashable {
         }
     }
 
-    /// Committed entries not yet handed out for applying, at most `maxBytes` of them (at least one).
-    func nextToApply(maxBytes: Int) -> [Entry] {
-        applied < committed ? slice(from: applied + 1, to: committed, maxBytes: maxBytes) : []
+    /// Committed entries not yet handed out for applying, up to `limit` (default: the commit index), at most
+    /// `maxBytes` of them (at least one).
+    func nextToApply(maxBytes: Int, upTo limit: UInt64? = nil) -> [Entry] {
+        let last = min(committed, limit ?? committed)
+        return applied < last ? slice(from: applied + 1, to: last, maxBytes: maxBytes) : []
     }
 
     mutating func appliedTo(_ index: UInt64) {

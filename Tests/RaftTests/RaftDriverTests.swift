@@ -93,10 +93,16 @@ private final class QueueExecutor: RaftLoopExecutor, @unchecked Sendable {
 
 /// How a driver's loop runs: on a thread of its own, or as turns on an executor.
 enum LoopMode: String, CaseIterable, Sendable, CustomTestStringConvertible {
-    case thread, executor
+    /// The loop on a thread of its own; on an executor; on an executor with asynchronous storage writes (as a daemon).
+    case thread, executor, asyncWrites
     var testDescription: String { rawValue }
     func apply(_ options: inout RaftDriver.Options, _ id: NodeID) {
-        if self == .executor { options.executor = QueueExecutor("raft-\(id)") }
+        if self != .thread { options.executor = QueueExecutor("raft-\(id)") }
+    }
+    func config(id: NodeID, voters: [NodeID]) -> RaftConfig {
+        var config = RaftConfig(id: id, voters: voters)
+        config.asyncStorageWrites = self == .asyncWrites
+        return config
     }
 }
 
@@ -116,7 +122,7 @@ struct RaftDriverTests {
             mode.apply(&options, id)
             configure(&options)
             let store = try SQLiteLogStore(path: "\(dir)/\(id).sqlite", logger: logger)
-            var config = RaftConfig(id: id, voters: ids)
+            var config = mode.config(id: id, voters: ids)
             config.checkQuorum = checkQuorum
             let driver = try RaftDriver(
                 config: config, store: store, stateMachine: IndexEcho(),
@@ -279,7 +285,7 @@ struct RaftDriverTests {
         let store = try SQLiteLogStore(path: "\(dir)/\(first.id).sqlite", logger: logger)
         #expect(try store.recover().entries.count >= Int(committedBefore), "the old leader's log survived on disk")
         let restarted = try RaftDriver(
-            config: RaftConfig(id: first.id, voters: [1, 2, 3]), store: store, stateMachine: machine,
+            config: mode.config(id: first.id, voters: [1, 2, 3]), store: store, stateMachine: machine,
             transport: transport.endpoint(for: first.id), options: options, logger: logger)
         transport.register(restarted)
         restarted.start()
@@ -296,7 +302,7 @@ struct RaftDriverTests {
         var options = snapshotting(every: 10)
         mode.apply(&options, 1)
         let driver = try RaftDriver(
-            config: RaftConfig(id: 1, voters: [1]), store: try SQLiteLogStore(path: "\(dir)/1.sqlite", logger: logger),
+            config: mode.config(id: 1, voters: [1]), store: try SQLiteLogStore(path: "\(dir)/1.sqlite", logger: logger),
             stateMachine: Bulky(), transport: transport.endpoint(for: 1),
             snapshots: try SnapshotFiles(directory: "\(dir)/1-snapshots", logger: logger), options: options, logger: logger)
         transport.register(driver)
@@ -329,7 +335,7 @@ struct RaftDriverTests {
             let machine = IndexEcho()
             machines[id] = machine
             let driver = try RaftDriver(
-                config: RaftConfig(id: id, voters: voters),
+                config: mode.config(id: id, voters: voters),
                 store: try SQLiteLogStore(path: "\(dir)/\(id).sqlite", logger: logger), stateMachine: machine,
                 transport: transport.endpoint(for: id),
                 snapshots: try SnapshotFiles(directory: "\(dir)/\(id)-snapshots", logger: logger), options: options,
@@ -398,7 +404,7 @@ struct RaftDriverTests {
             options.tickInterval = .milliseconds(100)  // elections only after 1 to 2 s of silence
             mode.apply(&options, id)
             let driver = try RaftDriver(
-                config: RaftConfig(id: id, voters: [1, 2, 3]),
+                config: mode.config(id: id, voters: [1, 2, 3]),
                 store: try SQLiteLogStore(path: "\(dir)/\(id).sqlite", logger: logger), stateMachine: IndexEcho(),
                 transport: transport.endpoint(for: id), options: options, logger: logger)
             transport.register(driver)
@@ -426,7 +432,7 @@ struct RaftDriverTests {
         var options = RaftDriver.Options()
         mode.apply(&options, 1)
         let driver = try RaftDriver(
-            config: RaftConfig(id: 1, voters: [1]), store: store, stateMachine: IndexEcho(),
+            config: mode.config(id: 1, voters: [1]), store: store, stateMachine: IndexEcho(),
             transport: LocalTransport().endpoint(for: 1), options: options, logger: logger)
         driver.start()
         defer { driver.stop() }

@@ -22,6 +22,19 @@ final class Simulation {
         var churn = true
         /// Snapshots and log compaction in the middle of runs.
         var snapshots = true
+        /// Asynchronous storage writes (`RaftConfig.asyncStorageWrites`): a batch handed to the store becomes durable
+        /// some virtual milliseconds later, in order with the others, and only then are its messages sent and is it
+        /// reported; a crash loses every batch not yet durable.
+        var asyncWrites = false
+    }
+
+    /// A batch handed to the store and not yet durable (`Options.asyncWrites`).
+    struct PendingWrite {
+        var due: Int
+        var hardState: HardState?
+        var entries: [Entry]
+        var epoch: UInt64
+        var messages: [Message]
     }
 
     struct InFlight {
@@ -45,6 +58,10 @@ final class Simulation {
         var snapshotData: [Entry] = []
         /// A snapshot received and not yet installed, keyed by its index.
         var incomingSnapshot: (index: UInt64, data: [Entry])?
+        /// With `Options.asyncWrites`: batches on their way to the disk, in order; and the last entries of those
+        /// made durable, not yet reported to the protocol.
+        var writes: [PendingWrite] = []
+        var reports: [(index: UInt64, term: UInt64, epoch: UInt64)] = []
     }
 
     struct Proposal: Hashable {
@@ -95,6 +112,8 @@ final class Simulation {
     private(set) var snapshotsTaken = 0
     private(set) var snapshotsInstalled = 0
     private var compactEvery = 40
+    /// With `Options.asyncWrites`: the most virtual milliseconds a batch takes to become durable.
+    private var writeDelay = 1
     /// The last committed membership, for the check that consecutive memberships share a majority.
     private var committedMembership: Membership
 
@@ -126,6 +145,8 @@ final class Simulation {
         committedMembership = Membership(voters: voters)
         compactEvery = [15, 40, 100].randomElement(using: &rng)!
         let seed = options.seed
+        let asyncWrites = options.asyncWrites
+        if asyncWrites { writeDelay = [1, 3, 10].randomElement(using: &rng)! }
         raftConfig = { id in
             // Nodes beyond the initial voters join later: they start knowing no membership.
             var c = RaftConfig(id: id, voters: id <= NodeID(voters.count) ? voters : [])
@@ -135,6 +156,7 @@ final class Simulation {
             c.maxInflightMessages = inflight
             c.maxBytesPerMessage = maxBytes
             c.randomSeed = seed &* 31 &+ id
+            c.asyncStorageWrites = asyncWrites
             return c
         }
         let pool = options.churn ? options.nodes + 2 : options.nodes
@@ -232,6 +254,9 @@ final class Simulation {
             nodes[i].raft!.tick()
         }
         for i in nodes.indices where nodes[i].raft != nil {
+            try completeWrites(i, all: false)
+        }
+        for i in nodes.indices where nodes[i].raft != nil {
             try processReady(i)
         }
         try checkElectionSafety()
@@ -283,6 +308,8 @@ final class Simulation {
         nodes[i].lastRole = .follower
         nodes[i].machine = []
         nodes[i].incomingSnapshot = nil
+        nodes[i].writes = []  // never durable
+        nodes[i].reports = []
         crashes += 1
         // The survivors' transports see the connection close (Raft.peerUnreachable: a hint, never needed for safety).
         for j in nodes.indices where j != i && nodes[j].raft != nil { nodes[j].raft!.peerUnreachable(nodes[i].id) }
@@ -300,6 +327,7 @@ final class Simulation {
     }
 
     func restart(_ i: Int) throws {
+        if !nodes[i].writes.isEmpty { throw fail("node \(nodes[i].id) restarts with writes of its previous run still pending") }
         if let sqlite = nodes[i].store as? SQLiteLogStore {
             sqlite.close()
             nodes[i].store = try makeStore(nodes[i].id)
@@ -350,13 +378,17 @@ final class Simulation {
 
     /// Nodes that were removed and know it take no further part (as an operator would stop them), but only after a
     /// while, so that a removed node that has not heard of its removal is tested for disruption.
-    private func retireRemovedNodes() {
+    private func retireRemovedNodes() throws {
         guard rng.next() % 500 == 0 else { return }
         for i in nodes.indices {
             guard let raft = nodes[i].raft, raft.role == .follower, !raft.membership.contains(nodes[i].id),
                 !raft.membership.voters.isEmpty
             else { continue }
-            nodes[i].raft = nil  // stopped; faults or healing may start it again from its disk
+            // Stopped, as a driver stops: its writes finish first (their reports reach no one). Faults or healing
+            // may start it again from its disk.
+            try completeWrites(i, all: true)
+            nodes[i].reports = []
+            nodes[i].raft = nil
         }
     }
 
@@ -447,7 +479,22 @@ final class Simulation {
 
     // MARK: - Ready
 
+    /// With `Options.asyncWrites`: makes the node's batches durable that are due (or all of them), in order, sends
+    /// what waited for each, and keeps its last entry to report.
+    private func completeWrites(_ i: Int, all: Bool) throws {
+        while let w = nodes[i].writes.first, all || w.due <= now {
+            nodes[i].writes.removeFirst()
+            try persist(i, hardState: w.hardState, entries: w.entries)
+            for m in w.messages { send(m, from: i) }
+            if let last = w.entries.last { nodes[i].reports.append((last.index, last.term, w.epoch)) }
+        }
+    }
+
     private func processReady(_ i: Int) throws {
+        if nodes[i].raft != nil {
+            for r in nodes[i].reports { nodes[i].raft!.persisted(through: r.index, term: r.term, epoch: r.epoch) }
+            nodes[i].reports.removeAll()
+        }
         while nodes[i].raft?.hasReady == true {
             let rd = nodes[i].raft!.ready()
             for m in rd.messagesBeforePersist { send(m, from: i) }
@@ -456,9 +503,20 @@ final class Simulation {
                 crash(i)
                 return
             }
-            if let meta = rd.snapshot { try installSnapshot(i, meta, hardState: rd.hardState) }
-            try checkAndPersist(i, rd)
-            for m in rd.messages { send(m, from: i) }
+            try checkLogMatching(i, rd.entries)
+            if rd.persistInline {
+                try completeWrites(i, all: true)
+                if let meta = rd.snapshot { try installSnapshot(i, meta, hardState: rd.hardState) }
+                try persist(i, hardState: rd.hardState, entries: rd.entries)
+                for m in rd.messages { send(m, from: i) }
+            } else if rd.entries.isEmpty && rd.hardState == nil && nodes[i].writes.isEmpty {
+                for m in rd.messages { send(m, from: i) }
+            } else {
+                nodes[i].writes.append(
+                    PendingWrite(
+                        due: now + Int(rng.next() % UInt64(writeDelay)), hardState: rd.hardState, entries: rd.entries,
+                        epoch: rd.epoch, messages: rd.messages))
+            }
             for placed in rd.proposalsPlaced {
                 guard let f = forwarded.removeValue(forKey: placed.request), f.node == nodes[i].id else { continue }
                 guard placed.index > UInt64(nodes[i].machine.count) else { continue }  // applied before the answer
@@ -499,11 +557,12 @@ final class Simulation {
         {
             try takeSnapshot(i)
         }
-        if faultsEnabled { retireRemovedNodes() }
+        if faultsEnabled { try retireRemovedNodes() }
     }
 
     /// The state machine's content up to the applied index becomes durable, then the log before it is dropped.
     private func takeSnapshot(_ i: Int) throws {
+        try completeWrites(i, all: true)  // the store takes the snapshot after the batches handed to it
         let index = nodes[i].raft!.appliedIndex
         let data = Array(nodes[i].machine.prefix(Int(index)))
         guard let meta = nodes[i].raft!.compact(through: index) else { return }
@@ -526,9 +585,10 @@ final class Simulation {
         snapshotsInstalled += 1
     }
 
-    private func checkAndPersist(_ i: Int, _ rd: Ready) throws {
+    /// Log matching, checked as the batch is handed to the store (the log may change before it is durable).
+    private func checkLogMatching(_ i: Int, _ entries: [Entry]) throws {
         let raft = nodes[i].raft!
-        for e in rd.entries {
+        for e in entries {
             guard let prevTerm = raft.log.term(at: e.index - 1) else { continue }
             let key = IndexTerm(index: e.index, term: e.term)
             if let seen = seenEntries[key] {
@@ -541,10 +601,13 @@ final class Simulation {
                 seenEntries[key] = (prevTerm, e)
             }
         }
-        if let hs = rd.hardState, let memory = nodes[i].store as? MemoryLogStore, hs.term < memory.hardState.term {
+    }
+
+    private func persist(_ i: Int, hardState: HardState?, entries: [Entry]) throws {
+        if let hs = hardState, let memory = nodes[i].store as? MemoryLogStore, hs.term < memory.hardState.term {
             throw fail("node \(nodes[i].id) would persist term \(hs.term) below its durable term \(memory.hardState.term)")
         }
-        try nodes[i].store.persist(hardState: rd.hardState, entries: rd.entries)
+        try nodes[i].store.persist(hardState: hardState, entries: entries)
     }
 
     private func applied(_ e: Entry, on i: Int) throws {

@@ -19,6 +19,8 @@ import Testing
         // One run in 50 uses the real SQLite store in a temporary folder (shorter: every batch is an fsync).
         o.useSQLite = seed % 50 == 0
         if o.useSQLite { o.faultyMillis = 1_500 }
+        // One run in three with asynchronous storage writes (as the daemon runs).
+        o.asyncWrites = seed % 3 == 0
         return o
     }
 
