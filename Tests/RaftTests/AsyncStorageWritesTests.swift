@@ -68,6 +68,13 @@ private struct AsyncCluster {
         }
     }
 
+    /// Three nodes, node 1 elected.
+    static func led() throws -> AsyncCluster {
+        var c = try AsyncCluster()
+        c.electOne()
+        return c
+    }
+
     /// Elects node 1 with every write completed as it goes, then settles.
     mutating func electOne() {
         h[1].campaign()
@@ -88,8 +95,7 @@ private struct AsyncCluster {
 struct AsyncStorageWritesRules {
     @Test("a term or vote that changed is persisted inline; the entries of a steady leader are not")
     func inlineOnlyForTermAndVote() throws {
-        var c = try AsyncCluster()
-        c.electOne()
+        var c = try AsyncCluster.led()
         #expect(c.h[1].role == .leader)
         // The campaign changed node 1's term and vote: that Ready was inline.
         #expect(c.inline[1]?.first == true)
@@ -102,8 +108,7 @@ struct AsyncStorageWritesRules {
 
     @Test("entries handed to the store are not handed out again while their write is under way")
     func handedOutOnce() throws {
-        var c = try AsyncCluster()
-        c.electOne()
+        var c = try AsyncCluster.led()
         let a = c.propose("a")
         c.flush()
         let b = c.propose("b")
@@ -114,8 +119,7 @@ struct AsyncStorageWritesRules {
 
     @Test("the leader counts itself toward a quorum only once its own write is reported")
     func leaderCountsItselfWhenDurable() throws {
-        var c = try AsyncCluster()
-        c.electOne()
+        var c = try AsyncCluster.led()
         let index = c.propose("x")
         c.deliver()  // the appends reach both followers, whose writes are under way
         c.completeWrites(2)
@@ -129,8 +133,7 @@ struct AsyncStorageWritesRules {
 
     @Test("a follower acknowledges entries only once they are durable")
     func followerAcknowledgesWhenDurable() throws {
-        var c = try AsyncCluster()
-        c.electOne()
+        var c = try AsyncCluster.led()
         let index = c.propose("y")
         c.flush()
         let appends = c.h.mailbox.filter { $0.kind == .append && $0.to == 2 }
@@ -145,8 +148,7 @@ struct AsyncStorageWritesRules {
 
     @Test("a follower applies committed entries only as far as they are durable on it")
     func followerAppliesWhenDurable() throws {
-        var c = try AsyncCluster()
-        c.electOne()
+        var c = try AsyncCluster.led()
         let index = c.propose("z")
         c.deliver()
         c.completeWrites(1)
