@@ -485,35 +485,12 @@ public struct Raft: Sendable {
         if hardStateMustPersist || (!rd.entries.isEmpty && hardState != persistedHardState) {
             rd.hardState = hardState
         }
-        // A leader's appends do not depend on its own disk: it may send them while it persists the same entries
-        // (thesis §10.2.1), because it counts itself toward a quorum only once they are durable.
-        if role == .leader && !hardStateMustPersist {
-            // (Not while this leader's own term is unsaved: a single voter elects itself within one turn.)
-            for m in outbox {
-                // A placement (`proposeResponse`) may go before the entries are durable too: the follower matches
-                // the entry by index and term, which no other entry has, durable or not.
-                // With asynchronous storage writes, nothing else a leader of this term sends depends on its disk
-                // either (heartbeats, read confirmations): none of it waits behind a write. (A snapshot message
-                // stays with the rest: the shell turns it into a stream.)
-                let early = m.kind == .append || m.kind == .proposeResponse || (config.asyncStorageWrites && m.kind != .snapshot)
-                if early && m.term == term {
-                    rd.messagesBeforePersist.append(m)
-                } else {
-                    rd.messages.append(m)
-                }
+        for m in outbox {
+            if mayGoBeforePersist(m, inline: rd.persistInline) {
+                rd.messagesBeforePersist.append(m)
+            } else {
+                rd.messages.append(m)
             }
-        } else if !rd.persistInline {
-            // A follower's forwarded proposals and reads say nothing of its own log: they need not wait for its disk.
-            // (Its answers to heartbeats could go early too; measured side by side, that was slower.)
-            for m in outbox {
-                if m.kind == .propose || m.kind == .readIndex {
-                    rd.messagesBeforePersist.append(m)
-                } else {
-                    rd.messages.append(m)
-                }
-            }
-        } else {
-            rd.messages = outbox
         }
         outbox.removeAll(keepingCapacity: true)
         rd.committedEntries = log.nextToApply(maxBytes: config.maxCommittedBytesPerReady, upTo: applyLimit)
@@ -529,6 +506,26 @@ public struct Raft: Sendable {
         proposalsUnknown.removeAll()
         awaitingAdvance = true
         return rd
+    }
+
+    /// Whether `m` may leave before this Ready's entries and hard state are durable.
+    private func mayGoBeforePersist(_ m: Message, inline: Bool) -> Bool {
+        if role == .leader {
+            // A leader's appends do not depend on its own disk: it may send them while it persists the same entries
+            // (thesis §10.2.1), because it counts itself toward a quorum only once they are durable. (Not while
+            // this leader's own term is unsaved: a single voter elects itself within one turn.)
+            guard !hardStateMustPersist, m.term == term else { return false }
+            // A placement (`proposeResponse`) may go before the entries are durable too: the follower matches the
+            // entry by index and term, which no other entry has, durable or not. With asynchronous storage writes,
+            // nothing else a leader of this term sends depends on its disk either (heartbeats, read
+            // confirmations): none of it waits behind a write. (A snapshot message stays with the rest: the shell
+            // turns it into a stream.)
+            return m.kind == .append || m.kind == .proposeResponse || (config.asyncStorageWrites && m.kind != .snapshot)
+        }
+        // A follower's forwarded proposals and reads say nothing of its own log: they need not wait for its disk,
+        // unless this Ready must be durable before anything (a term or vote changed). (Its answers to heartbeats
+        // could go early too; measured side by side, that was slower.)
+        return !inline && (m.kind == .propose || m.kind == .readIndex)
     }
 
     /// The shell has carried out `rd`.
@@ -1072,7 +1069,7 @@ public struct Ready: Sendable {
     /// Whether this batch must be durable before the shell steps anything else: always, unless the node runs with
     /// `RaftConfig.asyncStorageWrites`; then only when a term or vote changed or a snapshot is to be installed.
     /// Otherwise the shell may persist it in the background, send `messages` after it is durable (in order with
-    /// the batches before), and report it with `Raft.persisted(through:term:)`.
+    /// the batches before), and report it with `Raft.persisted(through:term:epoch:)`.
     public var persistInline = true
     /// The log's epoch when this batch was handed out: a report of its write names it (`Raft.persisted`).
     public var epoch: UInt64 = 0

@@ -766,9 +766,8 @@ public final class RaftDriver: @unchecked Sendable {
             for batch in batches {
                 if let hs = batch.hardState { hardState = hs }
                 if let first = batch.entries.first {
-                    if let keep = entries.firstIndex(where: { $0.index >= first.index }) {
-                        entries.removeSubrange(keep...)
-                    }
+                    // (Entries run in order: what a batch replaces is at the end, usually nothing.)
+                    while let last = entries.last, last.index >= first.index { entries.removeLast() }
                     entries.append(contentsOf: batch.entries)
                 }
             }

@@ -171,10 +171,10 @@ struct RaftLog: Sendable, Hashable {
         }
     }
 
-    /// Committed entries not yet handed out for applying, up to `limit` (default: the commit index), at most
+    /// Committed entries not yet handed out for applying, up to `limit` (never past the commit index), at most
     /// `maxBytes` of them (at least one).
-    func nextToApply(maxBytes: Int, upTo limit: UInt64? = nil) -> [Entry] {
-        let last = min(committed, limit ?? committed)
+    func nextToApply(maxBytes: Int, upTo limit: UInt64) -> [Entry] {
+        let last = min(committed, limit)
         return applied < last ? slice(from: applied + 1, to: last, maxBytes: maxBytes) : []
     }
 

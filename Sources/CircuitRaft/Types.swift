@@ -291,7 +291,7 @@ public struct RaftConfig: Sendable, Hashable {
     /// matches nothing it asks now.
     public var randomSeed: UInt64 = 0
     /// Asynchronous storage writes (etcd's AsyncStorageWrites): the shell may hand a `Ready`'s entries to a writer
-    /// and go on stepping while they are made durable, then report them with `Raft.persisted(through:term:)`. Only a
+    /// and go on stepping while they are made durable, then report them with `Raft.persisted(through:term:epoch:)`. Only a
     /// `Ready` with `persistInline` (a term or vote changed, or a snapshot to install) must be durable before the
     /// next step. Until reported, entries count toward no quorum and are not applied on this node. Default off:
     /// every `Ready` is durable when `advance` is called.
