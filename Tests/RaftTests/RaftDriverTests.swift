@@ -63,6 +63,8 @@ private final class QueueExecutor: RaftLoopExecutor, @unchecked Sendable {
     private let key = DispatchSpecificKey<Bool>()
     /// How many pieces of work were given to `execute`.
     let executed = Atomic(0)
+    /// How many of them have started to run.
+    let started = Atomic(0)
 
     init(_ label: String) {
         queue = DispatchQueue(label: label)
@@ -71,7 +73,10 @@ private final class QueueExecutor: RaftLoopExecutor, @unchecked Sendable {
 
     func execute(_ work: @escaping @Sendable () -> Void) {
         executed.add(1, ordering: .relaxed)
-        queue.async(execute: work)
+        queue.async { [self] in
+            started.add(1, ordering: .sequentiallyConsistent)
+            work()
+        }
     }
 
     func every(_ interval: Duration, _ work: @escaping @Sendable () -> Void) -> any RaftLoopTimer {
@@ -441,6 +446,114 @@ struct RaftDriverTests {
         #expect(driver.status.failure?.contains("disk on fire") == true)
         await #expect(throws: RaftDriverError.stopped) { _ = try await driver.propose([1]) }
     }
+
+    /// The leader's background write of an entry is held in the store while a vote request of a higher term
+    /// reaches it: the turn that handles it must persist the new term inline, so it waits for the writer; then the
+    /// held write fails. Writing the term after that failure would put durable state over a hole in the log (and
+    /// answer the vote as if the log were whole); the node must stop instead, with nothing written or sent after.
+    @Test("a background write that fails while an inline write waits for it stops the node before the inline write")
+    func writerFailureDuringInlineWait() async throws {
+        let dir = try temporaryFolder()
+        let transport = LocalTransport()
+        let gated = GatedStore(try SQLiteLogStore(path: "\(dir)/1.sqlite", logger: logger))
+        let loop1 = QueueExecutor("raft-1")
+        var drivers: [NodeID: RaftDriver] = [:]
+        for id in [NodeID(1), 2, 3] {
+            var options = RaftDriver.Options()
+            options.tickInterval = .milliseconds(100)  // no election of its own within the test
+            options.executor = id == 1 ? loop1 : QueueExecutor("raft-\(id)")
+            var config = LoopMode.asyncWrites.config(id: id, voters: [1, 2, 3])
+            config.preVote = false  // node 2's campaign raises the term at once
+            config.checkQuorum = false  // and the leader hears its vote request (no lease)
+            let store: any RaftLogStore = id == 1 ? gated : try SQLiteLogStore(path: "\(dir)/\(id).sqlite", logger: logger)
+            let driver = try RaftDriver(
+                config: config, store: store, stateMachine: IndexEcho(), transport: transport.endpoint(for: id),
+                options: options, logger: logger)
+            transport.register(driver)
+            drivers[id] = driver
+        }
+        for d in drivers.values { d.start() }
+        defer { for d in drivers.values { d.stop() } }
+        drivers[1]!.campaign()
+        try await waitFor("node 1 to lead") { drivers[1]!.status.role == .leader }
+        _ = try await drivers[1]!.propose([1])
+
+        gated.arm()
+        let leader = drivers[1]!
+        let held = Task { try await leader.propose([2]) }
+        try await waitFor("node 1's write of the entry to reach the store") { gated.entered }
+        // The turns of node 1's loop that began before its vote request arrived, and what node 1 sends meanwhile.
+        let turnsBeforeVote = Mutex<Int?>(nil)
+        let answeredVote = Atomic(false)
+        transport.setFilter { m in
+            if m.kind == .vote, m.to == 1 { turnsBeforeVote.withLock { $0 = $0 ?? loop1.started.load(ordering: .sequentiallyConsistent) } }
+            if m.kind == .voteResponse, m.from == 1 { answeredVote.store(true, ordering: .relaxed) }
+            return true
+        }
+        drivers[2]!.campaign()
+        // A turn that began after the request arrived holds it, and waits for the writer before it can answer.
+        try await waitFor("node 1's loop to take the vote request") {
+            turnsBeforeVote.withLock { $0 }.map { loop1.started.load(ordering: .sequentiallyConsistent) > $0 } ?? false
+        }
+        gated.open()
+        try await waitFor("node 1 to stop") { !drivers[1]!.status.running }
+        #expect(drivers[1]!.status.failure?.contains("disk on fire") == true)
+        #expect(gated.writesAfterFailure == 0, "node 1 wrote to its log after a write before it had failed")
+        let answered = answeredVote.load(ordering: .relaxed)
+        #expect(!answered, "node 1 answered a vote over a hole in its log")
+        await #expect(throws: (any Error).self) { _ = try await held.value }
+        // The others go on: node 2 leads (node 3's vote is enough), with the entry nodes 2 and 3 hold.
+        try await waitFor("node 2 to lead") { drivers[2]!.status.role == .leader }
+        _ = try await drivers[2]!.propose([3])
+    }
+}
+
+/// A SQLite store whose next write of entries, once armed, holds the writer until released and then fails; it
+/// counts the writes asked of it after that failure.
+private final class GatedStore: RaftLogStore, @unchecked Sendable {
+    struct Failure: Error, CustomStringConvertible { var description: String { "disk on fire" } }
+    private let inner: SQLiteLogStore
+    private let release = DispatchSemaphore(value: 0)
+    private let state = Mutex((armed: false, entered: false, failed: false, writesAfterFailure: 0))
+
+    init(_ inner: SQLiteLogStore) { self.inner = inner }
+
+    func arm() { state.withLock { $0.armed = true } }
+    var entered: Bool { state.withLock { $0.entered } }
+    var writesAfterFailure: Int { state.withLock { $0.writesAfterFailure } }
+    func open() { release.signal() }
+
+    var syncCount: Int { inner.syncCount }
+    func recover() throws -> RecoveredLog { try inner.recover() }
+    func persist(hardState: HardState?, entries: [Entry]) throws {
+        let (gated, failed) = state.withLock { s -> (Bool, Bool) in
+            if s.failed { s.writesAfterFailure += 1 }
+            guard s.armed, !entries.isEmpty else { return (false, s.failed) }
+            s.armed = false
+            s.entered = true
+            return (true, false)
+        }
+        if gated {
+            release.wait()
+            state.withLock { $0.failed = true }
+            throw Failure()
+        }
+        if failed { throw Failure() }
+        try inner.persist(hardState: hardState, entries: entries)
+    }
+    func entries(from: UInt64, to: UInt64, maxBytes: Int) throws -> [Entry] {
+        try inner.entries(from: from, to: to, maxBytes: maxBytes)
+    }
+    func saveSnapshot(_ snapshot: SnapshotMetadata, replacingLog: Bool, hardState: HardState?) throws {
+        try state.withLock { s in
+            if s.failed {
+                s.writesAfterFailure += 1
+                throw Failure()
+            }
+        }
+        try inner.saveSnapshot(snapshot, replacingLog: replacingLog, hardState: hardState)
+    }
+    func close() { inner.close() }
 }
 
 /// A store whose every write fails.
