@@ -66,12 +66,18 @@ struct ElementsBench: AsyncParsableCommand {
         var stdoutMB: [Double] = []
         var tcpMB: [Double] = []
         var relayMB: [Double] = []
+        // Each round measures raw TCP, the streamed channel and the relay one after the other, so that the channel's
+        // ratio to each is taken from figures seconds apart (the machine's speed drifts between rounds).
         for _ in 0..<rounds {
+            progress("raw TCP")
+            tcpMB.append(try await onThread { try Self.rawTCP(seconds: seconds) })
             let path = fresh("bulk")
             try await client.makeChannel(path, capacity: 4)
             let chan = try await client.channel(path)
             progress("bulk channel, streamed")
             streamedMB.append(try await pipelined(chan, size: 1 << 20, batch: 1, buffers: true, streaming: true) * Double(1 << 20) / seconds / 1e6)
+            progress("raw TCP relayed")
+            relayMB.append(try await onThread { try Self.rawTCP(seconds: seconds, relayed: true) })
             progress("bulk channel")
             let batched = fresh("bulk-batched")
             try await client.makeChannel(batched, capacity: 4)
@@ -83,10 +89,6 @@ struct ElementsBench: AsyncParsableCommand {
             arrayMB.append(try await pipelined(try await client.channel(arrays), size: 1 << 20, batch: 8) * Double(1 << 20) / seconds / 1e6)
             progress("stdout")
             stdoutMB.append(try await stdout(client, fresh("out")))
-            progress("raw TCP")
-            tcpMB.append(try await onThread { try Self.rawTCP(seconds: seconds) })
-            progress("raw TCP relayed")
-            relayMB.append(try await onThread { try Self.rawTCP(seconds: seconds, relayed: true) })
         }
         rows.append(("channel bulk, 1 MiB messages, capacity 4, a streaming sender (one request) and a streaming receiver, as ByteBuffers", "MB/s", streamedMB))
         rows.append(("the same with a pipelining sender (8 a request)", "MB/s", channelMB))
@@ -145,10 +147,12 @@ struct ElementsBench: AsyncParsableCommand {
         print("Elements benchmark: 3 daemons on loopback, elements on a follower, reached directly; medians of \(rounds) rounds of \(seconds) s (latency: \(samples) samples)")
         print("")
         printMedianTable(rows)
-        let tcp = tcpMB.sorted()[tcpMB.count / 2]
+        let tcp = median(tcpMB)
         print("")
-        let channel = median(streamedMB)
-        print(String(format: "Channel bulk (streamed) is %.2f of raw TCP (%.2f of the relay), %.2f with a pipelining sender; stdout %.2f of raw TCP; the relay %.2f.", channel / tcp, channel / median(relayMB), median(channelMB) / tcp, median(stdoutMB) / tcp, median(relayMB) / tcp))
+        // Per round: the streamed channel beside the raw TCP and the relay measured next to it.
+        let ofTCP = zip(streamedMB, tcpMB).map { $0 / $1 }.sorted()
+        let ofRelay = zip(streamedMB, relayMB).map { $0 / $1 }.sorted()
+        print(String(format: "Channel bulk (streamed) is %.2f of raw TCP (rounds %.2f–%.2f) and %.2f of the relay (%.2f–%.2f), medians of the ratios of each round; %.2f of raw TCP with a pipelining sender; stdout %.2f of raw TCP; the relay %.2f.", median(ofTCP), ofTCP.first!, ofTCP.last!, median(ofRelay), ofRelay.first!, ofRelay.last!, median(channelMB) / tcp, median(stdoutMB) / tcp, median(relayMB) / tcp))
     }
 
     /// Progress, on standard error: the table alone goes to standard output.
