@@ -242,7 +242,9 @@ public struct Raft: Sendable {
     /// `Ready.droppedReads` if this node loses leadership first. Concurrent requests share one confirmation round.
     ///
     /// A follower that knows its leader asks it (`readIndex` message, one per `Ready` for all the reads asked
-    /// since): the `ReadState` carries the leader's index, which the shell serves once it has applied that far. The
+    /// since): the `ReadState` carries the leader's index, which the shell serves once it has applied that far.
+    /// With three voters the leader answers a voter's request at once, without a heartbeat round: the request
+    /// itself is the confirmation a round would get (see `confirmedByRequest`). The
     /// reads are dropped if the leader or term changes, the leader's connection closes, or no answer comes within
     /// an election timeout. Candidates, and followers that know no leader, refuse.
     public mutating func readIndex(request: UInt64) -> RaftRefusal? {
@@ -459,7 +461,11 @@ public struct Raft: Sendable {
                 handleHeartbeatResponse(m)
             case .readIndex:
                 guard membership.contains(m.from) else { break }
-                queueRead(.remote(from: m.from, context: m.context))
+                if confirmedByRequest(from: m.from) {
+                    send(Message(kind: .readIndexResponse, from: config.id, to: m.from, term: term, index: log.committed, context: m.context))
+                } else {
+                    queueRead(.remote(from: m.from, context: m.context))
+                }
             case .propose:
                 guard membership.contains(m.from) else { break }
                 handleForwardedProposals(m)
@@ -894,6 +900,21 @@ public struct Raft: Sendable {
         } else {
             broadcastHeartbeat(context: round.context)
         }
+    }
+
+    /// Whether a voter's read request, in this leader's term, confirms by itself that this node still leads: true
+    /// when this leader and the asker make a quorum (two or three voters) and the leader has committed an entry of its term.
+    ///
+    /// Why it is safe (thesis §6.4 asks for a heartbeat round after the read index is taken): the asker sent the
+    /// request after its reads were asked, and was then in this term, so it had voted for no later leader; this
+    /// node is in this term now, so it had not either. A leader of a later term needs a quorum, which includes one
+    /// of the two; so none existed when the reads were asked, every write completed before them was committed by
+    /// this leader or an earlier one, and this leader's commit index holds it. (A leader that a later one has
+    /// replaced commits nothing once the asker voted for that one, so what it holds is a prefix of the history, as
+    /// a round would confirm.) The request confirms only its own reads: another read already waiting may have been
+    /// asked after it was sent, and waits for its round.
+    private func confirmedByRequest(from asker: NodeID) -> Bool {
+        asker != config.id && isVoter && membership.isVoter(asker) && quorum <= 2 && log.term(at: log.committed) == term
     }
 
     private mutating func acknowledgeRead(context: UInt64, from: NodeID) {

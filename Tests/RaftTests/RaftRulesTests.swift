@@ -655,9 +655,9 @@ struct ReadIndexRules {
         #expect(h.nodes[3]!.readIndex(request: 1) == .notLeader(leader: nil))
     }
 
-    @Test("a follower's reads go to the leader as one batch; the leader answers once a quorum confirms it, with its commit index, which the follower's read state carries")
+    @Test("a follower's reads go to the leader as one batch; with five voters the leader answers once a quorum confirms it, with its commit index, which the follower's read state carries")
     func followerAsksLeader() throws {
-        var h = try Harness(3)
+        var h = try Harness(5)
         h.elect(1)
         #expect(h.propose(1, "a").isSuccess)
         h.stabilize()
@@ -665,11 +665,16 @@ struct ReadIndexRules {
         let asks = h.take(where: { $0.kind == .readIndex })
         #expect(asks.count == 1 && asks[0].from == 2 && asks[0].to == 1 && asks[0].term == h[1].term, "one batch: \(asks)")
         h[1].step(asks[0])
-        // The leader confirms with a heartbeat round before it answers.
+        // The leader and the asker are two of five: the leader confirms with a heartbeat round before it answers.
         #expect(h.take(where: { $0.kind == .readIndexResponse }).isEmpty)
         let heartbeats = h.take(where: { $0.kind == .heartbeat })
-        #expect(heartbeats.count == 2 && heartbeats.allSatisfy { $0.context != 0 })
+        #expect(heartbeats.count == 4 && heartbeats.allSatisfy { $0.context != 0 })
         h[3].step(heartbeats.first { $0.to == 3 }!)
+        h.flush()
+        for m in h.take(where: { $0.kind == .heartbeatResponse }) { h[1].step(m) }
+        h.flush()
+        #expect(h.take(where: { $0.kind == .readIndexResponse }).isEmpty, "answered with two acknowledgements of five")
+        h[4].step(heartbeats.first { $0.to == 4 }!)
         h.stabilize()
         let states = h.readStates[2, default: []]
         #expect(states.count == 1)
@@ -678,17 +683,50 @@ struct ReadIndexRules {
         #expect(h.readStates[1, default: []].isEmpty, "the leader's own shell serves nothing")
     }
 
+    @Test("with three voters a follower's read request is its own confirmation: the leader answers at once with its commit index, and a read of its own waiting for a round still waits for it")
+    func threeVotersAnswerAtOnce() throws {
+        var h = try Harness(3)
+        h.elect(1)
+        #expect(h.propose(1, "a").isSuccess)
+        h.stabilize()
+        // A read of the leader's own: its round is under way (heartbeats out, not answered).
+        #expect(h.nodes[1]!.readIndex(request: 1) == nil)
+        h.flush()
+        let round = h.take(where: { $0.kind == .heartbeat && $0.context != 0 })
+        #expect(round.count == 2)
+        for r in UInt64(2)...4 { #expect(h.nodes[2]!.readIndex(request: r) == nil) }
+        h.flush()
+        let ask = h.take(where: { $0.kind == .readIndex })
+        #expect(ask.count == 1)
+        h[1].step(ask[0])
+        h.flush()
+        let answers = h.take(where: { $0.kind == .readIndexResponse })
+        #expect(answers.count == 1 && !answers[0].reject && answers[0].index == h[1].commitIndex, "\(answers)")
+        #expect(h.take(where: { $0.kind == .heartbeat && $0.context != 0 }).isEmpty, "no round for the follower's read")
+        #expect(h.readStates[1, default: []].isEmpty, "the leader's own read, asked after the follower's request may have been sent, waits for its round")
+        h[2].step(answers[0])
+        h.flush()
+        #expect(h.readStates[2]?.first?.requests == [2, 3, 4])
+        #expect(h.readStates[2]?.first?.index == h[1].commitIndex)
+        // The round's answers then serve the leader's own read.
+        for m in round { h[m.to].step(m) }
+        h.stabilize()
+        #expect(h.readStates[1]?.first?.requests == [1])
+    }
+
     @Test("a leader that steps down holding a follower's reads says so, and the follower drops them; a late answer to reads given up serves nothing")
     func followerReadsDropped() throws {
-        // The leader steps down holding them: it says so, and the follower drops them.
-        var h = try Harness(3)
+        // The leader steps down holding them (five voters: a round must confirm them): it says so, and the follower
+        // drops them.
+        var h = try Harness(5)
         h.elect(1)
         _ = h.nodes[2]!.readIndex(request: 1)
         h[1].step(h.take(where: { $0.kind == .readIndex })[0])
         _ = h.take()
         h[1].step(Message(kind: .appendResponse, from: 3, to: 1, term: h[1].term + 1))
         let refusal = h.take(where: { $0.kind == .readIndexResponse })
-        #expect(refusal.count == 1 && refusal[0].reject)
+        try #require(refusal.count == 1)
+        #expect(refusal[0].reject)
         h[2].step(refusal[0])
         h.flush()
         #expect(h.droppedReads[2] == [1])
