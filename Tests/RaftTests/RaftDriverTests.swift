@@ -116,19 +116,22 @@ enum LoopMode: String, CaseIterable, Sendable, CustomTestStringConvertible {
 struct RaftDriverTests {
     let logger = Logger(label: "driver-test")
 
+    /// Started drivers of `ids`, each with a SQLite store in `dir` unless `store` gives one; `configure` may change
+    /// each node's options and Raft configuration.
     private func makeCluster(
         _ dir: String, ids: [NodeID], transport: LocalTransport, tick: Duration = .milliseconds(10),
-        checkQuorum: Bool = true, mode: LoopMode = .thread, configure: (inout RaftDriver.Options) -> Void = { _ in }
+        checkQuorum: Bool = true, mode: LoopMode = .thread, store custom: ((NodeID) -> (any RaftLogStore)?)? = nil,
+        configure: (NodeID, inout RaftDriver.Options, inout RaftConfig) -> Void = { _, _, _ in }
     ) throws -> [NodeID: RaftDriver] {
         var drivers: [NodeID: RaftDriver] = [:]
         for id in ids {
             var options = RaftDriver.Options()
             options.tickInterval = tick
             mode.apply(&options, id)
-            configure(&options)
-            let store = try SQLiteLogStore(path: "\(dir)/\(id).sqlite", logger: logger)
             var config = mode.config(id: id, voters: ids)
             config.checkQuorum = checkQuorum
+            configure(id, &options, &config)
+            let store = try custom?(id) ?? SQLiteLogStore(path: "\(dir)/\(id).sqlite", logger: logger)
             let driver = try RaftDriver(
                 config: config, store: store, stateMachine: IndexEcho(),
                 transport: transport.endpoint(for: id), options: options, logger: logger)
@@ -220,7 +223,7 @@ struct RaftDriverTests {
     func confirmedReadBound(_ mode: LoopMode) async throws {
         let dir = try temporaryFolder()
         let transport = LocalTransport()
-        let drivers = try makeCluster(dir, ids: [1, 2, 3], transport: transport, mode: mode) { $0.readApplyLimit = .milliseconds(300) }
+        let drivers = try makeCluster(dir, ids: [1, 2, 3], transport: transport, mode: mode, configure: { _, options, _ in options.readApplyLimit = .milliseconds(300) })
         defer { for d in drivers.values { d.stop() } }
         try await waitFor("a leader", timeout: .seconds(20)) { drivers.values.contains { $0.status.role == .leader } }
         let leader = try #require(drivers.values.first { $0.status.role == .leader })
@@ -403,19 +406,8 @@ struct RaftDriverTests {
     func gracefulShutdownTransfers(_ mode: LoopMode) async throws {
         let dir = try temporaryFolder()
         let transport = LocalTransport()
-        var drivers: [NodeID: RaftDriver] = [:]
-        for id in [NodeID(1), 2, 3] {
-            var options = RaftDriver.Options()
-            options.tickInterval = .milliseconds(100)  // elections only after 1 to 2 s of silence
-            mode.apply(&options, id)
-            let driver = try RaftDriver(
-                config: mode.config(id: id, voters: [1, 2, 3]),
-                store: try SQLiteLogStore(path: "\(dir)/\(id).sqlite", logger: logger), stateMachine: IndexEcho(),
-                transport: transport.endpoint(for: id), options: options, logger: logger)
-            transport.register(driver)
-            drivers[id] = driver
-        }
-        for d in drivers.values { d.start() }
+        // Elections only after 1 to 2 s of silence.
+        let drivers = try makeCluster(dir, ids: [1, 2, 3], transport: transport, tick: .milliseconds(100), mode: mode)
         defer { for d in drivers.values { d.stop() } }
         drivers[1]!.campaign()
         try await waitFor("node 1 to lead") { drivers[1]!.status.role == .leader }
@@ -457,22 +449,15 @@ struct RaftDriverTests {
         let transport = LocalTransport()
         let gated = GatedStore(try SQLiteLogStore(path: "\(dir)/1.sqlite", logger: logger))
         let loop1 = QueueExecutor("raft-1")
-        var drivers: [NodeID: RaftDriver] = [:]
-        for id in [NodeID(1), 2, 3] {
-            var options = RaftDriver.Options()
-            options.tickInterval = .milliseconds(100)  // no election of its own within the test
-            options.executor = id == 1 ? loop1 : QueueExecutor("raft-\(id)")
-            var config = LoopMode.asyncWrites.config(id: id, voters: [1, 2, 3])
-            config.preVote = false  // node 2's campaign raises the term at once
-            config.checkQuorum = false  // and the leader hears its vote request (no lease)
-            let store: any RaftLogStore = id == 1 ? gated : try SQLiteLogStore(path: "\(dir)/\(id).sqlite", logger: logger)
-            let driver = try RaftDriver(
-                config: config, store: store, stateMachine: IndexEcho(), transport: transport.endpoint(for: id),
-                options: options, logger: logger)
-            transport.register(driver)
-            drivers[id] = driver
+        // No election of its own within the test; node 2's campaign raises the term at once (no PreVote), and the
+        // leader hears its vote request (no lease).
+        let drivers = try makeCluster(
+            dir, ids: [1, 2, 3], transport: transport, tick: .milliseconds(100), checkQuorum: false, mode: .asyncWrites,
+            store: { $0 == 1 ? gated : nil }
+        ) { id, options, config in
+            if id == 1 { options.executor = loop1 }
+            config.preVote = false
         }
-        for d in drivers.values { d.start() }
         defer { for d in drivers.values { d.stop() } }
         drivers[1]!.campaign()
         try await waitFor("node 1 to lead") { drivers[1]!.status.role == .leader }
