@@ -243,8 +243,8 @@ public struct Raft: Sendable {
     ///
     /// A follower that knows its leader asks it (`readIndex` message, one per `Ready` for all the reads asked
     /// since): the `ReadState` carries the leader's index, which the shell serves once it has applied that far.
-    /// With three voters the leader answers a voter's request at once, without a heartbeat round: the request
-    /// itself is the confirmation a round would get (see `confirmedByRequest`). The
+    /// With two or three voters the leader answers a voter's request at once, without a heartbeat round: the
+    /// request itself is the confirmation a round would get (see `confirmedByRequest`). The
     /// reads are dropped if the leader or term changes, the leader's connection closes, or no answer comes within
     /// an election timeout. Candidates, and followers that know no leader, refuse.
     public mutating func readIndex(request: UInt64) -> RaftRefusal? {
@@ -911,8 +911,11 @@ public struct Raft: Sendable {
     /// of the two; so none existed when the reads were asked, every write completed before them was committed by
     /// this leader or an earlier one, and this leader's commit index holds it. (A leader that a later one has
     /// replaced commits nothing once the asker voted for that one, so what it holds is a prefix of the history, as
-    /// a round would confirm.) The request confirms only its own reads: another read already waiting may have been
-    /// asked after it was sent, and waits for its round.
+    /// a round would confirm.) It holds across membership changes: they come one server at a time, each only after
+    /// the last committed, and only once this leader has committed an entry of its term, so the membership of any
+    /// later leader is this one (committed or pending) or differs from it by one server, and every quorum of those
+    /// includes this leader or the asker. The request confirms only its own reads: another read already waiting may
+    /// have been asked after it was sent, and waits for its round.
     private func confirmedByRequest(from asker: NodeID) -> Bool {
         asker != config.id && isVoter && membership.isVoter(asker) && quorum <= 2 && log.term(at: log.committed) == term
     }

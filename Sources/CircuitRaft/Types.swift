@@ -67,7 +67,8 @@ public struct Message: Sendable, Hashable {
         /// also serve reads"). `context` names the follower's batch of reads.
         case readIndex = 11
         /// The leader's answer: `index`, its commit index once a quorum confirmed its leadership after the request
-        /// came, for the batch `context`; `reject` if it could not confirm (it is no longer leader).
+        /// came (or at once when the leader and the asker are a quorum: the request is that confirmation), for the
+        /// batch `context`; `reject` if it could not confirm (it is no longer leader).
         case readIndexResponse = 12
         /// A follower hands its clients' proposals to the leader (etcd's MsgProp): `entries` carry their data,
         /// `context` names the batch.

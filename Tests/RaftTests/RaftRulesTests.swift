@@ -714,6 +714,37 @@ struct ReadIndexRules {
         #expect(h.readStates[1]?.first?.requests == [1])
     }
 
+    @Test("the leader answers a read request at once only when it and the asker are a quorum: two voters yes; four voters, or a learner asking beside three voters, wait for a round")
+    func answeredAtOnceOnlyByAQuorum() throws {
+        /// Whether the leader (node 1) answers `asker`'s read at once, without a heartbeat round.
+        func atOnce(_ h: inout Harness, asker: NodeID) -> Bool {
+            #expect(h.nodes[asker]!.readIndex(request: 7) == nil)
+            let ask = h.take(where: { $0.kind == .readIndex })
+            guard ask.count == 1 else {
+                Issue.record("node \(asker) sent \(ask.count) read requests")
+                return false
+            }
+            h[1].step(ask[0])
+            h.flush()
+            let answered = !h.take(where: { $0.kind == .readIndexResponse }).isEmpty
+            let round = !h.take(where: { $0.kind == .heartbeat && $0.context != 0 }).isEmpty
+            #expect(answered != round, "answered at once \(answered), a round \(round)")
+            return answered
+        }
+        var two = try Harness(2)
+        two.elect(1)
+        #expect(atOnce(&two, asker: 2))
+        var four = try Harness(4)
+        four.elect(1)
+        #expect(!atOnce(&four, asker: 2))
+        var learner = try Harness(3)
+        learner.elect(1)
+        try learner.addFreshNode(4)
+        #expect(learner.change(1, .addLearner(4)) == nil)
+        #expect(!atOnce(&learner, asker: 4))
+        #expect(atOnce(&learner, asker: 2))
+    }
+
     @Test("a leader that steps down holding a follower's reads says so, and the follower drops them; a late answer to reads given up serves nothing")
     func followerReadsDropped() throws {
         // The leader steps down holding them (five voters: a round must confirm them): it says so, and the follower
