@@ -119,6 +119,9 @@ public struct Raft: Sendable {
     /// Everyone this node replicates to when it leads: voters and learners but itself.
     private var peers: [NodeID] { membership.members.filter { $0 != config.id } }
     private var isVoter: Bool { membership.isVoter(config.id) }
+    /// This leader has committed an entry of its own term: its commit index covers everything committed before it
+    /// (thesis §6.4), which reads and membership changes wait for.
+    private var committedInOwnTerm: Bool { log.term(at: log.committed) == term }
 
     /// The leader's view of each follower, for diagnostics.
     public var debugProgress: String {
@@ -258,7 +261,7 @@ public struct Raft: Sendable {
     }
 
     private mutating func queueRead(_ request: ReadRequest) {
-        if log.term(at: log.committed) != term {
+        if !committedInOwnTerm {
             readsAwaitingCommit.append(request)
         } else {
             readsQueued.append(request)
@@ -284,7 +287,7 @@ public struct Raft: Sendable {
     public mutating func proposeConfChange(_ change: ConfChange) -> Result<ProposalTicket, RaftRefusal> {
         guard role == .leader else { return .failure(.notLeader(leader: knownLeader)) }
         if leadTransferee != .none { return .failure(.transferInProgress(to: leadTransferee)) }
-        guard log.term(at: log.committed) == term else { return .failure(.leaderNotReady) }
+        guard committedInOwnTerm else { return .failure(.leaderNotReady) }
         guard membershipIndex <= log.committed else { return .failure(.configChangeInProgress(index: membershipIndex)) }
         if case .promote(let id) = change, let pr = progress[id] {
             // Caught up, and heard from within the current election timeout: a learner this leader cannot reach
@@ -838,7 +841,7 @@ public struct Raft: Sendable {
         matches.sort(by: >)
         let candidate = matches[quorum - 1]
         guard candidate > log.committed, log.term(at: candidate) == term else { return false }
-        let firstInTerm = log.term(at: log.committed) != term
+        let firstInTerm = !committedInOwnTerm
         log.commitTo(candidate)
         if firstInTerm {
             // This leader's first commit: reads that waited for it may now pick a read index.
@@ -917,7 +920,7 @@ public struct Raft: Sendable {
     /// includes this leader or the asker. The request confirms only its own reads: another read already waiting may
     /// have been asked after it was sent, and waits for its round.
     private func confirmedByRequest(from asker: NodeID) -> Bool {
-        asker != config.id && isVoter && membership.isVoter(asker) && quorum <= 2 && log.term(at: log.committed) == term
+        asker != config.id && isVoter && membership.isVoter(asker) && quorum <= 2 && committedInOwnTerm
     }
 
     private mutating func acknowledgeRead(context: UInt64, from: NodeID) {

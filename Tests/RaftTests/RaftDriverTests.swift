@@ -493,10 +493,12 @@ struct RaftDriverTests {
     }
 }
 
+/// What the failing stores below throw.
+private struct DiskOnFire: Error, CustomStringConvertible { var description: String { "disk on fire" } }
+
 /// A SQLite store whose next write of entries, once armed, holds the writer until released and then fails; it
 /// counts the writes asked of it after that failure.
 private final class GatedStore: RaftLogStore, @unchecked Sendable {
-    struct Failure: Error, CustomStringConvertible { var description: String { "disk on fire" } }
     private let inner: SQLiteLogStore
     private let release = DispatchSemaphore(value: 0)
     private let state = Mutex((armed: false, entered: false, failed: false, writesAfterFailure: 0))
@@ -521,9 +523,9 @@ private final class GatedStore: RaftLogStore, @unchecked Sendable {
         if gated {
             release.wait()
             state.withLock { $0.failed = true }
-            throw Failure()
+            throw DiskOnFire()
         }
-        if failed { throw Failure() }
+        if failed { throw DiskOnFire() }
         try inner.persist(hardState: hardState, entries: entries)
     }
     func entries(from: UInt64, to: UInt64, maxBytes: Int) throws -> [Entry] {
@@ -533,7 +535,7 @@ private final class GatedStore: RaftLogStore, @unchecked Sendable {
         try state.withLock { s in
             if s.failed {
                 s.writesAfterFailure += 1
-                throw Failure()
+                throw DiskOnFire()
             }
         }
         try inner.saveSnapshot(snapshot, replacingLog: replacingLog, hardState: hardState)
@@ -543,12 +545,11 @@ private final class GatedStore: RaftLogStore, @unchecked Sendable {
 
 /// A store whose every write fails.
 private final class FailingStore: RaftLogStore {
-    struct Failure: Error, CustomStringConvertible { var description: String { "disk on fire" } }
     var syncCount: Int { 0 }
     func recover() throws -> RecoveredLog { RecoveredLog(hardState: HardState(), entries: []) }
-    func persist(hardState: HardState?, entries: [Entry]) throws { throw Failure() }
+    func persist(hardState: HardState?, entries: [Entry]) throws { throw DiskOnFire() }
     func entries(from: UInt64, to: UInt64, maxBytes: Int) throws -> [Entry] { [] }
-    func saveSnapshot(_ snapshot: SnapshotMetadata, replacingLog: Bool, hardState: HardState?) throws { throw Failure() }
+    func saveSnapshot(_ snapshot: SnapshotMetadata, replacingLog: Bool, hardState: HardState?) throws { throw DiskOnFire() }
     func close() {}
 }
 
