@@ -77,6 +77,7 @@ let package = Package(
         .target(
             name: "CircuitNode",
             dependencies: [
+                "CMalloc",
                 "CircuitRaft",
                 "CircuitStateMachine",
                 "CircuitTransport",
@@ -146,7 +147,7 @@ let package = Package(
                 .product(name: "NIOHTTP1", package: "swift-nio"),
             ]
         ),
-        // glibc's allocator settings (mallopt), which the `circuit` binary sets for large messages.
+        // glibc's allocator settings (mallopt): the daemon's and the client verbs' policy for large messages.
         .systemLibrary(name: "CMalloc"),
         .executableTarget(name: "circuit-fuzz", dependencies: ["CircuitFuzzing"]),
         // Helpers shared by the test targets (not a product).
@@ -155,7 +156,6 @@ let package = Package(
         .executableTarget(
             name: "CircuitCLI",
             dependencies: [
-                "CMalloc",
                 "CircuitSecurity",
                 "CircuitFS",
                 "CircuitRaft",

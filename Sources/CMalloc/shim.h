@@ -11,7 +11,8 @@ static inline int circuit_malloc_set_mmap_threshold(int bytes) { return mallopt(
 /// Free memory at a heap's top past `bytes` goes back to the kernel (M_TRIM_THRESHOLD); 1 on success.
 static inline int circuit_malloc_set_trim_threshold(int bytes) { return mallopt(M_TRIM_THRESHOLD, bytes); }
 
-/// Gives free memory in every arena back to the kernel (not only at a heap's top); 1 if any was released.
+/// Gives back to the kernel the free pages inside every heap and the free top of the main one (not the free top of
+/// the other heaps, the arenas glibc gives threads); 1 if any was released.
 static inline int circuit_malloc_trim(void) { return malloc_trim(0); }
 
 #endif

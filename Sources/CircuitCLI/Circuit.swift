@@ -1,4 +1,5 @@
 import ArgumentParser
+import CircuitNode
 import Foundation
 import Logging
 

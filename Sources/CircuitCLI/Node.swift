@@ -113,7 +113,7 @@ struct DaemonOptions: ParsableArguments {
         if testFaults { settings.testFaults = true }
         var global = global
         if global.logLevel == .warning { global.logLevel = .info }
-        let trimming = Allocator.returnFreeMemory(every: .seconds(5))
+        let trimming = Allocator.manageDaemonMemory(every: .seconds(5))
         defer { trimming.cancel() }
         try await CircuitDaemon(config: settings, logger: global.makeLogger("circuit")).run()
     }

@@ -203,7 +203,8 @@ extension HTTPServerBuilder {
 
 /// A connection that reads up to `maximum` bytes at once when the peer sends that fast (NIO's default stops at 64
 /// KiB): a channel's large messages and a process's stdin arrive in a few reads each instead of sixteen a MiB, each a
-/// trip through the pipeline, the body's stream and a task switch. The size adapts back down for small requests.
+/// trip through the pipeline, the body's stream and a task switch. The size adapts back down for small requests. A
+/// large read tells the allocator to keep free memory for the next one (`Allocator.noteLargeRead`).
 struct LargeReadsChannel<Base: ServerChildChannel>: ServerChildChannel {
     typealias Value = Base.Value
     static var maximum: Int { 1 << 20 }
@@ -211,7 +212,8 @@ struct LargeReadsChannel<Base: ServerChildChannel>: ServerChildChannel {
 
     func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
         channel.setOption(
-            ChannelOptions.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: Self.maximum)
+            ChannelOptions.recvAllocator,
+            value: NotingLargeReads(base: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: Self.maximum))
         ).flatMap { base.setup(channel: channel, logger: logger) }
     }
 
@@ -219,6 +221,20 @@ struct LargeReadsChannel<Base: ServerChildChannel>: ServerChildChannel {
         await withTaskExecutorPreference(EventLoopTaskExecutor(value.channel.eventLoop)) {
             await base.handle(value: value, logger: logger)
         }
+    }
+}
+
+/// NIO's adaptive read sizes, and a word to the allocator when a read is a large message's.
+struct NotingLargeReads: RecvByteBufferAllocator {
+    var base: AdaptiveRecvByteBufferAllocator
+    var note: @Sendable () -> Void = Allocator.noteLargeRead
+
+    func buffer(allocator: ByteBufferAllocator) -> ByteBuffer { base.buffer(allocator: allocator) }
+    func nextBufferSize() -> Int? { base.nextBufferSize() }
+
+    mutating func record(actualReadBytes: Int) -> Bool {
+        if actualReadBytes >= Allocator.largeRead { note() }
+        return base.record(actualReadBytes: actualReadBytes)
     }
 }
 
