@@ -204,7 +204,7 @@ extension HTTPServerBuilder {
 /// A connection that reads up to `maximum` bytes at once when the peer sends that fast (NIO's default stops at 64
 /// KiB): a channel's large messages and a process's stdin arrive in a few reads each instead of sixteen a MiB, each a
 /// trip through the pipeline, the body's stream and a task switch. The size adapts back down for small requests. A
-/// large read tells the allocator to keep free memory for the next one (`Allocator.noteLargeRead`).
+/// large read tells the allocator to keep free memory for the next one (`Allocator.noteLargeData`).
 struct LargeReadsChannel<Base: ServerChildChannel>: ServerChildChannel {
     typealias Value = Base.Value
     static var maximum: Int { 1 << 20 }
@@ -227,13 +227,13 @@ struct LargeReadsChannel<Base: ServerChildChannel>: ServerChildChannel {
 /// NIO's adaptive read sizes, and a word to the allocator when a read is a large message's.
 struct NotingLargeReads: RecvByteBufferAllocator {
     var base: AdaptiveRecvByteBufferAllocator
-    var note: @Sendable () -> Void = Allocator.noteLargeRead
+    var note: @Sendable () -> Void = Allocator.noteLargeData
 
     func buffer(allocator: ByteBufferAllocator) -> ByteBuffer { base.buffer(allocator: allocator) }
     func nextBufferSize() -> Int? { base.nextBufferSize() }
 
     mutating func record(actualReadBytes: Int) -> Bool {
-        if actualReadBytes >= Allocator.largeRead { note() }
+        if actualReadBytes >= Allocator.largeData { note() }
         return base.record(actualReadBytes: actualReadBytes)
     }
 }

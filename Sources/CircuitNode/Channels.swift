@@ -72,15 +72,19 @@ final class Channels: Sendable {
 
     /// A live host's client address (nil: it is not alive).
     private let ownerAddress: @Sendable (String) async throws -> String?
+    /// Told of every message of `Allocator.largeData` bytes or more sent into a channel here.
+    private let largeMessage: @Sendable () -> Void
 
     init(
         maxMessageBytes: Int, maxBufferedBytes: Int, lookup: @escaping @Sendable (String) async throws -> ElementView?,
-        ownerAddress: @escaping @Sendable (String) async throws -> String? = { _ in nil }
+        ownerAddress: @escaping @Sendable (String) async throws -> String? = { _ in nil },
+        largeMessage: @escaping @Sendable () -> Void = Allocator.noteLargeData
     ) {
         self.maxMessageBytes = maxMessageBytes
         self.maxBufferedBytes = maxBufferedBytes
         self.lookup = lookup
         self.ownerAddress = ownerAddress
+        self.largeMessage = largeMessage
     }
 
     // MARK: - Operations
@@ -99,6 +103,8 @@ final class Channels: Sendable {
     /// The same, answering nothing (for a stream of sends).
     func sendOne(_ path: String, _ message: ChanMessage, wait: Bool, created: UInt64? = nil) async throws(APIError) {
         guard message.byteCount <= maxMessageBytes else { throw Self.tooLarge(maxMessageBytes) }
+        // However it arrived (in reads of any size): the allocator keeps free memory for the next large one.
+        if message.byteCount >= Allocator.largeData { largeMessage() }
         try await ensureWritable(path, created: created)
         let outcome = await perform(path) { hostBuffered, core, waiter in
             if core.waitingReceivers == 0, core.buffered < core.capacity, hostBuffered + message.byteCount > maxBufferedBytes {
@@ -319,8 +325,11 @@ final class Channels: Sendable {
             guard let removals else { return }
             guard let view = try await element(path) else { throw APIError.from(.notFound(path: path)) }
             let subscription = view.kind == "subscription"
-            guard view.kind == "chan" || subscription, let created = view.createRevision else {
+            guard view.kind == "chan" || subscription else {
                 throw APIError.from(.wrongKind(path: path, expected: "chan", actual: view.kind))
+            }
+            guard let created = view.createRevision else {
+                throw APIError(status: 500, code: "internal", message: "\(path) is a \(view.kind) without a create revision")
             }
             let capacity = subscription ? Self.subscriptionCapacity : Int(view.capacity ?? 0)
             let taken = state.withLock { s in

@@ -276,6 +276,21 @@ struct ChannelsTests {
         #expect((try? await first.value) == nil, "the cancelled receive got nothing")
     }
 
+    @Test("a message of 256 KiB or more tells the allocator to keep free memory for the next; a smaller one does not")
+    func largeMessagesAreNoted() async throws {
+        let noted = Atomic(0)
+        let ch = Channels(maxMessageBytes: 1 << 20, maxBufferedBytes: 8 << 20, lookup: { _ in
+            var view = ElementView(kind: "chan")
+            view.capacity = 8
+            view.createRevision = 7
+            return view
+        }, largeMessage: { noted.add(1, ordering: .relaxed) })
+        for size in [64, (256 << 10) - 1, 256 << 10, 1 << 20] {
+            _ = try await ch.send("/X0000000000000001/c", ChanMessage(ByteBuffer(repeating: 1, count: size)), wait: true)
+        }
+        #expect(noted.load(ordering: .relaxed) == 2)
+    }
+
     @Test("errors name what was wrong: no such element, a message too large, a full host, a removed channel")
     func errors() async throws {
         let ch = Self.channels(capacity: 4, maxBuffered: 20)
