@@ -7,12 +7,12 @@ import NIOCore
 import Synchronization
 
 /// `circuit bench elements`: the circuit's elements on a 3-node cluster of real daemons on loopback: channel messages
-/// per second, bulk bytes through a channel and through a process's stdout beside raw TCP on the same machine, and the
+/// per second, bulk bytes through a channel and through a process's stdout and stdin beside raw TCP on the same machine, and the
 /// time from creating a process (or a job) to learning that it ended.
 struct ElementsBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "elements",
-        abstract: "Channel messages/s, MB/s through a channel and a process's stdout beside raw TCP, process and job latency.")
+        abstract: "Channel messages/s, MB/s through a channel and a process's stdout and stdin beside raw TCP, process and job latency.")
 
     @Option(help: "Seconds measured per run.") var seconds: Double = 2
     @Option(help: "Rounds per row; the table shows the median and the spread.") var rounds: Int = 3
@@ -64,6 +64,7 @@ struct ElementsBench: AsyncParsableCommand {
         var channelMB: [Double] = []
         var arrayMB: [Double] = []
         var stdoutMB: [Double] = []
+        var stdinMB: [Double] = []
         var tcpMB: [Double] = []
         var relayMB: [Double] = []
         // Each round measures raw TCP, the streamed channel and the relay one after the other, so that the channel's
@@ -89,11 +90,14 @@ struct ElementsBench: AsyncParsableCommand {
             arrayMB.append(try await pipelined(try await client.channel(arrays), size: 1 << 20, batch: 8) * Double(1 << 20) / seconds / 1e6)
             progress("stdout")
             stdoutMB.append(try await stdout(client, fresh("out")))
+            progress("stdin")
+            stdinMB.append(try await stdin(client, fresh("in")))
         }
         rows.append(("channel bulk, 1 MiB messages, capacity 4, a streaming sender (one request) and a streaming receiver, as ByteBuffers", "MB/s", streamedMB))
         rows.append(("the same with a pipelining sender (8 a request)", "MB/s", channelMB))
         rows.append(("the same as byte arrays (each message copied into the request and out of the answer)", "MB/s", arrayMB))
         rows.append(("a process's stdout read by a client (head -c of /dev/zero)", "MB/s", stdoutMB))
+        rows.append(("a process's stdin written by a client (cat into /dev/null), streamed in 1 MiB chunks", "MB/s", stdinMB))
         rows.append(("raw TCP on loopback, one connection, 1 MiB writes (the baseline)", "MB/s", tcpMB))
         rows.append(("raw TCP through a relay thread, two connections, 1 MiB writes (a channel's ceiling)", "MB/s", relayMB))
 
@@ -152,7 +156,7 @@ struct ElementsBench: AsyncParsableCommand {
         // Per round: the streamed channel beside the raw TCP and the relay measured next to it.
         let ofTCP = zip(streamedMB, tcpMB).map { $0 / $1 }.sorted()
         let ofRelay = zip(streamedMB, relayMB).map { $0 / $1 }.sorted()
-        print(String(format: "Channel bulk (streamed) is %.2f of raw TCP (rounds %.2f–%.2f) and %.2f of the relay (%.2f–%.2f), medians of the ratios of each round; %.2f of raw TCP with a pipelining sender; stdout %.2f of raw TCP; the relay %.2f.", median(ofTCP), ofTCP.first!, ofTCP.last!, median(ofRelay), ofRelay.first!, ofRelay.last!, median(channelMB) / tcp, median(stdoutMB) / tcp, median(relayMB) / tcp))
+        print(String(format: "Channel bulk (streamed) is %.2f of raw TCP (rounds %.2f–%.2f) and %.2f of the relay (%.2f–%.2f), medians of the ratios of each round; %.2f of raw TCP with a pipelining sender; stdout %.2f of raw TCP, stdin %.2f; the relay %.2f.", median(ofTCP), ofTCP.first!, ofTCP.last!, median(ofRelay), ofRelay.first!, ofRelay.last!, median(channelMB) / tcp, median(stdoutMB) / tcp, median(stdinMB) / tcp, median(relayMB) / tcp))
     }
 
     /// Progress, on standard error: the table alone goes to standard output.
@@ -281,6 +285,28 @@ struct ElementsBench: AsyncParsableCommand {
             guard ContinuousClock.now > deadline else { throw error }
         }
         let elapsed = (ContinuousClock.now - start).milliseconds / 1000
+        _ = try? await client.remove(element: path)
+        return Double(bytes.value) / elapsed / 1e6
+    }
+
+    /// MB/s into a process's stdin: one streamed request (`writeStdin(_:streaming:)`) of 1 MiB chunks for `seconds`,
+    /// into a `cat` that writes to /dev/null; timed until the host answered (every byte is in the pipe).
+    private func stdin(_ client: CircuitClient, _ path: String) async throws -> Double {
+        _ = try await client.run(path, ProcCommandView(path: "/bin/sh", args: ["-c", "exec cat > /dev/null"]))
+        let chunk = ByteBuffer(repeating: 0x61, count: 1 << 20)
+        let bytes = Counter()
+        let start = ContinuousClock.now
+        let deadline = start + .milliseconds(Int64(seconds * 1000))
+        let chunks = AsyncStream<ByteBuffer>(unfolding: {
+            guard ContinuousClock.now < deadline else { return nil }
+            bytes.add(chunk.readableBytes)
+            return chunk
+        })
+        let written = try await client.writeStdin(path, streaming: chunks)
+        let elapsed = (ContinuousClock.now - start).milliseconds / 1000
+        guard written.bytes == bytes.value else {
+            throw ValidationError("stdin: \(written.bytes) bytes written of \(bytes.value) sent")
+        }
         _ = try? await client.remove(element: path)
         return Double(bytes.value) / elapsed / 1e6
     }

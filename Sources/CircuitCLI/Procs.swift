@@ -2,6 +2,8 @@ import ArgumentParser
 import CircuitAPI
 import CircuitClient
 import Foundation
+import NIOCore
+import NIOPosix
 import Synchronization
 
 /// `circuit mkproc`: the Go circuit's verb, the command as JSON on standard input.
@@ -24,19 +26,102 @@ struct Mkproc: AsyncParsableCommand {
     }
 }
 
-/// `circuit stdin`: all of standard input into the process's stdin, which is then closed.
+/// `circuit stdin`: standard input into the process's stdin as it comes (a pipe's bytes are written as they are
+/// read, not gathered until its end), which is then closed.
 struct Stdin: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Write standard input into a process's stdin, then close it.")
+    static let configuration = CommandConfiguration(
+        abstract: "Copy standard input into a process's stdin as it comes, then close it.")
     @OptionGroup var options: ClientOptions
     @Flag(help: "Leave the process's stdin open for another write.") var keepOpen = false
     @Argument(help: "The process: /X<host id>/name") var path: String
 
     func run() async throws {
-        let bytes = [UInt8](FileHandle.standardInput.readDataToEndOfFile())
         var client = options.client
         client.timeout = 7 * 24 * 3600
-        let written = try await client.owner(of: path).writeStdin(path, bytes, keepOpen: keepOpen)
+        let written = try await client.writeStdin(path, streaming: StandardInputChunks(), keepOpen: keepOpen)
         if options.json { try ClientOptions.printJSON(written) }
+    }
+}
+
+/// Standard input in chunks as it comes: what a pipe holds (up to a MiB), a file a MiB at a time. Each read runs on
+/// NIO's thread pool, so a read that waits (a pipe with nothing yet) holds none of the tasks' threads; a cancelled
+/// task (the host refused the stream midway) wakes its read at once. A read of less than half a MiB is copied into a
+/// buffer of its size: chunks on their way hold their bytes, not a MiB each.
+struct StandardInputChunks: AsyncSequence, Sendable {
+    typealias Element = ByteBuffer
+    static let largest = 1 << 20
+
+    struct ReadFailed: Error, CustomStringConvertible {
+        let errno: Int32
+        var description: String { "reading standard input: \(String(cString: strerror(errno)))" }
+    }
+
+    /// A pipe that wakes a read waiting in `poll`, written once its task is cancelled.
+    final class Wake: Sendable {
+        let readEnd: CInt
+        let writeEnd: CInt
+
+        init() {
+            var pair: [CInt] = [-1, -1]
+            _ = pipe(&pair)
+            (readEnd, writeEnd) = (pair[0], pair[1])
+        }
+
+        func ring() {
+            var byte: UInt8 = 1
+            _ = Glibc.write(writeEnd, &byte, 1)
+        }
+
+        deinit {
+            close(readEnd)
+            close(writeEnd)
+        }
+    }
+
+    struct AsyncIterator: AsyncIteratorProtocol {
+        private var ended = false
+        private let wake = Wake()
+
+        mutating func next() async throws -> ByteBuffer? {
+            if ended { return nil }
+            let wake = self.wake
+            let chunk = try await withTaskCancellationHandler {
+                try await NIOThreadPool.singleton.runIfActive { try StandardInputChunks.read(wake: wake.readEnd) }
+            } onCancel: {
+                wake.ring()
+            }
+            if chunk == nil { ended = true }
+            return chunk
+        }
+    }
+
+    func makeAsyncIterator() -> AsyncIterator { AsyncIterator() }
+
+    /// One read of standard input once it has something (or its end); nil at its end. `wake` readable: cancelled.
+    static func read(wake: CInt) throws -> ByteBuffer? {
+        while true {
+            var ready = [pollfd(fd: STDIN_FILENO, events: Int16(POLLIN), revents: 0), pollfd(fd: wake, events: Int16(POLLIN), revents: 0)]
+            if poll(&ready, 2, -1) < 0 {
+                if errno == EINTR { continue }
+                throw ReadFailed(errno: errno)
+            }
+            if ready[1].revents != 0 { throw CancellationError() }
+            if ready[0].revents == 0 { continue }
+            var buffer = ByteBuffer()
+            var failure: Int32 = 0
+            let count = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: largest) { space -> Int in
+                let n = Glibc.read(STDIN_FILENO, space.baseAddress, space.count)
+                if n < 0 { failure = errno }
+                return Swift.max(n, 0)
+            }
+            switch failure {
+            case 0: break
+            case EINTR, EAGAIN: continue  // EAGAIN: a descriptor left non-blocking by whoever gave it
+            default: throw ReadFailed(errno: failure)
+            }
+            if count == 0 { return nil }
+            return count < largest / 2 ? ByteBuffer(bytes: buffer.readableBytesView) : buffer
+        }
     }
 }
 

@@ -1,4 +1,5 @@
 import CircuitAPI
+import CircuitSecurity
 import Foundation
 import NIOCore
 
@@ -191,30 +192,13 @@ extension Chan {
     public func send<Messages: AsyncSequence & Sendable>(streaming messages: Messages) async throws -> Int
     where Messages.Element == ByteBuffer {
         let endpoint = try await servingEndpoint()
-        let answer: HTTPExchange.Answer
-        do {
-            let created = createRevision.map { "&created=\($0)" } ?? ""
-            answer = try await HTTPExchange.performStreaming(.POST, "/v1/chan/send\(CircuitClient.escape(path: path))?stream=1\(created)", to: endpoint, tls: owner.tls) { write in
-                var iterator = messages.makeAsyncIterator()
-                var frames = MessageFrameWriter()
-                while true {
-                    let next: ByteBuffer?
-                    do {
-                        next = try await iterator.next()
-                    } catch {
-                        throw StreamedMessagesFailed(error: error)
-                    }
-                    guard let message = next else { return }
-                    frames.append(message)
-                    try await write(frames.take())
-                }
-            }
-        } catch let produced as StreamedMessagesFailed {
-            throw produced.error
-        } catch let error as HTTPExchangeError where error.requestNotSent {
-            throw CircuitClientError.unreachable(endpoints: [endpoint], why: "\(error)")
-        } catch {
-            throw CircuitClientError.noAnswer(endpoint: endpoint, why: Task.isCancelled ? "cancelled" : "\(error)")
+        let created = createRevision.map { "&created=\($0)" } ?? ""
+        let answer = try await CircuitClient.streamedRequest(
+            "/v1/chan/send\(CircuitClient.escape(path: path))?stream=1\(created)", to: endpoint, tls: owner.tls, messages
+        ) { message in
+            var frames = MessageFrameWriter()
+            frames.append(message)
+            return frames.take()
         }
         if answer.status != 200 { throw CircuitClient.apiError(status: answer.status, body: answer.body) }
         do {
@@ -293,9 +277,41 @@ extension Chan {
     }
 }
 
-/// An error the sequence of messages of `send(streaming:)` threw, told apart from the connection's.
+/// An error the sequence of a streamed request threw, told apart from the connection's.
 private struct StreamedMessagesFailed: Error {
     let error: any Error
+}
+
+extension CircuitClient {
+    /// A POST to `uri` whose body is the sequence's elements, each written as its `parts` as it comes
+    /// (`HTTPExchange.performStreaming`: back-pressure, a refusal midway ends it). Errors: the sequence's own as it
+    /// threw it; a request never sent `unreachable`; any other failure `noAnswer`. The answer is the host's, any status.
+    static func streamedRequest<Elements: AsyncSequence & Sendable>(
+        _ uri: String, to endpoint: String, tls: TLSFiles?, _ elements: Elements,
+        parts: @escaping @Sendable (Elements.Element) -> [ByteBuffer]
+    ) async throws -> HTTPExchange.Answer {
+        do {
+            return try await HTTPExchange.performStreaming(.POST, uri, to: endpoint, tls: tls) { write in
+                var iterator = elements.makeAsyncIterator()
+                while true {
+                    let next: Elements.Element?
+                    do {
+                        next = try await iterator.next()
+                    } catch {
+                        throw StreamedMessagesFailed(error: error)
+                    }
+                    guard let element = next else { return }
+                    try await write(parts(element))
+                }
+            }
+        } catch let produced as StreamedMessagesFailed {
+            throw produced.error
+        } catch let error as HTTPExchangeError where error.requestNotSent {
+            throw CircuitClientError.unreachable(endpoints: [endpoint], why: "\(error)")
+        } catch {
+            throw CircuitClientError.noAnswer(endpoint: endpoint, why: Task.isCancelled ? "cancelled" : "\(error)")
+        }
+    }
 }
 
 extension SelectClauseView {

@@ -1,5 +1,6 @@
 import CircuitAPI
 import Foundation
+import NIOCore
 
 extension CircuitClient {
     /// Creates a process element at `path` (under `/X<host>`): that host starts it and reports its phases. Under
@@ -44,8 +45,35 @@ extension CircuitClient {
     @discardableResult
     public func writeStdin(_ path: String, _ bytes: [UInt8], keepOpen: Bool = false) async throws(CircuitClientError) -> StdinView {
         try await call(
-            "POST", "/v1/proc/stdin" + Self.rooted(path), query: keepOpen ? ["open": "1"] : [:], body: Data(bytes),
+            "POST", "/v1/proc/stdin" + Self.rooted(path), query: keepOpen ? ["open": "1"] : [:], bytes: bytes,
             ownConnection: true)
+    }
+
+    /// Writes each chunk of `chunks`, in order, into the process's stdin at its host (found through this client's
+    /// nodes), in one request that lasts as long as the sequence: a producer whose bytes are not all there up front
+    /// (a pipe, a file read in pieces) is written as it produces, and nothing is gathered in memory. Back-pressure
+    /// reaches the producer: the next chunk is taken while less than 8 MiB (`HTTPExchange.streamingWindow`) of those
+    /// before it are on their way, and the host writes into the pipe only as fast as the process reads. When the
+    /// sequence ends, stdin is closed unless `keepOpen`.
+    ///
+    /// A refusal (no such process, another writer, the process closed its stdin) ends the call with that error,
+    /// as a `CircuitClientError`; its sequence's task is cancelled then (one that does not heed cancellation holds the
+    /// call until its next chunk). An error the sequence throws ends the request cleanly, as if the sequence had
+    /// ended there (what came before it is written, and stdin is closed unless `keepOpen`), and is thrown as it is.
+    @discardableResult
+    public func writeStdin<Chunks: AsyncSequence & Sendable>(
+        _ path: String, streaming chunks: Chunks, keepOpen: Bool = false
+    ) async throws -> StdinView where Chunks.Element == ByteBuffer {
+        let owner = try await owner(of: path)
+        guard let endpoint = owner.endpoints.first else { throw CircuitClientError.unreachable(endpoints: [], why: "no endpoints given") }
+        let uri = "/v1/proc/stdin" + Self.escape(path: Self.rooted(path)) + (keepOpen ? "?open=1" : "")
+        let answer = try await Self.streamedRequest(uri, to: endpoint, tls: tls, chunks) { [$0] }
+        if answer.status != 200 { throw Self.apiError(status: answer.status, body: answer.body) }
+        do {
+            return try JSONDecoder().decode(StdinView.self, from: Data(answer.body))
+        } catch {
+            throw CircuitClientError.badAnswer("\(error)")
+        }
     }
 
     /// Used by the owning host: reports a process's new state.

@@ -60,11 +60,11 @@ struct StdioRoutes: RouterMiddleware {
             do {
                 // A client that hangs up ends the read at once, even while the process writes nothing.
                 try await request.body.consumeWithCancellationOnInboundClose { _ in
-                    while let chunk = await output.next() {
+                    while let chunks = await output.next() {
                         do {
-                            try await writer.write(chunk)
+                            try await writer.write(contentsOf: chunks)
                         } catch {
-                            output.unread(chunk)  // the next reader gets it
+                            output.unread(chunks)  // the next reader gets them
                             throw error
                         }
                     }
@@ -87,14 +87,24 @@ struct StdioRoutes: RouterMiddleware {
         }
         let keepOpen = request.uri.queryParameters.get("open") == "1"
         var written = 0
-        do {
-            for try await chunk in request.body {
-                try await input.write(chunk)
-                written += chunk.readableBytes
+        var body = request.body.makeAsyncIterator()
+        while true {
+            let next: ByteBuffer?
+            do {
+                next = try await body.next()
+            } catch {
+                // The client went away midway (or its body was malformed): stdin stays as it asked.
+                input.finish(keepOpen: keepOpen)
+                throw APIError.badRequest("the request's body ended early, after \(written) bytes went into the stdin of \(path): \(error)")
             }
-        } catch {
-            input.finish(keepOpen: false)
-            throw APIError(status: 409, code: "closed", message: "the process closed its stdin (\(path)) after \(written) bytes: \(error)")
+            guard let chunk = next else { break }
+            do {
+                try await input.write(chunk)
+            } catch {
+                input.finish(keepOpen: false)
+                throw APIError(status: 409, code: "closed", message: "the process closed its stdin (\(path)) after \(written) bytes: \(error)")
+            }
+            written += chunk.readableBytes
         }
         input.finish(keepOpen: keepOpen)
         return try json(StdinView(path: path, bytes: written, closed: !keepOpen))

@@ -3,6 +3,7 @@ import CircuitClient
 import CircuitNode
 import CircuitTestSupport
 import Foundation
+import NIOCore
 import Synchronization
 import Testing
 
@@ -42,6 +43,26 @@ struct StdioDaemonTests {
         let cat = try await client.wait("/\(host)/cat")
         #expect(cat.phase == "exited" && cat.exitCode == 0)
         #expect(await apiCode { try await owner.writeStdin("/\(host)/cat", [1]) } == "closed")
+
+        // A stream of writes, asked of A (the library finds the owner): each chunk reaches the process as it comes,
+        // while the sequence is still open; its end closes stdin. Refused at once when stdin is closed.
+        let streamedCat = "/\(host)/streamed"
+        _ = try await client.run(streamedCat, ProcCommandView(path: "/bin/cat"))
+        let echoed = Collected()
+        let echoReader = Task { try await owner.readOutput(streamedCat) { echoed.add($0) } }
+        let (chunks, feed) = AsyncStream.makeStream(of: ByteBuffer.self)
+        let asker = client
+        let streamed = Task { try await asker.writeStdin(streamedCat, streaming: chunks) }
+        feed.yield(ByteBuffer(string: "one "))
+        try await eventually("the first chunk echoed while the stream is open") { echoed.count == 4 }
+        feed.yield(ByteBuffer(string: "two"))
+        feed.finish()
+        let view = try await streamed.value
+        #expect(view.bytes == 7 && view.closed)
+        try await echoReader.value
+        #expect(echoed.bytes.withLock { $0 } == Array("one two".utf8))
+        #expect(try await client.wait(streamedCat).exitCode == 0)
+        #expect(await apiCode { try await client.writeStdin(streamedCat, streaming: AsyncStream<ByteBuffer> { $0.finish() }) } == "closed")
 
         // stderr apart from stdout; what was written before the end is still there after it.
         _ = try await client.run("/\(host)/err", ProcCommandView(path: "/bin/sh", args: ["-c", "echo out; echo oops >&2; exit 2"]))
@@ -98,6 +119,40 @@ struct StdioDaemonTests {
         #expect(fed.0 == 0, "\(fed)")
         let shown = try await runCircuit(["stdout", "--node", api, path])
         #expect(shown.0 == 0 && shown.1 == "SHOUT\n", "\(shown)")
+        // stdin copies as it reads: a line reaches the process while the CLI's standard input (a pipe) is open.
+        let live = "/\(host)/live"
+        _ = try await client.run(live, ProcCommandView(path: "/bin/cat"))
+        let liveOut = Collected()
+        let liveReader = Task { try await owner.readOutput(live) { liveOut.add($0) } }
+        let feeder = Pipe()
+        let (cli, errors) = try startCircuit(["stdin", "--node", api, live], input: feeder)
+        feeder.fileHandleForWriting.write(Data("first\n".utf8))
+        try await eventually("the first line through while the CLI's input is open") { liveOut.count == 6 }
+        #expect(cli.isRunning)
+        feeder.fileHandleForWriting.write(Data("second\n".utf8))
+        try feeder.fileHandleForWriting.close()
+        try await eventually("the CLI ended with its input") { !cli.isRunning }
+        #expect(cli.terminationStatus == 0, "\(errors())")
+        try await liveReader.value
+        #expect(liveOut.bytes.withLock { $0 } == Array("first\nsecond\n".utf8))
+        // Refused while its input is open and silent (another client holds the process's stdin): the CLI ends at
+        // once with the host's error, not at its input's next line.
+        let heldStdin = "/\(host)/held-stdin"
+        _ = try await client.run(heldStdin, ProcCommandView(path: "/bin/cat"))
+        let heldOut = Collected()
+        let heldReader = Task { try await owner.readOutput(heldStdin) { heldOut.add($0) } }
+        let (holdingStdin, holder) = AsyncStream.makeStream(of: ByteBuffer.self)
+        let holdingWriter = Task { try await asker.writeStdin(heldStdin, streaming: holdingStdin) }
+        holder.yield(ByteBuffer(string: "x"))
+        try await eventually("the first writer holds stdin") { heldOut.count == 1 }
+        let silent = Pipe()
+        let (refused, refusal) = try startCircuit(["stdin", "--node", api, heldStdin], input: silent)
+        try await eventually("the CLI refused while its input is open") { !refused.isRunning }
+        #expect(refused.terminationStatus != 0 && refusal().contains("being written by another client"), "\(refused.terminationStatus): \(refusal())")
+        try silent.fileHandleForWriting.close()
+        holder.finish()
+        #expect(try await holdingWriter.value.bytes == 1)
+        try await heldReader.value
         let all = try await runCircuit(["waitall", "--node", api], input: Array("\(path)\n/\(host)/cat\n".utf8))
         #expect(all.0 == 0 && all.1.split(separator: "\n").count == 2, "\(all)")
         // runall: every live host runs it; each line comes tagged with its host; the elements are removed after.
@@ -111,4 +166,19 @@ struct StdioDaemonTests {
         let bad = try await runCircuit(["mkproc", "--node", api, "/\(host)/bad"], input: Array("{not json".utf8))
         #expect(bad.0 == 2 && bad.2.contains("not valid JSON"), "\(bad)")
     }
+}
+
+/// Starts the `circuit` executable with `input` as its standard input (the caller writes and closes it); answers the
+/// process and a reader of what it wrote to standard error so far.
+private func startCircuit(_ arguments: [String], input: Pipe) throws -> (Process, () -> String) {
+    let errors = try temporaryFolder("circuit-stdin") + "/err"
+    _ = FileManager.default.createFile(atPath: errors, contents: nil)
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: try #require(circuitBinary()))
+    process.arguments = arguments
+    process.standardInput = input
+    process.standardOutput = FileHandle.nullDevice
+    process.standardError = FileHandle(forWritingAtPath: errors)
+    try process.run()
+    return (process, { (try? String(contentsOfFile: errors, encoding: .utf8)) ?? "" })
 }
