@@ -149,6 +149,8 @@ let package = Package(
         ),
         // glibc's allocator settings (mallopt): the daemon's and the client verbs' policy for large messages.
         .systemLibrary(name: "CMalloc"),
+        // The `circuit` executable's standard streams, held open from its start (a C constructor).
+        .target(name: "CStandardStreams"),
         .executableTarget(name: "circuit-fuzz", dependencies: ["CircuitFuzzing"]),
         // Helpers shared by the test targets (not a product).
         .target(name: "CircuitTestSupport"),
@@ -156,6 +158,7 @@ let package = Package(
         .executableTarget(
             name: "CircuitCLI",
             dependencies: [
+                "CStandardStreams",
                 "CircuitSecurity",
                 "CircuitFS",
                 "CircuitRaft",

@@ -1,5 +1,6 @@
 import ArgumentParser
 import CircuitAPI
+import CStandardStreams
 import CircuitClient
 import Foundation
 import NIOCore
@@ -36,6 +37,10 @@ struct Stdin: AsyncParsableCommand {
     @Argument(help: "The process: /X<host id>/name") var path: String
 
     func run() async throws {
+        // Closed, it was opened onto /dev/null at the start (CStandardStreams): say so rather than write nothing.
+        guard circuit_standard_streams_closed_at_start() & 1 == 0 else {
+            throw ValidationError("standard input is closed: give it /dev/null to close the process's stdin with nothing written")
+        }
         var client = options.client
         client.timeout = 7 * 24 * 3600
         let written = try await client.writeStdin(path, streaming: StandardInputChunks(), keepOpen: keepOpen)

@@ -228,14 +228,15 @@ struct DaemonTests {
 /// wait is on a thread of its own: a test blocking one of the cooperative pool's threads (one per core) for as long as
 /// a command runs starves every other test's awaits, and with two such tests on two cores, real daemons' clients saw
 /// nothing for 16 s.
-func runCircuit(_ arguments: [String], environment: [String: String]? = nil, input: [UInt8]? = nil) async throws -> (Int32, String, String) {
-    try await onOwnThread { try runCircuitBlocking(arguments, environment: environment, input: input) }
+/// `shell`: `arguments` are /bin/sh's instead (a test that needs the shell's redirections).
+func runCircuit(_ arguments: [String], environment: [String: String]? = nil, input: [UInt8]? = nil, shell: Bool = false) async throws -> (Int32, String, String) {
+    try await onOwnThread { try runCircuitBlocking(arguments, environment: environment, input: input, shell: shell) }
 }
 
-private func runCircuitBlocking(_ arguments: [String], environment: [String: String]?, input: [UInt8]?) throws -> (Int32, String, String) {
+private func runCircuitBlocking(_ arguments: [String], environment: [String: String]?, input: [UInt8]?, shell: Bool) throws -> (Int32, String, String) {
     let process = Process()
     guard let binary = circuitBinary() else { throw WaitTimedOut(what: "the circuit executable (not built next to the tests)") }
-    process.executableURL = URL(fileURLWithPath: binary)
+    process.executableURL = URL(fileURLWithPath: shell ? "/bin/sh" : binary)
     process.arguments = arguments
     if let environment { process.environment = environment }
     // Files, not pipes: nothing the child writes can block it.

@@ -150,6 +150,10 @@ struct StdioDaemonTests {
         try await eventually("the CLI refused while its input is open") { !refused.isRunning }
         #expect(refused.terminationStatus != 0 && refusal().contains("being written by another client"), "\(refused.terminationStatus): \(refusal())")
         try silent.fileHandleForWriting.close()
+        // With standard input closed (`<&-`), it says so and sends nothing (no descriptor it opens is read instead).
+        let binary = try #require(circuitBinary())
+        let closedInput = try await runCircuit(["-c", "exec \"$0\" stdin --node \(api) \(heldStdin) <&-", binary], shell: true)
+        #expect(closedInput.0 == 2 && closedInput.2.contains("standard input is closed"), "\(closedInput)")
         holder.finish()
         #expect(try await holdingWriter.value.bytes == 1)
         try await heldReader.value
