@@ -357,24 +357,36 @@ struct RaftDriverTests {
         defer { for d in drivers.values { d.stop() } }
         func leader() -> RaftDriver? { drivers.values.first { $0.status.role == .leader && $0.status.running } }
         func leading() async throws -> RaftDriver { try await waitForSome("a leader", leader) }
-        /// `call` on the leader; again on the next one if leadership moved between finding it and calling it (with
-        /// 10 ms ticks, an election can come at any time on a busy machine).
-        func onLeader<T>(_ call: (RaftDriver) async throws -> T) async throws -> T {
+        /// `call` on the leader; again on the next one while leadership moves under it (with 10 ms ticks, an election
+        /// can come at any time on a busy machine): refused as not the leader, or not yet ready, or the outcome
+        /// unknown. `done`, asked of the leader before each try, tells a change an earlier try made after all (a
+        /// proposal tried again may be in the log twice, which this test's checks allow).
+        func onLeader<T>(done: (RaftDriver) -> T? = { _ in nil }, _ call: (RaftDriver) async throws -> T) async throws -> T {
+            let deadline = ContinuousClock.now + .seconds(30)
             while true {
+                let leader = try await leading()
+                if let made = done(leader) { return made }
                 do {
-                    return try await call(try await leading())
-                } catch RaftDriverError.refused(.notLeader) {
-                    continue
+                    return try await call(leader)
+                } catch let error as RaftDriverError where ContinuousClock.now < deadline {
+                    switch error {
+                    case .refused(.notLeader), .refused(.leaderNotReady), .refused(.transferInProgress),
+                        .refused(.configChangeInProgress), .outcomeUnknown:
+                        try await Task.sleep(for: .milliseconds(5))  // a back-off between tries, not a wait for a state
+                    default:
+                        throw error
+                    }
                 }
             }
         }
+        func members(_ leader: RaftDriver) -> Membership { leader.status.membership }
         try await waitFor("a leader") { leader() != nil }
         for i in 0..<100 { _ = try await onLeader { try await $0.propose(Array("e\(i)".utf8)) } }
         try await waitFor("a snapshot on every node") { drivers.values.allSatisfy { $0.status.snapshotIndex > 0 } }
 
         // A fresh learner joins: the entries it needs are compacted away, so it gets the snapshot, then the tail.
         drivers[4] = try start(4, voters: [])
-        try await onLeader { try await $0.changeMembership(.addLearner(4)) }
+        try await onLeader(done: { members($0).learners.contains(4) ? () : nil }) { try await $0.changeMembership(.addLearner(4)) }
         _ = try await onLeader { try await $0.propose(Array("after".utf8)) }
         let target = (try await leading()).status.commitIndex
         try await waitFor("the learner to catch up") { drivers[4]!.status.appliedIndex >= target }
@@ -384,13 +396,13 @@ struct RaftDriverTests {
         #expect(machines[4]!.applied.count >= 101)
 
         // Promote it, remove node 3, move leadership to it.
-        try await onLeader { try await $0.changeMembership(.promote(4)) }
-        try await onLeader { try await $0.changeMembership(.remove(3)) }
+        try await onLeader(done: { members($0).voters.contains(4) ? () : nil }) { try await $0.changeMembership(.promote(4)) }
+        try await onLeader(done: { members($0).voters.contains(3) ? nil : () }) { try await $0.changeMembership(.remove(3)) }
         #expect((try await leading()).status.membership == Membership(voters: [1, 2, 4]))
-        let to = try await onLeader { try await $0.transferLeadership(to: 4) }
+        let to = try await onLeader(done: { $0.id == 4 ? 4 : nil }) { try await $0.transferLeadership(to: 4) }
         #expect(to == 4)
         try await waitFor("node 4 to lead") { drivers[4]!.status.role == .leader }
-        _ = try await drivers[4]!.propose(Array("led by 4".utf8))
+        _ = try await onLeader { try await $0.propose(Array("led by 4".utf8)) }
 
         // Restart node 1 from its snapshot plus log tail: its state machine comes back whole.
         drivers[1]!.stop()
