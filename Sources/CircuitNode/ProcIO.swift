@@ -157,9 +157,7 @@ final class ProcOutput: Sendable {
     func release() {
         let waiter = state.withLock { s in
             s.busy = false
-            for i in s.chunks.indices where Self.wasteful(s.chunks[i]) {
-                s.chunks[i] = ByteBuffer(bytes: s.chunks[i].readableBytesView)
-            }
+            for i in s.chunks.indices { s.chunks[i] = Self.compact(s.chunks[i]) }
             defer { s.waiter = nil }
             return s.waiter
         }
@@ -173,9 +171,12 @@ final class ProcOutput: Sendable {
     /// A chunk whose buffer is more than twice its size.
     static func wasteful(_ chunk: ByteBuffer) -> Bool { chunk.capacity > 2 * chunk.readableBytes }
 
+    /// The chunk in a buffer of its own size if its buffer is wasteful, else as it is.
+    static func compact(_ chunk: ByteBuffer) -> ByteBuffer { wasteful(chunk) ? ByteBuffer(bytes: chunk.readableBytesView) : chunk }
+
     /// The next bytes: the chunks there are, in order, up to `bytes` in all (at least one chunk, however large),
     /// waiting for the first; nil once the process has closed the stream (or its element is gone) and all was read.
-    func next(upTo bytes: Int = 1 << 20) async -> [ByteBuffer]? {
+    func next(upTo bytes: Int = largestRead) async -> [ByteBuffer]? {
         while true {
             enum Step { case chunks([ByteBuffer], resume: Bool), end, wait }
             let step: Step = state.withLock { s in
@@ -236,7 +237,7 @@ final class ProcOutput: Sendable {
     /// they come, so theirs are passed on as read, not copied.
     fileprivate func append(_ buffer: ByteBuffer) -> Bool {
         let (waiter, more): (CheckedContinuation<Void, Never>?, Bool) = state.withLock { s in
-            s.chunks.append(!s.busy && Self.wasteful(buffer) ? ByteBuffer(bytes: buffer.readableBytesView) : buffer)
+            s.chunks.append(s.busy ? buffer : Self.compact(buffer))
             s.bytes += buffer.readableBytes
             let more = s.bytes < Self.limit
             if !more { s.paused = true }

@@ -23,6 +23,12 @@ private func makePipe() throws -> (read: CInt, write: CInt) {
     return (pair[0], pair[1])
 }
 
+/// A `ProcOutput` on a new pipe (budget unlimited) and the pipe's write end, which the test holds as a child would.
+private func makeOutput() throws -> (output: ProcOutput, writeEnd: CInt) {
+    let (readEnd, writeEnd) = try makePipe()
+    return (ProcOutput(fd: readEnd, budget: PipeBudget(limit: .max)), writeEnd)
+}
+
 /// A process's output and input streams on the host, over real pipes whose other ends the test holds (as a child
 /// would).
 @Suite("ProcOutput and ProcInput: a process's streams as its host holds them")
@@ -64,8 +70,7 @@ struct ProcOutputTests {
 
     @Test("a reader makes the pipe larger while it holds the stream; the pipe goes back to its size when it leaves")
     func pipeGrowsWhileRead() async throws {
-        let (readEnd, writeEnd) = try makePipe()
-        let output = ProcOutput(fd: readEnd, budget: PipeBudget(limit: .max))
+        let (output, writeEnd) = try makeOutput()
         defer { close(writeEnd); output.close() }
         let original = pipeBytes(writeEnd)
         #expect(output.acquire())
@@ -77,8 +82,7 @@ struct ProcOutputTests {
 
     @Test("a MiB comes in large reads, in order; chunks held while nobody reads are copies, not reads' large buffers")
     func largeReadsAndCompactChunks() async throws {
-        let (readEnd, writeEnd) = try makePipe()
-        let output = ProcOutput(fd: readEnd, budget: PipeBudget(limit: .max))
+        let (output, writeEnd) = try makeOutput()
         defer { close(writeEnd); output.close() }
         #expect(output.acquire())
         try await eventually("the pipe is larger") { pipeBytes(writeEnd) == PipeSizer.large }
@@ -112,8 +116,7 @@ struct ProcOutputTests {
 
     @Test("chunks a reader could not pass on are read again first, in their order")
     func unreadKeepsOrder() async throws {
-        let (readEnd, writeEnd) = try makePipe()
-        let output = ProcOutput(fd: readEnd, budget: PipeBudget(limit: .max))
+        let (output, writeEnd) = try makeOutput()
         defer { close(writeEnd); output.close() }
         #expect(output.acquire())
         try write(Array("tail".utf8), to: writeEnd)
@@ -125,8 +128,7 @@ struct ProcOutputTests {
 
     @Test("the stream ends once the writer closes and all was read")
     func endsWithTheWriter() async throws {
-        let (readEnd, writeEnd) = try makePipe()
-        let output = ProcOutput(fd: readEnd, budget: PipeBudget(limit: .max))
+        let (output, writeEnd) = try makeOutput()
         defer { output.close() }
         #expect(output.acquire())
         try write(Array("last words".utf8), to: writeEnd)
