@@ -223,7 +223,12 @@ struct RaftDriverTests {
     func confirmedReadBound(_ mode: LoopMode) async throws {
         let dir = try temporaryFolder()
         let transport = LocalTransport()
-        let drivers = try makeCluster(dir, ids: [1, 2, 3], transport: transport, mode: mode, configure: { _, options, _ in options.readApplyLimit = .milliseconds(300) })
+        // Ticks of 100 ms (elections after 1 to 2 s of silence): the bound is what fails the read, and a busy machine
+        // delaying heartbeats for 100 ms or more must not start an election that ends it first (seen with 10 ms ticks
+        // in a full run of the suite: the follower, a pre-candidate, answered that no leader is known).
+        let drivers = try makeCluster(
+            dir, ids: [1, 2, 3], transport: transport, tick: .milliseconds(100), mode: mode,
+            configure: { _, options, _ in options.readApplyLimit = .milliseconds(300) })
         defer { for d in drivers.values { d.stop() } }
         try await waitFor("a leader", timeout: .seconds(20)) { drivers.values.contains { $0.status.role == .leader } }
         let leader = try #require(drivers.values.first { $0.status.role == .leader })
