@@ -39,11 +39,11 @@ final class PipeSizer: Sendable {
         channel.whenSuccess { [self] channel in channel.closeFuture.whenComplete { _ in self.closed() } }
     }
 
-    /// A client starts (true) or stops (false) streaming through the pipe. The pipe follows on its event loop, with
-    /// the latest of these however they were queued.
+    /// A client starts (true) or stops (false) streaming through the pipe. The pipe follows on its event loop (where
+    /// a future's callbacks run), with the latest of these however they were queued.
     func streaming(_ wanted: Bool) {
         state.withLock { $0.wanted = wanted }
-        channel.whenSuccess { [self] channel in channel.eventLoop.execute { self.apply(channel) } }
+        channel.whenSuccess { [self] channel in apply(channel) }
     }
 
     private func apply(_ channel: any Channel) {
