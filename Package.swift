@@ -208,6 +208,7 @@ let package = Package(
             name: "NodeTests",
             dependencies: [
                 "CircuitFS",
+                .product(name: "Hummingbird", package: "hummingbird"),
                 "CircuitFuzzing",
                 "CircuitSecurity",
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),

@@ -29,6 +29,20 @@ public struct ErrorEnvelope: Codable, Sendable, Equatable {
     public init(_ e: APIError) { error = Body(code: e.code, message: e.message) }
 }
 
+/// The end of a stream that failed after its answer's status (200) went out, written inside its body (for a stream of
+/// receives, after `MessageFrameReader.failureMark`): `{"status": 410, "error": {"code": ..., "message": ...}}`.
+public struct StreamFailure: Codable, Sendable, Equatable {
+    public var status: Int
+    public var error: ErrorEnvelope.Body
+
+    public init(_ e: APIError) {
+        status = e.statusCode
+        error = ErrorEnvelope.Body(code: e.code, message: e.message)
+    }
+
+    public var apiError: APIError { APIError(status: status, code: error.code, message: error.message) }
+}
+
 /// A record as the API shows it.
 public struct RecordView: Codable, Sendable, Equatable {
     public var path: String

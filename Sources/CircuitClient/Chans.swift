@@ -220,7 +220,8 @@ extension Chan {
     }
 
     /// Receives up to `count` messages in one request, each handed to `each` as it comes; fewer if the channel is
-    /// closed and empty first. Answers how many.
+    /// closed and empty first. Answers how many. Throws if the channel is removed (or its host leaves) meanwhile,
+    /// after handing over what came before.
     @discardableResult
     public func receive(upTo count: Int, each: ([UInt8]) async throws -> Void) async throws(CircuitClientError) -> Int {
         // Each message's bytes are copied once, from the buffers NIO read into the array handed over.
@@ -238,7 +239,7 @@ extension Chan {
     public func receive(upTo count: Int, pieces each: ([ByteBuffer]) async throws -> Void) async throws(CircuitClientError) -> Int {
         // Through a node that does not own the channel: its 307 is followed (nothing is received before it).
         guard let endpoint = owner.endpoints.first else { throw .unreachable(endpoints: [], why: "no endpoints given") }
-        var frames = MessageFrameReader()
+        var frames = MessageFrameReader(failures: true)
         var received = 0
         let answer: (status: Int, errorBody: [UInt8])
         do {
@@ -250,6 +251,11 @@ extension Chan {
                     received += 1
                 }
             }
+        } catch let failed as MessageFrameReader.Failed {
+            guard let failure = try? JSONDecoder().decode(StreamFailure.self, from: Data(failed.failure.readableBytesView)) else {
+                throw .badAnswer("the stream of receives failed, and its failure is not JSON: \(String(buffer: failed.failure))")
+            }
+            throw .api(failure.apiError)
         } catch {
             throw .unreachable(endpoints: [endpoint], why: "\(error)")
         }

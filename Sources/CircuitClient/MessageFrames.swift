@@ -1,3 +1,5 @@
+import CircuitAPI
+import Foundation
 import NIOCore
 
 /// Reads the framing of a stream of channel messages (a streamed send's body, a streamed receive's answer): each
@@ -11,7 +13,22 @@ public struct MessageFrameReader: Sendable {
         public var limit: Int
     }
 
+    /// In a stream of receives, the length that says the stream failed midway: one frame follows it, the failure as
+    /// JSON (`StreamFailure`: `{"status": 410, "error": {"code": ..., "message": ...}}`), and then the body ends.
+    public static let failureMark = UInt32.max
+    /// The largest failure frame a reader takes.
+    public static let largestFailure = 64 << 10
+
+    /// The stream failed midway: the frame that followed `failureMark`.
+    public struct Failed: Error, Sendable {
+        public var failure: ByteBuffer
+    }
+
     public let limit: Int
+    /// Whether `failureMark` is read as a failure (a stream of receives) rather than as a length.
+    private let failures: Bool
+    /// The frame being read is the failure.
+    private var failing = false
     /// Bytes of a length split across chunks.
     private var header = ByteBuffer()
     /// The message being read: its pieces so far and how many bytes are still to come.
@@ -19,8 +36,10 @@ public struct MessageFrameReader: Sendable {
     private var missing = 0
 
     /// `limit`: the largest message accepted (a longer length is refused before its bytes are waited for).
-    public init(limit: Int = Int(UInt32.max)) {
+    /// `failures`: a stream of receives, which may end with `failureMark` and a failure (thrown as `Failed`).
+    public init(limit: Int = Int(UInt32.max), failures: Bool = false) {
         self.limit = limit
+        self.failures = failures
     }
 
     /// Bytes of a message (or of its length) begun and not yet whole: 0 at a boundary between messages.
@@ -29,8 +48,9 @@ public struct MessageFrameReader: Sendable {
     }
 
     /// The next message `chunk` completes, read out of it: its pieces in order. Nil once `chunk` is used up
-    /// without completing one (what it held is kept for the next chunk).
-    public mutating func next(_ chunk: inout ByteBuffer) throws(TooLarge) -> [ByteBuffer]? {
+    /// without completing one (what it held is kept for the next chunk). Throws `TooLarge`, or `Failed` once a
+    /// stream of receives (`failures`) has read its failure.
+    public mutating func next(_ chunk: inout ByteBuffer) throws -> [ByteBuffer]? {
         while chunk.readableBytes > 0 {
             if missing > 0 {
                 let n = min(missing, chunk.readableBytes)
@@ -38,7 +58,7 @@ public struct MessageFrameReader: Sendable {
                 missing -= n
                 guard missing == 0 else { return nil }
                 defer { pieces = [] }
-                return pieces
+                return try message(pieces)
             }
             let length: Int
             if header.readableBytes == 0, let whole = chunk.readInteger(as: UInt32.self) {
@@ -50,11 +70,24 @@ public struct MessageFrameReader: Sendable {
                 header.clear()
                 length = Int(whole)
             }
+            if failures, !failing, length == Int(Self.failureMark) {
+                failing = true
+                continue
+            }
+            let limit = failing ? Self.largestFailure : limit
             guard length <= limit else { throw TooLarge(length: length, limit: limit) }
-            if length <= chunk.readableBytes { return [chunk.readSlice(length: length)!] }
+            if length <= chunk.readableBytes { return try message([chunk.readSlice(length: length)!]) }
             missing = length
         }
         return nil
+    }
+
+    /// A whole frame: a message, or the failure.
+    private func message(_ pieces: [ByteBuffer]) throws(Failed) -> [ByteBuffer] {
+        guard failing else { return pieces }
+        var failure = ByteBuffer()
+        for piece in pieces { failure.writeImmutableBuffer(piece) }
+        throw Failed(failure: failure)
     }
 }
 
@@ -88,6 +121,14 @@ public struct MessageFrameWriter: Sendable {
     /// Appends a message held in one buffer.
     public mutating func append(_ message: ByteBuffer) {
         append(length: message.readableBytes) { $0(message) }
+    }
+
+    /// Appends the end of a stream of receives that failed: `failureMark`, then the failure as a frame. Nothing
+    /// may follow it.
+    public mutating func appendFailure(_ failure: StreamFailure) {
+        frames.writeInteger(MessageFrameReader.failureMark)
+        // Encoding a struct of an integer and two strings cannot fail.
+        append(ByteBuffer(bytes: (try? JSONEncoder().encode(failure)) ?? Data()))
     }
 
     /// What to write, in order; the writer is empty after.

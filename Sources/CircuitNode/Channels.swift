@@ -522,6 +522,9 @@ struct ChannelRoutes: RouterMiddleware {
             guard let count = request.uri.queryParameters.get("stream").flatMap({ Int($0) }), (1...1_000_000).contains(count) else {
                 throw APIError.badRequest("stream is the number of messages to receive, 1 to 1,000,000")
             }
+            // What fails at once (no such channel, another kind, another channel at the path) is answered as an
+            // error; what fails after the stream began ends it with a failure frame.
+            _ = try await channels.stat(path, created: created)
             return receiveStream(request, from: path, count: count, created: created)
         case "send":
             return try await OwnerRouting.whileConnected(request, if: wait) { body in
@@ -574,7 +577,8 @@ struct ChannelRoutes: RouterMiddleware {
     }
 
     /// A stream of receives: up to `count` messages, each framed as in a stream of sends, written as they come (those
-    /// already there together); it ends early when the channel is closed and empty. A client that hangs up ends it.
+    /// already there together); it ends early when the channel is closed and empty, and with a failure frame
+    /// (`MessageFrameWriter.appendFailure`) when a receive fails otherwise. A client that hangs up ends it.
     private func receiveStream(_ request: Request, from path: String, count: Int, created: UInt64?) -> Response {
         let body = ResponseBody { writer in
             do {
@@ -592,10 +596,13 @@ struct ChannelRoutes: RouterMiddleware {
                         var wait = true
                         while received < count, frames.bytes < 1 << 20 {
                             let message: ChanMessage
-                            do {
+                            do throws(APIError) {
                                 message = try await channels.receive(path, wait: wait, created: created)
                             } catch {
-                                if (error as? APIError)?.code == "would_block" { break }
+                                if error.code == "would_block" { break }
+                                // Closed and empty: the stream's end, with fewer messages. Anything else (the
+                                // channel removed, or its host leaving) is the stream's failure.
+                                if error.code != "closed" { frames.appendFailure(StreamFailure(error)) }
                                 try await flush()
                                 break receiving
                             }

@@ -91,7 +91,7 @@ struct ClientLimits: RouterMiddleware {
                 status: 429, code: code,
                 message: "\(caller.name) already has \(limit) \(what) on this node, the most one client may have: close one first")
         }
-        let ticket = Ticket(counts: counts, client: caller.name, watch: watch)
+        let ticket = ReleaseOnce { [counts, name = caller.name] in counts.mutex.withLock { $0.release(name, watch: watch) } }
         let response: Response
         do {
             response = try await next(request, context)
@@ -113,26 +113,5 @@ struct ClientLimits: RouterMiddleware {
             try await body.write(writer)
         }
         return streamed
-    }
-
-    /// One admitted request, counted out once.
-    private final class Ticket: Sendable {
-        let counts: Counts
-        let client: String
-        let watch: Bool
-        let released = Atomic(false)
-
-        init(counts: Counts, client: String, watch: Bool) {
-            self.counts = counts
-            self.client = client
-            self.watch = watch
-        }
-
-        func release() {
-            guard !released.exchange(true, ordering: .relaxed) else { return }
-            counts.mutex.withLock { $0.release(client, watch: watch) }
-        }
-
-        deinit { release() }
     }
 }

@@ -72,10 +72,39 @@ final class ProcInput: Sendable {
         sizer.streaming(true)
     }
 
-    /// Writes `bytes`; returns once they are in the pipe.
-    func write(_ bytes: ByteBuffer) async throws {
+    /// The client writing went away while its bytes waited for the pipe.
+    struct WriterGone: Error {}
+
+    /// How often a write waiting for the pipe looks whether its client is still connected.
+    static let clientCheck: TimeAmount = .seconds(1)
+
+    /// Writes `bytes`; returns once they are in the pipe. If the writing client's connection (`client`) closes first
+    /// (it went away while the process reads nothing), throws `WriterGone` within `clientCheck`; the bytes stay
+    /// queued for the pipe. The connection is looked at only while a write waits, by a timer of that write's: a
+    /// callback on its close would stay until it closes, one more for every write of a long stream.
+    func write(_ bytes: ByteBuffer, unlessGone client: (any Channel)? = nil) async throws {
         let channel = try await channel.get()
-        try await channel.writeAndFlush(bytes).get()
+        let written: EventLoopFuture<Void> = channel.writeAndFlush(bytes)
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
+            let once = Mutex<CheckedContinuation<Void, any Error>?>(c)
+            @Sendable func answer(_ result: Result<Void, any Error>) {
+                once.withLock { c in
+                    defer { c = nil }
+                    return c
+                }?.resume(with: result)
+            }
+            let check = client.map { client in
+                client.eventLoop.scheduleRepeatedTask(initialDelay: Self.clientCheck, delay: Self.clientCheck) { task in
+                    guard !client.isActive else { return }
+                    task.cancel()
+                    answer(.failure(WriterGone()))
+                }
+            }
+            written.whenComplete { result in
+                check?.cancel()
+                answer(result)
+            }
+        }
     }
 
     func finish(keepOpen: Bool) {

@@ -132,6 +132,12 @@ final class ProcRunner: Sendable {
                 (pid, io) = try Self.spawnWithPipes(command)
             } catch {
                 logger.warning("could not start a process", metadata: ["path": "\(path)", "program": "\(command.path)", "error": "\(error)"])
+                // Readers waiting for its streams hear at once that there are none (`not_running`).
+                let waiters = streams.withLock { s in
+                    defer { s.waiters[path] = nil }
+                    return s.waiters[path] ?? []
+                }
+                for w in waiters { w.continuation.resume() }
                 report(path, ProcStateView(phase: "exited", exitCode: 127, startedAt: startedAt, endedAt: startedAt, attempts: attempt, createRevision: createRevision))
                 return nil
             }

@@ -12,9 +12,11 @@ struct SelectRun: Sendable {
     private(set) var abandoned = false
 
     /// Whether clause `outcome.clause` fires: true for the first, and again for that clause if its channel asks
-    /// again (its first answer was lost); never after the wait was abandoned.
+    /// again (its first answer was lost); never after the wait was abandoned. A clause decided as failed (its offer
+    /// was refused, or its answer never came back) never fires afterwards: its client was told it failed, so a late
+    /// match of an offer that did reach its channel must be refused and undone there, or a message would be lost.
     mutating func propose(_ outcome: SelectOutcomeView) -> Bool {
-        if let decided { return decided == outcome.clause }
+        if let decided { return decided == outcome.clause && self.outcome?.error == nil }
         guard !abandoned else { return false }
         decided = outcome.clause
         self.outcome = outcome
@@ -147,8 +149,9 @@ final class Selects: Sendable {
             }
             waiter?.resume(returning: nil)
         }
-        // The other channel clauses' offers leave their channels (an offer left behind is refused when it asks).
-        for (i, c) in clauses.enumerated() where (c.op == "recv" || c.op == "send") && i != outcome?.clause {
+        // The other channel clauses' offers leave their channels (an offer left behind is refused when it asks),
+        // and so does the chosen clause's when it failed: its offer may have reached its channel all the same.
+        for (i, c) in clauses.enumerated() where (c.op == "recv" || c.op == "send") && (i != outcome?.clause || outcome?.error != nil) {
             let chan = c.chan!
             Task { await withdraw(chan, run: run) }
         }

@@ -34,8 +34,9 @@ struct StdioRoutes: RouterMiddleware {
         }
         if owner != runtime.hostID { return try await OwnerRouting.redirect(request, owner: owner, path: path, ownerAddress: ownerAddress) }
         let io = try await streams(path)
-        if stream == "stdin" { return try await write(request, to: io.stdin, path: path) }
-        return try read(request, io.output(stream)!, path: path, stream: stream)
+        if stream == "stdin" { return try await write(request, to: io.stdin, path: path, connection: context.channel) }
+        let body = try Self.reading(io.output(stream)!, until: request.body, path: path, stream: stream)
+        return Response(status: .ok, headers: [.contentType: "application/octet-stream", .connection: "close"], body: body)
     }
 
     /// The process's streams on this host; waits a little for a pending one to start.
@@ -51,15 +52,20 @@ struct StdioRoutes: RouterMiddleware {
         return io
     }
 
-    private func read(_ request: Request, _ output: ProcOutput, path: String, stream: String) throws -> Response {
+    /// The body of a read of `output`: holds it from now until the body ends or is dropped unwritten. `inbound`: the
+    /// request's body, whose end (the client hung up) ends the read.
+    static func reading(_ output: ProcOutput, until inbound: RequestBody, path: String, stream: String) throws(APIError) -> ResponseBody {
         guard output.acquire() else {
             throw APIError(status: 409, code: "busy", message: "the \(stream) of \(path) is being read by another client: one reader at a time")
         }
-        let body = ResponseBody { writer in
-            defer { output.release() }
+        // Given back when the body ends, or when it is dropped unwritten (the client went away before the head
+        // went out): else the stream would stay busy for every later reader.
+        let hold = ReleaseOnce { output.release() }
+        return ResponseBody { writer in
+            defer { hold.release() }
             do {
                 // A client that hangs up ends the read at once, even while the process writes nothing.
-                try await request.body.consumeWithCancellationOnInboundClose { _ in
+                try await inbound.consumeWithCancellationOnInboundClose { _ in
                     while let chunks = await output.next() {
                         do {
                             try await writer.write(contentsOf: chunks)
@@ -74,10 +80,9 @@ struct StdioRoutes: RouterMiddleware {
             }
             try await writer.finish(nil)
         }
-        return Response(status: .ok, headers: [.contentType: "application/octet-stream", .connection: "close"], body: body)
     }
 
-    private func write(_ request: Request, to input: ProcInput, path: String) async throws -> Response {
+    private func write(_ request: Request, to input: ProcInput, path: String, connection: any Channel) async throws -> Response {
         do {
             try input.acquire()
         } catch .busy {
@@ -99,7 +104,12 @@ struct StdioRoutes: RouterMiddleware {
             }
             guard let chunk = next else { break }
             do {
-                try await input.write(chunk)
+                // A client that hangs up while the process reads nothing (its pipe full) gives stdin back within a
+                // second, as it asked (open or closed), instead of holding it until the process reads.
+                try await input.write(chunk, unlessGone: connection)
+            } catch is ProcInput.WriterGone {
+                input.finish(keepOpen: keepOpen)
+                throw APIError.badRequest("the client went away after \(written) bytes went into the stdin of \(path)")
             } catch {
                 input.finish(keepOpen: false)
                 throw APIError(status: 409, code: "closed", message: "the process closed its stdin (\(path)) after \(written) bytes: \(error)")

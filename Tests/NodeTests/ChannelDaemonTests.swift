@@ -105,6 +105,18 @@ struct ChannelDaemonTests {
         try await eventually("a receiver waiting") { (try? await direct.stat())?.waitingReceivers == 1 }
         _ = try await client.remove(element: r)
         #expect(await apiCode { _ = try await waiting.value } == "gone")
+        // So does a streamed receive, after what came before; one of a channel that does not exist fails at once.
+        #expect(await apiCode { _ = try await Chan(path: "/\(owner)/none", through: client).receive(upTo: 3) { (_: [UInt8]) in } } == "not_found")
+        let s = "/\(owner)/streamed"
+        try await client.makeChannel(s, capacity: 4)
+        let streamed = try await client.channel(s)
+        try await streamed.send([1])
+        let streamedGot = Collected()
+        let streamedWaiting = Task { try await streamed.receive(upTo: 3) { streamedGot.add($0) } }
+        try await eventually("the streamed receiver waiting for its second") { (try? await streamed.stat())?.waitingReceivers == 1 }
+        _ = try await client.remove(element: s)
+        #expect(await apiCode { _ = try await streamedWaiting.value } == "gone", "not a clean end with fewer messages")
+        #expect(streamedGot.all == [[1]])
 
         // Pipelined: 2,000 messages in two requests, taken by one streaming receive through a capacity-16 channel,
         // in order; a stream that ends inside a message is refused, naming why.

@@ -1,3 +1,5 @@
+import CircuitAPI
+import Foundation
 import NIOCore
 import Testing
 
@@ -77,6 +79,55 @@ struct MessageFrameTests {
         length.writeInteger(UInt32(70_000))
         var reader = MessageFrameReader(limit: 65_536)
         #expect(throws: MessageFrameReader.TooLarge(length: 70_000, limit: 65_536)) { _ = try reader.next(&length) }
+    }
+}
+
+@Suite("A stream of receives that fails midway: its failure frame, written and read")
+struct MessageFrameFailureTests {
+    static let failure = StreamFailure(APIError(status: 410, code: "gone", message: "/X1/c was removed"))
+
+    /// Two messages, then the failure: as the writer writes it, in one stream of bytes.
+    static var stream: [UInt8] {
+        var writer = MessageFrameWriter()
+        writer.append(ByteBuffer(bytes: [1, 2, 3]))
+        writer.append(ByteBuffer(bytes: [UInt8](repeating: 9, count: 70_000)))
+        writer.appendFailure(failure)
+        return writer.take().flatMap { Array(buffer: $0) }
+    }
+
+    @Test("a reader of receives hands over the messages before the failure, then throws the failure, wherever the chunks are cut")
+    func read() throws {
+        let stream = Self.stream
+        for cut in Array(0...12) + Array(stream.count - 80..<stream.count) {
+            var reader = MessageFrameReader(failures: true)
+            var messages: [[UInt8]] = []
+            var failed: ByteBuffer?
+            do {
+                for part in [stream[..<cut], stream[cut...]] {
+                    var chunk = ByteBuffer(bytes: part)
+                    while let message = try reader.next(&chunk) { messages.append(message.flatMap { Array(buffer: $0) }) }
+                }
+            } catch let error as MessageFrameReader.Failed {
+                failed = error.failure
+            }
+            #expect(messages == [[1, 2, 3], [UInt8](repeating: 9, count: 70_000)], "cut at \(cut)")
+            let failure = try #require(failed, "cut at \(cut): the failure is thrown")
+            #expect(try JSONDecoder().decode(StreamFailure.self, from: Data(failure.readableBytesView)) == Self.failure)
+            #expect(Self.failure.apiError == APIError(status: 410, code: "gone", message: "/X1/c was removed"))
+        }
+    }
+
+    @Test("a reader of sends takes the mark as a length, refused by its limit; a failure frame larger than 64 KiB is refused")
+    func notAFailure() throws {
+        var mark = ByteBuffer()
+        mark.writeInteger(MessageFrameReader.failureMark)
+        var sends = MessageFrameReader(limit: 1 << 20)
+        var chunk = mark
+        #expect(throws: MessageFrameReader.TooLarge(length: Int(UInt32.max), limit: 1 << 20)) { _ = try sends.next(&chunk) }
+        var receives = MessageFrameReader(failures: true)
+        chunk = mark
+        chunk.writeInteger(UInt32(70_000))
+        #expect(throws: MessageFrameReader.TooLarge(length: 70_000, limit: MessageFrameReader.largestFailure)) { _ = try receives.next(&chunk) }
     }
 }
 

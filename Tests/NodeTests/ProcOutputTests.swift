@@ -1,7 +1,10 @@
+import CircuitAPI
 import CircuitTestSupport
 import Foundation
+import Hummingbird
 import NIOCore
 import NIOPosix
+import Synchronization
 import Testing
 @testable import CircuitNode
 
@@ -68,6 +71,37 @@ struct ProcOutputTests {
         #expect(String(decoding: read, as: UTF8.self) == "hello, world", "both writes, then the end of the stream")
     }
 
+    @Test("a write waiting for a full pipe ends when its client's connection closes; the bytes stay queued, ahead of the next writer's")
+    func writerGoneWhileThePipeIsFull() async throws {
+        let (readEnd, writeEnd) = try makePipe()
+        defer { close(readEnd) }
+        let input = ProcInput(fd: writeEnd, budget: PipeBudget(limit: .max))
+        try input.acquire()
+        // The client's connection: any channel will do (a pipe's, here), open, then closed.
+        let client = try await PipeSizerTests.channel()
+        defer { close(client.writeEnd) }
+        // Twice the pipe: nobody reads, so the write cannot end by itself.
+        let flood = ByteBuffer(repeating: 1, count: 2 * PipeSizer.large)
+        let blocked = Task { try await input.write(flood, unlessGone: client.channel) }
+        try await client.channel.close()
+        await #expect(throws: ProcInput.WriterGone.self) { try await blocked.value }
+        input.finish(keepOpen: true)
+        try input.acquire()
+        let next = Task { try await input.write(ByteBuffer(string: "after")) }
+        // Drained by a reader, the pipe gives the flood, then the next writer's bytes.
+        var read: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 1 << 16)
+        while read.count < flood.readableBytes + 5,
+            case let n = buffer.withUnsafeMutableBytes({ Glibc.read(readEnd, $0.baseAddress, $0.count) }), n > 0
+        {
+            read += buffer[..<n]
+        }
+        try await next.value
+        input.finish(keepOpen: false)
+        #expect(read.count == flood.readableBytes + 5)
+        #expect(read.prefix(flood.readableBytes).allSatisfy { $0 == 1 } && String(decoding: read.suffix(5), as: UTF8.self) == "after")
+    }
+
     @Test("a reader makes the pipe larger while it holds the stream; the pipe goes back to its size when it leaves")
     func pipeGrowsWhileRead() async throws {
         let (output, writeEnd) = try makeOutput()
@@ -123,6 +157,19 @@ struct ProcOutputTests {
         let tail = await Self.read(output, count: 4)
         output.unread([ByteBuffer(string: "one "), ByteBuffer(string: "two ")] + tail)
         #expect(Self.text(await Self.read(output, count: 12)) == "one two tail")
+        output.release()
+    }
+
+    @Test("a read's answer holds the stream until its body ends, and gives it back if the body is dropped unwritten (the client went away before the head went out)")
+    func droppedBodyGivesTheStreamBack() async throws {
+        let (output, writeEnd) = try makeOutput()
+        defer { close(writeEnd); output.close() }
+        var body: ResponseBody? = try StdioRoutes.reading(output, until: RequestBody(buffer: ByteBuffer()), path: "/X1/p", stream: "stdout")
+        #expect(body != nil)
+        #expect(!output.acquire(), "held by the answer not yet written")
+        #expect(throws: APIError.self) { try StdioRoutes.reading(output, until: RequestBody(buffer: ByteBuffer()), path: "/X1/p", stream: "stdout") }
+        body = nil
+        #expect(output.acquire(), "the dropped answer gave it back")
         output.release()
     }
 

@@ -64,6 +64,24 @@ struct StdioDaemonTests {
         #expect(try await client.wait(streamedCat).exitCode == 0)
         #expect(await apiCode { try await client.writeStdin(streamedCat, streaming: AsyncStream<ByteBuffer> { $0.finish() }) } == "closed")
 
+        // A writer that goes away while the process reads nothing (its pipe full, the host waiting to write more)
+        // gives stdin back within a second, left open as it asked: the next writer is not refused as busy.
+        let deaf = "/\(host)/deaf"
+        _ = try await client.run(deaf, ProcCommandView(path: "/bin/sleep", args: ["60"]))
+        let (flood, flooding) = AsyncStream.makeStream(of: ByteBuffer.self)
+        let blocked = Task { try await asker.writeStdin(deaf, streaming: flood, keepOpen: true) }
+        for _ in 0..<4 { flooding.yield(ByteBuffer(repeating: 7, count: 1 << 20)) }
+        try await eventually("the first writer holds stdin") {
+            await apiCode { try await owner.writeStdin(deaf, [], keepOpen: true) } == "busy"
+        }
+        blocked.cancel()
+        _ = try? await blocked.value
+        try await eventually("stdin given back once its writer went away") {
+            (try? await owner.writeStdin(deaf, [], keepOpen: false))?.closed == true
+        }
+        flooding.finish()
+        _ = try await client.remove(element: deaf)
+
         // stderr apart from stdout; what was written before the end is still there after it.
         _ = try await client.run("/\(host)/err", ProcCommandView(path: "/bin/sh", args: ["-c", "echo out; echo oops >&2; exit 2"]))
         let failed = try await client.wait("/\(host)/err")
