@@ -126,7 +126,8 @@ final class Channels: Sendable {
         let outcome = await perform(path) { _, core, waiter in core.receive(waiter, wait: wait) }
         switch outcome {
         case .received(let message): return message
-        case .sent, .cancelled: throw APIError(status: 500, code: "internal", message: "a receive was answered as a send")
+        case .cancelled: throw APIError(status: 499, code: "cancelled", message: "the receive's client went away")
+        case .sent: throw APIError(status: 500, code: "internal", message: "a receive was answered as a send")
         case .failed(let f): throw Self.error(f, path, sending: false)
         }
     }
@@ -600,9 +601,10 @@ struct ChannelRoutes: RouterMiddleware {
                                 message = try await channels.receive(path, wait: wait, created: created)
                             } catch {
                                 if error.code == "would_block" { break }
-                                // Closed and empty: the stream's end, with fewer messages. Anything else (the
-                                // channel removed, or its host leaving) is the stream's failure.
-                                if error.code != "closed" { frames.appendFailure(StreamFailure(error)) }
+                                // Closed and empty: the stream's end, with fewer messages. Cancelled: the client
+                                // hung up, or this node is stopping. Anything else (the channel removed, or its host
+                                // leaving) is the stream's failure.
+                                if error.code != "closed", error.code != "cancelled" { frames.appendFailure(StreamFailure(error)) }
                                 try await flush()
                                 break receiving
                             }

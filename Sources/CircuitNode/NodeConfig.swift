@@ -47,6 +47,8 @@ public struct NodeConfig: Codable, Sendable, Equatable {
     public var scrubGraceMillis: Int64 = 2000
     /// The largest channel message, in bytes.
     public var maxMessageBytes: Int = 1 << 20
+    /// The most `max-message-bytes` may be: messages are held whole in memory, and framed with 4-byte lengths.
+    public static let largestMessageLimit = 1 << 30
     /// The most bytes all of this host's channel buffers hold together.
     public var maxBufferedBytes: Int = 256 << 20
     /// Per-client limits (a client is the name in its certificate, or its address without TLS; members relaying
@@ -186,6 +188,10 @@ public struct NodeConfig: Codable, Sendable, Equatable {
         }
         guard maxMessageBytes > 0, maxBufferedBytes >= maxMessageBytes else {
             throw NodeConfigError.invalid("max-message-bytes must be positive and no more than max-buffered-bytes")
+        }
+        // A message's length is framed in 4 bytes, and 0xFFFFFFFF marks a failed stream of receives.
+        guard maxMessageBytes <= Self.largestMessageLimit else {
+            throw NodeConfigError.invalid("max-message-bytes must be at most \(Self.largestMessageLimit) (1 GiB), not \(maxMessageBytes)")
         }
         for (what, value) in [
             ("max-sessions-per-client", maxSessionsPerClient), ("max-watches-per-client", maxWatchesPerClient),

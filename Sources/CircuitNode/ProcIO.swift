@@ -78,10 +78,13 @@ final class ProcInput: Sendable {
     /// How often a write waiting for the pipe looks whether its client is still connected.
     static let clientCheck: TimeAmount = .seconds(1)
 
-    /// Writes `bytes`; returns once they are in the pipe. If the writing client's connection (`client`) closes first
-    /// (it went away while the process reads nothing), throws `WriterGone` within `clientCheck`; the bytes stay
-    /// queued for the pipe. The connection is looked at only while a write waits, by a timer of that write's: a
-    /// callback on its close would stay until it closes, one more for every write of a long stream.
+    /// Writes `bytes`; returns once they are in the pipe. If the writing client goes away first (while the process
+    /// reads nothing), throws `WriterGone` within `clientCheck`; the bytes stay queued for the pipe. Gone: its
+    /// connection (`client`) was reset or closed, or the client closed its side (a FIN: the server allows half-closed
+    /// connections, so the channel stays active, and the FIN waits behind the body nobody reads; the socket's TCP
+    /// state says so). A client closes its side in the middle of a request's body only when it will not finish it.
+    /// The connection is looked at only while a write waits, by a timer of that write's: a callback on its close
+    /// would stay until it closes, one more for every write of a long stream.
     func write(_ bytes: ByteBuffer, unlessGone client: (any Channel)? = nil) async throws {
         let channel = try await channel.get()
         let written: EventLoopFuture<Void> = channel.writeAndFlush(bytes)
@@ -95,9 +98,16 @@ final class ProcInput: Sendable {
             }
             let check = client.map { client in
                 client.eventLoop.scheduleRepeatedTask(initialDelay: Self.clientCheck, delay: Self.clientCheck) { task in
-                    guard !client.isActive else { return }
-                    task.cancel()
-                    answer(.failure(WriterGone()))
+                    let gone: EventLoopFuture<Bool> =
+                        !client.isActive
+                        ? client.eventLoop.makeSucceededFuture(true)
+                        : (client as? any SocketOptionProvider)?.getTCPInfo().map { Int($0.tcpi_state) == TCP_CLOSE_WAIT }
+                            ?? client.eventLoop.makeSucceededFuture(false)
+                    gone.whenSuccess { gone in
+                        guard gone else { return }
+                        task.cancel()
+                        answer(.failure(WriterGone()))
+                    }
                 }
             }
             written.whenComplete { result in

@@ -34,7 +34,7 @@ private func makeOutput() throws -> (output: ProcOutput, writeEnd: CInt) {
 
 /// A process's output and input streams on the host, over real pipes whose other ends the test holds (as a child
 /// would).
-@Suite("ProcOutput and ProcInput: a process's streams as its host holds them")
+@Suite("ProcOutput and ProcInput: a process's streams as its host holds them", .timeLimit(.minutes(1)))
 struct ProcOutputTests {
     /// Reads until `count` bytes came (or the stream ended), and the chunks they came in.
     static func read(_ output: ProcOutput, count: Int) async -> [ByteBuffer] {

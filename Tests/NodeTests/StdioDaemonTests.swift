@@ -65,22 +65,35 @@ struct StdioDaemonTests {
         #expect(await apiCode { try await client.writeStdin(streamedCat, streaming: AsyncStream<ByteBuffer> { $0.finish() }) } == "closed")
 
         // A writer that goes away while the process reads nothing (its pipe full, the host waiting to write more)
-        // gives stdin back within a second, left open as it asked: the next writer is not refused as busy.
-        let deaf = "/\(host)/deaf"
-        _ = try await client.run(deaf, ProcCommandView(path: "/bin/sleep", args: ["60"]))
-        let (flood, flooding) = AsyncStream.makeStream(of: ByteBuffer.self)
-        let blocked = Task { try await asker.writeStdin(deaf, streaming: flood, keepOpen: true) }
-        for _ in 0..<4 { flooding.yield(ByteBuffer(repeating: 7, count: 1 << 20)) }
-        try await eventually("the first writer holds stdin") {
-            await apiCode { try await owner.writeStdin(deaf, [], keepOpen: true) } == "busy"
+        // gives stdin back within a second, left open as it asked: the next writer is not refused as busy. Gone
+        // either way: the library's writer cancelled (it resets its connection), or a plain client that closes
+        // its connection in the middle of the body (a FIN, which waits behind the body the host does not read).
+        for hangup in ["reset", "close"] {
+            let deaf = "/\(host)/deaf-\(hangup)"
+            _ = try await client.run(deaf, ProcCommandView(path: "/bin/sleep", args: ["60"]))
+            let pid = try await eventuallySucceeds("\(deaf) running") {
+                guard let pid = try await client.peek(deaf).pid, pid > 0 else { throw CancellationError() }
+                return pid
+            }
+            let (flood, flooding) = AsyncStream.makeStream(of: ByteBuffer.self)
+            var blocked: Task<StdinView, any Error>?
+            var socket: CInt = -1
+            if hangup == "reset" {
+                blocked = Task { try await asker.writeStdin(deaf, streaming: flood, keepOpen: true) }
+                for _ in 0..<3 { flooding.yield(ByteBuffer(repeating: 7, count: 1 << 20)) }
+            } else {
+                socket = try startStdinRequest(to: cluster.members[b].api, path: deaf, bytes: 3 << 19)
+            }
+            // Full, within a 64 KiB page run of its MiB (1,044,472 bytes held, here).
+            try await eventually("the host has filled the pipe and waits to write more") { stdinHeld(pid) > 15 << 16 }
+            if let blocked { blocked.cancel() } else { close(socket) }
+            try await eventually("stdin given back once its writer went away (\(hangup))") {
+                (try? await owner.writeStdin(deaf, [], keepOpen: false))?.closed == true
+            }
+            flooding.finish()
+            _ = try? await blocked?.value
+            _ = try await client.remove(element: deaf)
         }
-        blocked.cancel()
-        _ = try? await blocked.value
-        try await eventually("stdin given back once its writer went away") {
-            (try? await owner.writeStdin(deaf, [], keepOpen: false))?.closed == true
-        }
-        flooding.finish()
-        _ = try await client.remove(element: deaf)
 
         // stderr apart from stdout; what was written before the end is still there after it.
         _ = try await client.run("/\(host)/err", ProcCommandView(path: "/bin/sh", args: ["-c", "echo out; echo oops >&2; exit 2"]))
@@ -203,4 +216,44 @@ private func startCircuit(_ arguments: [String], input: Pipe) throws -> (Process
     process.standardError = FileHandle(forWritingAtPath: errors)
     try process.run()
     return (process, { (try? String(contentsOfFile: errors, encoding: .utf8)) ?? "" })
+}
+
+/// Bytes waiting in the stdin pipe of the process `pid`, looked at through /proc without taking any; -1 if it cannot
+/// be opened.
+private func stdinHeld(_ pid: Int64) -> Int {
+    let fd = open("/proc/\(pid)/fd/0", O_RDONLY | O_NONBLOCK)
+    guard fd >= 0 else { return -1 }
+    defer { close(fd) }
+    var held: CInt = 0
+    return ioctl(fd, UInt(FIONREAD), &held) == 0 ? Int(held) : -1
+}
+
+/// A plain HTTP client on a socket of its own: writes `bytes` into the stdin of `path` (left open) as a chunked
+/// body it does not finish; answers the socket, which the caller closes (a FIN). Sends time out after 10 s.
+private func startStdinRequest(to address: String, path: String, bytes: Int) throws -> CInt {
+    let colon = try #require(address.lastIndex(of: ":"))
+    let port = try #require(UInt16(address[address.index(after: colon)...]))
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    var timeout = timeval(tv_sec: 10, tv_usec: 0)
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    var to = sockaddr_in()
+    to.sin_family = sa_family_t(AF_INET)
+    to.sin_port = port.bigEndian
+    to.sin_addr.s_addr = inet_addr(String(address[..<colon]))
+    let connected = withUnsafePointer(to: &to) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+    }
+    try #require(connected == 0, "connect to \(address): \(String(cString: strerror(errno)))")
+    var request = Array("POST /v1/proc/stdin\(path)?open=1 HTTP/1.1\r\nHost: \(address)\r\nTransfer-Encoding: chunked\r\n\r\n".utf8)
+    let chunk = 1 << 18
+    for _ in 0..<(bytes / chunk) {
+        request += Array("\(String(chunk, radix: 16))\r\n".utf8) + [UInt8](repeating: 7, count: chunk) + Array("\r\n".utf8)
+    }
+    var sent = 0
+    while sent < request.count {
+        let n = request[sent...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
+        try #require(n > 0, "sending the request: \(String(cString: strerror(errno)))")
+        sent += n
+    }
+    return fd
 }
