@@ -195,6 +195,14 @@ struct ChannelDaemonTests {
         try await client.makeSubscription("/\(owner)/leaves", events: "leave")
         let joins = try await client.channel("/\(owner)/joins")
         let leaves = try await client.channel("/\(owner)/leaves")
+        // The library's Membership (the slides' WaitForJoinOrLeave), asked of two nodes: the same events, in order.
+        var membership = try await client.membership()
+        var viaB = cluster.client(b)
+        viaB.timeout = 30
+        var membershipB = try await viaB.membership()
+        var firstEvents: [MembershipEvent] = []
+        for _ in hosts { firstEvents.append(try await membership.waitForJoinOrLeave()) }
+        #expect(firstEvents == hosts.map { .joined(String($0.dropFirst())) }, "first every live host")
         var listed: [String] = []
         for _ in hosts { listed.append(String(decoding: try await joins.receive(), as: UTF8.self)) }
         #expect(listed == hosts, "first every live host")
@@ -209,6 +217,12 @@ struct ChannelDaemonTests {
         let pid = try #require(cluster.members[3].process?.processIdentifier)
         kill(pid, SIGTERM)
         #expect(String(decoding: try await leaves.receive(), as: UTF8.self) == worker)
+        let workerID = String(worker.dropFirst())
+        #expect(try await membership.waitForJoinOrLeave() == .joined(workerID))
+        #expect(try await membership.waitForJoinOrLeave() == .left(workerID))
+        var seenByB: [MembershipEvent] = []
+        for _ in 0..<(hosts.count + 2) { seenByB.append(try await membershipB.waitForJoinOrLeave()) }
+        #expect(seenByB == firstEvents + [.joined(workerID), .left(workerID)], "another node's client sees the same, in the same order")
 
         // The CLI: mk@join, then recv prints one host's path.
         let api = cluster.members[leader].api
