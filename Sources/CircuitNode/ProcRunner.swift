@@ -35,6 +35,8 @@ final class ProcRunner: Sendable {
     private let started = Mutex<Set<String>>([])
     /// Held while a process is started and its start queued for report, and while a child's end is recorded.
     private let launching = Mutex<Void>(())
+    /// This daemon is stopping and has killed its children: their ends are theirs no more, but their host's.
+    private let stopping = Atomic(false)
     /// The standard streams of the processes this runner started, until their elements are removed; and the
     /// requests waiting for a pending process's streams.
     private struct Streams {
@@ -60,8 +62,11 @@ final class ProcRunner: Sendable {
         Task { for await (path, state) in reports { await deliver(path, state) } }
     }
 
-    /// The children are killed and their ends reported (for up to 3 s).
+    /// The children are killed and their ends reported (for up to 3 s) as `lost`: the host took them down, they did
+    /// not end on their own. So a job's attempt is placed again on another host, as for a host that died, instead of
+    /// ending the job as signaled (a rolling restart must not end every job it passes).
     func stop(reporter: Task<Void, Never>) async {
+        stopping.store(true, ordering: .sequentiallyConsistent)
         let ios = streams.withLock { s -> [ProcIO] in
             defer { s.ios = [:] }
             return s.ios.values.map(\.io)
@@ -172,7 +177,7 @@ final class ProcRunner: Sendable {
                 }
                 repeat { reaped = waitpid(pid, &status, 0) } while reaped == -1 && errno == EINTR
                 let signal = status & 0x7f
-                if reaped != pid {
+                if reaped != pid || (signal == SIGKILL && stopping.load(ordering: .sequentiallyConsistent)) {
                     state = ProcStateView(phase: "lost", pid: Int64(pid), endedAt: now, attempts: attempt, createRevision: createRevision)
                 } else if signal != 0 && signal != 0x7f {
                     state = ProcStateView(phase: "signaled", pid: Int64(pid), signal: signal, endedAt: now, attempts: attempt, createRevision: createRevision)

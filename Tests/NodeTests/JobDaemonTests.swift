@@ -52,4 +52,31 @@ struct JobDaemonTests {
         let misplaced = try await runCircuit(["run", "--node", api, "/records/x", "/bin/true"])
         #expect(misplaced.0 == 1 && misplaced.2.contains("is a proc, not a record: only records live under /records"), "\(misplaced)")
     }
+
+    @Test("a job whose host stops gracefully (SIGTERM) is placed again on another host, not ended as signaled by its host's stop")
+    func relaunchedAfterGracefulStop() async throws {
+        let (cluster, leader) = try await daemonsWithWorker(ttlMillis: 1500)
+        defer { cluster.stopAll(signal: SIGKILL) }
+        var client = cluster.client(leader)
+        client.timeout = 30
+        let mark = try temporaryFolder("job") + "/ran"
+        let script = "if [ -e \(mark) ]; then exit 0; fi; touch \(mark); exec sleep 60"
+        _ = try await client.run("/jobs/stopped", ProcCommandView(path: "/bin/sh", args: ["-c", script]), maxAttempts: 3)
+        try await eventually("the first attempt running", timeout: .seconds(20)) {
+            guard let job = try? await client.peek("/jobs/stopped"), let host = job.host else { return false }
+            return (try? await client.peek("/\(host)/jobs/stopped"))?.phase == "running"
+        }
+        let firstHost = try #require(try await client.peek("/jobs/stopped").host)
+
+        // Its host's daemon stops as a rolling restart stops it: its children go with it.
+        let victim = try #require(cluster.members.firstIndex { $0.folder.hostID == firstHost })
+        let daemon = try #require(cluster.members[victim].process)
+        kill(daemon.processIdentifier, SIGTERM)
+        #expect(DaemonProcesses.waitForExit(daemon, timeout: .seconds(15)), "the daemon stopped")
+        var asker = cluster.client(victim == leader ? (leader + 1) % 3 : leader)
+        asker.timeout = 30
+        let ended = try await asker.wait("/jobs/stopped")
+        #expect(ended.phase == "exited" && ended.exitCode == 0 && ended.attempts == 2, "\(ended)")
+        #expect(ended.host != firstHost)
+    }
 }
