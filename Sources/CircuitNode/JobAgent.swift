@@ -20,7 +20,13 @@ struct JobAgent: Service {
 
     /// While leader: places jobs, and places them again when their host is lost (see `JobKeeper`).
     private func keepJobs() async {
-        let (jobs, alive, processes) = node.service.state.read { state in
+        // Decided on the state as of a read barrier: a new leader may not have applied yet what the last one
+        // committed (a placement among it), and would place a job placed already.
+        guard node.service.state.read({ state in state.descendants(of: Names.jobsRoot).contains { path in
+            if case .job(let j)? = state.anchors[path]?.element { return !j.ended }
+            return false
+        } }) else { return }
+        guard let (jobs, alive, processes) = try? await node.service.read(.linearizable, { state in
             let jobs: [(path: String, state: JobState)] = state.descendants(of: Names.jobsRoot).compactMap { path in
                 guard case .job(let j)? = state.anchors[path]?.element, !j.ended else { return nil }
                 return (path, j)
@@ -34,7 +40,7 @@ struct JobAgent: Service {
                 }
             }
             return (jobs, alive, processes)
-        }
+        }) else { return }
         guard !jobs.isEmpty else { return }
         let current = Dictionary(jobs.map { ($0.path, $0.state) }, uniquingKeysWith: { a, _ in a })
         for action in JobKeeper.decide(jobs: jobs, alive: alive, processes: processes) {

@@ -121,6 +121,15 @@ final class ProcRunner: Sendable {
             if running.withLock({ $0[path]?.createRevision == created }) {
                 logger.warning("a process of this host was declared lost while it ran (this host's session expired): stopping it", metadata: ["path": "\(path)"])
                 scrubbed(path)
+            } else if started.withLock({ $0.insert(key).inserted }), let pid = view.pid.map(pid_t.init), pid > 0,
+                let startedAt = view.startedAt, ProcessIdentity.isSame(pid, startedAt: startedAt)
+            {
+                // The same, found by a daemon that restarted: a child of its earlier run, still running (its process
+                // group outlived the daemon), whose element was declared lost while the daemon was down. Adopted to
+                // be stopped as a scrub stops it.
+                logger.warning("a process started before this daemon restarted was declared lost meanwhile: stopping it", metadata: ["path": "\(path)", "pid": "\(pid)"])
+                adopt(path, pid: pid, createRevision: created, startedAt: startedAt, attempts: view.attempts ?? 0)
+                scrubbed(path)
             }
         default:
             return

@@ -7,7 +7,7 @@ import Testing
 
 @Suite("Fault-tolerant jobs", .serialized, .timeLimit(.minutes(2)))
 struct JobDaemonTests {
-    @Test("a job is placed by the leader on a live host; kill -9 of that host's daemon places it again on another (attempt 2), and it ends there; the dead host's process is lost; the CLI runs and waits for one")
+    @Test("a job is placed by the leader on a live host; kill -9 of that host's daemon places it again on another (attempt 2), and it ends there; the dead host's process is lost, and its daemon restarted stops it; the CLI runs and waits for one")
     func relaunchedAfterHostLoss() async throws {
         let (cluster, leader) = try await daemonsWithWorker(ttlMillis: 1500)
         defer { cluster.stopAll(signal: SIGKILL) }
@@ -41,6 +41,13 @@ struct JobDaemonTests {
         // The dead host's process stays, lost, for whoever waits on it.
         #expect(try await asker.peek("/\(firstHost)/jobs/work").phase == "lost")
         #expect(try await asker.wait("/\(firstHost)/jobs/work").phase == "lost")
+        // Its daemon, restarted, finds the first attempt's process still running (its group outlived the daemon),
+        // declared lost meanwhile: it stops it, for the work has moved on.
+        #expect(ProcessIdentity.isSame(pid_t(orphan), startedAt: orphanStart), "the first attempt outlived its daemon")
+        try cluster.start(victim)
+        try await eventually("the lost attempt stopped by its restarted host", timeout: .seconds(20)) {
+            !ProcessIdentity.isSame(pid_t(orphan), startedAt: orphanStart)
+        }
 
         // The CLI: run under /jobs, then wait (exit status 0 for exit 0).
         let api = cluster.members[victim == leader ? (leader + 1) % 3 : leader].api
