@@ -3,6 +3,7 @@ import CircuitAPI
 import CStandardStreams
 import CircuitClient
 import Foundation
+import UnixSignals
 import NIOCore
 import NIOPosix
 import Synchronization
@@ -204,37 +205,101 @@ struct Runall: AsyncParsableCommand {
         guard let program = command.first, program.hasPrefix("/") else { throw ValidationError("give the program as an absolute path") }
     }
 
+    /// How one host's run went: its process's end, and what of its output could not be read.
+    private enum Outcome: Sendable {
+        case ended(ElementView, unread: [String])
+        case failed(String)
+    }
+
     func run() async throws {
         var waiting = options.client
         waiting.timeout = 7 * 24 * 3600
         let client = waiting
+        // Removing the processes at the end (or after Ctrl-C) must not wait for a host that is gone.
+        var removing = options.client
+        removing.timeout = 10
+        let cleaner = removing
         let hosts = try await client.members().filter { $0.state == "alive" }.map(\.id).sorted()
         let run = "runall-" + String(UInt64(Date().timeIntervalSince1970 * 1000), radix: 36) + String(UInt32.random(in: 0...UInt32.max), radix: 36)
         let cmd = ProcCommandView(path: command[0], args: Array(command.dropFirst()), env: env, dir: dir ?? "")
         let out = TaggedOutput()
-        let results = try await withThrowingTaskGroup(of: (String, ElementView).self) { group in
-            for host in hosts {
-                group.addTask {
-                    let proc = client.makeProc(at: "/\(host)/\(run)")
-                    try await proc.start(cmd)
-                    async let stdout: Void = proc.read("stdout") { out.write(host, $0, error: false) }
-                    async let stderr: Void = proc.read("stderr") { out.write(host, $0, error: true) }
-                    _ = try? await (stdout, stderr)
-                    out.flush(host)
-                    let ended = try await proc.wait()
-                    _ = try? await proc.scrub()
-                    return (host, ended)
+        let work = Task {
+            await withTaskGroup(of: (String, Outcome).self) { group in
+                for host in hosts {
+                    group.addTask { (host, await Self.run(cmd, at: "/\(host)/\(run)", host: host, client, cleaner, out)) }
+                }
+                var all: [(String, Outcome)] = []
+                for await r in group { all.append(r) }
+                return all
+            }
+        }
+        // Ctrl-C (or SIGTERM): every host's run is cut short, and its process removed, before the CLI ends.
+        let interrupted = Atomic(false)
+        let signals = Task {
+            for await _ in await UnixSignalsSequence(trapping: [.sigint, .sigterm]) {
+                interrupted.store(true, ordering: .relaxed)
+                work.cancel()
+                break
+            }
+        }
+        let results = await work.value
+        signals.cancel()
+        if interrupted.load(ordering: .relaxed) {
+            FileHandle.standardError.write(Data("circuit: interrupted; each host's process was removed (where its host answered)\n".utf8))
+            Foundation.exit(130)
+        }
+        var failed = false
+        for (host, outcome) in results.sorted(by: { $0.0 < $1.0 }) {
+            var problems: [String] = []
+            switch outcome {
+            case .failed(let why):
+                problems.append(why)
+            case .ended(let view, let unread):
+                problems += unread
+                if view.phase != "exited" || view.exitCode != 0 {
+                    problems.append("\(view.phase ?? "?") \(view.phase == "signaled" ? "by signal \(view.signal ?? 0)" : "with \(view.exitCode ?? 0)")")
                 }
             }
-            var all: [(String, ElementView)] = []
-            for try await r in group { all.append(r) }
-            return all
+            for problem in problems { FileHandle.standardError.write(Data("circuit: \(host): \(problem)\n".utf8)) }
+            failed = failed || !problems.isEmpty
         }
-        let failed = results.filter { $0.1.phase != "exited" || $0.1.exitCode != 0 }
-        for (host, view) in failed.sorted(by: { $0.0 < $1.0 }) {
-            FileHandle.standardError.write(Data("circuit: \(host): \(view.phase ?? "?") \(view.phase == "signaled" ? "by signal \(view.signal ?? 0)" : "with \(view.exitCode ?? 0)")\n".utf8))
+        if failed { Foundation.exit(1) }
+    }
+
+    /// One host's run: starts the process, copies its output (both streams to their ends), waits for it and removes
+    /// it, whatever failed on the way (removal through `cleaner`, which a cancelled run does not cancel).
+    private static func run(
+        _ cmd: ProcCommandView, at path: String, host: String, _ client: CircuitClient, _ cleaner: CircuitClient, _ out: TaggedOutput
+    ) async -> Outcome {
+        let proc = client.makeProc(at: path)
+        func remove() async { await Task.detached { _ = try? await cleaner.makeProc(at: path).scrub() }.value }
+        do {
+            try await proc.start(cmd)
+        } catch {
+            await remove()  // it may have been made before the answer was lost
+            return .failed("could not start: \(error)")
         }
-        if !failed.isEmpty { Foundation.exit(1) }
+        func copy(_ stream: String) async -> String? {
+            do {
+                try await proc.read(stream) { out.write(host, $0, error: stream == "stderr") }
+                return nil
+            } catch {
+                return "its \(stream) could not be read to its end: \(error)"
+            }
+        }
+        async let stdout = copy("stdout")
+        async let stderr = copy("stderr")
+        let unread = [await stdout, await stderr].compactMap { $0 }
+        out.flush(host)
+        let ended: ElementView
+        do {
+            ended = try await proc.wait()
+        } catch {
+            await remove()
+            return .failed("could not wait for it: \(error)")
+        }
+        await remove()
+        return .ended(ended, unread: unread)
     }
 }
 

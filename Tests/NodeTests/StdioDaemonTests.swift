@@ -198,6 +198,19 @@ struct StdioDaemonTests {
         #expect(everywhere.2.split(separator: "\n").map(String.init).sorted() == ids.map { "\($0): oops" }, "\(everywhere)")
         let failing = try await runCircuit(["runall", "--node", api, "/bin/sh", "-c", "exit 3"])
         #expect(failing.0 == 1 && failing.2.contains("exited with 3"), "\(failing)")
+        // Ctrl-C: every host's process is removed before the CLI ends (130), none left running.
+        func runallElements() async -> Int {
+            var count = 0
+            for id in ids { count += ((try? await client.list("/\(id)"))?.names ?? []).filter { $0.hasPrefix("runall-") }.count }
+            return count
+        }
+        let sleeperInput = Pipe()
+        let (sleepers, sleepersErrors) = try startCircuit(["runall", "--node", api, "/bin/sleep", "60"], input: sleeperInput)
+        try await eventually("a runall process on every host", timeout: .seconds(20)) { await runallElements() == ids.count }
+        kill(sleepers.processIdentifier, SIGINT)
+        try await eventually("the interrupted runall ended", timeout: .seconds(20)) { !sleepers.isRunning }
+        #expect(sleepers.terminationStatus == 130 && sleepersErrors().contains("interrupted"), "\(sleepers.terminationStatus): \(sleepersErrors())")
+        #expect(await runallElements() == 0, "every host's process removed")
         let bad = try await runCircuit(["mkproc", "--node", api, "/\(host)/bad"], input: Array("{not json".utf8))
         #expect(bad.0 == 2 && bad.2.contains("not valid JSON"), "\(bad)")
     }
