@@ -10,7 +10,8 @@ import CircuitStateMachine
 /// - A placed job whose host is no longer alive (its subtree went with it), or whose process was reported lost or
 ///   removed, is placed again, until it has had `maxAttempts` placements; then it has failed.
 /// - A process found for a job on a host other than the one recorded (a leader placed it and stopped before it
-///   recorded the placement) is adopted, not placed twice.
+///   recorded the placement) is adopted, not placed twice; if it has ended already (and is a later attempt than any
+///   recorded), the job has ended so.
 ///
 /// At least once: an attempt's host may have run part or all of the work before it was lost.
 struct JobKeeper {
@@ -53,6 +54,19 @@ struct JobKeeper {
                         break  // placed again below
                     }
                 }
+            }
+            // An attempt later than any recorded that already ended on another host (placed by a leader that stopped
+            // before recording it, and over before the next leader looked): the job ended so.
+            if let (host, p) = alive.lazy.compactMap({ host in processes[processPath(job: path, host: host)].map { (host, $0) } })
+                .first(where: { host, p in host != job.host && (p.phase == .exited || p.phase == .signaled) && p.attempts > job.attempts })
+            {
+                job.phase = p.phase == .exited ? .exited : .signaled
+                job.host = host
+                job.attempts = p.attempts
+                job.exitCode = p.exitCode
+                job.signal = p.signal
+                actions.append(.record(job: path, job))
+                continue
             }
             // Not placed, or its attempt was lost: unless an attempt is already under way elsewhere.
             if let adopted = alive.first(where: { host in

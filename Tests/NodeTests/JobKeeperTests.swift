@@ -62,6 +62,18 @@ struct JobKeeperTests {
         #expect(actions == [.record(job: "/jobs/a", job(.placed, host: "XC", attempts: 2))])
     }
 
+    @Test("an attempt that already ended on another host (placed by a leader that stopped before recording it) ends the job so; an older attempt's end does not")
+    func adoptsAnEndedAttempt() {
+        let actions = JobKeeper.decide(
+            jobs: [("/jobs/a", job(.placed, host: "XA", attempts: 1))], alive: ["XB", "XC"], processes: ["/XC/jobs/a": proc(.exited, code: 5, attempts: 2)])
+        var ended = job(.exited, host: "XC", attempts: 2)
+        ended.exitCode = 5
+        #expect(actions == [.record(job: "/jobs/a", ended)], "not placed a third time")
+        let older = JobKeeper.decide(
+            jobs: [("/jobs/a", job(.placed, host: "XA", attempts: 2))], alive: ["XB", "XC"], processes: ["/XC/jobs/a": proc(.exited, attempts: 1)])
+        #expect(older == [.place(job: "/jobs/a", host: "XB", process: "/XB/jobs/a", attempt: 3)])
+    }
+
     @Test("ended jobs are left alone")
     func endedAlone() {
         #expect(JobKeeper.decide(jobs: [("/jobs/a", job(.exited, host: "XA", attempts: 1))], alive: ["XB"], processes: [:]).isEmpty)
