@@ -37,8 +37,9 @@ extension CircuitClient {
     /// A client of the API of the host that owns `path` (`/X<host>/...`), found in the membership.
     public func owner(of path: String) async throws(CircuitClientError) -> CircuitClient {
         let rooted = Self.rooted(path)
-        guard let host = rooted.split(separator: "/", maxSplits: 1).first.map(String.init) else {
-            throw .api(.badRequest("\(path) is not under a host"))
+        guard let host = rooted.split(separator: "/", maxSplits: 1).first.map(String.init), host.first == "X" else {
+            let job = rooted.hasPrefix("/jobs/") ? " (a job's process is at /X<host>\(rooted), its host named in the job's element)" : ""
+            throw .api(.badRequest("\(path) is not under a host (/X<host id>/...)\(job): channels and processes live on the host that owns them"))
         }
         guard let owner = try await members(stale: true).first(where: { $0.id == host && $0.state == "alive" }) else {
             throw .api(APIError(status: 409, code: "host_not_alive", message: "host \(host), which owns \(rooted), is not alive"))

@@ -213,6 +213,9 @@ struct StdioDaemonTests {
         #expect(await runallElements() == 0, "every host's process removed")
         let bad = try await runCircuit(["mkproc", "--node", api, "/\(host)/bad"], input: Array("{not json".utf8))
         #expect(bad.0 == 2 && bad.2.contains("not valid JSON"), "\(bad)")
+        // A job's streams are its process's, under the host it runs on: the error says where.
+        let jobStreams = try await runCircuit(["stdout", "--node", api, "/jobs/build"])
+        #expect(jobStreams.0 != 0 && jobStreams.2.contains("/jobs/build is not under a host") && jobStreams.2.contains("/X<host>/jobs/build"), "\(jobStreams)")
     }
 }
 
