@@ -18,19 +18,21 @@ struct JobAgent: Service {
         }
     }
 
+    /// The jobs not ended yet, with their paths.
+    private static func openJobs(_ state: ControlState) -> [(path: String, state: JobState)] {
+        state.descendants(of: Names.jobsRoot).compactMap { path in
+            guard case .job(let j)? = state.anchors[path]?.element, !j.ended else { return nil }
+            return (path, j)
+        }
+    }
+
     /// While leader: places jobs, and places them again when their host is lost (see `JobKeeper`).
     private func keepJobs() async {
         // Decided on the state as of a read barrier: a new leader may not have applied yet what the last one
         // committed (a placement among it), and would place a job placed already.
-        guard node.service.state.read({ state in state.descendants(of: Names.jobsRoot).contains { path in
-            if case .job(let j)? = state.anchors[path]?.element { return !j.ended }
-            return false
-        } }) else { return }
+        guard !node.service.state.read({ Self.openJobs($0).isEmpty }) else { return }
         guard let (jobs, alive, processes) = try? await node.service.read(.linearizable, { state in
-            let jobs: [(path: String, state: JobState)] = state.descendants(of: Names.jobsRoot).compactMap { path in
-                guard case .job(let j)? = state.anchors[path]?.element, !j.ended else { return nil }
-                return (path, j)
-            }
+            let jobs = Self.openJobs(state)
             let alive = state.hostList.filter { $0.state == .alive }.map(\.id)
             var processes: [String: ProcState] = [:]
             for job in jobs {

@@ -136,6 +136,19 @@ final class ProcRunner: Sendable {
         }
     }
 
+    /// A launch's end for the readers waiting for the streams of `path`: its streams (`new`, put in place under one
+    /// lock with the wake-up; the streams of an older element there are closed) or none (nil: the program could not
+    /// start).
+    private func settleStreams(_ path: String, _ new: (createRevision: UInt64, io: ProcIO)?) {
+        let (old, waiters) = streams.withLock { s in
+            defer { s.waiters[path] = nil }
+            let old = new.flatMap { s.ios.updateValue($0, forKey: path) }
+            return (old, s.waiters[path] ?? [])
+        }
+        old?.io.close()
+        for w in waiters { w.continuation.resume() }
+    }
+
     private func launch(_ path: String, _ command: ProcCommandView, createRevision: UInt64, attempts: UInt32) {
         let attempt = attempts + 1
         let pid: pid_t? = launching.withLock { _ in
@@ -147,22 +160,12 @@ final class ProcRunner: Sendable {
             } catch {
                 logger.warning("could not start a process", metadata: ["path": "\(path)", "program": "\(command.path)", "error": "\(error)"])
                 // Readers waiting for its streams hear at once that there are none (`not_running`).
-                let waiters = streams.withLock { s in
-                    defer { s.waiters[path] = nil }
-                    return s.waiters[path] ?? []
-                }
-                for w in waiters { w.continuation.resume() }
+                settleStreams(path, nil)
                 report(path, ProcStateView(phase: "exited", exitCode: 127, startedAt: startedAt, endedAt: startedAt, attempts: attempt, createRevision: createRevision))
                 return nil
             }
             running.withLock { $0[path] = Running(pid: pid, createRevision: createRevision, startedAt: startedAt) }
-            let (old, waiters) = streams.withLock { s in
-                defer { s.waiters[path] = nil }
-                let old = s.ios.updateValue((createRevision, io), forKey: path)
-                return (old, s.waiters[path] ?? [])
-            }
-            old?.io.close()
-            for w in waiters { w.continuation.resume() }
+            settleStreams(path, (createRevision, io))
             report(path, ProcStateView(phase: "running", pid: Int64(pid), startedAt: startedAt, attempts: attempt, createRevision: createRevision))
             return pid
         }

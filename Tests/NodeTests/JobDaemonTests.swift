@@ -14,15 +14,7 @@ struct JobDaemonTests {
         var client = cluster.client(leader)
         client.timeout = 30
 
-        // The first attempt marks that it ran and then works for a minute; any later one finds the mark and ends.
-        let mark = try temporaryFolder("job") + "/ran"
-        let script = "if [ -e \(mark) ]; then exit 0; fi; touch \(mark); exec sleep 60"
-        _ = try await client.run("/jobs/work", ProcCommandView(path: "/bin/sh", args: ["-c", script]), maxAttempts: 3)
-        try await eventually("the first attempt running", timeout: .seconds(20)) {
-            guard let job = try? await client.peek("/jobs/work"), let host = job.host else { return false }
-            return (try? await client.peek("/\(host)/jobs/work"))?.phase == "running"
-        }
-        let first = try await client.peek("/jobs/work")
+        let first = try await startJobThatRunsOnce("/jobs/work", client)
         let firstHost = try #require(first.host)
         #expect(first.phase == "placed" && first.attempts == 1)
         let attempt = try await client.peek("/\(firstHost)/jobs/work")
@@ -66,14 +58,7 @@ struct JobDaemonTests {
         defer { cluster.stopAll(signal: SIGKILL) }
         var client = cluster.client(leader)
         client.timeout = 30
-        let mark = try temporaryFolder("job") + "/ran"
-        let script = "if [ -e \(mark) ]; then exit 0; fi; touch \(mark); exec sleep 60"
-        _ = try await client.run("/jobs/stopped", ProcCommandView(path: "/bin/sh", args: ["-c", script]), maxAttempts: 3)
-        try await eventually("the first attempt running", timeout: .seconds(20)) {
-            guard let job = try? await client.peek("/jobs/stopped"), let host = job.host else { return false }
-            return (try? await client.peek("/\(host)/jobs/stopped"))?.phase == "running"
-        }
-        let firstHost = try #require(try await client.peek("/jobs/stopped").host)
+        let firstHost = try #require(try await startJobThatRunsOnce("/jobs/stopped", client).host)
 
         // Its host's daemon stops as a rolling restart stops it: its children go with it.
         let victim = try #require(cluster.members.firstIndex { $0.folder.hostID == firstHost })
@@ -86,4 +71,17 @@ struct JobDaemonTests {
         #expect(ended.phase == "exited" && ended.exitCode == 0 && ended.attempts == 2, "\(ended)")
         #expect(ended.host != firstHost)
     }
+}
+
+/// Runs a job (3 attempts) whose first attempt marks that it ran and then works for a minute, and whose later ones
+/// find the mark and end (exit 0); answers the job's element once its first attempt runs.
+private func startJobThatRunsOnce(_ job: String, _ client: CircuitClient) async throws -> ElementView {
+    let mark = try temporaryFolder("job") + "/ran"
+    let script = "if [ -e \(mark) ]; then exit 0; fi; touch \(mark); exec sleep 60"
+    _ = try await client.run(job, ProcCommandView(path: "/bin/sh", args: ["-c", script]), maxAttempts: 3)
+    try await eventually("the first attempt running", timeout: .seconds(20)) {
+        guard let view = try? await client.peek(job), let host = view.host else { return false }
+        return (try? await client.peek("/\(host)\(job)"))?.phase == "running"
+    }
+    return try await client.peek(job)
 }
