@@ -263,7 +263,18 @@ struct TCPRaftTests {
         try await waitFor("a leader") { leader() != nil }
         for i in 0..<100 { try await proposeThroughAnyLeader(Array("v\(i)".utf8), leader) }
         try await waitFor("the voters to compact") { nodes.filter { $0.key != 4 }.allSatisfy { $0.value.driver.status.snapshotIndex > 0 } }
-        try await leading().driver.changeMembership(.addLearner(4))
+        // Leadership can move meanwhile on a busy machine (a change's outcome then unknown, or refused by a follower):
+        // tried again on the leader of the moment until its membership holds the learner.
+        let deadline = ContinuousClock.now + .seconds(20)
+        while true {
+            let l = try await leading()
+            if l.driver.status.membership.learners.contains(4) { break }
+            do {
+                try await l.driver.changeMembership(.addLearner(4))
+            } catch is RaftDriverError where ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(20))  // a back-off between tries, not a wait for a state
+            }
+        }
         let target = (try await leading()).driver.status.commitIndex
         try await waitFor("the learner to catch up") { nodes[4]!.driver.status.appliedIndex >= target }
         #expect(nodes[4]!.driver.status.snapshotsInstalled >= 1)
